@@ -1,0 +1,380 @@
+"""LoRA as a functional transform over a Flax parameter pytree.
+
+A `LoraSpec` names which kernels to adapt. `split` turns a model's params into
+two pytrees: the frozen base weights W0 and the trainable tree (low-rank
+adapters A, B and, optionally, parameters trained in full such as a classifier
+head). `adapt` wraps any Flax `apply` function so that every targeted
+`nn.Dense` computes
+
+    y = W0 x + b + s * B (A dropout(x)),     s = alpha / r  (or alpha / sqrt(r))
+
+without ever building W0 + BA: the model code is untouched (the low-rank path is
+added by intercepting `nn.Dense.__call__`), and since gradients are taken only
+with respect to the trainable tree, XLA never computes a gradient for W0.
+
+Orientation follows the paper and PEFT: A is (r, d_in), B is (d_out, r), while
+Flax kernels are (d_in, d_out), so the merged kernel is W0 + s * (B A)^T.
+
+Example:
+    spec = LoraSpec(targets=(r"attn/c_attn",), rank=4, alpha=32,
+                    split_outputs={r"attn/c_attn": (True, False, True)})
+    frozen, trainable = split(spec, params, jax.random.key(0))
+    apply = adapt(model.apply, spec)
+    logits = apply(frozen, trainable, input_ids)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+Params = Mapping[str, Any]
+Path = tuple[str, ...]
+
+LORA_A = "lora_a"
+LORA_B = "lora_b"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """What to adapt and how.
+
+    Patterns are regular expressions searched (`re.search`) in '/'-joined
+    parameter paths such as 'h_0/attn/c_attn/kernel'. The first matching entry
+    of `rank_pattern`, `alpha_pattern` and `split_outputs` wins.
+
+    Attributes:
+      targets: patterns selecting the Dense kernels that get an adapter.
+      rank: default rank r.
+      alpha: default alpha; the low-rank update is scaled by alpha / r.
+      dropout: LoRA dropout rate on the adapter's input (never on W0 x).
+      init: 'gaussian' (A ~ N(0, 1/r^2), as the paper and PEFT's "gaussian") or
+        'kaiming' (kaiming-uniform with a = sqrt(5), as loralib and PEFT's
+        default). B is always zero, so the adapted model starts as the base.
+      rslora: scale by alpha / sqrt(r) (rank-stabilized LoRA) instead.
+      rank_pattern: per-pattern rank overrides.
+      alpha_pattern: per-pattern alpha overrides.
+      split_outputs: for fused projections, pattern -> one flag per equal part
+        of the output dimension; each flagged part gets its own rank-r
+        adapter. GPT-2's c_attn with (True, False, True) adapts q and v and
+        leaves k alone (loralib's MergedLinear, the paper's setup).
+      also_train: patterns of parameters trained in full next to the adapters
+        (e.g. a classifier head; PEFT's `modules_to_save`).
+    """
+
+    targets: tuple[str, ...]
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    init: Literal["gaussian", "kaiming"] = "kaiming"
+    rslora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    split_outputs: Mapping[str, tuple[bool, ...]] = dataclasses.field(default_factory=dict)
+    also_train: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        # Accept lists from configs but keep the spec hashable and immutable.
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "also_train", tuple(self.also_train))
+        if self.init not in ("gaussian", "kaiming"):
+            raise ValueError(f"LoraSpec.init must be 'gaussian' or 'kaiming', got {self.init!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout}")
+        for pattern, parts in self.split_outputs.items():
+            if not any(parts):
+                raise ValueError(f"split_outputs[{pattern!r}] = {parts} adapts no part")
+
+    def rank_for(self, path: str) -> int:
+        return _first_match(self.rank_pattern, path, self.rank)
+
+    def alpha_for(self, path: str) -> float:
+        return _first_match(self.alpha_pattern, path, self.alpha)
+
+    def parts_for(self, path: str) -> tuple[bool, ...]:
+        return tuple(_first_match(self.split_outputs, path, (True,)))
+
+    def scale(self, path: str, rank: int) -> float:
+        """The factor s multiplying B A for the kernel at `path`."""
+        alpha = self.alpha_for(path)
+        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+
+def _first_match(table: Mapping[str, Any], path: str, default: Any) -> Any:
+    for pattern, value in table.items():
+        if re.search(pattern, path):
+            return value
+    return default
+
+
+def _join(path: Path) -> str:
+    return "/".join(path)
+
+
+def _kernel_paths(params: Params) -> list[str]:
+    flat = traverse_util.flatten_dict(params)
+    return [_join(p) for p, leaf in flat.items() if p[-1] == "kernel" and jnp.ndim(leaf) == 2]
+
+
+def target_kernels(spec: LoraSpec, params: Params) -> list[str]:
+    """The '/'-joined paths of the kernels `spec` adapts, in tree order.
+
+    Raises:
+      ValueError: if a target pattern matches no 2-D kernel; the message lists
+        the kernel paths that exist.
+    """
+    kernels = _kernel_paths(params)
+    for pattern in spec.targets:
+        if not any(re.search(pattern, k) for k in kernels):
+            listing = "\n  ".join(kernels) or "(none)"
+            raise ValueError(
+                f"LoRA target pattern {pattern!r} matches no kernel. Kernel paths are:\n  {listing}"
+            )
+    return [k for k in kernels if any(re.search(p, k) for p in spec.targets)]
+
+
+def _adapter_shapes(spec: LoraSpec, path: str, kernel_shape: tuple[int, int]):
+    """Shapes of A and B for one kernel; slices are stacked on a leading axis."""
+    d_in, d_out = kernel_shape
+    parts = spec.parts_for(path)
+    if d_out % len(parts):
+        raise ValueError(
+            f"split_outputs gives {len(parts)} parts for {path!r}, "
+            f"but its output size {d_out} is not divisible by {len(parts)}"
+        )
+    d_part = d_out // len(parts)
+    rank = spec.rank_for(path)
+    if not 0 < rank <= min(d_in, d_part):
+        raise ValueError(
+            f"LoRA rank {rank} for {path!r} must be in [1, min(d_in, d_out)] = "
+            f"[1, {min(d_in, d_part)}] (kernel {kernel_shape}, {len(parts)} output parts)"
+        )
+    n = sum(parts)
+    if len(parts) == 1:
+        return (rank, d_in), (d_part, rank)
+    return (n, rank, d_in), (n, d_part, rank)
+
+
+def _init_a(spec: LoraSpec, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    rank, d_in = shape[-2:]
+    if spec.init == "gaussian":
+        return jax.random.normal(key, shape, jnp.float32) / rank
+    # kaiming_uniform(a=sqrt(5)) on a (r, d_in) weight: bound = 1 / sqrt(d_in).
+    bound = 1.0 / math.sqrt(d_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def init(spec: LoraSpec, params: Params, key: jax.Array) -> dict:
+    """Fresh adapters for every targeted kernel: A random, B zero, in float32.
+
+    Returns a nested dict mirroring the module paths of `params`, e.g.
+    {'h_0': {'attn': {'c_attn': {'lora_a': A, 'lora_b': B}}}}.
+    """
+    flat = traverse_util.flatten_dict(params)
+    adapters = {}
+    paths = target_kernels(spec, params)
+    for path, k in zip(paths, jax.random.split(key, max(len(paths), 1))):
+        a_shape, b_shape = _adapter_shapes(spec, path, flat[tuple(path.split("/"))].shape)
+        module = tuple(path.split("/")[:-1])
+        adapters[module + (LORA_A,)] = _init_a(spec, k, a_shape)
+        adapters[module + (LORA_B,)] = jnp.zeros(b_shape, jnp.float32)
+    return traverse_util.unflatten_dict(adapters)
+
+
+def _also_trained(spec: LoraSpec, params: Params) -> set[Path]:
+    flat = traverse_util.flatten_dict(params)
+    chosen = set()
+    for pattern in spec.also_train:
+        hits = {p for p in flat if re.search(pattern, _join(p))}
+        if not hits:
+            listing = "\n  ".join(sorted({_join(p[:-1]) for p in flat}))
+            raise ValueError(
+                f"also_train pattern {pattern!r} matches no parameter. Modules are:\n  {listing}"
+            )
+        chosen |= hits
+    return chosen
+
+
+def split(spec: LoraSpec, params: Params, key: jax.Array) -> tuple[dict, dict]:
+    """Splits `params` into (frozen, trainable).
+
+    frozen holds W0 and everything not trained; trainable is
+    {'lora': adapters from `init`, 'params': the `also_train` parameters}.
+    The two trees share no leaf, so an optimizer over `trainable` keeps state
+    only for what is trained.
+    """
+    flat = traverse_util.flatten_dict(params)
+    full = _also_trained(spec, params)
+    adapters = init(spec, params, key) if spec.targets else {}
+    frozen = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in full})
+    extra = traverse_util.unflatten_dict({p: flat[p] for p in full}) if full else {}
+    return frozen, {"lora": adapters, "params": extra}
+
+
+def combine(frozen: Params, trainable: Params) -> dict:
+    """The full parameter tree: frozen leaves overlaid with the fully-trained ones."""
+    flat = traverse_util.flatten_dict(frozen)
+    flat.update(traverse_util.flatten_dict(trainable.get("params", {})))
+    return traverse_util.unflatten_dict(flat)
+
+
+def _flat_adapters(trainable: Params) -> dict[Path, dict]:
+    """Module path -> {'lora_a', 'lora_b'}."""
+    flat = traverse_util.flatten_dict(trainable.get("lora", {}))
+    modules: dict[Path, dict] = {}
+    for path, leaf in flat.items():
+        modules.setdefault(path[:-1], {})[path[-1]] = leaf
+    return modules
+
+
+def check_compatible(spec: LoraSpec, frozen: Params, trainable: Params) -> None:
+    """Raises ValueError if the adapters do not fit the base's kernels.
+
+    The message names the parameter and both shapes, e.g. adapters trained on
+    GPT-2 small applied to GPT-2 medium.
+    """
+    flat = traverse_util.flatten_dict(frozen)
+    for module, ab in _flat_adapters(trainable).items():
+        path = _join(module + ("kernel",))
+        kernel = flat.get(module + ("kernel",))
+        if kernel is None:
+            raise ValueError(f"adapter for {path!r} has no kernel in the base parameters")
+        a, b = ab[LORA_A], ab[LORA_B]
+        parts = spec.parts_for(path)
+        expected = (a.shape[-1], b.shape[-2] * len(parts))
+        if tuple(kernel.shape) != expected:
+            raise ValueError(
+                f"adapter for {path!r} expects a kernel of shape {expected} "
+                f"but the base has {tuple(kernel.shape)}"
+            )
+
+
+def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float,
+                    parts: tuple[bool, ...]) -> jax.Array:
+    """s * B (A x) for a batch of inputs x (..., d_in), in x's dtype.
+
+    For split outputs, a is (n, r, d_in) and b is (n, d_part, r); the result is
+    laid out over all parts of the output, with zeros where a part is not adapted.
+    """
+    a, b = a.astype(x.dtype), b.astype(x.dtype)
+    if len(parts) == 1:
+        return scale * ((x @ a.T) @ b.T)
+    h = jnp.einsum("...i,nri->...nr", x, a)
+    y = jnp.einsum("...nr,nor->...no", h, b)
+    pieces, n = [], 0
+    for adapted in parts:
+        if adapted:
+            pieces.append(y[..., n, :])
+            n += 1
+        else:
+            pieces.append(jnp.zeros_like(y[..., 0, :]))
+    return scale * jnp.concatenate(pieces, axis=-1)
+
+
+def _interceptor(spec: LoraSpec, trainable: Params, rng: jax.Array | None):
+    adapters = _flat_adapters(trainable)
+    order = {module: i for i, module in enumerate(adapters)}
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, nn.Dense):
+            return next_fun(*args, **kwargs)
+        ab = adapters.get(tuple(module.path))
+        if ab is None:
+            return next_fun(*args, **kwargs)
+        y = next_fun(*args, **kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        if rng is not None and spec.dropout > 0:
+            # One independent mask per adapted module, derived from one key.
+            keep = jax.random.bernoulli(jax.random.fold_in(rng, order[tuple(module.path)]),
+                                        1.0 - spec.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+        path = _join(tuple(module.path) + ("kernel",))
+        a, b = ab[LORA_A], ab[LORA_B]
+        delta = low_rank_update(x.astype(y.dtype), a, b, spec.scale(path, a.shape[-2]),
+                                spec.parts_for(path))
+        return y + delta
+
+    return intercept
+
+
+def adapt(apply_fn: Callable, spec: LoraSpec, collection: str = "params") -> Callable:
+    """Wraps a Flax apply function so it runs the LoRA-adapted model.
+
+    Args:
+      apply_fn: e.g. `model.apply`, called as apply_fn({collection: params}, *args, **kwargs).
+      spec: the spec the trainable tree was made with.
+      collection: the variable collection that holds the parameters.
+
+    Returns:
+      adapted(frozen, trainable, *args, lora_rng=None, **kwargs). `lora_rng`
+      drives LoRA dropout; None (evaluation) disables it. Other kwargs, such as
+      `rngs` for the model's own dropout, pass through.
+    """
+
+    def adapted(frozen: Params, trainable: Params, *args, lora_rng: jax.Array | None = None,
+                **kwargs):
+        check_compatible(spec, frozen, trainable)
+        variables = {collection: combine(frozen, trainable)}
+        with nn.intercept_methods(_interceptor(spec, trainable, lora_rng)):
+            return apply_fn(variables, *args, **kwargs)
+
+    return adapted
+
+
+def _merged_delta(spec: LoraSpec, path: str, ab: dict, dtype) -> jax.Array:
+    """s * (B A)^T in kernel orientation (d_in, d_out), computed in float32."""
+    a, b = ab[LORA_A].astype(jnp.float32), ab[LORA_B].astype(jnp.float32)
+    parts = spec.parts_for(path)
+    scale = spec.scale(path, a.shape[-2])
+    if len(parts) == 1:
+        return (scale * (b @ a).T).astype(dtype)
+    d_part = b.shape[-2]
+    blocks = scale * jnp.einsum("nor,nri->nio", b, a)
+    columns, n = [], 0
+    for adapted in parts:
+        if adapted:
+            columns.append(blocks[n])
+            n += 1
+        else:
+            columns.append(jnp.zeros((a.shape[-1], d_part), jnp.float32))
+    return jnp.concatenate(columns, axis=-1).astype(dtype)
+
+
+def _apply_deltas(spec: LoraSpec, params: Params, trainable: Params, sign: float) -> dict:
+    flat = traverse_util.flatten_dict(params)
+    for module, ab in _flat_adapters(trainable).items():
+        key = module + ("kernel",)
+        w = flat[key]
+        delta = _merged_delta(spec, _join(key), ab, jnp.float32)
+        flat[key] = (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def merge(spec: LoraSpec, frozen: Params, trainable: Params) -> dict:
+    """Plain params with W = W0 + s B A folded in: the base model, unchanged,
+    then computes the adapted function with no added latency."""
+    check_compatible(spec, frozen, trainable)
+    return _apply_deltas(spec, combine(frozen, trainable), trainable, +1.0)
+
+
+def unmerge(spec: LoraSpec, merged: Params, trainable: Params) -> dict:
+    """Inverse of `merge`: subtracts s B A and drops the fully-trained leaves,
+    returning the frozen tree (to switch tasks: unmerge, then merge another)."""
+    base = _apply_deltas(spec, merged, trainable, -1.0)
+    extra = traverse_util.flatten_dict(trainable.get("params", {}))
+    flat = traverse_util.flatten_dict(base)
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in extra})
+
+
+def count_params(tree: Params) -> int:
+    """Number of scalars in a pytree."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))

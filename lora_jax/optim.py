@@ -1,0 +1,59 @@
+"""Optimizers and the update step over the trainable tree only.
+
+The frozen tree is never handed to optax: the optimizer is initialised on the
+trainable tree (adapters plus any fully-trained head), so its state exists only
+for those leaves, and gradients are taken only with respect to them, so no
+gradient for W0 is ever computed. (`optax.masked` would not do: it passes the
+masked leaves' raw gradients through as updates.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+Batch = Any
+LossFn = Callable[[Any, Any, Batch, jax.Array], jax.Array]
+"""loss_fn(frozen, trainable, batch, rng) -> scalar loss."""
+
+
+def adamw(
+    learning_rate: float | optax.Schedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay, as torch.optim.AdamW, optionally
+    preceded by global-norm gradient clipping."""
+    tx = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    return tx
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, jit: bool = True):
+    """One optimizer step on the trainable tree.
+
+    Args:
+      loss_fn: loss_fn(frozen, trainable, batch, rng) -> scalar.
+      tx: any optax transformation; its state must come from `tx.init(trainable)`.
+      jit: compile the step, donating the trainable tree and optimizer state
+        (they are replaced each step, so XLA may update them in place). The
+        frozen tree is not donated: it is reused by every step.
+
+    Returns:
+      step(frozen, trainable, opt_state, batch, rng) -> (trainable, opt_state, loss).
+    """
+
+    def step(frozen, trainable, opt_state, batch, rng):
+        loss, grads = jax.value_and_grad(loss_fn, argnums=1)(frozen, trainable, batch, rng)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(1, 2)) if jit else step
