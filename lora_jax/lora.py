@@ -121,7 +121,7 @@ def _join(path: Path) -> str:
 
 def _kernel_paths(params: Params) -> list[str]:
     flat = traverse_util.flatten_dict(params)
-    return [_join(p) for p, leaf in flat.items() if p[-1] == "kernel" and jnp.ndim(leaf) == 2]
+    return [_join(p) for p, leaf in flat.items() if p[-1] == "kernel" and len(leaf.shape) == 2]
 
 
 def target_kernels(spec: LoraSpec, params: Params) -> list[str]:
