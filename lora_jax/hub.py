@@ -1,0 +1,328 @@
+"""Hugging Face checkpoints in: a name or directory -> (Flax model, params, HF config).
+
+Only safetensors are read; pickle-based weights (`pytorch_model.bin`, ...) are refused, never
+unpickled. Our parameter paths are HF's key names under one rule, `hf_module_name`, so the same
+mapping serves loading here and adapter export later.
+"""
+
+import functools
+import json
+import logging
+import os
+import pathlib
+import re
+from typing import Any
+
+import flax.linen as nn
+import huggingface_hub
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import traverse_util
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import safe_open
+
+from lora_jax.models import EncoderConfig, EncoderForSequenceClassification, EncoderModel
+from lora_jax.models import GPT2Config, GPT2LMHeadModel
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "bert", "roberta")
+TASKS = (None, "classification")
+
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "merges.txt", "vocab.*", "tokenizer*"]
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Non-parameter tensors some checkpoints carry (GPT-2's causal-mask buffers, position-id tables).
+_BUFFER_KEY = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids)$")
+# Modules a base checkpoint may lack; HF initialises them randomly too.
+_HEAD_MODULES = ("classifier", "pooler")
+# HF's `base_model_prefix`: the root of our tree sits under it in task checkpoints.
+_BASE_PREFIX = {"gpt2": "transformer", "bert": "bert", "roberta": "roberta"}
+# Our leaf name -> HF's names for it, preferred first (`gamma`/`beta` are pre-2020 LayerNorm names).
+_LEAF_NAMES = {
+    "kernel": ("weight",),
+    "embedding": ("weight",),
+    "scale": ("weight", "gamma"),
+    "bias": ("bias", "beta"),
+}
+_LAYER_LIST = re.compile(r"^(h|layer)_(\d+)$")
+
+
+def hf_module_name(flax_module_path: str) -> str:
+    """The Hugging Face module name of one of our modules.
+
+    The rule: '/' becomes '.', and list entries `h_{i}` / `layer_{i}` become `h.{i}` / `layer.{i}`.
+    Leaves map as kernel -> weight (transposed, except GPT-2's Conv1D), bias -> bias,
+    LayerNorm scale -> weight, Embed embedding -> weight.
+
+    Args:
+      flax_module_path: '/'-joined module names, e.g. 'h_0/attn/c_attn'.
+
+    Returns:
+      e.g. 'h.0.attn.c_attn'; 'roberta/encoder/layer_3/attention/self/query' gives
+      'roberta.encoder.layer.3.attention.self.query'.
+    """
+    return ".".join(_LAYER_LIST.sub(r"\1.\2", part) for part in flax_module_path.split("/"))
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> pathlib.Path:
+    """A local checkpoint directory for a directory or a hub id.
+
+    Hub ids go through `huggingface_hub.snapshot_download`, which serves them from the local cache
+    when `HF_HUB_OFFLINE=1`. Both variables are read at call time (huggingface_hub reads them once,
+    at import).
+
+    Args:
+      name_or_path: an existing directory, or a hub id such as 'roberta-base' or 'org/name'.
+
+    Returns:
+      The directory holding config.json and the weights.
+
+    Raises:
+      FileNotFoundError: neither an existing directory nor a hub repo that could be fetched.
+    """
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise FileNotFoundError(f"checkpoint directory {name!r} does not exist") from None
+    try:
+        return pathlib.Path(
+            huggingface_hub.snapshot_download(
+                name,
+                allow_patterns=_HUB_FILES,
+                cache_dir=os.environ.get("HF_HUB_CACHE"),
+                local_files_only=_env_flag("HF_HUB_OFFLINE"),
+            )
+        )
+    except OSError as error:  # not cached while offline, no network, no such repo
+        raise FileNotFoundError(
+            f"{name!r} is not a local directory and could not be fetched from the hub: {error}"
+        ) from error
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def load_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor in a directory's `model.safetensors` or sharded `model.safetensors.index.json`.
+
+    Args:
+      checkpoint_dir: a Hugging Face checkpoint directory.
+
+    Returns:
+      HF key -> array (bfloat16 tensors come back as ml_dtypes bfloat16 arrays).
+
+    Raises:
+      FileNotFoundError: no safetensors weights (pickle files are named, and not opened), or a
+        shard named in the index is absent.
+    """
+    directory = pathlib.Path(checkpoint_dir)
+    index = directory / "model.safetensors.index.json"
+    if (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    elif index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [directory / shard for shard in shards]
+    else:
+        raise _no_safetensors_error(directory)
+    state = {}
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{index} names shard {file.name}, which is not in {directory}")
+        state.update(_read_safetensors(file))
+    return state
+
+
+def _no_safetensors_error(directory: pathlib.Path) -> FileNotFoundError:
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickled:
+        return FileNotFoundError(
+            f"{directory} has only pickle-based weights ({', '.join(pickled)}). lora_jax reads "
+            "safetensors only and did not unpickle them, since unpickling can run arbitrary code. "
+            "Convert once, with transformers on torch: "
+            f"AutoModel.from_pretrained('{directory}').save_pretrained('{directory}', "
+            "safe_serialization=True)"
+        )
+    return FileNotFoundError(
+        f"{directory} has no model.safetensors or model.safetensors.index.json"
+    )
+
+
+def _read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
+    # The numpy reader has no bfloat16, the JAX one does; keep the tensors in host memory.
+    with jax.default_device(jax.devices("cpu")[0]), safe_open(file, framework="flax") as f:
+        return {key: np.asarray(f.get_tensor(key)) for key in f.keys()}
+
+
+def model_from_hf_config(
+    hf_config: Any,
+    *,
+    task: str | None = None,
+    num_labels: int | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+) -> nn.Module:
+    """Our Flax model for a transformers config (weights not included).
+
+    Args:
+      hf_config: a `transformers` config with model_type 'gpt2', 'bert' or 'roberta'.
+      task: None for the bare model (GPT-2: the LM), 'classification' for an encoder with HF's
+        sequence classification head (num_labels == 1: regression).
+      num_labels: overrides the config's for 'classification'.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+
+    Returns:
+      GPT2LMHeadModel, EncoderModel or EncoderForSequenceClassification.
+    """
+    model_type = hf_config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(SUPPORTED_MODEL_TYPES)
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: {supported}")
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {TASKS}")
+    if num_labels is not None and task != "classification":
+        raise ValueError("num_labels applies only to task='classification'")
+    dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+    if model_type == "gpt2":
+        if task is not None:
+            raise ValueError(f"gpt2 supports only task=None (the LM), not {task!r}")
+        return GPT2LMHeadModel(GPT2Config.from_hf(hf_config, **dtypes))
+    if task is None:
+        return EncoderModel(EncoderConfig.from_hf(hf_config, **dtypes))
+    labels = {} if num_labels is None else {"num_labels": num_labels}
+    return EncoderForSequenceClassification(EncoderConfig.from_hf(hf_config, **dtypes, **labels))
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    task: str | None = None,
+    num_labels: int | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rng: jax.Array | None = None,
+) -> tuple[nn.Module, dict, Any]:
+    """Loads a Hugging Face GPT-2, BERT or RoBERTa checkpoint as a Flax model and params.
+
+    Example:
+      model, params, hf_config = load_pretrained("roberta-base", task="classification")
+      logits = model.apply({"params": params}, input_ids, attention_mask).logits
+
+    Args:
+      name_or_path: checkpoint directory or hub id (see `resolve_checkpoint`).
+      task: see `model_from_hf_config`.
+      num_labels: see `model_from_hf_config`.
+      dtype: compute dtype.
+      param_dtype: the params are cast to it.
+      rng: initialises a head the checkpoint lacks; default `jax.random.key(0)`.
+
+    Returns:
+      (model, params, the transformers config).
+    """
+    directory = resolve_checkpoint(name_or_path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json (and needs it with the weights)")
+    hf_config = transformers.AutoConfig.from_pretrained(directory)
+    model = model_from_hf_config(
+        hf_config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype
+    )
+    params = params_from_state_dict(model, load_state_dict(directory), rng=rng)
+    return model, params, hf_config
+
+
+def params_from_state_dict(
+    model: nn.Module, state_dict: dict[str, np.ndarray], *, rng: jax.Array | None = None
+) -> dict:
+    """Our params for `model`, taken from a Hugging Face state dict.
+
+    Walks the model's own param tree (shapes from `jax.eval_shape`, no memory allocated), finds each
+    leaf's HF key (`hf_module_name`, with or without HF's base-model prefix) and casts to the
+    model's param_dtype. A missing `classifier`/`pooler` is initialised from `rng`, with a warning;
+    any other missing weight is an error. Unused checkpoint keys are logged.
+
+    Args:
+      model: one of our models.
+      state_dict: HF key -> array, e.g. from `load_state_dict`.
+      rng: PRNG key for missing heads; default `jax.random.key(0)`.
+
+    Returns:
+      The 'params' collection, a nested dict.
+    """
+    model_type, transpose_kernels = _hf_layout(model)
+    init = functools.partial(_init_params, model)
+    shapes = traverse_util.flatten_dict(jax.eval_shape(init, jax.random.key(0)))
+    params, used, missing = {}, set(), []
+    for path, shape in shapes.items():
+        key = _find_key(path, state_dict, model_type)
+        if key is None:
+            missing.append(path)
+            continue
+        value = state_dict[key]
+        if transpose_kernels and path[-1] == "kernel":
+            value = value.T  # torch Linear stores (d_out, d_in)
+        if value.shape != shape.shape:
+            raise ValueError(
+                f"checkpoint tensor {key!r} has shape {value.shape}, but our "
+                f"{'/'.join(path)} needs {shape.shape} (after transposing Linear weights)"
+            )
+        params[path] = jnp.asarray(value, dtype=shape.dtype)
+        used.add(key)
+    if missing:
+        params.update(_init_missing_heads(model, missing, rng, model_type))
+    unused = sorted(k for k in state_dict if k not in used and not _BUFFER_KEY.search(k))
+    if unused:
+        logger.warning("checkpoint tensors not used by %s: %s", type(model).__name__, unused)
+    return traverse_util.unflatten_dict(params)
+
+
+def _init_params(model: nn.Module, rng: jax.Array) -> dict:
+    return model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def _hf_layout(model: nn.Module) -> tuple[str, bool]:
+    """(model_type, whether HF stores our Dense kernels transposed)."""
+    if isinstance(model, GPT2LMHeadModel):
+        return "gpt2", False  # GPT-2's Conv1D already stores (d_in, d_out)
+    return model.config.model_type, True
+
+
+def _hf_keys(path: tuple[str, ...], model_type: str) -> list[str]:
+    """Candidate HF keys for one of our leaves, the preferred spelling first."""
+    module = hf_module_name("/".join(path[:-1]))
+    base = _BASE_PREFIX[model_type] + "."
+    modules = [module, base + module]
+    if module.startswith(base):  # our task model, a base-model checkpoint
+        modules.append(module.removeprefix(base))
+    return [f"{m}.{leaf}" for m in modules for leaf in _LEAF_NAMES[path[-1]]]
+
+
+def _find_key(path: tuple[str, ...], state_dict: dict, model_type: str) -> str | None:
+    return next((k for k in _hf_keys(path, model_type) if k in state_dict), None)
+
+
+def _init_missing_heads(
+    model: nn.Module, missing: list[tuple[str, ...]], rng: jax.Array | None, model_type: str
+) -> dict:
+    names = {path: _hf_keys(path, model_type)[0] for path in missing}
+    not_heads = [names[p] for p in missing if not set(p[:-1]) & set(_HEAD_MODULES)]
+    if not_heads:
+        raise ValueError(f"checkpoint lacks weights for {model_type}: {not_heads}")
+    logger.warning(
+        "not in the checkpoint, initialised randomly: %s", [names[p] for p in missing]
+    )
+    rng = jax.random.key(0) if rng is None else rng
+
+    # Under jit, XLA computes only the head leaves we return, not the whole model's init.
+    @jax.jit
+    def init_heads(key):
+        flat = traverse_util.flatten_dict(_init_params(model, key))
+        return {path: flat[path] for path in missing}
+
+    return init_heads(rng)

@@ -1,0 +1,233 @@
+"""GPT-2 language model in Flax linen, module for module with Hugging Face's GPT2LMHeadModel.
+
+Parameter paths mirror HF's `transformer.*` keys (our root is HF's `transformer`):
+
+    wte/embedding, wpe/embedding
+    h_{i}/ln_1, h_{i}/attn/c_attn, h_{i}/attn/c_proj, h_{i}/ln_2, h_{i}/mlp/c_fc, h_{i}/mlp/c_proj
+    ln_f
+
+Every projection is a plain `nn.Dense` with a (d_in, d_out) kernel, which is also the layout of HF's
+Conv1D weights. The LM head is tied to `wte`.
+"""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from lora_jax.models.layers import activation, dot_product_attention, layer_norm
+
+# HF GPT-2 options whose non-default values this implementation does not reproduce.
+_REQUIRED_HF_VALUES = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2 hyperparameters, named as in `transformers.GPT2Config`.
+
+    `dtype` is the compute dtype and `param_dtype` the storage dtype of the weights; softmax and
+    layer-norm statistics run in float32 whatever they are.
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # None: 4 * n_embd, as in HF
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    initializer_range: float = 0.02
+    attention_implementation: str | None = None  # None (XLA) or 'cudnn' (GPU, bf16/fp16)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        activation(self.activation_function)  # an unknown name fails here, not mid-trace
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, **overrides: Any) -> "GPT2Config":
+        """Builds a config from a `transformers.GPT2Config`.
+
+        Args:
+          hf_config: the Hugging Face config object.
+          **overrides: fields to set differently, e.g. `dtype=jnp.bfloat16`.
+
+        Returns:
+          The config.
+        """
+        for name, required in _REQUIRED_HF_VALUES.items():
+            if getattr(hf_config, name, required) != required:
+                raise ValueError(f"GPT-2 with {name}={getattr(hf_config, name)!r} is not supported")
+        values = dict(
+            vocab_size=hf_config.vocab_size,
+            n_positions=hf_config.n_positions,
+            n_embd=hf_config.n_embd,
+            n_layer=hf_config.n_layer,
+            n_head=hf_config.n_head,
+            n_inner=hf_config.n_inner,
+            activation_function=hf_config.activation_function,
+            layer_norm_epsilon=hf_config.layer_norm_epsilon,
+            embd_pdrop=hf_config.embd_pdrop,
+            attn_pdrop=hf_config.attn_pdrop,
+            resid_pdrop=hf_config.resid_pdrop,
+            initializer_range=hf_config.initializer_range,
+        )
+        return cls(**(values | overrides))
+
+
+class GPT2Output(NamedTuple):
+    logits: jax.Array  # [B, T, vocab], compute dtype
+    hidden_states: tuple[jax.Array, ...] | None  # n_layer + 1 arrays [B, T, n_embd], as HF
+
+
+def _dense(cfg: GPT2Config, features: int, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.initializers.normal(cfg.initializer_range),
+        name=name,
+    )
+
+
+def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
+    return layer_norm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name)
+
+
+class GPT2Attention(nn.Module):
+    """Causal self-attention: fused `c_attn` (d -> 3d) projection, then `c_proj`."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        batch, length, width = x.shape
+        qkv = _dense(cfg, 3 * width, "c_attn")(x)
+        # HF splits q|k|v first, then each into contiguous heads.
+        q, k, v = (
+            t.reshape(batch, length, cfg.n_head, width // cfg.n_head)
+            for t in jnp.split(qkv, 3, axis=-1)
+        )
+        rng = None if deterministic or cfg.attn_pdrop == 0 else self.make_rng("dropout")
+        y = dot_product_attention(
+            q, k, v, mask,
+            is_causal=True,
+            dropout_rate=cfg.attn_pdrop,
+            dropout_rng=rng,
+            implementation=cfg.attention_implementation,
+        )
+        y = _dense(cfg, width, "c_proj")(y.reshape(batch, length, width))
+        return nn.Dropout(cfg.resid_pdrop)(y, deterministic=deterministic)
+
+
+class GPT2MLP(nn.Module):
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        h = _dense(cfg, cfg.n_inner or 4 * cfg.n_embd, "c_fc")(x)
+        h = _dense(cfg, cfg.n_embd, "c_proj")(activation(cfg.activation_function)(h))
+        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+
+
+class GPT2Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        x = x + GPT2Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), mask, deterministic)
+        return x + GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x), deterministic)
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with its embedding-tied LM head.
+
+    Example:
+      model = GPT2LMHeadModel(GPT2Config.from_hf(hf_config))
+      out = model.apply({"params": params}, input_ids, attention_mask)
+      loss = lm_loss(out.logits, input_ids, attention_mask)
+    """
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+    ) -> GPT2Output:
+        """Next-token logits.
+
+        Args:
+          input_ids: [B, T] token ids.
+          attention_mask: [B, T], 1 = real token, 0 = padding. None: no padding.
+          position_ids: [B, T]; default 0..T-1 (right for right padding).
+          deterministic: False enables dropout (needs a 'dropout' rng).
+          output_hidden_states: also return HF-style hidden states (embeddings, each block's output,
+            the last one after `ln_f`).
+
+        Returns:
+          GPT2Output(logits, hidden_states or None).
+        """
+        cfg = self.config
+        embed_init = nn.initializers.normal(cfg.initializer_range)
+        embed = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=embed_init)
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, name="wte", **embed)
+        wpe = nn.Embed(cfg.n_positions, cfg.n_embd, name="wpe", **embed)
+        if position_ids is None:
+            position_ids = jnp.arange(input_ids.shape[1])[None, :]
+        # Padding hides keys only; the causal part is handled by the attention kernel.
+        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+
+        h = nn.Dropout(cfg.embd_pdrop)(wte(input_ids) + wpe(position_ids), deterministic)
+        hidden_states = [h]
+        for i in range(cfg.n_layer):
+            h = GPT2Block(cfg, name=f"h_{i}")(h, mask, deterministic)
+            hidden_states.append(h)
+        h = _layer_norm(cfg, "ln_f")(h)
+        hidden_states[-1] = h  # HF reports the final state after ln_f
+        logits = wte.attend(h)
+        return GPT2Output(logits, tuple(hidden_states) if output_hidden_states else None)
+
+
+def lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy, equal to HF's loss with `labels=input_ids` (-100 = masked).
+
+    Position t predicts token t+1; token t+1 counts as a target where `loss_mask[:, t+1]` is 1.
+
+    Args:
+      logits: [B, T, V] from the model.
+      input_ids: [B, T] the same ids the model read.
+      loss_mask: [B, T], 1 where the token is a target (e.g. the attention mask, or only the
+        completion of a prompt/completion pair).
+
+    Returns:
+      Scalar float32 loss: the mean over target tokens (0 if there are none).
+    """
+    targets = input_ids[:, 1:]
+    weights = loss_mask[:, 1:].astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1].astype(jnp.float32), targets
+    )
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)

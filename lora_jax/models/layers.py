@@ -1,0 +1,124 @@
+"""Building blocks shared by gpt2.py and encoder.py: activations, layer norm, attention.
+
+Nothing here owns parameters except through plain Flax layers, so module paths stay exactly those of
+the models that use them.
+"""
+
+from collections.abc import Callable
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Hugging Face `hidden_act` / `activation_function` names. 'gelu' is the exact (erf) form; the
+# others are the tanh approximation under their several historical names.
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation function a Hugging Face config names.
+
+    Args:
+      name: e.g. 'gelu' (exact), 'gelu_new' (tanh approximation), 'relu', 'silu'.
+
+    Returns:
+      An elementwise function.
+
+    Raises:
+      ValueError: the name is not one we implement.
+    """
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def layer_norm(epsilon: float, dtype, param_dtype, name: str) -> nn.LayerNorm:
+    """A LayerNorm that matches torch's: statistics in float32, two-pass variance.
+
+    Flax's default one-pass variance (E[x^2] - E[x]^2) cancels badly when the mean is large relative
+    to the spread; torch computes the variance around the mean, and so do we.
+
+    Args:
+      epsilon: the config's layer-norm epsilon.
+      dtype: compute/output dtype.
+      param_dtype: dtype of scale and bias.
+      name: module name (part of the parameter path).
+
+    Returns:
+      An unbound `nn.LayerNorm`.
+    """
+    return nn.LayerNorm(
+        epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
+    )
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    *,
+    is_causal: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention over [batch, length, heads, head_dim] arrays.
+
+    Without dropout this is `jax.nn.dot_product_attention`; its `implementation=None` means XLA
+    (jax 0.10 does not pick cuDNN by itself), 'cudnn' asks for the fused GPU kernel (fp16/bf16).
+    That function has no dropout on the attention probabilities, so training with attention dropout
+    takes the explicit path below; both keep the softmax in float32.
+
+    Args:
+      query: [B, T, N, H].
+      key: [B, S, N, H].
+      value: [B, S, N, H].
+      mask: boolean, broadcastable to [B, 1, T, S]; True = attend. None = attend everywhere.
+      is_causal: also forbid attending to later positions.
+      dropout_rate: attention-probability dropout; applied only when `dropout_rng` is given.
+      dropout_rng: PRNG key for the dropout; None means deterministic.
+      implementation: None/'xla' or 'cudnn', for `jax.nn.dot_product_attention`.
+
+    Returns:
+      [B, T, N, H] in the dtype of `value`.
+    """
+    if dropout_rng is None or dropout_rate == 0.0:
+        if mask is not None:
+            # cuDNN takes the mask as a bias and requires its full [.., T, S] extent; for XLA
+            # the broadcast is free.
+            batch, length, _, _ = query.shape
+            mask = jnp.broadcast_to(mask, (batch, 1, length, key.shape[1]))
+        return jax.nn.dot_product_attention(
+            query, key, value, mask=mask, is_causal=is_causal, implementation=implementation
+        )
+    return _attention_with_dropout(query, key, value, mask, is_causal, dropout_rate, dropout_rng)
+
+
+def _attention_with_dropout(query, key, value, mask, is_causal, rate, rng):
+    """The same computation as `jax.nn.dot_product_attention`'s XLA path, with dropout added."""
+    scale = query.shape[-1] ** -0.5
+    logits = jnp.einsum(
+        "btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32
+    ) * scale
+    keep = jnp.ones(logits.shape, dtype=bool)
+    if mask is not None:
+        keep = keep & mask
+    if is_causal:
+        t, s = logits.shape[-2:]
+        keep = keep & jnp.tril(jnp.ones((t, s), dtype=bool))
+    # A finite fill (not -inf) so that a fully masked row gives a uniform, not NaN, distribution.
+    logits = jnp.where(keep, logits, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(logits, axis=-1)
+    survive = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+    probs = jnp.where(survive, probs / (1.0 - rate), 0.0).astype(value.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, value)

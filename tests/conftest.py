@@ -1,0 +1,55 @@
+"""Fixtures shared by the parity tests: right-padded batches, perturbed HF weights, the data dir."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def padded_batch():
+    """Returns make(vocab_size, pad_id=0) -> (input_ids, attention_mask), int64 [3, 12].
+
+    Right padding: row 0 is full, rows 1 and 2 end in 3 and 7 pad tokens. Real tokens avoid
+    `pad_id`, so RoBERTa's padding-aware positions see exactly the masked tail as padding.
+    """
+
+    def make(vocab_size: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(0)
+        lengths = np.array([12, 9, 5])
+        mask = (np.arange(12)[None, :] < lengths[:, None]).astype(np.int64)
+        ids = rng.integers(pad_id + 1, vocab_size, size=mask.shape)
+        return np.where(mask == 1, ids, pad_id), mask
+
+    return make
+
+
+@pytest.fixture
+def perturb_weights():
+    """Returns perturb(torch_model): adds noise to every parameter, in place.
+
+    HF initialises LayerNorm to (1, 0) and biases to 0, which would hide a mix-up between scale and
+    bias or a missing bias; noise makes every tensor matter.
+    """
+    import torch
+
+    def perturb(model, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        return model.eval()
+
+    return perturb
+
+
+@pytest.fixture
+def data_dir() -> pathlib.Path:
+    """The shared data dir: $LORA_JAX_DATA_DIR, else <repo>/../shared/data; skips if absent."""
+    path = pathlib.Path(os.environ.get("LORA_JAX_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+    if not path.is_dir():
+        pytest.skip(f"data directory {path} not found (set LORA_JAX_DATA_DIR)")
+    return path
