@@ -72,9 +72,7 @@ def bench_jax(args) -> dict:
                              split_outputs={r"attn/c_attn": (True, False, True)})
     else:  # full fine-tuning: no adapters, every parameter trained.
         spec = lora.LoraSpec(targets=(), also_train=(".*",))
-    frozen, trainable = lora.split(spec, params, jax.random.key(2))
-    # Adapters and optimizer state stay in float32 whatever the weights' dtype.
-    trainable = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), trainable)
+    frozen, trainable = lora.split(spec, params, jax.random.key(2))  # trainable is float32
     apply = lora.adapt(model.apply, spec)
 
     def loss_fn(frozen, trainable, batch, rng):

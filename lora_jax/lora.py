@@ -206,8 +206,9 @@ def _also_trained(spec: LoraSpec, params: Params) -> set[Path]:
 def split(spec: LoraSpec, params: Params, key: jax.Array) -> tuple[dict, dict]:
     """Splits `params` into (frozen, trainable).
 
-    frozen holds W0 and everything not trained; trainable is
-    {'lora': adapters from `init`, 'params': the `also_train` parameters}.
+    frozen holds W0 and everything not trained, in the dtype it came in (bf16 is
+    fine); trainable is {'lora': adapters from `init`, 'params': the `also_train`
+    parameters}, always float32.
     The two trees share no leaf, so an optimizer over `trainable` keeps state
     only for what is trained.
     """
@@ -215,7 +216,9 @@ def split(spec: LoraSpec, params: Params, key: jax.Array) -> tuple[dict, dict]:
     full = _also_trained(spec, params)
     adapters = init(spec, params, key) if spec.targets else {}
     frozen = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in full})
-    extra = traverse_util.unflatten_dict({p: flat[p] for p in full}) if full else {}
+    # Trained leaves live in float32 even when W0 is held in bf16: small updates would vanish.
+    extra = {p: jnp.asarray(flat[p], jnp.float32) for p in full}
+    extra = traverse_util.unflatten_dict(extra) if extra else {}
     return frozen, {"lora": adapters, "params": extra}
 
 

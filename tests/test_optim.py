@@ -70,3 +70,43 @@ def test_any_optax_transform_works():
     frozen_before, frozen, _, _, opt_state, losses = _run(5, tx)
     jax.tree_util.tree_map(np.testing.assert_array_equal, frozen, frozen_before)
     assert losses[-1] < losses[0]
+
+
+def test_bf16_frozen_weights_with_fp32_adapters_and_state(tmp_path):
+    """W0 held and computed in bf16; adapters, head and AdamW state stay float32."""
+    import transformers
+
+    from lora_jax.hub import load_pretrained
+    from lora_jax.models import sequence_classification_loss
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=16, num_labels=2)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path)
+    ids = jax.random.randint(jax.random.key(0), (4, 10), 1, 64)
+    labels = jnp.array([0, 1, 1, 0])
+    spec = LoraSpec(targets=("query", "value"), rank=4, also_train=("^classifier/",))
+    losses = {}
+    for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+        model, params, _ = load_pretrained(tmp_path, task="classification", dtype=dtype,
+                                           param_dtype=dtype)
+        frozen, trainable = lora.split(spec, params, jax.random.key(1))
+        apply = lora.adapt(model.apply, spec)
+
+        def loss_fn(frozen, trainable, batch, rng):
+            logits = apply(frozen, trainable, batch, lora_rng=rng).logits
+            return sequence_classification_loss(logits.astype(jnp.float32), labels, 2)
+
+        tx = optim.adamw(1e-2)
+        opt_state = tx.init(trainable)
+        step = optim.make_train_step(loss_fn, tx)
+        for i in range(3):
+            trainable, opt_state, loss = step(frozen, trainable, opt_state, ids,
+                                              jax.random.key(i))
+        losses[name] = float(loss)
+        assert {x.dtype for x in jax.tree_util.tree_leaves(frozen)} == {jnp.dtype(dtype)}
+        floats = [x for x in jax.tree_util.tree_leaves((trainable, opt_state))
+                  if jnp.issubdtype(x.dtype, jnp.floating)]
+        assert {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
+    # bf16 rounds weights and activations to 8 mantissa bits (~0.4% each): a loose match.
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * abs(losses["fp32"])
