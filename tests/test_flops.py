@@ -15,8 +15,7 @@ def _compiled_step_flops(spec: lora.LoraSpec, batch: int = 4, seq: int = 128) ->
     model = GPT2LMHeadModel(GPT2Config.from_hf(hf))
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
-    frozen, trainable = lora.split(spec, params, jax.random.key(1))
-    trainable = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+    frozen, trainable = jax.eval_shape(lambda p: lora.split(spec, p, jax.random.key(1)), params)
     apply = lora.adapt(model.apply, spec)
 
     def loss_fn(frozen, trainable, batch, rng):
