@@ -1,0 +1,11 @@
+"""lora_jax: LoRA as a functional transform over JAX/Flax parameter pytrees.
+
+    from lora_jax import lora, optim
+    frozen, trainable = lora.split(spec, params, key)
+    apply = lora.adapt(model.apply, spec)
+"""
+
+from lora_jax.lora import LoraSpec
+
+__version__ = "0.1.0"
+__all__ = ["LoraSpec", "__version__"]
