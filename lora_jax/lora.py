@@ -282,7 +282,9 @@ def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float,
     return scale * jnp.concatenate(pieces, axis=-1)
 
 
-def _interceptor(spec: LoraSpec, trainable: Params, rng: jax.Array | None):
+def _interceptor(spec: LoraSpec, trainable: Params, rng: jax.Array | None, used: set[Path]):
+    """An `nn.intercept_methods` hook adding the low-rank path to adapted Dense calls;
+    records the adapted module paths it saw in `used`."""
     adapters = _flat_adapters(trainable)
     order = {module: i for i, module in enumerate(adapters)}
 
@@ -293,6 +295,7 @@ def _interceptor(spec: LoraSpec, trainable: Params, rng: jax.Array | None):
         ab = adapters.get(tuple(module.path))
         if ab is None:
             return next_fun(*args, **kwargs)
+        used.add(tuple(module.path))
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
         if rng is not None and spec.dropout > 0:
@@ -309,13 +312,17 @@ def _interceptor(spec: LoraSpec, trainable: Params, rng: jax.Array | None):
     return intercept
 
 
-def adapt(apply_fn: Callable, spec: LoraSpec, collection: str = "params") -> Callable:
+def adapt(apply_fn: Callable, spec: LoraSpec, collection: str = "params",
+          strict: bool = True) -> Callable:
     """Wraps a Flax apply function so it runs the LoRA-adapted model.
 
     Args:
       apply_fn: e.g. `model.apply`, called as apply_fn({collection: params}, *args, **kwargs).
       spec: the spec the trainable tree was made with.
       collection: the variable collection that holds the parameters.
+      strict: raise if an adapter was never applied, i.e. its kernel does not belong to an
+        `nn.Dense` that the call ran (an adapter silently doing nothing would be worse). Turn
+        off to call a method that runs only part of the model.
 
     Returns:
       adapted(frozen, trainable, *args, lora_rng=None, **kwargs). `lora_rng`
@@ -327,8 +334,17 @@ def adapt(apply_fn: Callable, spec: LoraSpec, collection: str = "params") -> Cal
                 **kwargs):
         check_compatible(spec, frozen, trainable)
         variables = {collection: combine(frozen, trainable)}
-        with nn.intercept_methods(_interceptor(spec, trainable, lora_rng)):
-            return apply_fn(variables, *args, **kwargs)
+        used: set[Path] = set()
+        with nn.intercept_methods(_interceptor(spec, trainable, lora_rng, used)):
+            out = apply_fn(variables, *args, **kwargs)
+        unused = [_join(m + ("kernel",)) for m in _flat_adapters(trainable) if m not in used]
+        if strict and unused:
+            raise ValueError(
+                f"adapters were never applied (their kernels are not nn.Dense kernels that this "
+                f"call ran): {unused}. Target plain nn.Dense layers, or pass strict=False to "
+                f"run part of the model."
+            )
+        return out
 
     return adapted
 

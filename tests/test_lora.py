@@ -232,3 +232,22 @@ def test_also_train_pattern_matching_nothing(setup):
     with pytest.raises(ValueError, match="'classifier' matches no parameter"):
         lora.split(LoraSpec(targets=("proj",), also_train=("classifier",)), params,
                    jax.random.key(0))
+
+
+def test_adapter_on_a_kernel_that_is_not_a_dense_is_an_error():
+    """A matched kernel outside nn.Dense would get an adapter that silently does nothing."""
+
+    class Custom(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 4))
+            return nn.Dense(3, name="out")(x @ kernel)
+
+    model = Custom()
+    x = jnp.ones((2, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+    spec = LoraSpec(targets=(r"^kernel",), rank=2)
+    frozen, trainable = lora.split(spec, params, jax.random.key(1))
+    with pytest.raises(ValueError, match=r"never applied.*\['kernel'\]"):
+        lora.adapt(model.apply, spec)(frozen, trainable, x)
+    lora.adapt(model.apply, spec, strict=False)(frozen, trainable, x)
