@@ -53,3 +53,24 @@ def data_dir() -> pathlib.Path:
     if not path.is_dir():
         pytest.skip(f"data directory {path} not found (set LORA_JAX_DATA_DIR)")
     return path
+
+
+def dense_calls(model, params, *args) -> tuple[set[str], set[str]]:
+    """(paths of the nn.Dense modules a forward pass calls, paths of the modules owning a kernel).
+
+    LoRA intercepts nn.Dense.__call__ by module path, so the two sets must be equal.
+    """
+    import flax.linen as nn
+    from flax import traverse_util
+
+    seen = set()
+
+    def record(next_fun, call_args, kwargs, context):
+        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+            seen.add("/".join(context.module.path))
+        return next_fun(*call_args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply({"params": params}, *args)
+    kernels = {"/".join(p[:-1]) for p in traverse_util.flatten_dict(params) if p[-1] == "kernel"}
+    return seen, kernels

@@ -3,7 +3,6 @@
 import logging
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +14,7 @@ from flax import traverse_util
 from lora_jax.hub import load_pretrained
 from lora_jax.models import EncoderConfig, EncoderForSequenceClassification, EncoderModel
 from lora_jax.models import roberta_position_ids, sequence_classification_loss
+from conftest import dense_calls
 
 VOCAB = 101
 PAD = {"bert": 0, "roberta": 1}
@@ -161,16 +161,7 @@ def test_every_projection_is_a_plain_dense():
     model = EncoderForSequenceClassification(config)
     ids = jnp.ones((1, 4), jnp.int32)
     params = model.init(jax.random.key(0), ids)["params"]
-    seen = set()
-
-    def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            seen.add("/".join(context.module.path))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        model.apply({"params": params}, ids)
-    kernels = {"/".join(p[:-1]) for p in traverse_util.flatten_dict(params) if p[-1] == "kernel"}
+    seen, kernels = dense_calls(model, params, ids)
     assert seen == kernels and "roberta/encoder/layer_1/attention/self/query" in seen
 
 

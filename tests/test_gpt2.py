@@ -2,7 +2,6 @@
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +12,7 @@ from flax import traverse_util
 
 from lora_jax.hub import load_pretrained
 from lora_jax.models import GPT2Config, GPT2LMHeadModel, lm_loss
+from conftest import dense_calls
 
 VOCAB = 97
 
@@ -119,16 +119,7 @@ def test_every_projection_is_a_plain_dense():
     model = GPT2LMHeadModel(config)
     ids = jnp.zeros((1, 4), jnp.int32)
     params = model.init(jax.random.key(0), ids)["params"]
-    seen = set()
-
-    def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            seen.add("/".join(context.module.path))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        model.apply({"params": params}, ids)
-    kernels = {"/".join(p[:-1]) for p in traverse_util.flatten_dict(params) if p[-1] == "kernel"}
+    seen, kernels = dense_calls(model, params, ids)
     assert seen == kernels and len(kernels) == 8
 
 
