@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 Batch = Any
@@ -57,3 +58,41 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, jit: b
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     return jax.jit(step, donate_argnums=(1, 2)) if jit else step
+
+
+WeightedLossFn = Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, jax.Array]]
+"""loss_fn(frozen, trainable, micro_batch, rng) -> (sum of per-example/token losses, their weight)."""
+
+
+def make_accumulating_train_step(loss_fn: WeightedLossFn, tx: optax.GradientTransformation):
+    """A step over a batch split into micro-batches, with gradients accumulated exactly.
+
+    Every batch leaf is [accum, micro_batch, ...]. Losses are summed and divided by the total
+    weight (examples, or target tokens for a language model) once at the end, so the update equals
+    that of the whole batch in one pass, whatever the padding of each micro-batch. Not jitted:
+    the caller jits it with its shardings.
+
+    Returns:
+      step(frozen, trainable, opt_state, batch, rng) -> (trainable, opt_state, mean loss).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+
+    def step(frozen, trainable, opt_state, batch, rng):
+        def micro_step(carry, inputs):
+            grads_sum, loss_sum, weight_sum = carry
+            micro_batch, i = inputs
+            (loss, weight), grads = grad_fn(frozen, trainable, micro_batch, jax.random.fold_in(rng, i))
+            grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
+            return (grads_sum, loss_sum + loss.astype(jnp.float32),
+                    weight_sum + jnp.asarray(weight, jnp.float32)), None
+
+        accum = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+        init = (zeros, jnp.float32(0), jnp.float32(0))
+        (grads, loss, weight), _ = jax.lax.scan(micro_step, init, (batch, jnp.arange(accum)))
+        weight = jnp.maximum(weight, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss / weight
+
+    return step

