@@ -22,8 +22,7 @@ import optax
 import transformers
 
 from lora_jax import lora, optim
-from lora_jax.data import data_dir
-from lora_jax.data.glue import read_sst2
+from lora_jax.data.glue import read_glue
 from lora_jax.hub import load_pretrained
 from lora_jax.models import sequence_classification_loss
 
@@ -59,9 +58,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    glue = data_dir() / "glue" / "SST-2"
-    train_x, train_y = read_sst2(glue / "train.tsv")
-    dev_x, dev_y = read_sst2(glue / "dev.tsv")
+    train, dev = read_glue("sst2", "train"), read_glue("sst2", "dev")
+    train_x, train_y = [e.text_a for e in train], [e.label for e in train]
+    dev_x, dev_y = [e.text_a for e in dev], [e.label for e in dev]
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
     train_ids, dev_ids = encode(tokenizer, train_x, args.max_len), encode(tokenizer, dev_x, args.max_len)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import time
 from typing import Any
 
 import jax
@@ -51,9 +52,18 @@ class Checkpoints:
                 logger.warning("checkpoint at step %d in %s is unreadable (%s: %s); "
                                "falling back to the previous one",
                                step, self.directory, type(error).__name__, error)
+                self._set_aside(step)
                 continue
             return step, state
         return None
+
+    def _set_aside(self, step: int) -> None:
+        """Renames an unreadable step out of orbax's way (kept for inspection, not deleted),
+        so that training can write that step again."""
+        if jax.process_index() == 0:
+            path = self.directory / str(step)
+            path.rename(path.with_name(f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"))
+        self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()

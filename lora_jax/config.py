@@ -98,3 +98,17 @@ TINY_MODELS = {
     "gpt2": dict(model_type="gpt2", vocab_size=50257, n_embd=32, n_layer=2, n_head=4,
                  n_positions=1024),
 }
+
+
+def load_config(path_and_arg: str) -> ml_collections.ConfigDict:
+    """Loads 'configs/glue.py:task=rte' the way --config does (for scripts and tests)."""
+    import importlib.util
+    import pathlib
+
+    path, _, arg = path_and_arg.partition(":")
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import transformers
 
 from lora_jax import hub
-from lora_jax.data import data_dir
+from lora_jax.data.e2e import gpt2_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -35,9 +35,7 @@ def load_tokenizer(name: str | None, checkpoint: str | pathlib.Path | None):
     """A fast tokenizer: 'gpt2' reads the BPE files under the data dir, 'minilm' the packaged
     one, a path or hub id its own; None takes the checkpoint's."""
     if name == "gpt2":
-        files = data_dir() / "tokenizers" / "gpt2"
-        return transformers.GPT2TokenizerFast(vocab_file=str(files / "vocab.json"),
-                                              merges_file=str(files / "merges.txt"))
+        return gpt2_tokenizer()
     source = checkpoint if name is None else checkpoint_path(name)
     if source is None:
         raise ValueError("a randomly initialised model needs config.model.tokenizer")

@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -143,11 +142,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     checkpoints = Checkpoints(workdir / "checkpoints", config.train.checkpoint_every,
                               config.train.keep_checkpoints)
 
+    # A global (replicated) array: orbax saves no host-local arrays in a multi-host run.
+    rng_data = jax.device_put(jax.random.key_data(key), replicated)
+
     def state(step: int):
         epoch, index = divmod(step, steps_per_epoch)
         return {"trainable": trainable, "opt_state": opt_state, "step": np.int64(step),
                 "data": {"epoch": np.int64(epoch), "index": np.int64(index)},
-                "rng": jax.random.key_data(key)}
+                "rng": rng_data}
 
     start = 0
     restored = checkpoints.restore_latest(abstract(state(0)))
@@ -187,14 +189,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             best = log.eval(done, metrics, task.main_metric, higher_is_better=task.kind != "lm")
             if jax.process_index() == 0 and best["step"] == done:
                 peft_adapters.export_peft(workdir / "best_adapter", spec,
-                                          jax.device_get(trainable), **model_info, overwrite=True)
+                                          jax.device_get(trainable), **model_info)
         checkpoints.save(done, state(done), force=done == total_steps)
 
     # --- Export ---------------------------------------------------------------------------------
     final = evaluate(trainable) if start == total_steps else metrics
     if jax.process_index() == 0:
         peft_adapters.export_peft(workdir / "adapter", spec, jax.device_get(trainable),
-                                  **model_info, overwrite=True)
+                                  **model_info)
     checkpoints.close()
     log.close()
     return {**final, "best": best}

@@ -1,0 +1,1 @@
+"""Evaluation metrics in numpy: `glue` (accuracy, F1, Matthews, Pearson, Spearman)."""

@@ -1,0 +1,392 @@
+"""PEFT LoRA adapters out and in: (LoraSpec, trainable tree) <-> a PEFT adapter directory.
+
+A PEFT adapter directory holds `adapter_config.json` and `adapter_model.safetensors`, whose keys
+name the Hugging Face module each tensor belongs to (adapter name removed, as `save_pretrained`
+writes them):
+
+    base_model.model.transformer.h.0.attn.c_attn.lora_A.weight   (r, d_in)    float32
+    base_model.model.transformer.h.0.attn.c_attn.lora_B.weight   (d_out, r)
+    base_model.model.classifier.out_proj.weight                  a `modules_to_save` tensor
+
+Our module paths become HF module names by `hub.hf_module_name`, under 'transformer.' for GPT-2 (our
+root is HF's `transformer`); encoder paths need no prefix (task models already start with `roberta/`
+or `bert/`). A and B have PEFT's orientation already, so they are written as they are.
+
+Example:
+    export_peft("out/sst2", spec, trainable, model_type="roberta", task="classification")
+    spec, trainable = load_peft("out/sst2", params, model_type="roberta", task="classification")
+    logits = lora.adapt(model.apply, spec)(params, trainable, ids, attention_mask=mask).logits
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+from flax import traverse_util
+
+from lora_jax import hub, lora
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+# PEFT features that change the adapted function beyond W0 + s B A; refused on load.
+_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "target_parameters",
+                "trainable_token_indices", "alora_invocation_tokens", "use_bdlora")
+
+
+def _hf_root(model_type: str, task: str | None) -> str:
+    """Prefix turning `hf_module_name` of our paths into names inside the HF model PEFT wraps."""
+    if model_type not in hub.SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not one of {hub.SUPPORTED_MODEL_TYPES}")
+    if task not in hub.TASKS or (model_type == "gpt2" and task is not None):
+        raise ValueError(f"task {task!r} is not supported for {model_type} (gpt2: None; "
+                         f"encoders: one of {hub.TASKS})")
+    return hub._BASE_PREFIX["gpt2"] + "." if model_type == "gpt2" else ""
+
+
+def _most_common(per_module: dict, default: Any) -> Any:
+    """The value most modules share: the config's default, leaving the fewest pattern entries."""
+    if not per_module:
+        return default
+    return collections.Counter(per_module.values()).most_common(1)[0][0]
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _fused(a: np.ndarray, b: np.ndarray, parts: tuple[bool, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Split-output adapters (n, r, d_in), (n, d_part, r) as one rank-n*r adapter on the whole
+    output: A stacks the parts' A; B puts part j's B in its rows and in A's j-th block of columns,
+    with zeros elsewhere (all-zero rows for an un-adapted part)."""
+    n, rank, d_in = a.shape
+    d_part = b.shape[1]
+    b_full = np.zeros((len(parts) * d_part, n * rank), np.float32)
+    j = 0
+    for p, adapted in enumerate(parts):
+        if adapted:
+            b_full[p * d_part:(p + 1) * d_part, j * rank:(j + 1) * rank] = b[j]
+            j += 1
+    return a.reshape(n * rank, d_in), b_full
+
+
+def _saved_module(path: tuple[str, ...], model_type: str, task: str | None) -> tuple[str, ...]:
+    """The module PEFT's `modules_to_save` must name for a fully-trained leaf."""
+    if task == "classification" and path[0] != hub._BASE_PREFIX[model_type]:
+        return path[:1]  # a head: PEFT's SEQ_CLS wraps the whole 'classifier' anyway
+    return path[:-1]
+
+
+def export_peft(
+    directory: str | os.PathLike,
+    spec: lora.LoraSpec,
+    trainable: dict,
+    *,
+    model_type: str,
+    task: str | None,
+    base_model_name_or_path: str | None = None,
+) -> pathlib.Path:
+    """Writes `trainable` as a PEFT LoRA adapter that `PeftModel.from_pretrained` loads as is.
+
+    `target_modules` lists the full HF names of exactly the adapted modules. The `r` and
+    `lora_alpha` of most modules become the defaults; the others go to `rank_pattern` /
+    `alpha_pattern` under their full names. Fully-trained leaves (`trainable['params']`) are saved
+    under `modules_to_save`: 'classifier' for a classification head (PEFT restores it whole; a head
+    leaf not in the file keeps the base checkpoint's value), else the module owning the leaf.
+
+    Split outputs (e.g. GPT-2's fused c_attn adapted on q and v only) have no PEFT equivalent, so
+    they are written, exactly, as one adapter of rank n*r on the fused module: A_full (n*r, d_in)
+    stacks the n adapted parts' A; B_full (d_out, n*r) holds part j's B in the rows of its output
+    slice and columns j*r..(j+1)*r, zeros elsewhere (k's rows are all zero). Then
+    B_full A_full = [B_q A_q; 0; B_v A_v], and alpha_full = n * alpha (rslora: sqrt(n) * alpha)
+    keeps the scale alpha / r. `load_peft` reads it back as that plain rank-n*r adapter.
+
+    Args:
+      directory: created if absent; an existing directory must be empty or hold only an earlier
+        export (its two files), which is replaced. Files go to a temporary sibling first, so a
+        failed export leaves what was there.
+      spec: the spec `trainable` was made with.
+      trainable: {'lora': adapters, 'params': fully-trained leaves}, as from `lora.split`.
+      model_type: 'gpt2', 'bert' or 'roberta'.
+      task: None (GPT-2 LM, bare encoder) or 'classification' (task_type SEQ_CLS).
+      base_model_name_or_path: recorded in the config for PEFT's `AutoPeftModel`.
+
+    Returns:
+      The directory written.
+
+    Raises:
+      FileExistsError: `directory` holds other files (they are left untouched).
+      ValueError: adapters that do not fit `spec`'s split_outputs; a module both LoRA-adapted and
+        trained in full; GPT-2's tied `wte` trained in full (PEFT would untie it).
+    """
+    root = _hf_root(model_type, task)
+    tensors, ranks, alphas = _lora_tensors(spec, trainable, root)
+    saved = {}  # modules_to_save, in order
+    for path, value in traverse_util.flatten_dict(trainable.get("params", {})).items():
+        if model_type == "gpt2" and path[0] == "wte":
+            raise ValueError("GPT-2's wte is tied to the LM head, but a PEFT module to save is "
+                             "not: the trained embedding cannot be exported as a PEFT adapter")
+        saved[root + hub.hf_module_name("/".join(_saved_module(path, model_type, task)))] = None
+        value = np.asarray(value, np.float32)
+        if path[-1] == "kernel" and model_type != "gpt2":
+            value = value.T  # torch Linear stores (d_out, d_in); GPT-2's Conv1D does not
+        module = root + hub.hf_module_name("/".join(path[:-1]))
+        tensors[f"{_PREFIX}{module}.{hub._LEAF_NAMES[path[-1]][0]}"] = value
+    for name in ranks:
+        if any(name == m or name.startswith(m + ".") for m in saved):
+            raise ValueError(f"{name} is both LoRA-adapted and trained in full; PEFT cannot save "
+                             "a module inside `modules_to_save` as a LoRA adapter")
+
+    r, alpha = _most_common(ranks, spec.rank), _most_common(alphas, spec.alpha)
+    task_type = "SEQ_CLS" if task == "classification" else None
+    if model_type == "gpt2":
+        task_type = "CAUSAL_LM"
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "lora_dropout": spec.dropout,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+        "alpha_pattern": {m: _number(x) for m, x in alphas.items() if x != alpha},
+        "use_rslora": spec.rslora,
+        "fan_in_fan_out": model_type == "gpt2",  # GPT-2's Conv1D holds W as (d_in, d_out)
+        "bias": "none",
+        "modules_to_save": list(saved) or None,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+    return _write_export(pathlib.Path(directory), config, tensors)
+
+
+def _lora_tensors(spec: lora.LoraSpec, trainable: dict, root: str) -> tuple[dict, dict, dict]:
+    """(PEFT key -> tensor, HF module -> rank, HF module -> alpha) for every adapter."""
+    tensors, ranks, alphas = {}, {}, {}
+    for module, ab in lora._flat_adapters(trainable).items():
+        path = "/".join(module + ("kernel",))
+        name = root + hub.hf_module_name("/".join(module))
+        a, b = np.asarray(ab[lora.LORA_A], np.float32), np.asarray(ab[lora.LORA_B], np.float32)
+        parts = spec.parts_for(path)
+        n, ndim = sum(parts), (3 if len(parts) > 1 else 2)
+        if a.ndim != ndim or b.ndim != ndim or (ndim == 3 and len(a) != n):
+            raise ValueError(f"adapter for {path!r} has A {a.shape} and B {b.shape}, which do not "
+                             f"fit the spec's split_outputs {parts}")
+        if len(parts) > 1:
+            a, b = _fused(a, b, parts)
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b
+        ranks[name] = a.shape[0]
+        # alpha_full / (n r) = alpha / r; under rslora alpha_full / sqrt(n r) = alpha / sqrt(r).
+        alphas[name] = spec.alpha_for(path) * (math.sqrt(n) if spec.rslora else n)
+    return tensors, ranks, alphas
+
+
+def _write_export(directory: pathlib.Path, config: dict, tensors: dict) -> pathlib.Path:
+    if directory.exists():
+        if not directory.is_dir():
+            raise FileExistsError(f"{directory} exists and is not a directory")
+        foreign = sorted(p.name for p in directory.iterdir()
+                         if p.name not in (CONFIG_NAME, WEIGHTS_NAME) or not p.is_file())
+        if foreign:
+            raise FileExistsError(
+                f"{directory} exists and holds {foreign}, which an adapter export does not write; "
+                "export to a new or empty directory (nothing was changed)"
+            )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    old = staging.with_name(staging.name + ".old")
+    try:
+        tensors = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
+        safetensors.numpy.save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # Swap whole directories, so a reader never sees new weights with an old config.
+        if directory.exists():
+            directory.rename(old)
+        staging.rename(directory)
+    except BaseException:
+        if old.exists() and not directory.exists():
+            old.rename(directory)  # put the earlier export back
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _read_adapter(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"PEFT adapter directory {directory} does not exist")
+    if not (directory / WEIGHTS_NAME).is_file():
+        if (directory / PICKLE_NAME).is_file():
+            raise FileNotFoundError(
+                f"{directory} has only {PICKLE_NAME}, a pickle; lora_jax reads safetensors only "
+                "and did not unpickle it, since unpickling can run arbitrary code. Convert once "
+                f"with PEFT: PeftModel.from_pretrained(base, '{directory}')"
+                f".save_pretrained('{directory}', safe_serialization=True)"
+            )
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}")
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}")
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter; only "
+                         "peft_type 'LORA' can be loaded")
+    used = [f for f in _UNSUPPORTED if config.get(f)]
+    if config.get("bias", "none") != "none":
+        used.append(f"bias={config['bias']!r}")
+    if used:
+        raise ValueError(f"{directory} uses PEFT features lora_jax does not implement: {used}")
+    tensors = hub._read_safetensors(directory / WEIGHTS_NAME)
+    return config, {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+
+
+def _pattern_value(patterns: dict, name: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching a suffix of `name`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _full_tensor(key: str, value: np.ndarray, path: tuple[str, ...], flat: dict,
+                 model_type: str) -> np.ndarray:
+    """A `modules_to_save` tensor in our layout, checked against the base parameter."""
+    if path[-1] == "kernel" and model_type != "gpt2":
+        value = value.T  # torch Linear stores (d_out, d_in); GPT-2's Conv1D does not
+    if value.shape != tuple(flat[path].shape):
+        raise ValueError(f"adapter tensor {key!r} has shape {value.shape} (after transposing "
+                         f"Linear weights) but {'/'.join(path)} in params has "
+                         f"{tuple(flat[path].shape)}")
+    return value
+
+
+def _tree(flat: dict) -> dict:
+    return traverse_util.unflatten_dict({p: jnp.asarray(v, jnp.float32) for p, v in flat.items()})
+
+
+def _exact(path: tuple[str, ...], tail: str) -> str:
+    return "^" + re.escape("/".join(path)) + tail
+
+
+def _sort_tensors(directory: pathlib.Path, tensors: dict, flat: dict, model_type: str,
+                  root: str) -> tuple[dict, dict, dict]:
+    """Sorts the file's tensors into LoRA pairs and fully-trained leaves of `flat`.
+
+    Returns:
+      (our module path -> {'A': lora_A, 'B': lora_B}, our module path -> its name in the file,
+       our leaf path -> a `modules_to_save` tensor in our layout).
+    """
+    leaves = {key: path for path in flat for key in hub._hf_keys(path, model_type)}
+    dense = {k.removesuffix(".weight"): p[:-1] for k, p in leaves.items() if p[-1] == "kernel"}
+    found, names, full = {}, {}, {}
+    for key, value in tensors.items():
+        name = key.removeprefix(_PREFIX)
+        match = _LORA_KEY.match(name)
+        if key != name and match and match["module"] in dense:
+            module = dense[match["module"]]
+            names[module] = match["module"]
+            found.setdefault(module, {})[match["which"]] = value
+        elif key != name and not match and name in leaves:
+            full[leaves[name]] = _full_tensor(key, value, leaves[name], flat, model_type)
+        else:
+            module = match["module"] if match else name.rpartition(".")[0]
+            known = [root + hub.hf_module_name("/".join(p[:-1])) for p in flat if p[-1] == "kernel"]
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME} has tensor {key!r}, but this {model_type} model "
+                f"has no module {module!r} (PEFT names LoRA tensors "
+                f"'{_PREFIX}<module>.lora_A.weight'). Its Dense modules are:\n  "
+                + "\n  ".join(known)
+            )
+    return found, names, full
+
+
+def load_peft(
+    directory: str | os.PathLike,
+    params: dict,
+    *,
+    model_type: str,
+    task: str | None = None,
+) -> tuple[lora.LoraSpec, dict]:
+    """Reads a PEFT LoRA adapter directory as a LoraSpec and a trainable tree for `params`.
+
+    Module names are matched as `hub.load_pretrained` matches checkpoint keys, so an adapter
+    saved on HF's task model also fits our bare encoder and vice versa. Every module is an exact
+    target with its rank read from its tensors and its alpha from PEFT's `alpha_pattern` rules.
+    Other tensors (`modules_to_save`, e.g. the classifier head) go to `trainable['params']`, each
+    module whole: a leaf missing from the file keeps its value in `params`, as in PEFT.
+
+    Args:
+      directory: holds adapter_config.json and adapter_model.safetensors (pickles are refused).
+      params: the base model's params, e.g. from `hub.load_pretrained`.
+      model_type: 'gpt2', 'bert' or 'roberta'.
+      task: None or 'classification', as `params`' model.
+
+    Returns:
+      (spec, trainable). `params` can serve as the frozen tree: `lora.adapt` overlays
+      `trainable['params']` on it.
+
+    Raises:
+      FileNotFoundError: the directory or a file is missing, or the weights are a pickle.
+      ValueError: peft_type is not 'LORA'; an unsupported PEFT feature; a tensor whose module is not
+        in `params` (named); a shape that does not fit the base (parameter and both shapes named).
+    """
+    directory = pathlib.Path(directory)
+    root = _hf_root(model_type, task)
+    config, tensors = _read_adapter(directory)
+    flat = traverse_util.flatten_dict(params)
+    found, names, full = _sort_tensors(directory, tensors, flat, model_type, root)
+
+    adapters, ranks, alphas = {}, {}, {}
+    order = {path[:-1]: i for i, path in enumerate(flat)}
+    for module, ab in sorted(found.items(), key=lambda item: order[item[0]]):
+        a, b = ab.get("A"), ab.get("B")
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            shapes = {k: v.shape for k, v in ab.items()}
+            raise ValueError(f"{directory / WEIGHTS_NAME}: {names[module]} needs lora_A (r, d_in) "
+                             f"and lora_B (d_out, r), but has {shapes}")
+        adapters[module + (lora.LORA_A,)], adapters[module + (lora.LORA_B,)] = a, b
+        ranks[module] = a.shape[0]
+        alphas[module] = _pattern_value(config.get("alpha_pattern") or {}, names[module],
+                                        config["lora_alpha"])
+    # PEFT restores a module to save whole, taking leaves absent from the file from the base.
+    owners = sorted({p[:-1] for p in full})
+    for path in flat:
+        if path[:-1] in owners and path not in full:
+            full[path] = np.asarray(flat[path], np.float32)
+
+    rank, alpha = _most_common(ranks, config["r"]), _most_common(alphas, config["lora_alpha"])
+    kernel = {m: _exact(m + ("kernel",), "$") for m in ranks}
+    spec = lora.LoraSpec(
+        targets=tuple(kernel.values()),
+        rank=rank,
+        alpha=float(alpha),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        rslora=bool(config.get("use_rslora")),
+        rank_pattern={kernel[m]: k for m, k in ranks.items() if k != rank},
+        alpha_pattern={kernel[m]: float(x) for m, x in alphas.items() if x != alpha},
+        also_train=tuple(_exact(m, "/") for m in owners),
+    )
+    trainable = {"lora": _tree(adapters), "params": _tree(full)}
+    try:
+        lora.check_compatible(spec, params, trainable)
+    except ValueError as error:
+        raise ValueError(f"PEFT adapter {directory} does not fit these params: {error}") from None
+    return spec, trainable

@@ -1,0 +1,178 @@
+"""The trainer end to end on tiny random models and real GLUE rows: logs, resume, sharding."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from lora_jax.checkpoint import directory_bytes
+from lora_jax.config import load_config
+from lora_jax.train import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    c = load_config(str(REPO / "configs/glue.py") + ":task=sst2,model=tiny")
+    c.data.max_train_examples = 256
+    c.data.max_eval_examples = 64
+    c.data.max_len = 32
+    c.data.batch_size = 16
+    c.data.eval_batch_size = 32
+    c.train.max_steps = 8
+    c.train.log_every = 1
+    c.train.eval_every = 4
+    c.train.checkpoint_every = 2
+    c.train.keep_checkpoints = 2
+    for dotted, value in overrides.items():
+        node = c
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def records(workdir, split="train"):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def run_cli(workdir, *flags, env=None, **popen):
+    cmd = [sys.executable, "-m", "lora_jax.train",
+           "--config", str(REPO / "configs/glue.py") + ":task=sst2,model=tiny",
+           "--workdir", str(workdir), *flags]
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+CLI_TINY = ["--config.data.max_train_examples=256", "--config.data.max_eval_examples=64",
+            "--config.data.max_len=32", "--config.data.batch_size=16",
+            "--config.data.eval_batch_size=32", "--config.train.log_every=1",
+            "--config.train.eval_every=4"]
+
+
+def test_tiny_run_writes_logs_checkpoints_and_export(tmp_path):
+    result = train(tiny_config(), tmp_path)
+    assert [r["step"] for r in records(tmp_path)] == list(range(1, 9))
+    evals = records(tmp_path, "eval")
+    assert [r["step"] for r in evals] == [4, 8]
+    assert {"accuracy", "loss"} <= set(evals[-1])
+    assert result["accuracy"] == evals[-1]["accuracy"]
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["task"] == "sst2"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "best_adapter" / "adapter_model.safetensors").is_file()
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [6, 8]  # every 2 steps, the last 2 kept
+
+
+def test_checkpoint_holds_only_the_trainable_state(tmp_path):
+    train(tiny_config(), tmp_path)
+    export = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    trainable = sum(v.size for v in export.values())
+    size = directory_bytes(tmp_path / "checkpoints" / "8")
+    # float32 adapters + head and two AdamW moments: 12 bytes a parameter, plus metadata. The
+    # frozen model (tiny BERT: ~1M parameters, 4 MB) is not in it.
+    print(f"checkpoint {size:,} bytes for {trainable:,} trainable parameters")
+    assert 12 * trainable * 0.5 < size < 12 * trainable + 256 * 1024
+
+
+def test_bad_config_field_fails_before_running(tmp_path):
+    proc = run_cli(tmp_path / "run", "--config.optim.lrr=0.1")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "lrr" in err
+    proc = run_cli(tmp_path / "run", "--config.optim.lr=fast")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "fast" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigkill_and_resume_gives_bit_identical_adapters(tmp_path):
+    flags = [*CLI_TINY, "--config.train.max_steps=24", "--config.train.checkpoint_every=4",
+             "--config.train.eval_every=100"]
+    straight = run_cli(tmp_path / "straight", *flags)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+
+    interrupted = tmp_path / "interrupted"
+    proc = run_cli(interrupted, *flags, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once a checkpoint exists and training is past it
+        done = [r["step"] for r in records(interrupted)] if (interrupted / "metrics.jsonl").exists() else []
+        if done and max(done) >= 10:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (interrupted / "adapter").exists(), "killed too late: the run had finished"
+    resumed = run_cli(interrupted, *flags)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from step" in out + err
+
+    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(interrupted / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert [r["step"] for r in records(interrupted)] == list(range(1, 25))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    train(tiny_config(), tmp_path)
+    first = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    for f in (tmp_path / "checkpoints" / "8").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0garbage")
+    with caplog.at_level("WARNING"):
+        train(tiny_config(), tmp_path)  # the same run again: resumes from step 6, not 8
+    assert "step 8" in caplog.text and "falling back" in caplog.text
+    assert [r["step"] for r in records(tmp_path)] == list(range(1, 9))
+    again = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    for k in first:
+        np.testing.assert_array_equal(first[k], again[k])
+
+
+def _losses_with_devices(tmp_path, name, devices, mesh_flags):
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    proc = run_cli(tmp_path / name, *CLI_TINY, "--config.train.max_steps=6", *mesh_flags, env=env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return [r["loss"] for r in records(tmp_path / name)]
+
+
+def test_eight_devices_data_and_fsdp_match_one_device(tmp_path):
+    one = _losses_with_devices(tmp_path, "one", 1, [])
+    eight = _losses_with_devices(tmp_path, "eight", 8,
+                                 ["--config.mesh.data=4", "--config.mesh.fsdp=2"])
+    assert len(one) == 6
+    np.testing.assert_allclose(eight, one, rtol=1e-5)
+
+
+def test_two_processes_match_one(tmp_path):
+    """Multi-host on localhost: 2 processes x 1 CPU device give the 1-process losses."""
+    one = _losses_with_devices(tmp_path, "single", 2, [])
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for pid in range(2):
+        env = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+               "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+        procs.append(run_cli(tmp_path / "multi", *CLI_TINY, "--config.train.max_steps=6", env=env))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    np.testing.assert_allclose([r["loss"] for r in records(tmp_path / "multi")], one, rtol=1e-5)
