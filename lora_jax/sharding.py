@@ -84,3 +84,19 @@ def global_batch(batch: dict[str, np.ndarray], mesh: Mesh, accum: int = 1) -> di
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return {k: place(v) for k, v in batch.items()}
+
+
+def place(tree, shardings):
+    """Puts host values (the same on every process) onto the mesh with the given shardings.
+
+    Unlike `jax.device_put`, this builds each global array from the slices this process's devices
+    hold, which works the same on one host and many.
+    """
+
+    def put(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    if isinstance(shardings, NamedSharding):
+        return jax.tree_util.tree_map(lambda x: put(x, shardings), tree)
+    return jax.tree_util.tree_map(put, tree, shardings)

@@ -86,8 +86,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     del params
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     replicated = sharding.replicated(mesh)
-    frozen = jax.device_put(frozen, sharding.frozen_shardings(frozen, mesh))
-    trainable = jax.device_put(trainable, replicated)
+    frozen = sharding.place(frozen, sharding.frozen_shardings(frozen, mesh))
+    trainable = sharding.place(trainable, replicated)
     log.info(f"{lora.count_params(frozen):,} frozen and {lora.count_params(trainable):,} trainable "
              f"parameters; mesh {dict(mesh.shape)} over {jax.device_count()} devices")
 
@@ -143,7 +143,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                               config.train.keep_checkpoints)
 
     # A global (replicated) array: orbax saves no host-local arrays in a multi-host run.
-    rng_data = jax.device_put(jax.random.key_data(key), replicated)
+    rng_data = sharding.place(jax.random.key_data(key), replicated)
 
     def state(step: int):
         epoch, index = divmod(step, steps_per_epoch)

@@ -46,11 +46,22 @@ def records(workdir, split="train"):
 
 
 def run_cli(workdir, *flags, env=None, **popen):
+    """Starts the CLI; its output goes to <workdir>.log (a pipe nobody reads would fill up and
+    block the child). `output(proc)` reads it back."""
     cmd = [sys.executable, "-m", "lora_jax.train",
            "--config", str(REPO / "configs/glue.py") + ":task=sst2,model=tiny",
            "--workdir", str(workdir), *flags]
-    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    log = open(f"{workdir}.{len(list(pathlib.Path(workdir).parent.glob('*.log')))}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=log,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+    proc.log_path = log.name
+    return proc
+
+
+def finish(proc, timeout=300) -> str:
+    """Waits for the CLI and returns everything it printed."""
+    proc.wait(timeout=timeout)
+    return pathlib.Path(proc.log_path).read_text()
 
 
 CLI_TINY = ["--config.data.max_train_examples=256", "--config.data.max_eval_examples=64",
@@ -87,11 +98,11 @@ def test_checkpoint_holds_only_the_trainable_state(tmp_path):
 
 def test_bad_config_field_fails_before_running(tmp_path):
     proc = run_cli(tmp_path / "run", "--config.optim.lrr=0.1")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "lrr" in err
+    out = finish(proc, timeout=120)
+    assert proc.returncode != 0 and "lrr" in out
     proc = run_cli(tmp_path / "run", "--config.optim.lr=fast")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "fast" in err
+    out = finish(proc, timeout=120)
+    assert proc.returncode != 0 and "fast" in out
     assert not (tmp_path / "run").exists()
 
 
@@ -99,7 +110,8 @@ def test_sigkill_and_resume_gives_bit_identical_adapters(tmp_path):
     flags = [*CLI_TINY, "--config.train.max_steps=24", "--config.train.checkpoint_every=4",
              "--config.train.eval_every=100"]
     straight = run_cli(tmp_path / "straight", *flags)
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    out = finish(straight)
+    assert straight.returncode == 0, out
 
     interrupted = tmp_path / "interrupted"
     proc = run_cli(interrupted, *flags, start_new_session=True)
@@ -113,9 +125,9 @@ def test_sigkill_and_resume_gives_bit_identical_adapters(tmp_path):
     proc.wait()
     assert not (interrupted / "adapter").exists(), "killed too late: the run had finished"
     resumed = run_cli(interrupted, *flags)
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert "resumed from step" in out + err
+    out = finish(resumed)
+    assert resumed.returncode == 0, out
+    assert "resumed from step" in out
 
     a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(interrupted / "adapter" / "adapter_model.safetensors"))
@@ -144,8 +156,8 @@ def _losses_with_devices(tmp_path, name, devices, mesh_flags):
     env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
     proc = run_cli(tmp_path / name, *CLI_TINY, "--config.train.max_steps=6", *mesh_flags, env=env)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+    out = finish(proc)
+    assert proc.returncode == 0, out
     return [r["loss"] for r in records(tmp_path / name)]
 
 
@@ -173,6 +185,6 @@ def test_two_processes_match_one(tmp_path):
                "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
         procs.append(run_cli(tmp_path / "multi", *CLI_TINY, "--config.train.max_steps=6", env=env))
     for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+        out = finish(p)
+        assert p.returncode == 0, out
     np.testing.assert_allclose([r["loss"] for r in records(tmp_path / "multi")], one, rtol=1e-5)
