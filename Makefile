@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test quickstart clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,5 +24,5 @@ clean:
 	rm -rf $(VENV)
 
 # The main job on its embedded default: LoRA on the real all-MiniLM-L6-v2, SST-2 from ../shared/data.
-demo: $(STAMP)
-	$(PY) experiments/minilm_sst2.py
+quickstart: $(STAMP)
+	$(PY) -m lora_jax.train --config configs/quickstart.py --workdir runs/quickstart

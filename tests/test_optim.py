@@ -110,3 +110,26 @@ def test_bf16_frozen_weights_with_fp32_adapters_and_state(tmp_path):
         assert {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
     # bf16 rounds weights and activations to 8 mantissa bits (~0.4% each): a loose match.
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * abs(losses["fp32"])
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+    """Two micro-batches of unequal weight give the update of one batch (token-weighted)."""
+    frozen, trainable, _, batch = _problem()
+    model_apply = lora.adapt(TwoLayer().apply, LoraSpec(targets=("hidden", "out"), rank=4,
+                                                        alpha=8.0))
+    weights = jnp.array([1, 1, 1, 0, 1, 0, 0, 1], jnp.float32)  # e.g. padding rows
+
+    def loss_sum(frozen, trainable, b, rng):
+        err = jnp.sum((model_apply(frozen, trainable, b["x"]) - b["y"]) ** 2, axis=-1)
+        return jnp.sum(err * b["w"]), jnp.sum(b["w"])
+
+    full = {**batch, "w": weights}
+    tx = optim.adamw(1e-2)
+    step = jax.jit(optim.make_accumulating_train_step(loss_sum, tx))
+    one = step(frozen, trainable, tx.init(trainable),
+               jax.tree_util.tree_map(lambda x: x[None], full), jax.random.key(0))
+    two = step(frozen, trainable, tx.init(trainable),
+               jax.tree_util.tree_map(lambda x: x.reshape(2, 4, *x.shape[1:]), full),
+               jax.random.key(0))
+    np.testing.assert_allclose(one[2], two[2], rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), one[0], two[0])

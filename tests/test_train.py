@@ -188,3 +188,43 @@ def test_two_processes_match_one(tmp_path):
         out = finish(p)
         assert p.returncode == 0, out
     np.testing.assert_allclose([r["loss"] for r in records(tmp_path / "multi")], one, rtol=1e-5)
+
+
+def test_trained_adapter_export_loads_in_peft_with_the_same_logits(tmp_path):
+    """The run's adapter/ directory on the torch model built from the same base checkpoint."""
+    import jax
+    import peft
+    import torch
+    import transformers
+
+    from lora_jax import lora
+    from lora_jax.config import TINY_MODELS
+    from lora_jax.hub import load_pretrained
+    from lora_jax.peft_adapters import load_peft
+
+    fields = {k: v for k, v in TINY_MODELS["bert"].items() if k != "model_type"}
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    transformers.BertForSequenceClassification(
+        transformers.BertConfig(**fields, num_labels=2)).save_pretrained(base_dir)
+    train(tiny_config(**{"model.name": str(base_dir), "model.tokenizer": "minilm",
+                         "train.max_steps": 4}), tmp_path / "run")
+
+    model, params, _ = load_pretrained(base_dir, task="classification", num_labels=2)
+    spec, trainable = load_peft(tmp_path / "run" / "adapter", params, model_type="bert",
+                                task="classification")
+    assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree_util.tree_leaves(trainable["lora"])
+               if x.ndim == 2 and x.shape[1] == spec.rank)  # B moved off zero: a real test
+    frozen, _ = lora.split(spec, params, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 30000, (3, 12))
+    mask = np.ones_like(ids)
+    mask[1, 8:] = mask[2, 5:] = 0
+    ours = lora.adapt(model.apply, spec)(frozen, trainable, ids, attention_mask=mask).logits
+
+    base = transformers.BertForSequenceClassification.from_pretrained(base_dir)
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=torch.from_numpy(ids),
+                            attention_mask=torch.from_numpy(mask)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
