@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from lora_jax import lora, optim, peft_adapters, sharding, tasks
@@ -204,6 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
 def main(argv: list[str]) -> None:
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     if FLAGS.num_processes > 1:
