@@ -38,9 +38,9 @@ _BUFFER_KEY = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids)$")
 # Modules a base checkpoint may lack; HF initialises them randomly too.
 _HEAD_MODULES = ("classifier", "pooler")
 # HF's `base_model_prefix`: the root of our tree sits under it in task checkpoints.
-_BASE_PREFIX = {"gpt2": "transformer", "bert": "bert", "roberta": "roberta"}
+BASE_PREFIX = {"gpt2": "transformer", "bert": "bert", "roberta": "roberta"}
 # Our leaf name -> HF's names for it, preferred first (`gamma`/`beta` are pre-2020 LayerNorm names).
-_LEAF_NAMES = {
+LEAF_NAMES = {
     "kernel": ("weight",),
     "embedding": ("weight",),
     "scale": ("weight", "gamma"),
@@ -135,7 +135,7 @@ def load_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{index} names shard {file.name}, which is not in {directory}")
-        state.update(_read_safetensors(file))
+        state.update(read_safetensors(file))
     return state
 
 
@@ -154,7 +154,8 @@ def _no_safetensors_error(directory: pathlib.Path) -> FileNotFoundError:
     )
 
 
-def _read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
+def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every tensor of one .safetensors file as host numpy arrays (bfloat16 included)."""
     # The numpy reader has no bfloat16, the JAX one does; keep the tensors in host memory.
     with jax.default_device(jax.devices("cpu")[0]), safe_open(file, framework="flax") as f:
         return {key: np.asarray(f.get_tensor(key)) for key in f.keys()}
@@ -293,24 +294,24 @@ def _hf_layout(model: nn.Module) -> tuple[str, bool]:
     return model.config.model_type, True
 
 
-def _hf_keys(path: tuple[str, ...], model_type: str) -> list[str]:
+def hf_keys(path: tuple[str, ...], model_type: str) -> list[str]:
     """Candidate HF keys for one of our leaves, the preferred spelling first."""
     module = hf_module_name("/".join(path[:-1]))
-    base = _BASE_PREFIX[model_type] + "."
+    base = BASE_PREFIX[model_type] + "."
     modules = [module, base + module]
     if module.startswith(base):  # our task model, a base-model checkpoint
         modules.append(module.removeprefix(base))
-    return [f"{m}.{leaf}" for m in modules for leaf in _LEAF_NAMES[path[-1]]]
+    return [f"{m}.{leaf}" for m in modules for leaf in LEAF_NAMES[path[-1]]]
 
 
 def _find_key(path: tuple[str, ...], state_dict: dict, model_type: str) -> str | None:
-    return next((k for k in _hf_keys(path, model_type) if k in state_dict), None)
+    return next((k for k in hf_keys(path, model_type) if k in state_dict), None)
 
 
 def _init_missing_heads(
     model: nn.Module, missing: list[tuple[str, ...]], rng: jax.Array | None, model_type: str
 ) -> dict:
-    names = {path: _hf_keys(path, model_type)[0] for path in missing}
+    names = {path: hf_keys(path, model_type)[0] for path in missing}
     not_heads = [names[p] for p in missing if not set(p[:-1]) & set(_HEAD_MODULES)]
     if not_heads:
         raise ValueError(f"checkpoint lacks weights for {model_type}: {not_heads}")

@@ -229,7 +229,7 @@ def combine(frozen: Params, trainable: Params) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def _flat_adapters(trainable: Params) -> dict[Path, dict]:
+def adapter_modules(trainable: Params) -> dict[Path, dict]:
     """Module path -> {'lora_a', 'lora_b'}."""
     flat = traverse_util.flatten_dict(trainable.get("lora", {}))
     modules: dict[Path, dict] = {}
@@ -245,12 +245,15 @@ def check_compatible(spec: LoraSpec, frozen: Params, trainable: Params) -> None:
     GPT-2 small applied to GPT-2 medium.
     """
     flat = traverse_util.flatten_dict(frozen)
-    for module, ab in _flat_adapters(trainable).items():
+    for module, ab in adapter_modules(trainable).items():
         path = _join(module + ("kernel",))
         kernel = flat.get(module + ("kernel",))
         if kernel is None:
             raise ValueError(f"adapter for {path!r} has no kernel in the base parameters")
         a, b = ab[LORA_A], ab[LORA_B]
+        if a.shape[-2] != b.shape[-1]:
+            raise ValueError(f"adapter for {path!r}: A {tuple(a.shape)} and B {tuple(b.shape)} "
+                             f"disagree on the rank ({a.shape[-2]} vs {b.shape[-1]})")
         parts = spec.parts_for(path)
         expected = (a.shape[-1], b.shape[-2] * len(parts))
         if tuple(kernel.shape) != expected:
@@ -285,7 +288,7 @@ def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float,
 def _interceptor(spec: LoraSpec, trainable: Params, rng: jax.Array | None, used: set[Path]):
     """An `nn.intercept_methods` hook adding the low-rank path to adapted Dense calls;
     records the adapted module paths it saw in `used`."""
-    adapters = _flat_adapters(trainable)
+    adapters = adapter_modules(trainable)
     order = {module: i for i, module in enumerate(adapters)}
 
     def intercept(next_fun, args, kwargs, context):
@@ -337,7 +340,7 @@ def adapt(apply_fn: Callable, spec: LoraSpec, collection: str = "params",
         used: set[Path] = set()
         with nn.intercept_methods(_interceptor(spec, trainable, lora_rng, used)):
             out = apply_fn(variables, *args, **kwargs)
-        unused = [_join(m + ("kernel",)) for m in _flat_adapters(trainable) if m not in used]
+        unused = [_join(m + ("kernel",)) for m in adapter_modules(trainable) if m not in used]
         if strict and unused:
             raise ValueError(
                 f"adapters were never applied (their kernels are not nn.Dense kernels that this "
@@ -370,7 +373,7 @@ def _merged_delta(spec: LoraSpec, path: str, ab: dict, dtype) -> jax.Array:
 
 def _apply_deltas(spec: LoraSpec, params: Params, trainable: Params, sign: float) -> dict:
     flat = traverse_util.flatten_dict(params)
-    for module, ab in _flat_adapters(trainable).items():
+    for module, ab in adapter_modules(trainable).items():
         key = module + ("kernel",)
         w = flat[key]
         delta = _merged_delta(spec, _join(key), ab, jnp.float32)

@@ -54,7 +54,7 @@ def _hf_root(model_type: str, task: str | None) -> str:
     if task not in hub.TASKS or (model_type == "gpt2" and task is not None):
         raise ValueError(f"task {task!r} is not supported for {model_type} (gpt2: None; "
                          f"encoders: one of {hub.TASKS})")
-    return hub._BASE_PREFIX["gpt2"] + "." if model_type == "gpt2" else ""
+    return hub.BASE_PREFIX["gpt2"] + "." if model_type == "gpt2" else ""
 
 
 def _most_common(per_module: dict, default: Any) -> Any:
@@ -85,7 +85,7 @@ def _fused(a: np.ndarray, b: np.ndarray, parts: tuple[bool, ...]) -> tuple[np.nd
 
 def _saved_module(path: tuple[str, ...], model_type: str, task: str | None) -> tuple[str, ...]:
     """The module PEFT's `modules_to_save` must name for a fully-trained leaf."""
-    if task == "classification" and path[0] != hub._BASE_PREFIX[model_type]:
+    if task == "classification" and path[0] != hub.BASE_PREFIX[model_type]:
         return path[:1]  # a head: PEFT's SEQ_CLS wraps the whole 'classifier' anyway
     return path[:-1]
 
@@ -144,7 +144,7 @@ def export_peft(
         if path[-1] == "kernel" and model_type != "gpt2":
             value = value.T  # torch Linear stores (d_out, d_in); GPT-2's Conv1D does not
         module = root + hub.hf_module_name("/".join(path[:-1]))
-        tensors[f"{_PREFIX}{module}.{hub._LEAF_NAMES[path[-1]][0]}"] = value
+        tensors[f"{_PREFIX}{module}.{hub.LEAF_NAMES[path[-1]][0]}"] = value
     for name in ranks:
         if any(name == m or name.startswith(m + ".") for m in saved):
             raise ValueError(f"{name} is both LoRA-adapted and trained in full; PEFT cannot save "
@@ -180,7 +180,7 @@ def export_peft(
 def _lora_tensors(spec: lora.LoraSpec, trainable: dict, root: str) -> tuple[dict, dict, dict]:
     """(PEFT key -> tensor, HF module -> rank, HF module -> alpha) for every adapter."""
     tensors, ranks, alphas = {}, {}, {}
-    for module, ab in lora._flat_adapters(trainable).items():
+    for module, ab in lora.adapter_modules(trainable).items():
         path = "/".join(module + ("kernel",))
         name = root + hub.hf_module_name("/".join(module))
         a, b = np.asarray(ab[lora.LORA_A], np.float32), np.asarray(ab[lora.LORA_B], np.float32)
@@ -254,7 +254,7 @@ def _read_adapter(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]
         used.append(f"bias={config['bias']!r}")
     if used:
         raise ValueError(f"{directory} uses PEFT features lora_jax does not implement: {used}")
-    tensors = hub._read_safetensors(directory / WEIGHTS_NAME)
+    tensors = hub.read_safetensors(directory / WEIGHTS_NAME)
     return config, {k: np.asarray(v, np.float32) for k, v in tensors.items()}
 
 
@@ -294,7 +294,7 @@ def _sort_tensors(directory: pathlib.Path, tensors: dict, flat: dict, model_type
       (our module path -> {'A': lora_A, 'B': lora_B}, our module path -> its name in the file,
        our leaf path -> a `modules_to_save` tensor in our layout).
     """
-    leaves = {key: path for path in flat for key in hub._hf_keys(path, model_type)}
+    leaves = {key: path for path in flat for key in hub.hf_keys(path, model_type)}
     dense = {k.removesuffix(".weight"): p[:-1] for k, p in leaves.items() if p[-1] == "kernel"}
     found, names, full = {}, {}, {}
     for key, value in tensors.items():

@@ -251,3 +251,12 @@ def test_adapter_on_a_kernel_that_is_not_a_dense_is_an_error():
     with pytest.raises(ValueError, match=r"never applied.*\['kernel'\]"):
         lora.adapt(model.apply, spec)(frozen, trainable, x)
     lora.adapt(model.apply, spec, strict=False)(frozen, trainable, x)
+
+
+def test_adapters_whose_a_and_b_disagree_on_the_rank(setup):
+    model, params, x = setup
+    spec = LoraSpec(targets=("proj",), rank=2)
+    frozen, trainable = lora.split(spec, params, jax.random.key(0))
+    trainable["lora"]["proj"]["lora_b"] = jnp.zeros((D_HIDDEN, 3))
+    with pytest.raises(ValueError, match=r"'proj/kernel'.*disagree on the rank \(2 vs 3\)"):
+        lora.adapt(model.apply, spec)(frozen, trainable, x)
