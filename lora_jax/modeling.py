@@ -65,3 +65,9 @@ def build_model(cfg: Any, key: jax.Array):
     info = {"model_type": hf_config.model_type, "task": cfg.task,
             "base_model_name_or_path": str(cfg.name) if cfg.name else None}
     return model, params, tokenizer, info
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The (model init, adapter init, training) PRNG keys of a run: evaluation re-derives the
+    same random base weights from the seed as training had."""
+    return tuple(jax.random.split(jax.random.key(seed), 3))

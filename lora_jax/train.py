@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from lora_jax import lora, optim, peft_adapters, sharding, tasks
 from lora_jax.checkpoint import Checkpoints, abstract
-from lora_jax.modeling import build_model
+from lora_jax.modeling import build_model, run_keys
 from lora_jax.run_log import RunLog
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).",
@@ -64,11 +64,6 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
          optax.linear_schedule(cfg.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
 
 
-def _first_replica(x: jax.Array) -> np.ndarray:
-    """A replicated array's value, readable on every process (no cross-host fetch)."""
-    return np.asarray(x.addressable_data(0))
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains, evaluates and exports adapters as `config` says; resumes from `workdir`.
 
@@ -77,8 +72,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     """
     workdir = pathlib.Path(workdir)
     log = RunLog(workdir, config, enabled=jax.process_index() == 0)
-    key = jax.random.key(config.seed)
-    key_init, key_lora, key_train = jax.random.split(key, 3)
+    key_init, key_lora, key_train = run_keys(config.seed)
 
     # --- Model, adapters and mesh -------------------------------------------------------------
     model, params, tokenizer, model_info = build_model(config.model, key_init)
@@ -105,46 +99,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     opt_state = jax.jit(tx.init, out_shardings=replicated)(trainable)
 
     # --- Steps ----------------------------------------------------------------------------------
-    apply = lora.adapt(model.apply, spec)
-
-    def forward(frozen, trainable, batch, rng, train: bool):
-        dropout_rng, lora_rng = jax.random.split(rng)
-        return apply(frozen, trainable, batch["input_ids"], **tasks.model_inputs(batch),
-                     deterministic=not train, rngs={"dropout": dropout_rng},
-                     lora_rng=lora_rng if train else None).logits
+    forward = tasks.make_forward(lora.adapt(model.apply, spec))
 
     def loss_fn(frozen, trainable, batch, rng):
         logits = forward(frozen, trainable, batch, rng, train=True)
         return tasks.loss_sum(task.kind, logits, batch, config.optim.label_smoothing)
 
-    def eval_fn(frozen, trainable, batch):
-        logits = forward(frozen, trainable, batch, jax.random.key(0), train=False)
-        loss, weight = tasks.loss_sum(task.kind, logits, batch)
-        return loss, weight, tasks.predictions(task.kind, logits)
-
     train_step = jax.jit(optim.make_accumulating_train_step(loss_fn, tx), donate_argnums=(1, 2),
                          out_shardings=(replicated, replicated, replicated))
-    eval_step = jax.jit(eval_fn, out_shardings=replicated)
+    eval_step = tasks.make_eval_step(forward, task.kind, replicated)
 
     def evaluate(trainable) -> dict[str, float]:
-        loss_sum, weight, preds, labels = 0.0, 0.0, [], []
-        for host_batch in task.eval_batches(config.data.eval_batch_size):
-            batch = sharding.global_batch(host_batch, mesh)
-            batch = jax.tree_util.tree_map(lambda x: x[0], batch)  # no accumulation in eval
-            loss, w, p = eval_step(frozen, trainable, batch)
-            loss_sum, weight = loss_sum + float(_first_replica(loss)), weight + float(_first_replica(w))
-            real = host_batch["example_mask"].astype(bool)
-            preds.append(_first_replica(p)[real])
-            labels.append(host_batch.get("labels", np.zeros(len(real)))[real])
-        return task.metrics(np.concatenate(preds), np.concatenate(labels),
-                            loss_sum / max(weight, 1.0))
+        return tasks.evaluate(task, eval_step, frozen, trainable, mesh,
+                              config.data.eval_batch_size)
 
     # --- Resume ---------------------------------------------------------------------------------
     checkpoints = Checkpoints(workdir / "checkpoints", config.train.checkpoint_every,
                               config.train.keep_checkpoints)
 
     # A global (replicated) array: orbax saves no host-local arrays in a multi-host run.
-    rng_data = sharding.place(jax.random.key_data(key), replicated)
+    rng_data = sharding.place(jax.random.key_data(key_train), replicated)
 
     def state(step: int):
         epoch, index = divmod(step, steps_per_epoch)
@@ -156,7 +130,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     restored = checkpoints.restore_latest(abstract(state(0)))
     if restored is not None:
         start, saved = restored
-        if not np.array_equal(np.asarray(saved["rng"]), np.asarray(jax.random.key_data(key))):
+        if not np.array_equal(np.asarray(saved["rng"]), np.asarray(jax.random.key_data(key_train))):
             raise ValueError(f"{workdir} holds a run with another seed; use a new workdir")
         trainable, opt_state = saved["trainable"], saved["opt_state"]
         log.resume_at(start)
@@ -182,7 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             tokens = sum(t for _, _, t in pending)
             for s, l, _ in pending:
-                log.train(s, float(_first_replica(l)), float(schedule(s - 1)), tokens / elapsed,
+                log.train(s, float(tasks.first_replica(l)), float(schedule(s - 1)), tokens / elapsed,
                           total_steps)
             pending = []
         if done % config.train.eval_every == 0 or done == total_steps:
