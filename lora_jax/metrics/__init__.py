@@ -1,1 +1,1 @@
-"""Evaluation metrics in numpy: `glue` (accuracy, F1, Matthews, Pearson, Spearman)."""
+"""Metrics by their official definitions: glue.py (GLUE), e2e.py and mteval.py (the E2E NLG challenge script)."""
