@@ -15,29 +15,9 @@ from safetensors.numpy import load_file
 from lora_jax.checkpoint import directory_bytes
 from lora_jax.config import load_config
 from lora_jax.train import train
+from conftest import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config(**overrides):
-    c = load_config(str(REPO / "configs/glue.py") + ":task=sst2,model=tiny")
-    c.data.max_train_examples = 256
-    c.data.max_eval_examples = 64
-    c.data.max_len = 32
-    c.data.batch_size = 16
-    c.data.eval_batch_size = 32
-    c.train.max_steps = 8
-    c.train.log_every = 1
-    c.train.eval_every = 4
-    c.train.checkpoint_every = 2
-    c.train.keep_checkpoints = 2
-    for dotted, value in overrides.items():
-        node = c
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
 
 
 def records(workdir, split="train"):

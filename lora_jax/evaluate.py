@@ -1,0 +1,111 @@
+"""Evaluate a training run's adapters: E2E generation scores or GLUE dev metrics.
+
+    python -m lora_jax.evaluate --workdir runs/e2e [--split dev|test]
+    python -m lora_jax.evaluate --workdir runs/quickstart
+
+Reads the run's `config.json` and its exported `adapter/` (PEFT format), rebuilds the same base
+model, and writes into the workdir:
+  - E2E: `predictions[-<split>].txt` (one generated line per MR, in file order; beam search with
+    the config's `generate` settings, adapters merged) and `scores[-<split>].json` (BLEU, NIST,
+    METEOR, ROUGE-L, CIDEr as the official E2E script computes them).
+  - GLUE: `scores[-dev].json` with the task's dev metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from lora_jax import generate, lora, sharding, tasks
+from lora_jax.data import e2e
+from lora_jax.metrics.e2e import e2e_scores
+from lora_jax.modeling import build_model, run_keys
+from lora_jax.peft_adapters import load_peft
+
+flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + adapter/).")
+flags.DEFINE_enum("split", "dev", ["dev", "test"], "Which split to evaluate (E2E has both).")
+flags.DEFINE_integer("max_examples", 0, "Evaluate only the first N MRs / examples (0: all).")
+flags.DEFINE_integer("batch_size", 16, "Prompts decoded together.")
+FLAGS = flags.FLAGS
+
+
+def load_run(workdir: pathlib.Path):
+    """(config, model, frozen, spec, trainable, tokenizer, export info) of a finished run."""
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir} has no config.json: is it a lora_jax.train workdir?")
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    key_init, _, _ = run_keys(config.seed)
+    model, params, tokenizer, info = build_model(config.model, key_init)
+    adapter = workdir / "adapter"
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"{adapter} does not exist: the run has not finished training")
+    spec, trainable = load_peft(adapter, params, model_type=info["model_type"], task=info["task"])
+    frozen, _ = lora.split(spec, params, jax.random.key(0))  # drops what `trainable` replaces
+    return config, model, frozen, spec, trainable, tokenizer
+
+
+def evaluate_e2e(config, model, frozen, spec, trainable, tokenizer, split: str,
+                 max_examples: int, batch_size: int) -> tuple[list[str], dict[str, float]]:
+    """Beam-searches one output per MR of `split`; returns the lines and their E2E scores."""
+    groups = e2e.group_by_mr(e2e.read_e2e(split, data_dir=config.data.data_dir,
+                                          source=config.data.source))
+    if max_examples:
+        groups = groups[:max_examples]
+    merged = lora.merge(spec, frozen, trainable)  # no added latency at inference
+    g = config.generate
+    outputs = []
+    for start in range(0, len(groups), batch_size):
+        prompts = [e2e.encode_prompt(mr, tokenizer) for mr, _ in groups[start:start + batch_size]]
+        outputs += generate.beam_search(
+            model.apply, merged, prompts, num_beams=g.beam_size, length_penalty=g.length_penalty,
+            no_repeat_ngram_size=g.no_repeat_ngram_size, max_new_tokens=g.max_new_tokens,
+            eos_ids=e2e.STOP_IDS, pad_id=e2e.EOS_ID)
+    lines = [" ".join(tokenizer.decode(ids, skip_special_tokens=True).split()) for ids in outputs]
+    return lines, e2e_scores([refs for _, refs in groups], lines)
+
+
+def evaluate_glue(config, model, frozen, spec, trainable, tokenizer,
+                  max_examples: int) -> dict[str, float]:
+    """The task's dev metrics, as the trainer computes them."""
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    data.max_train_examples = 1  # only the dev split is needed
+    if max_examples:
+        data.max_eval_examples = max_examples
+    task = tasks.build_task(data, tokenizer)
+    mesh = sharding.make_mesh()
+    replicated = sharding.replicated(mesh)
+    forward = tasks.make_forward(lora.adapt(model.apply, spec))
+    eval_step = tasks.make_eval_step(forward, task.kind, replicated)
+    frozen = sharding.place(frozen, sharding.frozen_shardings(frozen, mesh))
+    trainable = sharding.place(trainable, replicated)
+    return tasks.evaluate(task, eval_step, frozen, trainable, mesh, config.data.eval_batch_size)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required")
+    workdir = pathlib.Path(FLAGS.workdir)
+    config, *run = load_run(workdir)
+    suffix = "" if FLAGS.split == "dev" else f"-{FLAGS.split}"
+    if config.data.task == "e2e":
+        lines, scores = evaluate_e2e(config, *run, FLAGS.split, FLAGS.max_examples,
+                                     FLAGS.batch_size)
+        (workdir / f"predictions{suffix}.txt").write_text("".join(line + "\n" for line in lines))
+    else:
+        if FLAGS.split != "dev":
+            raise app.UsageError("GLUE test labels are not public: use --split dev")
+        scores = evaluate_glue(config, *run, FLAGS.max_examples)
+    scores = {k: float(v) for k, v in scores.items() if np.isscalar(v)}
+    (workdir / f"scores{suffix}.json").write_text(json.dumps(scores, indent=2) + "\n")
+    print(json.dumps(scores))
+
+
+if __name__ == "__main__":
+    app.run(main)

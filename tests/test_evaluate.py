@@ -1,0 +1,51 @@
+"""`python -m lora_jax.evaluate` on finished tiny runs: GLUE dev metrics and E2E generation."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_config
+from lora_jax.config import load_config
+from lora_jax.train import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def evaluate_cli(workdir, *flags):
+    proc = subprocess.run([sys.executable, "-m", "lora_jax.evaluate", "--workdir", str(workdir),
+                           *flags], cwd=REPO, env=dict(os.environ), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_glue_scores_equal_the_trainers_final_evaluation(tmp_path):
+    result = train(tiny_config(), tmp_path)
+    evaluate_cli(tmp_path)
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["accuracy"] == pytest.approx(result["accuracy"], abs=1e-9)
+    assert scores["loss"] == pytest.approx(result["loss"], rel=1e-5)
+
+
+def test_e2e_writes_one_prediction_per_mr_and_the_five_scores(tmp_path):
+    c = load_config(str(REPO / "configs/e2e.py") + ":model=tiny")
+    c.data.max_train_examples, c.data.max_eval_examples = 32, 8
+    c.data.max_len, c.data.batch_size, c.data.eval_batch_size = 128, 8, 8
+    c.train.max_steps, c.train.eval_every, c.optim.warmup_steps = 2, 2, 1
+    c.generate.max_new_tokens = 8
+    train(c, tmp_path)
+    evaluate_cli(tmp_path, "--max_examples=3", "--batch_size=3")
+    lines = (tmp_path / "predictions.txt").read_text().split("\n")
+    assert len(lines) == 4 and lines[-1] == ""  # 3 MRs, one line each
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert set(scores) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+
+
+def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lora_jax.evaluate", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "config.json" in proc.stderr
