@@ -59,13 +59,12 @@ def evaluate_e2e(config, model, frozen, spec, trainable, tokenizer, split: str,
         groups = groups[:max_examples]
     merged = lora.merge(spec, frozen, trainable)  # no added latency at inference
     g = config.generate
-    outputs = []
-    for start in range(0, len(groups), batch_size):
-        prompts = [e2e.encode_prompt(mr, tokenizer) for mr, _ in groups[start:start + batch_size]]
-        outputs += generate.beam_search(
-            model.apply, merged, prompts, num_beams=g.beam_size, length_penalty=g.length_penalty,
-            no_repeat_ngram_size=g.no_repeat_ngram_size, max_new_tokens=g.max_new_tokens,
-            eos_ids=e2e.STOP_IDS, pad_id=e2e.EOS_ID)
+    prompts = [e2e.encode_prompt(mr, tokenizer) for mr, _ in groups]
+    outputs = generate.beam_search(
+        model.apply, {"params": merged}, prompts, num_beams=g.beam_size,
+        length_penalty=g.length_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
+        max_new_tokens=g.max_new_tokens, eos_ids=e2e.STOP_IDS, pad_id=e2e.EOS_ID,
+        batch_size=batch_size)
     lines = [" ".join(tokenizer.decode(ids, skip_special_tokens=True).split()) for ids in outputs]
     return lines, e2e_scores([refs for _, refs in groups], lines)
 
