@@ -8,6 +8,10 @@ Parameter paths mirror HF's `transformer.*` keys (our root is HF's `transformer`
 
 Every projection is a plain `nn.Dense` with a (d_in, d_out) kernel, which is also the layout of HF's
 Conv1D weights. The LM head is tied to `wte`.
+
+For incremental decoding the model takes and returns an explicit `KVCache` (a plain pytree argument,
+not a Flax variable collection, so that wrappers such as `lora.adapt`, which build the variables
+themselves, pass it through untouched).
 """
 
 import dataclasses
@@ -88,9 +92,39 @@ class GPT2Config:
         return cls(**(values | overrides))
 
 
+class KVCache(NamedTuple):
+    """Keys and values of the tokens fed so far, for incremental decoding.
+
+    The token fed at step s sits in slot s of every layer. The model's `attention_mask` [B, S] then
+    marks the slots that hold real tokens (0 for left padding); a token attends to the real slots up
+    to its own.
+    """
+
+    keys: tuple[jax.Array, ...]  # n_layer arrays [B, S, n_head, head_dim], compute dtype
+    values: tuple[jax.Array, ...]
+    index: jax.Array  # int32 scalar: the slot the next input token is written to
+
+
+def init_cache(config: GPT2Config, batch_size: int, length: int) -> KVCache:
+    """An empty cache with `length` slots per row.
+
+    Args:
+      config: the model's config.
+      batch_size: rows B.
+      length: slots S, at least the prompt length plus the tokens to generate.
+
+    Returns:
+      A KVCache of zeros whose next slot is 0.
+    """
+    shape = (batch_size, length, config.n_head, config.n_embd // config.n_head)
+    zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.n_layer))
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+
+
 class GPT2Output(NamedTuple):
     logits: jax.Array  # [B, T, vocab], compute dtype
     hidden_states: tuple[jax.Array, ...] | None  # n_layer + 1 arrays [B, T, n_embd], as HF
+    cache: KVCache | None = None  # the updated cache, when one was passed
 
 
 def _dense(cfg: GPT2Config, features: int, name: str) -> nn.Dense:
@@ -113,7 +147,16 @@ class GPT2Attention(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        deterministic: bool,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Returns (output, updated (keys, values) or None). With `kv`, `mask` is the whole
+        [B, 1, T, S] attention pattern over the cache slots (causality included)."""
         cfg = self.config
         batch, length, width = x.shape
         qkv = _dense(cfg, 3 * width, "c_attn")(x)
@@ -122,16 +165,20 @@ class GPT2Attention(nn.Module):
             t.reshape(batch, length, cfg.n_head, width // cfg.n_head)
             for t in jnp.split(qkv, 3, axis=-1)
         )
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+            kv = (k, v)
         rng = None if deterministic or cfg.attn_pdrop == 0 else self.make_rng("dropout")
         y = dot_product_attention(
             q, k, v, mask,
-            is_causal=True,
+            is_causal=kv is None,
             dropout_rate=cfg.attn_pdrop,
             dropout_rng=rng,
             implementation=cfg.attention_implementation,
         )
         y = _dense(cfg, width, "c_proj")(y.reshape(batch, length, width))
-        return nn.Dropout(cfg.resid_pdrop)(y, deterministic=deterministic)
+        return nn.Dropout(cfg.resid_pdrop)(y, deterministic=deterministic), kv
 
 
 class GPT2MLP(nn.Module):
@@ -151,10 +198,20 @@ class GPT2Block(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        deterministic: bool,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
-        x = x + GPT2Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), mask, deterministic)
-        return x + GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x), deterministic)
+        y, kv = GPT2Attention(cfg, name="attn")(
+            _layer_norm(cfg, "ln_1")(x), mask, deterministic, kv, index
+        )
+        x = x + y
+        return x + GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x), deterministic), kv
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -176,6 +233,7 @@ class GPT2LMHeadModel(nn.Module):
         position_ids: jax.Array | None = None,
         deterministic: bool = True,
         output_hidden_states: bool = False,
+        cache: KVCache | int | None = None,
     ) -> GPT2Output:
         """Next-token logits.
 
@@ -186,29 +244,66 @@ class GPT2LMHeadModel(nn.Module):
           deterministic: False enables dropout (needs a 'dropout' rng).
           output_hidden_states: also return HF-style hidden states (embeddings, each block's output,
             the last one after `ln_f`).
+          cache: incremental decoding. A KVCache (see `init_cache`), or an int S to start an empty
+            one with S slots. The T input tokens are written to slots index..index+T-1 and attend to
+            the real, causally earlier slots; `attention_mask` is then [B, S], over the slots, and
+            `position_ids` default to the slot numbers (pass them for left-padded prompts).
 
         Returns:
-          GPT2Output(logits, hidden_states or None).
+          GPT2Output(logits, hidden_states or None, the updated cache or None).
         """
         cfg = self.config
         embed_init = nn.initializers.normal(cfg.initializer_range)
         embed = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=embed_init)
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, name="wte", **embed)
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, name="wpe", **embed)
-        if position_ids is None:
-            position_ids = jnp.arange(input_ids.shape[1])[None, :]
-        # Padding hides keys only; the causal part is handled by the attention kernel.
-        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+        if isinstance(cache, int):
+            cache = init_cache(cfg, input_ids.shape[0], cache)
+        if cache is None:
+            if position_ids is None:
+                position_ids = jnp.arange(input_ids.shape[1])[None, :]
+            # Padding hides keys only; the causal part is handled by the attention kernel.
+            mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+        else:
+            position_ids, mask = _cached_positions_and_mask(
+                cache, input_ids.shape[1], attention_mask, position_ids
+            )
 
         h = nn.Dropout(cfg.embd_pdrop)(wte(input_ids) + wpe(position_ids), deterministic)
-        hidden_states = [h]
+        hidden_states, new_kv = [h], []
+        index = None if cache is None else cache.index
         for i in range(cfg.n_layer):
-            h = GPT2Block(cfg, name=f"h_{i}")(h, mask, deterministic)
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            h, kv = GPT2Block(cfg, name=f"h_{i}")(h, mask, deterministic, kv, index)
             hidden_states.append(h)
+            new_kv.append(kv)
         h = _layer_norm(cfg, "ln_f")(h)
         hidden_states[-1] = h  # HF reports the final state after ln_f
         logits = wte.attend(h)
-        return GPT2Output(logits, tuple(hidden_states) if output_hidden_states else None)
+        if cache is not None:
+            keys, values = zip(*new_kv)
+            cache = KVCache(keys, values, index + input_ids.shape[1])
+        return GPT2Output(logits, tuple(hidden_states) if output_hidden_states else None, cache)
+
+
+def _cached_positions_and_mask(
+    cache: KVCache, length: int, attention_mask: jax.Array | None, position_ids: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Position ids [B or 1, T] and the [B or 1, 1, T, S] attention pattern of T tokens written to
+    the cache at its index: each sees the real slots up to its own."""
+    slots = cache.keys[0].shape[1]
+    query_slots = cache.index + jnp.arange(length)
+    if position_ids is None:
+        position_ids = query_slots[None, :]
+    mask = (jnp.arange(slots)[None, :] <= query_slots[:, None])[None, None]
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != slots:
+            raise ValueError(
+                f"with a cache, attention_mask covers the cache's {slots} slots, "
+                f"got shape {attention_mask.shape}"
+            )
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    return position_ids, mask
 
 
 def lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
