@@ -27,10 +27,6 @@ from lora_jax.metrics.e2e import e2e_scores
 from lora_jax.modeling import build_model, run_keys
 from lora_jax.peft_adapters import load_peft
 
-flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + adapter/).")
-flags.DEFINE_enum("split", "dev", ["dev", "test"], "Which split to evaluate (E2E has both).")
-flags.DEFINE_integer("max_examples", 0, "Evaluate only the first N MRs / examples (0: all).")
-flags.DEFINE_integer("batch_size", 16, "Prompts decoded together.")
 FLAGS = flags.FLAGS
 
 
@@ -106,5 +102,14 @@ def main(argv: list[str]) -> None:
     print(json.dumps(scores))
 
 
+def define_flags() -> None:
+    """The command line; defined only when run as a program (see train.define_flags)."""
+    flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + adapter/).")
+    flags.DEFINE_enum("split", "dev", ["dev", "test"], "Which split to evaluate (E2E has both).")
+    flags.DEFINE_integer("max_examples", 0, "Evaluate only the first N MRs / examples (0: all).")
+    flags.DEFINE_integer("batch_size", 16, "Prompts decoded together.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

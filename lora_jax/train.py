@@ -30,15 +30,6 @@ from lora_jax.checkpoint import Checkpoints, abstract
 from lora_jax.modeling import build_model, run_keys
 from lora_jax.run_log import RunLog
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the adapter export go.")
-flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
-                    "host:port of process 0, for multi-host runs.")
-flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 1)),
-                     "Number of processes in a multi-host run.")
-flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", 0)),
-                     "This process's index in a multi-host run.")
 FLAGS = flags.FLAGS
 
 logger = logging.getLogger(__name__)
@@ -190,5 +181,20 @@ def main(argv: list[str]) -> None:
         print(json.dumps({k: v for k, v in result.items()}, default=float))
 
 
+def define_flags() -> None:
+    """The command line; defined only when run as a program, so that importing this module
+    next to another entry point (evaluate) does not clash on flag names."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the adapter export go.")
+    flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                        "host:port of process 0, for multi-host runs.")
+    flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 1)),
+                         "Number of processes in a multi-host run.")
+    flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", 0)),
+                         "This process's index in a multi-host run.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
