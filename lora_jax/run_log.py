@@ -59,15 +59,21 @@ class RunLog:
         if self.enabled:
             tqdm.tqdm.write(message)
 
-    def train(self, step: int, loss: float, lr: float, tokens_per_s: float, total: int) -> None:
-        """One step's figures; moves the progress bar (which shows the ETA)."""
-        if not self.enabled:
+    def train(self, steps: list[tuple[int, float, float]], tokens_per_s: float,
+              total: int) -> None:
+        """Records (step, loss, lr) for each step since the last call; moves the progress bar
+        (which shows the ETA) once, to the last of them."""
+        if not self.enabled or not steps:
             return
         if self._bar is None:
-            self._bar = tqdm.tqdm(total=total, initial=step - 1, unit="step", dynamic_ncols=True)
-        self._append({"step": step, "split": "train", "loss": loss, "lr": lr,
-                      "tokens_per_s": tokens_per_s})
-        self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            self._bar = tqdm.tqdm(total=total, initial=steps[0][0] - 1, unit="step",
+                                  dynamic_ncols=True)
+        for step, loss, lr in steps:
+            self._append({"step": step, "split": "train", "loss": loss, "lr": lr,
+                          "tokens_per_s": tokens_per_s})
+        step, loss, lr = steps[-1]
+        self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                              refresh=False)
         self._bar.update(step - self._bar.n)
 
     def best(self) -> dict[str, Any]:

@@ -146,9 +146,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         if done % config.train.log_every == 0 or done == total_steps:
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             tokens = sum(t for _, _, t in pending)
-            for s, l, _ in pending:
-                log.train(s, float(tasks.first_replica(l)), float(schedule(s - 1)), tokens / elapsed,
-                          total_steps)
+            log.train([(s, float(tasks.first_replica(l)), float(schedule(s - 1)))
+                       for s, l, _ in pending], tokens / elapsed, total_steps)
             pending = []
         if done % config.train.eval_every == 0 or done == total_steps:
             metrics = evaluate(trainable)
