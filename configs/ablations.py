@@ -1,0 +1,97 @@
+"""LoRA ablations on a GLUE task: rank x adapted matrices (Table 6), which matrices (Table 5), seeds.
+
+    python -m experiments.sweep --config configs/ablations.py:study=rank,task=sst2 --out DIR
+
+Arguments: study (rank | targets | seeds), task (a GLUE task, default sst2), model (minilm,
+tiny, roberta-base, roberta-large; default minilm), seeds (runs per setting; default 1, and 3 for
+study=seeds), steps (> 0 sets train.max_steps; 0 keeps the GLUE config's epochs).
+
+Returns a ConfigDict with
+  base: configs/glue.py's config for task/model, the starting point of every run;
+  runs: a tuple of dicts {name, rank, targets, seed, overrides}, where `overrides` maps dotted
+    config fields ('lora.rank') to values; `experiments.sweep` applies them to `base`.
+Run names read 'rank=4,targets=qv,seed=0'.
+
+Studies:
+  rank:    r in {1, 2, 4, 8, 64} x {Wq}, {Wq, Wv}, {Wq, Wk, Wv, Wo}          (Table 6, 15 settings)
+  targets: Wq, Wk, Wv, Wo at r=8; (Wq, Wk), (Wq, Wv) at r=4; all four at r=2 (Table 5, 7 settings)
+  seeds:   (Wq, Wv) at r=8                                                     (1 setting)
+
+Choices:
+  - alpha stays fixed at the base config's value (8 for base-sized models) for every rank, as in
+    the paper (Section 4.1: alpha is set to the first r tried and not tuned), so the scale alpha/r
+    shrinks as r grows; with Adam this acts like rescaling the learning rate of the low-rank path.
+  - model=minilm (all-MiniLM-L6-v2, 6 layers, width 384) uses batch 32, lr 1e-3 and max_len 64:
+    a smaller model tolerates a larger learning rate, and GLUE single sentences (SST-2) rarely
+    exceed 64 tokens, which makes a 15-run sweep affordable. Other models keep configs/glue.py's
+    Table 9 hyperparameters.
+  - Table 5 fixes the number of adapted parameters (r x number of matrices = 8) across settings.
+"""
+
+import pathlib
+
+import ml_collections
+
+from lora_jax.config import load_config, parse_arg
+
+# The encoder's attention projections (models/encoder.py), as LoRA target regexes.
+MATRICES = {
+    "q": r"/attention/self/query/kernel",
+    "k": r"/attention/self/key/kernel",
+    "v": r"/attention/self/value/kernel",
+    "o": r"/attention/output/dense/kernel",
+}
+RANKS = (1, 2, 4, 8, 64)
+RANK_TARGETS = ("q", "qv", "qkvo")  # Table 6 rows
+TABLE_5 = (("q", 8), ("k", 8), ("v", 8), ("o", 8), ("qk", 4), ("qv", 4), ("qkvo", 2))
+MINILM = {"data.batch_size": 32, "optim.lr": 1e-3, "data.max_len": 64}
+STUDIES = ("rank", "targets", "seeds")
+
+
+def settings(study: str) -> list[tuple[str, int]]:
+    """The (targets, rank) settings a study covers, in table order."""
+    if study == "rank":
+        return [(t, r) for t in RANK_TARGETS for r in RANKS]
+    if study == "targets":
+        return list(TABLE_5)
+    if study == "seeds":
+        return [("qv", 8)]
+    raise ValueError(f"study={study!r}: expected one of {STUDIES}")
+
+
+def run(targets: str, rank: int, seed: int) -> dict:
+    """One named run: its settings and the config overrides that make it."""
+    return {
+        "name": f"rank={rank},targets={targets},seed={seed}",
+        "rank": rank, "targets": targets, "seed": seed,
+        "overrides": {"lora.rank": rank, "lora.targets": tuple(MATRICES[m] for m in targets),
+                      "seed": seed},
+    }
+
+
+def set_dotted(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+    """config['a.b.c'] = value, through nested ConfigDicts."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def get_config(arg=None):
+    args = parse_arg(arg, study="rank", task="sst2", model="minilm", seeds=0, steps=0)
+    study_settings = settings(args.study)
+    seeds = args.seeds or (3 if args.study == "seeds" else 1)
+    glue = pathlib.Path(__file__).with_name("glue.py")
+    base = load_config(f"{glue}:task={args.task},model={args.model}")
+    if args.model == "minilm":
+        for dotted, value in MINILM.items():
+            set_dotted(base, dotted, value)
+    if args.steps > 0:
+        base.train.max_steps = args.steps
+
+    c = ml_collections.ConfigDict()
+    c.study = args.study
+    c.base = base
+    c.runs = tuple(run(t, r, s) for t, r in study_settings for s in range(seeds))
+    return c

@@ -1,0 +1,1 @@
+"""Sweeps over LoRA settings (rank, adapted matrices, seeds) and their reports."""

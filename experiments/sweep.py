@@ -1,0 +1,225 @@
+"""Runs a sweep of named LoRA runs one after another, then tabulates and plots them.
+
+    python -m experiments.sweep --config configs/ablations.py:study=rank,task=sst2 --out DIR \
+        [--only REGEX] [--set base.train.max_steps=100 ...]
+
+The config (see configs/ablations.py) holds `base`, `runs` (each {name, rank, targets, seed,
+overrides}) and `study`. Run <name> trains in DIR/<name>; once it has exported its adapter and
+its record (DIR/<name>/record.json) is written, a rerun skips it, so an interrupted sweep resumes
+(an unfinished run resumes from its own checkpoint). Writes DIR/results.csv and DIR/results.md
+(one row per run, then the median / min / max per setting, the way the paper reports seeds) and
+DIR/<study>.png.
+"""
+
+import argparse
+import ast
+import copy
+import csv
+import json
+import pathlib
+import re
+import statistics
+import time
+from typing import Any, Sequence
+
+import ml_collections
+
+RECORD = "record.json"
+FIELDS = ("name", "targets", "rank", "seed", "lora_params", "trainable_params", "metric",
+          "final", "best", "best_step", "wall_s")
+SUMMARY_FIELDS = ("targets", "rank", "runs", "median", "min", "max", "final_median")
+
+
+# --- Configs ------------------------------------------------------------------------------------
+
+def set_dotted(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """config['a.b.c'] = value through nested ConfigDicts (ml_collections checks the type)."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def run_config(base: ml_collections.ConfigDict, run: dict) -> ml_collections.ConfigDict:
+    """A copy of `base` with the run's dotted overrides applied."""
+    config = copy.deepcopy(base)
+    for dotted, value in run["overrides"].items():
+        set_dotted(config, dotted, value)
+    return config
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """'base.data.max_len=32' -> ('base.data.max_len', 32); values are Python literals or strings."""
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. base.train.max_steps=100")
+    try:
+        return key, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return key, text
+
+
+# --- One run ------------------------------------------------------------------------------------
+
+def is_finished(workdir: pathlib.Path) -> bool:
+    """A run is done once its adapter is exported and its record written (the record comes last)."""
+    return (workdir / "adapter" / "adapter_config.json").is_file() and (workdir / RECORD).is_file()
+
+
+def count_adapter_params(adapter_dir: pathlib.Path) -> tuple[int, int]:
+    """(LoRA A and B scalars, all saved scalars incl. fully-trained heads) of a PEFT export."""
+    from safetensors import safe_open
+
+    lora_params = total = 0
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="numpy") as f:
+        for key in f.keys():
+            size = 1
+            for dim in f.get_slice(key).get_shape():
+                size *= dim
+            total += size
+            lora_params += size if (".lora_A." in key or ".lora_B." in key) else 0
+    return lora_params, total
+
+
+def make_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float) -> dict:
+    """The row a finished run contributes: settings, parameter counts, main metric, wall time."""
+    best = result["best"]
+    metric = best["metric"]
+    lora_params, trainable = count_adapter_params(workdir / "adapter")
+    return {"name": run["name"], "targets": run["targets"], "rank": run["rank"],
+            "seed": run["seed"], "lora_params": lora_params, "trainable_params": trainable,
+            "metric": metric, "final": float(result[metric]), "best": float(best["value"]),
+            "best_step": best["step"], "wall_s": round(wall_s, 3)}
+
+
+def run_one(base: ml_collections.ConfigDict, run: dict, workdir: pathlib.Path) -> dict:
+    """Trains one run (resuming if it had started) unless it has finished; returns its record."""
+    if is_finished(workdir):
+        print(f"skipping {run['name']}: finished in {workdir}", flush=True)
+        return json.loads((workdir / RECORD).read_text())
+    from lora_jax.train import train  # jax is imported only when something trains
+
+    print(f"training {run['name']} in {workdir}", flush=True)
+    tick = time.perf_counter()
+    result = train(run_config(base, run), workdir)
+    record = make_record(run, result, workdir, time.perf_counter() - tick)
+    (workdir / RECORD).write_text(json.dumps(record, indent=1))
+    return record
+
+
+# --- Tables and plots ---------------------------------------------------------------------------
+
+def summarize(records: Sequence[dict]) -> list[dict]:
+    """Median / min / max of the best main metric per (targets, rank) setting, in first-seen order.
+
+    Example:
+      >>> summarize([{"targets": "qv", "rank": 8, "best": b, "final": b} for b in (0.9, 0.7, 0.8)])
+      [{'targets': 'qv', 'rank': 8, 'runs': 3, 'median': 0.8, 'min': 0.7, 'max': 0.9, 'final_median': 0.8}]
+    """
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["targets"], r["rank"]), []).append(r)
+    rows = []
+    for (targets, rank), group in groups.items():
+        best = [r["best"] for r in group]
+        rows.append({"targets": targets, "rank": rank, "runs": len(group),
+                     "median": statistics.median(best), "min": min(best), "max": max(best),
+                     "final_median": statistics.median(r["final"] for r in group)})
+    return rows
+
+
+def markdown_table(rows: Sequence[dict], fields: Sequence[str]) -> str:
+    def cell(value) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    lines += ["| " + " | ".join(cell(row[f]) for f in fields) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_tables(records: Sequence[dict], out: pathlib.Path, title: str) -> None:
+    """results.csv (one row per run) and results.md (per run, then per setting)."""
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in FIELDS} for r in records)
+    metric = records[0]["metric"] if records else "metric"
+    (out / "results.md").write_text(
+        f"# {title}\n\nMain metric: {metric} ('best' is the best evaluation of the run).\n\n"
+        f"## Runs\n\n{markdown_table(records, FIELDS)}\n\n"
+        f"## Per setting (median over seeds, as in the paper; min / max the spread)\n\n"
+        f"{markdown_table(summarize(records), SUMMARY_FIELDS)}\n")
+
+
+def matrices(targets: str) -> str:
+    """'qv' -> 'Wq,Wv'."""
+    return ",".join(f"W{m}" for m in targets)
+
+
+def plot(study: str, summary: Sequence[dict], metric: str, path: pathlib.Path) -> None:
+    """rank: metric vs rank per target set; targets: bars; seeds: median with min-max whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if study == "rank":
+        for targets in dict.fromkeys(r["targets"] for r in summary):
+            rows = sorted((r for r in summary if r["targets"] == targets), key=lambda r: r["rank"])
+            ax.plot([r["rank"] for r in rows], [r["median"] for r in rows], marker="o",
+                    label=matrices(targets))
+        ax.set_xscale("log", base=2)
+        ranks = sorted({r["rank"] for r in summary})
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel("rank r")
+        ax.legend()
+    else:
+        labels = [f"{matrices(r['targets'])}\nr={r['rank']}" for r in summary]
+        medians = [r["median"] for r in summary]
+        spread = [[r["median"] - r["min"] for r in summary], [r["max"] - r["median"] for r in summary]]
+        if study == "targets":
+            ax.bar(labels, medians, yerr=spread, capsize=4)
+        else:
+            ax.errorbar(labels, medians, yerr=spread, fmt="o", capsize=6)
+    ax.set_ylabel(f"{metric} (median over seeds)")
+    ax.set_title(f"LoRA {study} study")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- Sweep --------------------------------------------------------------------------------------
+
+def sweep(config: ml_collections.ConfigDict, out: pathlib.Path, only: str | None = None) -> list[dict]:
+    """Runs (or skips) every run whose name matches `only`, then writes tables and the plot."""
+    runs = [r for r in config.runs if only is None or re.search(only, r["name"])]
+    if not runs:
+        names = "\n  ".join(r["name"] for r in config.runs)
+        raise ValueError(f"--only {only!r} matches no run; the runs are:\n  {names}")
+    out.mkdir(parents=True, exist_ok=True)
+    records = [run_one(config.base, r, out / r["name"]) for r in runs]
+    write_tables(records, out, f"LoRA {config.study} study on {config.base.data.task}")
+    plot(config.study, summarize(records), records[0]["metric"], out / f"{config.study}.png")
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    from lora_jax.config import load_config
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="e.g. configs/ablations.py:study=rank")
+    parser.add_argument("--out", required=True, type=pathlib.Path, help="sweep directory")
+    parser.add_argument("--only", help="run only the runs whose name matches this regex")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. base.train.max_steps=100")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    for item in args.set:
+        set_dotted(config, *parse_set(item))
+    return sweep(config, args.out, args.only)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The ablation configs expand to the paper's settings; a tiny sweep trains, reports and resumes."""
+
+import csv
+import json
+import pathlib
+
+import pytest
+
+from experiments import sweep
+from lora_jax.config import load_config
+
+ABLATIONS = str(pathlib.Path(__file__).resolve().parents[1] / "configs/ablations.py")
+Q, K, V, O = (r"/attention/self/query/kernel", r"/attention/self/key/kernel",
+              r"/attention/self/value/kernel", r"/attention/output/dense/kernel")
+
+
+def runs(arg):
+    return {r["name"]: r for r in load_config(f"{ABLATIONS}:{arg}").runs}
+
+
+def test_rank_study_is_table_6():
+    named = runs("study=rank")
+    assert len(named) == 15
+    assert {(r["targets"], r["rank"]) for r in named.values()} == {
+        (t, r) for t in ("q", "qv", "qkvo") for r in (1, 2, 4, 8, 64)}
+    run = named["rank=64,targets=qkvo,seed=0"]
+    assert run["overrides"] == {"lora.rank": 64, "lora.targets": (Q, K, V, O), "seed": 0}
+    assert named["rank=1,targets=q,seed=0"]["overrides"]["lora.targets"] == (Q,)
+
+
+def test_targets_study_is_table_5():
+    named = runs("study=targets")
+    assert list(named) == [
+        "rank=8,targets=q,seed=0", "rank=8,targets=k,seed=0", "rank=8,targets=v,seed=0",
+        "rank=8,targets=o,seed=0", "rank=4,targets=qk,seed=0", "rank=4,targets=qv,seed=0",
+        "rank=2,targets=qkvo,seed=0"]
+    assert named["rank=4,targets=qk,seed=0"]["overrides"]["lora.targets"] == (Q, K)
+    assert named["rank=8,targets=o,seed=0"]["overrides"]["lora.targets"] == (O,)
+
+
+def test_seeds_study_and_arguments():
+    assert list(runs("study=seeds")) == [f"rank=8,targets=qv,seed={s}" for s in range(3)]
+    named = runs("study=seeds,seeds=5")
+    assert [r["overrides"]["seed"] for r in named.values()] == [0, 1, 2, 3, 4]
+    assert len(runs("study=rank,seeds=2")) == 30
+    c = load_config(f"{ABLATIONS}:study=targets,task=rte,steps=100")
+    assert (c.base.data.task, c.base.train.max_steps, c.base.model.name) == ("rte", 100, "minilm")
+    assert (c.base.data.batch_size, c.base.optim.lr, c.base.data.max_len) == (32, 1e-3, 64)
+    assert c.base.lora.alpha == 8.0  # fixed across ranks, as in the paper
+    with pytest.raises(ValueError, match="study"):
+        load_config(f"{ABLATIONS}:study=depth")
+
+
+def test_run_config_applies_overrides_to_a_copy():
+    c = load_config(f"{ABLATIONS}:study=rank,model=tiny")
+    run = runs("study=rank,model=tiny")["rank=2,targets=qkvo,seed=0"]
+    config = sweep.run_config(c.base, run)
+    assert (config.lora.rank, tuple(config.lora.targets)) == (2, (Q, K, V, O))
+    assert c.base.lora.rank == 8
+
+
+def test_summarize_median_min_max():
+    records = [{"targets": "qv", "rank": 8, "best": b, "final": f}
+               for b, f in ((0.9, 0.5), (0.7, 0.6), (0.8, 0.1), (0.6, 0.2))]
+    records.append({"targets": "q", "rank": 1, "best": 0.3, "final": 0.3})
+    assert sweep.summarize(records) == [
+        {"targets": "qv", "rank": 8, "runs": 4, "median": pytest.approx(0.75), "min": 0.6,
+         "max": 0.9, "final_median": pytest.approx(0.35)},
+        {"targets": "q", "rank": 1, "runs": 1, "median": 0.3, "min": 0.3, "max": 0.3,
+         "final_median": 0.3}]
+
+
+TINY = ["base.data.max_train_examples=256", "base.data.max_eval_examples=64",
+        "base.data.max_len=32", "base.data.batch_size=16", "base.data.eval_batch_size=32",
+        "base.train.max_steps=4"]
+
+
+def test_tiny_sweep_reports_and_skips_finished_runs(tmp_path, capsys):
+    argv = ["--config", f"{ABLATIONS}:study=rank,model=tiny", "--out", str(tmp_path),
+            "--only", r"^rank=(1|4),targets=qv,", *[f"--set={s}" for s in TINY]]
+    first = sweep.main(argv)
+    assert [r["name"] for r in first] == ["rank=1,targets=qv,seed=0", "rank=4,targets=qv,seed=0"]
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in rows] == [1, 4]
+    assert {r["metric"] for r in rows} == {"accuracy"}
+    # Tiny BERT: width 32, 2 layers, q and v: 2 * 2 * r * (32 + 32) LoRA scalars.
+    assert [int(r["lora_params"]) for r in rows] == [256, 1024]
+    assert all(int(r["trainable_params"]) > int(r["lora_params"]) for r in rows)  # + classifier
+    assert (tmp_path / "results.md").read_text().count("targets=qv,seed=0 |") == 2
+    assert (tmp_path / "rank.png").read_bytes()[:4] == b"\x89PNG"
+    assert "training rank=4" in capsys.readouterr().out
+
+    second = sweep.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("skipping") == 2 and "training" not in out
+    assert second == first  # the recorded wall times come back unchanged
+    record = json.loads((tmp_path / "rank=1,targets=qv,seed=0" / "record.json").read_text())
+    assert record["wall_s"] == first[0]["wall_s"]
+
+
+def test_only_that_matches_nothing_lists_runs(tmp_path):
+    with pytest.raises(ValueError, match="rank=64,targets=qkvo,seed=0"):
+        sweep.main(["--config", f"{ABLATIONS}:study=rank,model=tiny", "--out", str(tmp_path),
+                    "--only", "nothing"])
