@@ -69,10 +69,9 @@ def evaluate_glue(config, model, frozen, spec, trainable, tokenizer,
                   max_examples: int) -> dict[str, float]:
     """The task's dev metrics, as the trainer computes them."""
     data = ml_collections.ConfigDict(config.data.to_dict())
-    data.max_train_examples = 1  # only the dev split is needed
     if max_examples:
         data.max_eval_examples = max_examples
-    task = tasks.build_task(data, tokenizer)
+    task = tasks.build_task(data, tokenizer, with_train=False)
     mesh = sharding.make_mesh()
     replicated = sharding.replicated(mesh)
     forward = tasks.make_forward(lora.adapt(model.apply, spec))

@@ -48,11 +48,14 @@ class Task:
         return {"loss": eval_loss, **glue_metrics.glue_metrics(self.name, predictions, labels)}
 
 
-def build_task(data_config: Any, tokenizer: Any) -> Task:
-    """Reads and tokenizes the configured task (`data_config.task`: a GLUE task or 'e2e')."""
+def build_task(data_config: Any, tokenizer: Any, with_train: bool = True) -> Task:
+    """Reads and tokenizes the configured task (`data_config.task`: a GLUE task or 'e2e').
+
+    `with_train=False` (evaluation) leaves the training split unread: `Task.train` is empty.
+    """
     if data_config.task == "e2e":
-        return _e2e_task(data_config, tokenizer)
-    return _glue_task(data_config, tokenizer)
+        return _e2e_task(data_config, tokenizer, with_train)
+    return _glue_task(data_config, tokenizer, with_train)
 
 
 def _limit(examples: list, n: int | None) -> list:
@@ -60,8 +63,10 @@ def _limit(examples: list, n: int | None) -> list:
     return examples[:n] if n else examples
 
 
-def _e2e_task(cfg: Any, tokenizer: Any) -> Task:
+def _e2e_task(cfg: Any, tokenizer: Any, with_train: bool) -> Task:
     def split(name: str, limit: int | None) -> list[dict]:
+        if name == "train" and not with_train:
+            return []
         pairs = e2e.read_e2e(name, data_dir=cfg.data_dir, source=cfg.source)
         return e2e.encode_e2e(_limit(pairs, limit), tokenizer, cfg.max_len)
 
@@ -70,8 +75,10 @@ def _e2e_task(cfg: Any, tokenizer: Any) -> Task:
                 "loss")
 
 
-def _glue_task(cfg: Any, tokenizer: Any) -> Task:
+def _glue_task(cfg: Any, tokenizer: Any, with_train: bool) -> Task:
     def split(name: str, limit: int | None) -> list[dict]:
+        if name == "train" and not with_train:
+            return []
         examples = glue.read_glue(cfg.task, name, data_dir=cfg.data_dir, source=cfg.source,
                                   on_malformed=cfg.on_malformed)
         return batching.encode_glue(_limit(examples, limit), tokenizer, cfg.max_len)

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from lora_jax.data import glue
-from lora_jax.data.glue import Example, read_glue, read_glue_with_report, read_sst2
+from lora_jax.data.glue import Example, read_glue, read_glue_with_report
 
 # SOURCES.md: (rows, {class id: count}); class ids as HF's nyu-mll/glue.
 COUNTS = {
@@ -56,11 +56,6 @@ def test_first_rows(data_dir):
 def test_default_data_dir_from_env(data_dir, monkeypatch):
     monkeypatch.setenv("LORA_JAX_DATA_DIR", str(data_dir))
     assert len(read_glue("rte", "dev")) == 277
-
-
-def test_read_sst2_compat(data_dir):
-    sentences, labels = read_sst2(data_dir / "glue" / "SST-2" / "dev.tsv")
-    assert len(sentences) == 872 and sum(labels) == 444
 
 
 def test_task_table():

@@ -286,17 +286,6 @@ def read_glue_file(
     return examples, ReadReport(str(path), len(examples), tuple(skipped))
 
 
-def read_sst2(path: str | pathlib.Path) -> tuple[list[str], list[int]]:
-    """Sentences and 0/1 labels of an SST-2 `train.tsv` or `dev.tsv` (kept for older callers;
-    `read_glue('sst2', split)` is the general form).
-
-    Raises:
-      ValueError: a malformed row, named by file and line.
-    """
-    examples, _ = read_glue_file(TASKS["sst2"], path)
-    return [e.text_a for e in examples], [int(e.label) for e in examples]
-
-
 class _Malformed(Exception):
     """A row that does not parse; the caller adds file and line."""
 
