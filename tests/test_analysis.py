@@ -341,3 +341,42 @@ def test_a_peft_directory_without_base_is_a_usage_error(runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main([str(runs["r4"] / "adapter"), str(runs["r8"]), "--out", str(tmp_path)])
     assert "--base" in capsys.readouterr().err
+
+
+# --- The notebook ---------------------------------------------------------------------------------
+
+NOTEBOOK = REPO_ROOT / "notebooks" / "subspace_similarity.ipynb"
+
+
+def test_the_notebook_runs_on_tiny_adapters_and_reports_the_librarys_numbers(runs, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    # The kernel inherits the environment: Figure 3 compares r4 with r8, Figure 4 two seeds at r4.
+    for variable, run in {"RUN_SMALL": "r4", "RUN_LARGE": "r8", "RUN_SEED_A": "r4",
+                          "RUN_SEED_B": "r4_seed1"}.items():
+        monkeypatch.setenv(variable, str(runs[run]))
+    monkeypatch.setenv("MATRIX", "query")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # Figures 3 and 4
+    summary = json.loads(notebook.cells[-1].outputs[0].text)
+
+    small, large, seed_a, seed_b = compare.load_adapters(
+        [runs["r4"], runs["r8"], runs["r4"], runs["r4_seed1"]])
+    assert summary["detail"] == "bert/encoder/layer_1/attention/self/query"  # the last match
+    assert summary["ranks"] == [4, 8]
+    assert list(summary["fig3_phi_11"]) == list(small) and len(small) == 4
+    for name in small:
+        assert summary["fig3_phi_11"][name] == pytest.approx(
+            similarity_grid(small[name].a, large[name].a)[0, 0], abs=1e-12)
+        assert summary["fig4_phi_11"][name] == pytest.approx(
+            similarity_grid(seed_a[name].a, seed_b[name].a)[0, 0], abs=1e-12)
+        assert summary["fig4_left_phi_11"][name] == pytest.approx(
+            similarity_grid(seed_a[name].b, seed_b[name].b, side="left")[0, 0], abs=1e-12)
+    m = small[summary["detail"]]
+    expected = amplification(m.w, m.a, m.b, m.scale, jax.random.fold_in(jax.random.key(0), 7))
+    assert summary["amplification"]["small"] == pytest.approx(expected["amplification"])
