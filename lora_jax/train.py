@@ -55,6 +55,29 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
          optax.linear_schedule(cfg.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
 
 
+def build_train_step(forward, kind: str, tx, mesh, label_smoothing: float = 0.0):
+    """The trainer's jitted step(frozen, trainable, opt_state, batch, rng) -> (trainable,
+    opt_state, mean loss), for a batch of [accum, micro, ...] arrays (`sharding.global_batch`).
+
+    `trainable` and `opt_state` are donated (updated in place); benchmarks call this same function.
+
+    Args:
+      forward: `tasks.make_forward` of an adapted apply.
+      kind: the task's kind ('classification', 'regression', 'lm'), for `tasks.loss_sum`.
+      tx: the optax optimizer.
+      mesh: where the step runs; its outputs are replicated over it.
+      label_smoothing: for classification and LM losses.
+    """
+
+    def loss_fn(frozen, trainable, batch, rng):
+        logits = forward(frozen, trainable, batch, rng, train=True)
+        return tasks.loss_sum(kind, logits, batch, label_smoothing)
+
+    replicated = sharding.replicated(mesh)
+    return jax.jit(optim.make_accumulating_train_step(loss_fn, tx), donate_argnums=(1, 2),
+                   out_shardings=(replicated, replicated, replicated))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains, evaluates and exports adapters as `config` says; resumes from `workdir`.
 
@@ -92,12 +115,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     # --- Steps ----------------------------------------------------------------------------------
     forward = tasks.make_forward(lora.adapt(model.apply, spec))
 
-    def loss_fn(frozen, trainable, batch, rng):
-        logits = forward(frozen, trainable, batch, rng, train=True)
-        return tasks.loss_sum(task.kind, logits, batch, config.optim.label_smoothing)
-
-    train_step = jax.jit(optim.make_accumulating_train_step(loss_fn, tx), donate_argnums=(1, 2),
-                         out_shardings=(replicated, replicated, replicated))
+    train_step = build_train_step(forward, task.kind, tx, mesh, config.optim.label_smoothing)
     eval_step = tasks.make_eval_step(forward, task.kind, replicated)
 
     def evaluate(trainable) -> dict[str, float]:
@@ -131,16 +149,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     # --- Loop -----------------------------------------------------------------------------------
     best = log.best()
     epoch_cache: dict[int, list[dict]] = {}
-    pending: list[tuple[int, jax.Array, int]] = []  # losses fetched only when logged
-    tick = time.perf_counter()
-    for step in range(start, total_steps):
+
+    def batch_at(step: int) -> tuple[dict, dict]:
+        """(host batch, the same placed on the mesh) of a step: a pure function of seed and step."""
         epoch, index = divmod(step, steps_per_epoch)
         if epoch not in epoch_cache:
-            epoch_cache = {epoch: task.train_batches(batch_size, config.seed, epoch)}
+            epoch_cache.clear()
+            epoch_cache[epoch] = task.train_batches(batch_size, config.seed, epoch)
         host_batch = epoch_cache[epoch][index]
-        batch = sharding.global_batch(host_batch, mesh, config.optim.grad_accum)
+        return host_batch, sharding.global_batch(host_batch, mesh, config.optim.grad_accum)
+
+    pending: list[tuple[int, jax.Array, int]] = []  # losses fetched only when logged
+    tick = time.perf_counter()
+    upcoming = batch_at(start) if start < total_steps else None
+    for step in range(start, total_steps):
+        host_batch, batch = upcoming
         trainable, opt_state, loss = train_step(frozen, trainable, opt_state, batch,
                                                 jax.random.fold_in(key_train, step))
+        # Dispatch is asynchronous: the next batch is built and copied while this step runs.
+        upcoming = batch_at(step + 1) if step + 1 < total_steps else None
         pending.append((step + 1, loss, int(host_batch["attention_mask"].sum())))
         done = step + 1
         if done % config.train.log_every == 0 or done == total_steps:
