@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tokenizer = ml_collections.FieldReference(None, field_type=str)  # None: the checkpoint's
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.model.param_dtype = "float32"  # how the frozen weights are held
+    c.model.remat = False  # GPT-2: recompute blocks in the backward pass (long rows, deep models)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.targets = (r"/query/kernel", r"/value/kernel")
@@ -44,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_train_examples = 0  # 0: all
     c.data.max_eval_examples = 0
     c.data.on_malformed = "error"  # or 'skip' (skipped rows are counted in the log)
+    # LM tasks (e2e): pack several training examples into each row of max_len tokens instead of
+    # padding each one (batch_size then counts rows); evaluation stays one example per row.
+    c.data.packing = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-4

@@ -168,6 +168,7 @@ def model_from_hf_config(
     num_labels: int | None = None,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
+    remat: bool = False,
 ) -> nn.Module:
     """Our Flax model for a transformers config (weights not included).
 
@@ -178,6 +179,7 @@ def model_from_hf_config(
       num_labels: overrides the config's for 'classification'.
       dtype: compute dtype.
       param_dtype: parameter dtype.
+      remat: recompute GPT-2 blocks in the backward pass (saves activation memory).
 
     Returns:
       GPT2LMHeadModel, EncoderModel or EncoderForSequenceClassification.
@@ -194,7 +196,9 @@ def model_from_hf_config(
     if model_type == "gpt2":
         if task is not None:
             raise ValueError(f"gpt2 supports only task=None (the LM), not {task!r}")
-        return GPT2LMHeadModel(GPT2Config.from_hf(hf_config, **dtypes))
+        return GPT2LMHeadModel(GPT2Config.from_hf(hf_config, **dtypes, remat=remat))
+    if remat:
+        raise ValueError(f"remat is implemented for GPT-2, not for {model_type}")
     if task is None:
         return EncoderModel(EncoderConfig.from_hf(hf_config, **dtypes))
     labels = {} if num_labels is None else {"num_labels": num_labels}
@@ -209,6 +213,7 @@ def load_pretrained(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     rng: jax.Array | None = None,
+    remat: bool = False,
 ) -> tuple[nn.Module, dict, Any]:
     """Loads a Hugging Face GPT-2, BERT or RoBERTa checkpoint as a Flax model and params.
 
@@ -223,6 +228,7 @@ def load_pretrained(
       dtype: compute dtype.
       param_dtype: the params are cast to it.
       rng: initialises a head the checkpoint lacks; default `jax.random.key(0)`.
+      remat: see `model_from_hf_config`.
 
     Returns:
       (model, params, the transformers config).
@@ -232,7 +238,8 @@ def load_pretrained(
         raise FileNotFoundError(f"{directory} has no config.json (and needs it with the weights)")
     hf_config = transformers.AutoConfig.from_pretrained(directory)
     model = model_from_hf_config(
-        hf_config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype
+        hf_config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype,
+        remat=remat,
     )
     params = params_from_state_dict(model, load_state_dict(directory), rng=rng)
     return model, params, hf_config

@@ -22,13 +22,20 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
 
     Args:
       data: size of the data axis; -1 takes whatever `fsdp` leaves.
-      fsdp: size of the axis the frozen weights are sharded over.
+      fsdp: size of the axis the frozen weights are sharded over; -1 takes whatever `data`
+        leaves (e.g. data=1, fsdp=-1 shards a model too large for one device over all of them).
       devices: defaults to `jax.devices()` (global across processes).
 
     Raises:
       ValueError: the axis sizes do not multiply to the device count.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if fsdp == -1:
+        if data == -1:
+            raise ValueError("mesh data and fsdp cannot both be -1: give one of them a size")
+        if len(devices) % data:
+            raise ValueError(f"mesh data={data} does not divide the {len(devices)} devices")
+        fsdp = len(devices) // data
     if data == -1:
         if len(devices) % fsdp:
             raise ValueError(f"mesh fsdp={fsdp} does not divide the {len(devices)} devices")
@@ -61,6 +68,27 @@ def frozen_shardings(frozen, mesh: Mesh):
     """A NamedSharding per frozen leaf (pytree of the same structure)."""
     fsdp = mesh.shape["fsdp"]
     return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, frozen_spec(x.shape, fsdp)), frozen)
+
+
+def bytes_per_device(tree, shardings) -> dict:
+    """Bytes of `tree` (arrays or `jax.ShapeDtypeStruct`s) that each device holds under
+    `shardings` (a pytree of Shardings like `frozen_shardings` gives), without placing anything.
+
+    Returns:
+      {device: bytes}, for every device of the shardings' meshes.
+    """
+    held: dict = {}
+
+    def count(leaf, sharding):
+        itemsize = np.dtype(leaf.dtype).itemsize
+        for device, index in sharding.devices_indices_map(tuple(leaf.shape)).items():
+            size = 1
+            for dim, piece in zip(leaf.shape, index):
+                size *= len(range(*piece.indices(dim)))
+            held[device] = held.get(device, 0) + size * itemsize
+
+    jax.tree_util.tree_map(count, tree, shardings)
+    return held
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh, accum: int = 1) -> dict[str, jax.Array]:

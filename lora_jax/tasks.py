@@ -7,6 +7,7 @@ modelling on GPT-2 with the loss on the reference tokens only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 import optax
 
 from lora_jax import sharding
-from lora_jax.data import batching, e2e, glue
+from lora_jax.data import batching, e2e, glue, packing
 from lora_jax.metrics import glue as glue_metrics
 
 
@@ -31,9 +32,26 @@ class Task:
     pad_id: int
     buckets: tuple[int, ...]
     main_metric: str
+    packing: bool = False  # training rows pack several examples (LM tasks; see data/packing.py)
+    max_len: int = 0  # the tokens a packed row holds
+
+    @functools.cached_property
+    def packed_rows(self) -> list[list[int]]:
+        """The training examples' packing into rows of `max_len` tokens (computed once: the
+        rows are the same every epoch, only their order changes)."""
+        return packing.pack_examples(self.train, self.max_len)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """len(train_batches(batch_size, ...)): full batches of rows, packed or not."""
+        rows = len(self.packed_rows) if self.packing else len(self.train)
+        return batching.steps_per_epoch(rows, batch_size)
 
     def train_batches(self, batch_size: int, seed: int, epoch: int) -> list[dict]:
-        """One epoch's batches: a pure function of (seed, epoch), so a run can resume mid-epoch."""
+        """One epoch's batches: a pure function of (seed, epoch), so a run can resume mid-epoch.
+        With packing a batch holds `batch_size` packed rows."""
+        if self.packing:
+            return packing.packed_batches(self.train, self.packed_rows, batch_size, seed=seed,
+                                          epoch=epoch, pad_id=self.pad_id, buckets=self.buckets)
         return batching.epoch_batches(self.train, batch_size, seed=seed, epoch=epoch,
                                       pad_id=self.pad_id, buckets=self.buckets)
 
@@ -72,10 +90,19 @@ def _e2e_task(cfg: Any, tokenizer: Any, with_train: bool) -> Task:
 
     return Task("e2e", "lm", None, split("train", cfg.max_train_examples),
                 split("dev", cfg.max_eval_examples), tokenizer.eos_token_id, tuple(cfg.buckets),
-                "loss")
+                "loss", packing=_packing(cfg), max_len=cfg.max_len)
+
+
+def _packing(cfg: Any) -> bool:
+    # .get: the config.json of a run from before data.packing existed has no such field.
+    return bool(cfg.get("packing", False))
 
 
 def _glue_task(cfg: Any, tokenizer: Any, with_train: bool) -> Task:
+    if _packing(cfg):
+        # Classification reads one label per row: packed examples would share it.
+        raise ValueError(f"data.packing applies to language-model tasks (e2e), not {cfg.task}")
+
     def split(name: str, limit: int | None) -> list[dict]:
         if name == "train" and not with_train:
             return []
@@ -138,8 +165,9 @@ def evaluate(task: Task, eval_step, frozen, trainable, mesh, batch_size: int) ->
 
 
 def model_inputs(batch: dict) -> dict:
-    """The keyword arguments a model call takes from a batch."""
-    keys = ("attention_mask", "token_type_ids")
+    """The keyword arguments a model call takes from a batch (packed batches add segment_ids
+    and position_ids)."""
+    keys = ("attention_mask", "token_type_ids", "segment_ids", "position_ids")
     return {k: batch[k] for k in keys if k in batch}
 
 
@@ -151,7 +179,8 @@ def loss_sum(kind: str, logits: jax.Array, batch: dict,
       kind: 'classification', 'regression' or 'lm'.
       logits: the model's output.
       batch: holds 'labels' (GLUE) or 'input_ids' and 'loss_mask' (LM); 'example_mask' marks the
-        real rows of a padded evaluation batch.
+        real rows of a padded evaluation batch; 'segment_ids' (packed LM rows) bar the targets
+        whose context is another example.
       label_smoothing: for classification and LM (the paper uses 0.1 for E2E).
     """
     logits = logits.astype(jnp.float32)
@@ -159,6 +188,10 @@ def loss_sum(kind: str, logits: jax.Array, batch: dict,
         targets, weights = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
         losses = _cross_entropy(logits[:, :-1], targets, logits.shape[-1], label_smoothing)
         weights = weights * batch.get("example_mask", jnp.ones(weights.shape[:1]))[:, None]
+        if "segment_ids" in batch:
+            # Position t predicts t + 1: only within one example, never the next one's first token.
+            segments = batch["segment_ids"]
+            weights = weights * (segments[:, 1:] == segments[:, :-1])
     else:
         weights = batch.get("example_mask", jnp.ones(logits.shape[:1]))
         if kind == "regression":

@@ -103,9 +103,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     # --- Data and optimizer ---------------------------------------------------------------------
     task = tasks.build_task(config.data, tokenizer)
     batch_size = config.data.batch_size
-    steps_per_epoch = len(task.train) // batch_size
+    steps_per_epoch = task.steps_per_epoch(batch_size)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(task.train)} training examples make no batch of {batch_size}")
+        rows = f" in {len(task.packed_rows)} packed rows" if task.packing else ""
+        raise ValueError(f"{len(task.train)} training examples{rows} make no batch of {batch_size}")
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
     schedule = learning_rate_schedule(config.optim, total_steps)
     tx = optim.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,

@@ -53,6 +53,9 @@ class GPT2Config:
     resid_pdrop: float = 0.1
     initializer_range: float = 0.02
     attention_implementation: str | None = None  # None (XLA) or 'cudnn' (GPU, bf16/fp16)
+    # Recompute each block's activations in the backward pass instead of keeping them: memory
+    # for long sequences and deep models (GPT-2 XL) at the price of about one more forward.
+    remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -234,6 +237,7 @@ class GPT2LMHeadModel(nn.Module):
         deterministic: bool = True,
         output_hidden_states: bool = False,
         cache: KVCache | int | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> GPT2Output:
         """Next-token logits.
 
@@ -248,6 +252,9 @@ class GPT2LMHeadModel(nn.Module):
             one with S slots. The T input tokens are written to slots index..index+T-1 and attend to
             the real, causally earlier slots; `attention_mask` is then [B, S], over the slots, and
             `position_ids` default to the slot numbers (pass them for left-padded prompts).
+          segment_ids: [B, T] for packed rows (`lora_jax.data.packing`): 1..k numbers the k
+            examples of a row, 0 marks padding. A token then attends only to the causally earlier
+            tokens of its own example; pass per-example `position_ids` with it. Not with `cache`.
 
         Returns:
           GPT2Output(logits, hidden_states or None, the updated cache or None).
@@ -257,6 +264,9 @@ class GPT2LMHeadModel(nn.Module):
         embed = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=embed_init)
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, name="wte", **embed)
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, name="wpe", **embed)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are for training; they do not combine "
+                             "with a cache")
         if isinstance(cache, int):
             cache = init_cache(cfg, input_ids.shape[0], cache)
         if cache is None:
@@ -264,6 +274,9 @@ class GPT2LMHeadModel(nn.Module):
                 position_ids = jnp.arange(input_ids.shape[1])[None, :]
             # Padding hides keys only; the causal part is handled by the attention kernel.
             mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+            if segment_ids is not None:
+                segments = _segment_mask(segment_ids)
+                mask = segments if mask is None else mask & segments
         else:
             position_ids, mask = _cached_positions_and_mask(
                 cache, input_ids.shape[1], attention_mask, position_ids
@@ -272,9 +285,11 @@ class GPT2LMHeadModel(nn.Module):
         h = nn.Dropout(cfg.embd_pdrop)(wte(input_ids) + wpe(position_ids), deterministic)
         hidden_states, new_kv = [h], []
         index = None if cache is None else cache.index
+        # static_argnums counts `self`: argument 3 is `deterministic`, a Python bool.
+        block = nn.remat(GPT2Block, static_argnums=(3,)) if cfg.remat else GPT2Block
         for i in range(cfg.n_layer):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            h, kv = GPT2Block(cfg, name=f"h_{i}")(h, mask, deterministic, kv, index)
+            h, kv = block(cfg, name=f"h_{i}")(h, mask, deterministic, kv, index)
             hidden_states.append(h)
             new_kv.append(kv)
         h = _layer_norm(cfg, "ln_f")(h)
@@ -284,6 +299,18 @@ class GPT2LMHeadModel(nn.Module):
             keys, values = zip(*new_kv)
             cache = KVCache(keys, values, index + input_ids.shape[1])
         return GPT2Output(logits, tuple(hidden_states) if output_hidden_states else None, cache)
+
+
+def _segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, 1, T, T]: a query sees the keys of its own segment (0 = padding is no segment);
+    causality is left to the attention kernel.
+
+    A padding query sees every key instead: with none at all its softmax row would be fully masked
+    (NaN in some kernels, and NaN * 0 is NaN in the loss). What it reads never reaches a real
+    token, whose mask hides padding keys.
+    """
+    query, key = segment_ids[:, None, :, None], segment_ids[:, None, None, :]
+    return ((query == key) & (key != 0)) | (query == 0)
 
 
 def _cached_positions_and_mask(

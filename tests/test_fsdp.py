@@ -1,0 +1,98 @@
+"""FSDP: the GPT-2 XL (1.5B) LoRA config shards its frozen weights over 8 devices.
+
+The measurement runs in a child process with 8 CPU devices (XLA's device count is fixed when jax
+starts). GPT-2 XL is never materialised: its frozen tree is a tree of shapes (`jax.eval_shape`),
+and the bytes each device would hold come from the shardings alone; a smaller model placed for
+real checks that this count is what devices actually hold.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+CHILD = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np, transformers
+from lora_jax import hub, lora, sharding
+from lora_jax.config import load_config
+from lora_jax.train import spec_from_config
+
+def frozen_tree(config, abstract):
+    fields = dict(config.model.random_init)
+    hf = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model = hub.model_from_hf_config(hf, task=None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    spec = spec_from_config(config.lora)
+    def init_and_split(key):
+        params = model.init(key, jnp.ones((1, 8), jnp.int32))["params"]
+        return lora.split(spec, params, key)
+    if abstract:
+        return jax.eval_shape(init_and_split, jax.random.key(0))
+    return jax.jit(init_and_split)(jax.random.key(0))
+
+config = load_config(sys.argv[1] + ":model=gpt2-xl")
+mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+frozen, trainable = frozen_tree(config, abstract=True)
+held = sharding.bytes_per_device(frozen, sharding.frozen_shardings(frozen, mesh))
+total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(frozen))
+
+# A smaller GPT-2 placed for real: what the devices hold equals the count from the shardings.
+config.model.random_init.update(n_layer=2, n_embd=256, n_head=4)
+small, _ = frozen_tree(config, abstract=False)
+shardings = sharding.frozen_shardings(small, mesh)
+placed = sharding.place(jax.device_get(small), shardings)
+actual = {}
+for leaf in jax.tree_util.tree_leaves(placed):
+    for shard in leaf.addressable_shards:
+        actual[shard.device] = actual.get(shard.device, 0) + shard.data.nbytes
+counted = sharding.bytes_per_device(small, shardings)
+
+print(json.dumps({
+    "mesh": dict(mesh.shape), "devices": len(held), "total": int(total),
+    "per_device": sorted(int(b) for b in held.values()),
+    "frozen_params": int(sum(x.size for x in jax.tree_util.tree_leaves(frozen))),
+    "trainable_params": int(sum(x.size for x in jax.tree_util.tree_leaves(trainable))),
+    "small_actual": sorted((str(d), int(b)) for d, b in actual.items()),
+    "small_counted": sorted((str(d), int(b)) for d, b in counted.items()),
+    "small_total": int(sum(x.nbytes for x in jax.tree_util.tree_leaves(small))),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def xl_on_eight_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO_ROOT / "configs/e2e.py")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_gpt2_xl_config_is_the_1_5b_model_with_fsdp_over_every_device(xl_on_eight_devices):
+    r = xl_on_eight_devices
+    assert r["mesh"] == {"data": 1, "fsdp": 8} and r["devices"] == 8
+    assert 1.55e9 < r["frozen_params"] < 1.57e9  # GPT-2 XL: 1,557,611,200 parameters
+    assert r["total"] == 2 * r["frozen_params"]  # frozen weights held in bf16
+    # LoRA r=4 on q and v of 48 layers: 48 * 2 * 4 * (1600 + 1600) = 1,228,800 adapter scalars.
+    assert r["trainable_params"] == 48 * 2 * 4 * (1600 + 1600)
+
+
+def test_fsdp_cuts_the_frozen_bytes_per_device_about_8x(xl_on_eight_devices):
+    r = xl_on_eight_devices
+    smallest, largest = r["per_device"][0], r["per_device"][-1]
+    assert largest - smallest < 0.001 * largest  # every device holds about the same share
+    # Only small leaves (layer norms, biases) stay replicated: 8x less up to a fraction of a %.
+    assert 7.9 < r["total"] / largest <= 8.0
+    assert largest < 400 * 2**20  # about 370 MiB of the 2.9 GiB
+
+
+def test_the_count_from_shardings_is_what_devices_hold(xl_on_eight_devices):
+    r = xl_on_eight_devices
+    assert r["small_actual"] == r["small_counted"]
+    per_device = [b for _, b in r["small_actual"]]
+    assert len(per_device) == 8 and r["small_total"] / max(per_device) > 5
