@@ -380,3 +380,34 @@ def test_the_notebook_runs_on_tiny_adapters_and_reports_the_librarys_numbers(run
     m = small[summary["detail"]]
     expected = amplification(m.w, m.a, m.b, m.scale, jax.random.fold_in(jax.random.key(0), 7))
     assert summary["amplification"]["small"] == pytest.approx(expected["amplification"])
+
+
+def test_initial_adapters_are_the_ones_the_trainer_drew(tmp_path):
+    from lora_jax.train import train
+
+    frozen_run = tmp_path / "lr0"
+    train(tiny_config(**{"train.max_steps": 2, "lora.rank": 4, "optim.lr": 0.0, "seed": 3}),
+          frozen_run)  # nothing moves: the final adapters are the initial ones
+    (final,) = compare.load_adapters([frozen_run])
+    moved = compare.movement_from_init(final, compare.initial_adapters(frozen_run))
+    assert len(moved) == 4
+    for stats in moved.values():
+        assert stats["relative_change"] == 0.0
+        assert stats["phi_rr"] == pytest.approx(1.0) and stats["phi_11"] == pytest.approx(1.0)
+
+
+def test_compare_against_init_reports_how_far_a_moved(runs, tmp_path, capsys):
+    out = tmp_path / "init"
+    compare.main([str(runs["r4"]), str(runs["r8"]), "--out", str(out), "--against-init"])
+    moved = json.loads((out / "init_similarity.json").read_text())
+    assert list(moved) == [str(runs["r4"]), str(runs["r8"])]
+    for table in moved.values():
+        assert len(table) == 4
+        for stats in table.values():
+            assert 0 < stats["relative_change"] < 1  # 4 steps at lr 5e-4 move A a little
+            assert 0.5 < stats["phi_rr"] <= 1.0
+    assert "phi(A, A_0, r, r)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a PEFT directory has no seed to re-derive A_0 from
+        compare.main([str(runs["r4"] / "adapter"), str(runs["r8"]), "--out", str(tmp_path / "x"),
+                      "--base", str(REPO_ROOT / "configs/glue.py") + ":task=sst2,model=tiny",
+                      "--against-init"])

@@ -22,6 +22,8 @@ Writes into DIR:
   phi_<matrix>.png  per matrix, Figure 3 style: the runs' grid next to the random control.
   summary.png       every matrix's grid in one figure.
   amplification.json  per matrix of RUN_1: Table 7's quantities (see `amplification`).
+  init_similarity.json  with --against-init (run workdirs): per run and matrix, how far the final A
+                    moved from its initial A (`movement_from_init`).
 """
 
 from __future__ import annotations
@@ -175,6 +177,43 @@ def load_adapters(sources: Sequence[str | pathlib.Path], base: str | None = None
     return loaded
 
 
+def initial_adapters(run: str | pathlib.Path) -> dict[str, AdaptedMatrix]:
+    """The adapted matrices a run started from (B = 0, A as initialised), re-derived from its
+    config and seed exactly as `lora_jax.train` drew them.
+
+    Comparing a run's final A with these shows how far training moved A's row space; when it
+    barely moved, phi between two runs mostly measures their initialisations.
+
+    Raises:
+      FileNotFoundError: `run` is not a `lora_jax.train` workdir (a PEFT directory has no seed).
+    """
+    from lora_jax.train import spec_from_config  # the trainer's own spec, not a re-implementation
+
+    run = pathlib.Path(run)
+    if not (run / "config.json").is_file():
+        raise FileNotFoundError(f"{run} is not a lora_jax.train workdir (no config.json): "
+                                "only a run's seed says how its adapters were initialised")
+    config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
+    key_init, key_lora, _ = run_keys(config.seed)
+    _, params, _, _ = build_model(config.model, key_init)
+    spec = spec_from_config(config.lora)
+    frozen, trainable = lora.split(spec, params, key_lora)
+    return adapted_matrices(spec, frozen, trainable)
+
+
+def movement_from_init(final: Mapping[str, AdaptedMatrix], initial: Mapping[str, AdaptedMatrix]
+                       ) -> dict[str, dict]:
+    """Per matrix: phi(A, A_0, r, r) (1 = the same row space as at the start), phi(1, 1), and
+    ||A - A_0||_F / ||A_0||_F."""
+    moved = {}
+    for name, m in final.items():
+        a, a0 = m.a, initial[name].a
+        grid = similarity_grid(a, a0)
+        moved[name] = {"phi_rr": float(grid[-1, -1]), "phi_11": float(grid[0, 0]),
+                       "relative_change": float(np.linalg.norm(a - a0) / np.linalg.norm(a0))}
+    return moved
+
+
 def _summary(grid: np.ndarray) -> dict:
     return {"shape": list(grid.shape), "phi_11": float(grid[0, 0]), "mean": float(grid.mean()),
             "grid": grid.tolist()}
@@ -260,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--base", help="config naming the base model of PEFT adapter directories "
                         "(run workdirs name their own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random controls")
+    parser.add_argument("--against-init", action="store_true",
+                        help="also compare each run's final A with its initial A (run workdirs "
+                        "only): writes init_similarity.json")
     args = parser.parse_args(argv)
 
     try:
@@ -286,6 +328,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         table[name] = {k: _json_number(v) for k, v in stats.items()}
     (out / "amplification.json").write_text(json.dumps(
         {"run": args.runs[0], "matrices": table}, indent=2) + "\n")
+
+    if args.against_init:
+        try:
+            moved = {run: movement_from_init(adapters, initial_adapters(run))
+                     for run, adapters in zip(args.runs, (run1, run2))}
+        except FileNotFoundError as error:
+            parser.error(str(error))
+        (out / "init_similarity.json").write_text(json.dumps(moved, indent=2) + "\n")
+        for run, per_matrix in moved.items():
+            phis = [t["phi_rr"] for t in per_matrix.values()]
+            print(f"{run}: phi(A, A_0, r, r) from {min(phis):.3f} to {max(phis):.3f} over "
+                  f"{len(phis)} matrices")
 
     for name in names:
         r = results[name]
