@@ -2,9 +2,10 @@
 
     python -m experiments.sweep --config configs/ablations.py:study=rank,task=sst2 --out DIR
 
-Arguments: study (rank | targets | seeds), task (a GLUE task, default sst2), model (minilm,
-tiny, roberta-base, roberta-large; default minilm), seeds (runs per setting; default 1, and 3 for
-study=seeds), steps (> 0 sets train.max_steps; 0 keeps the GLUE config's epochs).
+Arguments: study (rank | targets | seeds), task (a GLUE task, default sst2, or e2e), model
+(GLUE: minilm, tiny, roberta-base, roberta-large, default minilm; e2e: gpt2-medium, gpt2-large,
+tiny, default gpt2-medium), seeds (runs per setting; default 1, and 3 for study=seeds), steps
+(> 0 sets train.max_steps; 0 keeps the experiment config's epochs).
 
 Returns a ConfigDict with
   base: configs/glue.py's config for task/model, the starting point of every run;
@@ -26,6 +27,9 @@ Choices:
     exceed 64 tokens, which makes a 15-run sweep affordable. Other models keep configs/glue.py's
     Table 9 hyperparameters.
   - Table 5 fixes the number of adapted parameters (r x number of matrices = 8) across settings.
+  - GPT-2 (task=e2e, configs/e2e.py) fuses q, k and v into one c_attn projection: the adapted
+    matrices among them become its `split_outputs` parts (each its own rank-r adapter, as
+    loralib's MergedLinear), and Wo is attn/c_proj.
 """
 
 import pathlib
@@ -41,6 +45,10 @@ MATRICES = {
     "v": r"/attention/self/value/kernel",
     "o": r"/attention/output/dense/kernel",
 }
+# GPT-2: q, k, v are the three output slices of the fused attn/c_attn; o is attn/c_proj (the
+# MLP's c_proj is mlp/c_proj, which this pattern does not match).
+GPT2_QKV = r"attn/c_attn"
+GPT2_O = r"attn/c_proj"
 RANKS = (1, 2, 4, 8, 64)
 RANK_TARGETS = ("q", "qv", "qkvo")  # Table 6 rows
 TABLE_5 = (("q", 8), ("k", 8), ("v", 8), ("o", 8), ("qk", 4), ("qv", 4), ("qkvo", 2))
@@ -59,13 +67,22 @@ def settings(study: str) -> list[tuple[str, int]]:
     raise ValueError(f"study={study!r}: expected one of {STUDIES}")
 
 
-def run(targets: str, rank: int, seed: int) -> dict:
+def target_overrides(targets: str, gpt2: bool) -> dict:
+    """The lora.* overrides that adapt the matrices named in `targets` (e.g. 'qv')."""
+    if not gpt2:
+        return {"lora.targets": tuple(MATRICES[m] for m in targets)}
+    patterns = ((GPT2_QKV,) if set(targets) & set("qkv") else ()) + ((GPT2_O,) if "o" in targets
+                                                                      else ())
+    parts = {GPT2_QKV: tuple(m in targets for m in "qkv")} if set(targets) & set("qkv") else {}
+    return {"lora.targets": patterns, "lora.split_outputs": parts}
+
+
+def run(targets: str, rank: int, seed: int, gpt2: bool = False) -> dict:
     """One named run: its settings and the config overrides that make it."""
     return {
         "name": f"rank={rank},targets={targets},seed={seed}",
         "rank": rank, "targets": targets, "seed": seed,
-        "overrides": {"lora.rank": rank, "lora.targets": tuple(MATRICES[m] for m in targets),
-                      "seed": seed},
+        "overrides": {"lora.rank": rank, **target_overrides(targets, gpt2), "seed": seed},
     }
 
 
@@ -79,12 +96,17 @@ def set_dotted(config: ml_collections.ConfigDict, dotted: str, value) -> None:
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, study="rank", task="sst2", model="minilm", seeds=0, steps=0)
+    args = parse_arg(arg, study="rank", task="sst2", model="", seeds=0, steps=0)
     study_settings = settings(args.study)
     seeds = args.seeds or (3 if args.study == "seeds" else 1)
-    glue = pathlib.Path(__file__).with_name("glue.py")
-    base = load_config(f"{glue}:task={args.task},model={args.model}")
-    if args.model == "minilm":
+    gpt2 = args.task == "e2e"
+    model = args.model or ("gpt2-medium" if gpt2 else "minilm")
+    if gpt2:
+        base = load_config(f"{pathlib.Path(__file__).with_name('e2e.py')}:model={model}")
+    else:
+        glue = pathlib.Path(__file__).with_name("glue.py")
+        base = load_config(f"{glue}:task={args.task},model={model}")
+    if model == "minilm":
         for dotted, value in MINILM.items():
             set_dotted(base, dotted, value)
     if args.steps > 0:
@@ -93,5 +115,5 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.study = args.study
     c.base = base
-    c.runs = tuple(run(t, r, s) for t, r in study_settings for s in range(seeds))
+    c.runs = tuple(run(t, r, s, gpt2) for t, r in study_settings for s in range(seeds))
     return c

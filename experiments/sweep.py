@@ -23,6 +23,7 @@ import time
 from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 
 RECORD = "record.json"
 FIELDS = ("name", "targets", "rank", "seed", "lora_params", "trainable_params", "metric",
@@ -67,26 +68,31 @@ def is_finished(workdir: pathlib.Path) -> bool:
     return (workdir / "adapter" / "adapter_config.json").is_file() and (workdir / RECORD).is_file()
 
 
-def count_adapter_params(adapter_dir: pathlib.Path) -> tuple[int, int]:
-    """(LoRA A and B scalars, all saved scalars incl. fully-trained heads) of a PEFT export."""
+def count_adapter_params(workdir: pathlib.Path) -> tuple[int, int]:
+    """(LoRA A and B scalars, all trained scalars incl. fully-trained heads) of a finished run.
+
+    LoRA scalars are counted on the adapters as trained: a slice of a fused projection (GPT-2's
+    c_attn q, k or v) is r x (d_in + d_slice), although its PEFT export pads B to all of c_attn.
+    """
     from safetensors import safe_open
 
-    lora_params = total = 0
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="numpy") as f:
+    from lora_jax.analysis.compare import load_adapters
+
+    (matrices,) = load_adapters([workdir])
+    lora_params = sum(m.a.size + m.b.size for m in matrices.values())
+    other = 0
+    with safe_open(str(workdir / "adapter" / "adapter_model.safetensors"), framework="numpy") as f:
         for key in f.keys():
-            size = 1
-            for dim in f.get_slice(key).get_shape():
-                size *= dim
-            total += size
-            lora_params += size if (".lora_A." in key or ".lora_B." in key) else 0
-    return lora_params, total
+            if ".lora_A." not in key and ".lora_B." not in key:
+                other += int(np.prod(f.get_slice(key).get_shape()))
+    return lora_params, lora_params + other
 
 
 def make_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float) -> dict:
     """The row a finished run contributes: settings, parameter counts, main metric, wall time."""
     best = result["best"]
     metric = best["metric"]
-    lora_params, trainable = count_adapter_params(workdir / "adapter")
+    lora_params, trainable = count_adapter_params(workdir)
     return {"name": run["name"], "targets": run["targets"], "rank": run["rank"],
             "seed": run["seed"], "lora_params": lora_params, "trainable_params": trainable,
             "metric": metric, "final": float(result[metric]), "best": float(best["value"]),

@@ -103,3 +103,31 @@ def test_only_that_matches_nothing_lists_runs(tmp_path):
     with pytest.raises(ValueError, match="rank=64,targets=qkvo,seed=0"):
         sweep.main(["--config", f"{ABLATIONS}:study=rank,model=tiny", "--out", str(tmp_path),
                     "--only", "nothing"])
+
+
+def test_gpt2_studies_adapt_slices_of_the_fused_c_attn_and_c_proj():
+    named = runs("study=targets,task=e2e,model=tiny")
+    assert named["rank=8,targets=k,seed=0"]["overrides"] == {
+        "lora.rank": 8, "lora.targets": ("attn/c_attn",),
+        "lora.split_outputs": {"attn/c_attn": (False, True, False)}, "seed": 0}
+    assert named["rank=8,targets=o,seed=0"]["overrides"]["lora.targets"] == ("attn/c_proj",)
+    assert named["rank=8,targets=o,seed=0"]["overrides"]["lora.split_outputs"] == {}
+    assert named["rank=2,targets=qkvo,seed=0"]["overrides"]["lora.split_outputs"] == {
+        "attn/c_attn": (True, True, True)}
+    c = load_config(f"{ABLATIONS}:study=rank,task=e2e")
+    assert (c.base.data.task, c.base.model.name) == ("e2e", "openai-community/gpt2-medium")
+
+
+def test_tiny_gpt2_sweep_trains_slices_and_the_output_projection(tmp_path):
+    argv = ["--config", f"{ABLATIONS}:study=targets,task=e2e,model=tiny", "--out", str(tmp_path),
+            "--only", r"targets=(v|o|qk),", *[f"--set={s}" for s in TINY],
+            "--set=base.data.max_len=64"]
+    records = {r["targets"]: r for r in sweep.main(argv)}
+    assert set(records) == {"v", "o", "qk"}
+    assert {r["metric"] for r in records.values()} == {"loss"}
+    # Tiny GPT-2: width 32, 2 layers; c_proj and each c_attn slice are 32 x 32 matrices. (The
+    # PEFT export pads a slice's B to all of c_attn; the count is of what was trained.)
+    assert records["o"]["lora_params"] == 2 * 8 * (32 + 32)
+    assert records["v"]["lora_params"] == 2 * 8 * (32 + 32)
+    assert records["qk"]["lora_params"] == 2 * 2 * 4 * (32 + 32)
+    assert all(r["trainable_params"] == r["lora_params"] for r in records.values())  # no head
