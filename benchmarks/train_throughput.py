@@ -174,7 +174,7 @@ def matmul_peak(dtype: str, n: int, repeats: int = 10) -> float:
 
 # --- lora_jax -------------------------------------------------------------------------------------
 
-def trainer_config(setting: Setting, mode: str, dtype: str):
+def trainer_config(setting: Setting, mode: str, dtype: str, attention: str | None = None):
     """The experiment config, on random weights of the real shape, for LoRA or full training."""
     import ml_collections
 
@@ -185,6 +185,7 @@ def trainer_config(setting: Setting, mode: str, dtype: str):
     config.model.random_init = ml_collections.ConfigDict(setting.hf_fields)
     config.model.dtype = "bfloat16" if dtype == "bf16" else "float32"
     config.model.param_dtype = config.model.dtype  # the frozen weights; trainable ones are fp32
+    config.model.attention_implementation = attention
     if mode == "full":
         config.lora.targets = ()
         config.lora.split_outputs = ml_collections.ConfigDict()
@@ -222,7 +223,8 @@ def build_jax_step(setting: Setting, config):
     model = hub.model_from_hf_config(hf_config, task=task, num_labels=task and 2,
                                      dtype=DTYPES[config.model.dtype],
                                      param_dtype=DTYPES[config.model.param_dtype],
-                                     remat=config.model.remat)
+                                     remat=config.model.remat,
+                                     attention_implementation=config.model.attention_implementation)
     params = host_random_params(model, jnp.ones((1, 8), jnp.int32),
                                 DTYPES[config.model.param_dtype])
     spec = spec_from_config(config.lora)
@@ -254,7 +256,7 @@ def bench_jax(setting: Setting, args) -> dict:
     from lora_jax import lora, sharding, tasks
 
     batch, seq = shape(setting, args)
-    config = trainer_config(setting, args.mode, args.dtype)
+    config = trainer_config(setting, args.mode, args.dtype, args.attention or None)
     step, frozen, trainable, opt_state, mesh = build_jax_step(setting, config)
     placed = sharding.global_batch(synthetic_batch(setting, batch, seq), mesh)
     key = jax.random.key(3)
@@ -288,7 +290,7 @@ def bench_layout(setting: Setting, args) -> dict:
     from lora_jax.data.e2e import gpt2_tokenizer
 
     batch, seq = shape(setting, args)
-    config = trainer_config(setting, "lora", args.dtype)
+    config = trainer_config(setting, "lora", args.dtype, args.attention or None)
     config.data.max_len = seq
     config.data.max_train_examples = args.examples
     config.data.packing = args.layout == "packed"
@@ -394,7 +396,7 @@ def spawn(args, setting: str, framework: str = "jax", mode: str = "lora",
     cmd = [sys.executable, __file__, "--one", "--setting", setting, "--framework", framework,
            "--mode", mode, "--dtype", args.dtype, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
-           "--layout", layout, "--examples", str(args.examples)]
+           "--layout", layout, "--examples", str(args.examples), "--attention", args.attention]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"[{setting} {framework} {mode} {layout}] failed:\n{proc.stderr[-3000:]}",
@@ -496,6 +498,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=0, help="override the settings' length (CPU)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--attention", default="", choices=["", "cudnn"],
+                        help="lora_jax attention kernel: XLA (default) or cuDNN's fused one "
+                        "(GPU, bf16; where attention dropout is off)")
     parser.add_argument("--packing", action="store_true",
                         help="instead: useful tokens/s on real E2E batches, padded / bucketed / "
                         "packed rows (GPT-2 settings)")

@@ -21,6 +21,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.model.param_dtype = "float32"  # how the frozen weights are held
     c.model.remat = False  # GPT-2: recompute blocks in the backward pass (long rows, deep models)
+    # None (XLA) or 'cudnn': jax.nn.dot_product_attention's fused GPU kernel (bf16 compute).
+    c.model.attention_implementation = ml_collections.FieldReference(None, field_type=str)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.targets = (r"/query/kernel", r"/value/kernel")

@@ -169,6 +169,7 @@ def model_from_hf_config(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     remat: bool = False,
+    attention_implementation: str | None = None,
 ) -> nn.Module:
     """Our Flax model for a transformers config (weights not included).
 
@@ -180,6 +181,8 @@ def model_from_hf_config(
       dtype: compute dtype.
       param_dtype: parameter dtype.
       remat: recompute GPT-2 blocks in the backward pass (saves activation memory).
+      attention_implementation: None (XLA) or 'cudnn' (the fused GPU kernel, bf16/fp16; used
+        where attention dropout is off, e.g. in evaluation or with attn_pdrop 0).
 
     Returns:
       GPT2LMHeadModel, EncoderModel or EncoderForSequenceClassification.
@@ -192,7 +195,8 @@ def model_from_hf_config(
         raise ValueError(f"task {task!r} is not one of {TASKS}")
     if num_labels is not None and task != "classification":
         raise ValueError("num_labels applies only to task='classification'")
-    dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+    dtypes = dict(dtype=dtype, param_dtype=param_dtype,
+                  attention_implementation=attention_implementation)
     if model_type == "gpt2":
         if task is not None:
             raise ValueError(f"gpt2 supports only task=None (the LM), not {task!r}")
@@ -214,6 +218,7 @@ def load_pretrained(
     param_dtype: Any = jnp.float32,
     rng: jax.Array | None = None,
     remat: bool = False,
+    attention_implementation: str | None = None,
 ) -> tuple[nn.Module, dict, Any]:
     """Loads a Hugging Face GPT-2, BERT or RoBERTa checkpoint as a Flax model and params.
 
@@ -228,7 +233,7 @@ def load_pretrained(
       dtype: compute dtype.
       param_dtype: the params are cast to it.
       rng: initialises a head the checkpoint lacks; default `jax.random.key(0)`.
-      remat: see `model_from_hf_config`.
+      remat, attention_implementation: see `model_from_hf_config`.
 
     Returns:
       (model, params, the transformers config).
@@ -239,7 +244,7 @@ def load_pretrained(
     hf_config = transformers.AutoConfig.from_pretrained(directory)
     model = model_from_hf_config(
         hf_config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype,
-        remat=remat,
+        remat=remat, attention_implementation=attention_implementation,
     )
     params = params_from_state_dict(model, load_state_dict(directory), rng=rng)
     return model, params, hf_config

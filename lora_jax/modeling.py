@@ -47,11 +47,13 @@ def build_model(cfg: Any, key: jax.Array):
 
     Fields: name (checkpoint: 'minilm', a directory or a hub id; empty for random init),
     random_init (HF config fields including model_type, used when name is empty), task (None for
-    the LM, 'classification' otherwise), num_labels, tokenizer, dtype, param_dtype, remat.
+    the LM, 'classification' otherwise), num_labels, tokenizer, dtype, param_dtype, remat,
+    attention_implementation.
     """
     # .get: a run's config.json from before the field existed has no remat.
     dtypes = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
-                  remat=bool(cfg.get("remat", False)))
+                  remat=bool(cfg.get("remat", False)),
+                  attention_implementation=cfg.get("attention_implementation"))
     num_labels = cfg.num_labels if cfg.task == "classification" else None
     if cfg.name:
         checkpoint = checkpoint_path(cfg.name)

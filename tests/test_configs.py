@@ -52,3 +52,34 @@ def test_bad_config_arguments(arg, message):
 def test_missing_config_file():
     with pytest.raises(FileNotFoundError, match="nope.py"):
         load_config(f"{CONFIGS}/nope.py")
+
+
+def stop():
+    raise StopIteration
+
+
+def test_model_section_reaches_the_model(monkeypatch):
+    """remat and the attention kernel are config fields the built model carries (gpt2-xl sets
+    remat, bf16 and an FSDP-only mesh); remat on an encoder is refused by name."""
+    import jax
+
+    from lora_jax import hub
+    from lora_jax.modeling import build_model
+
+    xl = load_config(str(CONFIGS / "e2e.py") + ":model=gpt2-xl")
+    assert (xl.model.remat, xl.model.dtype, xl.model.param_dtype) == (True, "bfloat16", "bfloat16")
+    assert (xl.mesh.data, xl.mesh.fsdp) == (1, -1)
+    c = load_config(str(CONFIGS / "e2e.py") + ":model=tiny")
+    c.model.remat = True
+    model, _, _, _ = build_model(c.model, jax.random.key(0))
+    assert model.config.remat and model.config.attention_implementation is None
+    g = load_config(str(CONFIGS / "glue.py") + ":task=sst2,model=tiny")
+    g.model.remat = True
+    with pytest.raises(ValueError, match="remat is implemented for GPT-2"):
+        build_model(g.model, jax.random.key(0))
+    c.model.attention_implementation = "cudnn"  # initialising it needs a GPU: intercept the build
+    seen = {}
+    monkeypatch.setattr(hub, "model_from_hf_config", lambda *a, **kw: seen.update(kw) or stop())
+    with pytest.raises(StopIteration):
+        build_model(c.model, jax.random.key(0))
+    assert seen["attention_implementation"] == "cudnn" and seen["remat"] is True

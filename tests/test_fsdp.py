@@ -96,3 +96,13 @@ def test_the_count_from_shardings_is_what_devices_hold(xl_on_eight_devices):
     assert r["small_actual"] == r["small_counted"]
     per_device = [b for _, b in r["small_actual"]]
     assert len(per_device) == 8 and r["small_total"] / max(per_device) > 5
+
+
+def test_mesh_sizes_that_cannot_work_are_named():
+    from lora_jax import sharding
+
+    with pytest.raises(ValueError, match="both be -1"):
+        sharding.make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="data=3 does not divide"):
+        sharding.make_mesh(data=3, fsdp=-1)
+    assert dict(sharding.make_mesh(data=1, fsdp=-1).shape) == {"data": 1, "fsdp": 1}
