@@ -125,26 +125,30 @@ def time_steps(run_step, sync, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def host_random_params(model, sample_ids, param_dtype, seed: int = 1):
-    """Random weights of the real shapes, drawn on the host one array at a time.
+def random_params(model, sample_ids, param_dtype, mesh, seed: int = 1):
+    """Random weights of the real shapes, drawn on the host one array at a time and each placed
+    on the mesh at once, sharded as the trainer shards frozen weights.
 
-    A jitted `model.init` would be simpler, but its random-number temporaries would count in the
-    device's (or process's) peak memory, which is what we measure.
+    A jitted `model.init` would be simpler, but its random-number temporaries (and a host copy of
+    the whole model) would count in the peak memory, which is what we measure.
     """
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import traverse_util
 
+    from lora_jax import sharding
+
     rng = np.random.default_rng(seed)
     shapes = traverse_util.flatten_dict(jax.eval_shape(model.init, jax.random.key(0), sample_ids))
+    fsdp = mesh.shape["fsdp"]
     params = {}
     for path, leaf in shapes.items():
         if path[-1] == "scale":  # layer norms start as the identity
             value = np.ones(leaf.shape, np.float32)
         else:
             value = 0.02 * rng.standard_normal(leaf.shape, dtype=np.float32)
-        params[path] = jnp.asarray(value, param_dtype)
+        placement = jax.sharding.NamedSharding(mesh, sharding.frozen_spec(leaf.shape, fsdp))
+        params[path] = sharding.place(value.astype(param_dtype), placement)
     return traverse_util.unflatten_dict(params)["params"]
 
 
@@ -184,7 +188,9 @@ def trainer_config(setting: Setting, mode: str, dtype: str, attention: str | Non
     config.model.name = ""
     config.model.random_init = ml_collections.ConfigDict(setting.hf_fields)
     config.model.dtype = "bfloat16" if dtype == "bf16" else "float32"
-    config.model.param_dtype = config.model.dtype  # the frozen weights; trainable ones are fp32
+    # Frozen weights in the compute dtype; trained ones are fp32 (full fine-tuning: all of them,
+    # drawn in fp32 at once, as torch keeps fp32 master weights).
+    config.model.param_dtype = "float32" if mode == "full" else config.model.dtype
     config.model.attention_implementation = attention
     if mode == "full":
         config.lora.targets = ()
@@ -225,13 +231,13 @@ def build_jax_step(setting: Setting, config):
                                      param_dtype=DTYPES[config.model.param_dtype],
                                      remat=config.model.remat,
                                      attention_implementation=config.model.attention_implementation)
-    params = host_random_params(model, jnp.ones((1, 8), jnp.int32),
-                                DTYPES[config.model.param_dtype])
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    params = random_params(model, jnp.ones((1, 8), jnp.int32), DTYPES[config.model.param_dtype],
+                           mesh)
     spec = spec_from_config(config.lora)
     frozen, trainable = lora.split(spec, params, jax.random.key(2))
     del params
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    frozen = sharding.place(frozen, sharding.frozen_shardings(frozen, mesh))
+    frozen = sharding.place(frozen, sharding.frozen_shardings(frozen, mesh))  # already there
     trainable = sharding.place(trainable, sharding.replicated(mesh))
     tx = optim.adamw(learning_rate_schedule(config.optim, 1000), b1=config.optim.b1,
                      b2=config.optim.b2, eps=config.optim.eps,

@@ -118,10 +118,15 @@ def place(tree, shardings):
     """Puts host values (the same on every process) onto the mesh with the given shardings.
 
     Unlike `jax.device_put`, this builds each global array from the slices this process's devices
-    hold, which works the same on one host and many.
+    hold, which works the same on one host and many. An array already placed as asked is kept
+    as it is: no copy, so placing does not double the device memory a large model needs.
     """
 
     def put(x, s):
+        # Only the very same sharding: an equivalent one of another type (a single-device
+        # array) would make the jitted step compile again when its outputs come back as `s`.
+        if isinstance(x, jax.Array) and x.sharding == s:
+            return x
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
 

@@ -106,3 +106,21 @@ def test_mesh_sizes_that_cannot_work_are_named():
     with pytest.raises(ValueError, match="data=3 does not divide"):
         sharding.make_mesh(data=3, fsdp=-1)
     assert dict(sharding.make_mesh(data=1, fsdp=-1).shape) == {"data": 1, "fsdp": 1}
+
+
+def test_placing_an_array_already_placed_keeps_it_without_a_copy():
+    import jax
+    import numpy as np
+
+    from lora_jax import sharding
+
+    mesh = sharding.make_mesh()
+    host = np.arange(6.0).reshape(2, 3)
+    placed = sharding.place({"w": host}, sharding.replicated(mesh))["w"]
+    assert isinstance(placed, jax.Array)
+    np.testing.assert_array_equal(placed, host)
+    again = sharding.place({"w": placed}, sharding.replicated(mesh))["w"]
+    assert again is placed  # no second buffer for a model's worth of frozen weights
+    single = jax.device_put(host, jax.devices()[0])  # equivalent, but not the mesh's sharding:
+    moved = sharding.place({"w": single}, sharding.replicated(mesh))["w"]
+    assert moved.sharding == sharding.replicated(mesh)  # the step's outputs will match its inputs
