@@ -321,8 +321,9 @@ def bench_layout(setting: Setting, args) -> dict:
     seconds = time.perf_counter() - start
     useful = sum(int(b["attention_mask"].sum()) for b in host_batches)
     slots = sum(b["input_ids"].size for b in host_batches)
-    examples = sum(int(b["segment_ids"].max(axis=1).sum()) if "segment_ids" in b else len(b["input_ids"])
-                   for b in host_batches)
+    # A packed row holds as many examples as its highest segment id; otherwise one per row.
+    examples = sum(int(b["segment_ids"].max(axis=1).sum()) if "segment_ids" in b
+                   else len(b["input_ids"]) for b in host_batches)
     return {"seconds": seconds, "steps": len(host_batches), "useful_tokens": useful,
             "slots": slots, "examples": examples, "device": jax.devices()[0].device_kind}
 

@@ -36,7 +36,7 @@ import pathlib
 
 import ml_collections
 
-from lora_jax.config import load_config, parse_arg
+from lora_jax.config import load_config, parse_arg, set_dotted
 
 # The encoder's attention projections (models/encoder.py), as LoRA target regexes.
 MATRICES = {
@@ -84,15 +84,6 @@ def run(targets: str, rank: int, seed: int, gpt2: bool = False) -> dict:
         "rank": rank, "targets": targets, "seed": seed,
         "overrides": {"lora.rank": rank, **target_overrides(targets, gpt2), "seed": seed},
     }
-
-
-def set_dotted(config: ml_collections.ConfigDict, dotted: str, value) -> None:
-    """config['a.b.c'] = value, through nested ConfigDicts."""
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
 
 
 def get_config(arg=None):

@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from lora_jax.config import set_dotted
+
 RECORD = "record.json"
 FIELDS = ("name", "targets", "rank", "seed", "lora_params", "trainable_params", "metric",
           "final", "best", "best_step", "wall_s")
@@ -32,15 +34,6 @@ SUMMARY_FIELDS = ("targets", "rank", "runs", "median", "min", "max", "final_medi
 
 
 # --- Configs ------------------------------------------------------------------------------------
-
-def set_dotted(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-    """config['a.b.c'] = value through nested ConfigDicts (ml_collections checks the type)."""
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
-
 
 def run_config(base: ml_collections.ConfigDict, run: dict) -> ml_collections.ConfigDict:
     """A copy of `base` with the run's dotted overrides applied."""

@@ -4,6 +4,8 @@ Because every field exists here, a misspelt `--config.optim.lrr=...` is rejected
 ml_collections before anything runs.
 """
 
+from typing import Any
+
 import ml_collections
 
 
@@ -104,6 +106,16 @@ TINY_MODELS = {
     "gpt2": dict(model_type="gpt2", vocab_size=50257, n_embd=32, n_layer=2, n_head=4,
                  n_positions=1024),
 }
+
+
+def set_dotted(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """config['a.b.c'] = value through nested ConfigDicts (ml_collections checks the type), the
+    way `--config.a.b.c=value` sets a field."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
 
 
 def load_config(path_and_arg: str) -> ml_collections.ConfigDict:

@@ -81,7 +81,7 @@ def tiny_config(**overrides):
 
     Overrides are dotted field names, e.g. tiny_config(**{"train.max_steps": 4}).
     """
-    from lora_jax.config import load_config
+    from lora_jax.config import load_config, set_dotted
 
     c = load_config(str(REPO_ROOT / "configs/glue.py") + ":task=sst2,model=tiny")
     c.data.max_train_examples = 256
@@ -95,9 +95,5 @@ def tiny_config(**overrides):
     c.train.checkpoint_every = 2
     c.train.keep_checkpoints = 2
     for dotted, value in overrides.items():
-        node = c
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        set_dotted(c, dotted, value)
     return c
