@@ -14,15 +14,20 @@ model, and writes into the workdir:
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
+import sys
 
 import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
 
-from lora_jax import generate, lora, sharding, tasks
+from lora_jax import generate, inputs, lora, sharding, tasks
 from lora_jax.data import e2e
+from lora_jax.errors import RunError, WorkdirError
+from lora_jax.files import read_json_object
+from lora_jax.inputs import FILE_NAME
 from lora_jax.metrics.e2e import e2e_scores
 from lora_jax.modeling import build_model, run_keys
 from lora_jax.peft_adapters import load_peft
@@ -30,20 +35,46 @@ from lora_jax.peft_adapters import load_peft
 FLAGS = flags.FLAGS
 
 
-def load_run(workdir: pathlib.Path):
-    """(config, model, frozen, spec, trainable, tokenizer, export info) of a finished run."""
+def load_run(workdir: pathlib.Path, split: str = "dev"):
+    """(config, model, frozen, spec, trainable, tokenizer) of a finished run.
+
+    Raises:
+      WorkdirError: the base checkpoint, tokenizer or data files now differ from those the run
+        trained on (its inputs.json), e.g. LORA_JAX_DATA_DIR points elsewhere.
+    """
     path = workdir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{workdir} has no config.json: is it a lora_jax.train workdir?")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = ml_collections.ConfigDict(read_json_object(path, what="run config"))
+    check_inputs(workdir, config, split)
     key_init, _, _ = run_keys(config.seed)
-    model, params, tokenizer, info = build_model(config.model, key_init)
+    model, params, tokenizer, info = build_model(config.model, key_init, config.data.data_dir)
     adapter = workdir / "adapter"
     if not adapter.is_dir():
         raise FileNotFoundError(f"{adapter} does not exist: the run has not finished training")
     spec, trainable = load_peft(adapter, params, model_type=info["model_type"], task=info["task"])
     frozen, _ = lora.split(spec, params, jax.random.key(0))  # drops what `trainable` replaces
     return config, model, frozen, spec, trainable, tokenizer
+
+
+def check_inputs(workdir: pathlib.Path, config: ml_collections.ConfigDict, split: str) -> None:
+    """Refuses to evaluate on another base, tokenizer or data than the run trained on.
+
+    Compared: every base and tokenizer file, and the data files both read (the E2E test split is
+    new to evaluation). A run from before inputs were recorded is evaluated with a warning.
+    """
+    path = workdir / FILE_NAME
+    if not path.is_file():
+        logging.warning("%s has no %s: the base and data cannot be checked", workdir, FILE_NAME)
+        return
+    recorded = read_json_object(path, what="record of a run's inputs")
+    splits = (split,) if config.data.task == "e2e" else ("dev",)  # GLUE: dev only
+    differences = inputs.differences(recorded, inputs.run_inputs(config, splits=splits),
+                                     only_common_files=True)
+    if differences:
+        raise WorkdirError(f"{workdir} was trained on other inputs than these ({path}); its "
+                           "scores here would describe neither. Differences:\n  "
+                           + "\n  ".join(differences))
 
 
 def evaluate_e2e(config, model, frozen, spec, trainable, tokenizer, split: str,
@@ -86,7 +117,11 @@ def main(argv: list[str]) -> None:
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     workdir = pathlib.Path(FLAGS.workdir)
-    config, *run = load_run(workdir)
+    try:
+        config, *run = load_run(workdir, FLAGS.split)
+    except (RunError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(getattr(error, "exit_code", 1))
     suffix = "" if FLAGS.split == "dev" else f"-{FLAGS.split}"
     if config.data.task == "e2e":
         lines, scores = evaluate_e2e(config, *run, FLAGS.split, FLAGS.max_examples,

@@ -6,7 +6,6 @@ mapping serves loading here and adapter export later.
 """
 
 import functools
-import json
 import logging
 import os
 import pathlib
@@ -21,7 +20,10 @@ import numpy as np
 import transformers
 from flax import traverse_util
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from lora_jax.errors import FileFormatError
+from lora_jax.files import read_json_object
 
 from lora_jax.models import EncoderConfig, EncoderForSequenceClassification, EncoderModel
 from lora_jax.models import GPT2Config, GPT2LMHeadModel
@@ -122,21 +124,33 @@ def load_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, np.ndarray]:
       FileNotFoundError: no safetensors weights (pickle files are named, and not opened), or a
         shard named in the index is absent.
     """
+    state = {}
+    for file in weight_files(checkpoint_dir):
+        state.update(read_safetensors(file))
+    return state
+
+
+def weight_files(checkpoint_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """The safetensors files holding a checkpoint's weights: `model.safetensors`, or the shards
+    its `model.safetensors.index.json` names (each checked to exist).
+
+    Raises:
+      FileNotFoundError: no safetensors weights, or a shard named in the index is absent.
+      FileFormatError: the index is not valid JSON or has no weight_map.
+    """
     directory = pathlib.Path(checkpoint_dir)
     index = directory / "model.safetensors.index.json"
     if (directory / "model.safetensors").is_file():
-        files = [directory / "model.safetensors"]
-    elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [directory / shard for shard in shards]
-    else:
+        return [directory / "model.safetensors"]
+    if not index.is_file():
         raise _no_safetensors_error(directory)
-    state = {}
+    weight_map = read_json_object(index, what="safetensors index",
+                                  required=("weight_map",))["weight_map"]
+    files = [directory / shard for shard in sorted(set(weight_map.values()))]
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{index} names shard {file.name}, which is not in {directory}")
-        state.update(read_safetensors(file))
-    return state
+    return files
 
 
 def _no_safetensors_error(directory: pathlib.Path) -> FileNotFoundError:
@@ -157,8 +171,12 @@ def _no_safetensors_error(directory: pathlib.Path) -> FileNotFoundError:
 def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
     """Every tensor of one .safetensors file as host numpy arrays (bfloat16 included)."""
     # The numpy reader has no bfloat16, the JAX one does; keep the tensors in host memory.
-    with jax.default_device(jax.devices("cpu")[0]), safe_open(file, framework="flax") as f:
-        return {key: np.asarray(f.get_tensor(key)) for key in f.keys()}
+    try:
+        with jax.default_device(jax.devices("cpu")[0]), safe_open(file, framework="flax") as f:
+            return {key: np.asarray(f.get_tensor(key)) for key in f.keys()}
+    except SafetensorError as error:
+        raise FileFormatError(f"{file} is not a readable safetensors file ({error}); it may be "
+                              "truncated or damaged: download or export it again") from None
 
 
 def model_from_hf_config(
@@ -241,6 +259,7 @@ def load_pretrained(
     directory = resolve_checkpoint(name_or_path)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json (and needs it with the weights)")
+    read_json_object(directory / "config.json", what="Hugging Face model config")
     hf_config = transformers.AutoConfig.from_pretrained(directory)
     model = model_from_hf_config(
         hf_config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype,

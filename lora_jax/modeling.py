@@ -31,19 +31,22 @@ def checkpoint_path(name: str) -> str | pathlib.Path:
     return minilm_dir() if name == "minilm" else name
 
 
-def load_tokenizer(name: str | None, checkpoint: str | pathlib.Path | None):
-    """A fast tokenizer: 'gpt2' reads the BPE files under the data dir, 'minilm' the packaged
-    one, a path or hub id its own; None takes the checkpoint's."""
+def load_tokenizer(name: str | None, checkpoint: str | pathlib.Path | None,
+                   data_dir: str | None = None):
+    """A fast tokenizer: 'gpt2' reads the BPE files under the data dir (`data_dir`, else
+    $LORA_JAX_DATA_DIR), 'minilm' the packaged one, a path or hub id its own; None takes the
+    checkpoint's."""
     if name == "gpt2":
-        return gpt2_tokenizer()
+        return gpt2_tokenizer(data_dir)
     source = checkpoint if name is None else checkpoint_path(name)
     if source is None:
         raise ValueError("a randomly initialised model needs config.model.tokenizer")
     return transformers.AutoTokenizer.from_pretrained(hub.resolve_checkpoint(source))
 
 
-def build_model(cfg: Any, key: jax.Array):
-    """(model, params, tokenizer, export info) for a config's `model` section.
+def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None):
+    """(model, params, tokenizer, export info) for a config's `model` section (`data_dir`: the
+    config's data.data_dir, where GPT-2's tokenizer files are).
 
     Fields: name (checkpoint: 'minilm', a directory or a hub id; empty for random init),
     random_init (HF config fields including model_type, used when name is empty), task (None for
@@ -65,7 +68,7 @@ def build_model(cfg: Any, key: jax.Array):
         hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
         model = hub.model_from_hf_config(hf_config, task=cfg.task, num_labels=num_labels, **dtypes)
         params = jax.jit(model.init)(key, jnp.ones((1, 8), jnp.int32))["params"]
-    tokenizer = load_tokenizer(cfg.tokenizer, checkpoint)
+    tokenizer = load_tokenizer(cfg.tokenizer, checkpoint, data_dir)
     info = {"model_type": hf_config.model_type, "task": cfg.task,
             "base_model_name_or_path": str(cfg.name) if cfg.name else None}
     return model, params, tokenizer, info

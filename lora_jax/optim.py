@@ -96,3 +96,11 @@ def make_accumulating_train_step(loss_fn: WeightedLossFn, tx: optax.GradientTran
         return optax.apply_updates(trainable, updates), opt_state, loss / weight
 
     return step
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """A scalar bool: no leaf of `tree` holds NaN or inf. Computed inside the step, so the
+    trainer learns of a divergence with the losses it fetches anyway, not by a sync of its own."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
+        else jnp.bool_(True)

@@ -36,6 +36,8 @@ import safetensors.numpy
 from flax import traverse_util
 
 from lora_jax import hub, lora
+from lora_jax.errors import FileFormatError
+from lora_jax.files import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -245,7 +247,7 @@ def _read_adapter(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}")
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}")
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = read_json_object(directory / CONFIG_NAME, what="PEFT adapter config")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter; only "
                          "peft_type 'LORA' can be loaded")
@@ -254,8 +256,22 @@ def _read_adapter(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]
         used.append(f"bias={config['bias']!r}")
     if used:
         raise ValueError(f"{directory} uses PEFT features lora_jax does not implement: {used}")
-    tensors = hub.read_safetensors(directory / WEIGHTS_NAME)
-    return config, {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    missing = [key for key in ("r", "lora_alpha") if key not in config]
+    if missing:
+        raise FileFormatError(f"{directory / CONFIG_NAME} lacks {', '.join(map(repr, missing))}, "
+                              "which a PEFT LoRA adapter config must have")
+    if isinstance(config["r"], bool) or not isinstance(config["r"], int) or config["r"] < 1:
+        raise FileFormatError(f"{directory / CONFIG_NAME}: r = {config['r']!r}, not a rank >= 1")
+    if not isinstance(config["lora_alpha"], (int, float)) or isinstance(config["lora_alpha"], bool):
+        raise FileFormatError(f"{directory / CONFIG_NAME}: lora_alpha = {config['lora_alpha']!r}, "
+                              "not a number")
+    tensors = {k: np.asarray(v, np.float32)
+               for k, v in hub.read_safetensors(directory / WEIGHTS_NAME).items()}
+    bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
+    if bad:
+        raise FileFormatError(f"{directory / WEIGHTS_NAME} holds non-finite values (NaN or inf) "
+                              f"in {', '.join(bad)}: the adapter is unusable")
+    return config, tensors
 
 
 def _pattern_value(patterns: dict, name: str, default: Any) -> Any:

@@ -1,52 +1,46 @@
-"""What a run writes beside its checkpoints: the resolved config, metrics.jsonl, TensorBoard
-events and a progress bar. Only process 0 writes; the others keep the same object, silent."""
+"""What a run writes beside its checkpoints: metrics.jsonl, TensorBoard events and a progress
+bar (config.json and inputs.json are the workdir's, see workdir.py). Only process 0 writes; the
+others keep the same object, silent."""
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 from typing import Any
 
-import ml_collections
 import tqdm
 
 
 class RunLog:
-    """Progress bar, `metrics.jsonl` (one JSON object per line) and TensorBoard events."""
+    """Progress bar, `metrics.jsonl` (one JSON object per line) and TensorBoard events.
 
-    def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict, enabled: bool):
+    Nothing is written before `start`: a run that fails while setting up leaves no trace.
+    """
+
+    def __init__(self, workdir: pathlib.Path, enabled: bool):
         self.enabled = enabled
         self.workdir = workdir
         self.metrics_path = workdir / "metrics.jsonl"
         self._bar = None
         self._writer = None
-        if not enabled:
+
+    def start(self, step: int) -> None:
+        """Opens the TensorBoard writer; a resumed run (step > 0) first drops the records past
+        `step` (written after the checkpoint it resumes from, and about to be written again)."""
+        if not self.enabled:
             return
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._write_config(config)
+        if step > 0:
+            kept = [r for r in self._records() if r["step"] <= step]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(str(workdir / "tensorboard"))
-
-    def _write_config(self, config: ml_collections.ConfigDict) -> None:
-        path = self.workdir / "config.json"
-        text = config.to_json_best_effort(indent=2, sort_keys=True)
-        if path.exists() and json.loads(path.read_text()) != json.loads(text):
-            raise ValueError(
-                f"{self.workdir} holds a run with a different config ({path}); resuming it with "
-                "this one would mix two experiments. Use a new --workdir.")
-        path.write_text(text)
+        self._writer = SummaryWriter(str(self.workdir / "tensorboard"))
 
     def _records(self) -> list[dict]:
         if not self.metrics_path.exists():
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
-
-    def resume_at(self, step: int) -> None:
-        """Drops records past `step` (written after the checkpoint a resumed run starts from)."""
-        if self.enabled:
-            kept = [r for r in self._records() if r["step"] <= step]
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def _append(self, record: dict) -> None:
         with self.metrics_path.open("a") as f:
@@ -88,6 +82,8 @@ class RunLog:
     def _better(best: dict, record: dict) -> dict:
         metric, value = record["main_metric"], record[record["main_metric"]]
         higher = record["higher_is_better"]
+        if not math.isfinite(value):  # a NaN metric compares False with everything: never best
+            return best
         if best["value"] is None or (value > best["value"] if higher else value < best["value"]):
             return {"step": record["step"], "metric": metric, "value": value}
         return best

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -27,8 +28,13 @@ from ml_collections import config_flags
 
 from lora_jax import lora, optim, peft_adapters, sharding, tasks
 from lora_jax.checkpoint import Checkpoints, abstract
+from lora_jax.config_checks import check_config
+from lora_jax.errors import ConfigError, DivergenceError, Preempted, RunError, WorkdirError
+from lora_jax.inputs import run_inputs
 from lora_jax.modeling import build_model, run_keys
+from lora_jax.preemption import PreemptionNotice
 from lora_jax.run_log import RunLog
+from lora_jax.workdir import Workdir
 
 FLAGS = flags.FLAGS
 
@@ -57,7 +63,8 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
 
 def build_train_step(forward, kind: str, tx, mesh, label_smoothing: float = 0.0):
     """The trainer's jitted step(frozen, trainable, opt_state, batch, rng) -> (trainable,
-    opt_state, mean loss), for a batch of [accum, micro, ...] arrays (`sharding.global_batch`).
+    opt_state, mean loss, whether the new trainable tree is all finite), for a batch of
+    [accum, micro, ...] arrays (`sharding.global_batch`).
 
     `trainable` and `opt_state` are donated (updated in place); benchmarks call this same function.
 
@@ -73,23 +80,61 @@ def build_train_step(forward, kind: str, tx, mesh, label_smoothing: float = 0.0)
         logits = forward(frozen, trainable, batch, rng, train=True)
         return tasks.loss_sum(kind, logits, batch, label_smoothing)
 
+    update = optim.make_accumulating_train_step(loss_fn, tx)
+
+    def step(frozen, trainable, opt_state, batch, rng):
+        trainable, opt_state, loss = update(frozen, trainable, opt_state, batch, rng)
+        return trainable, opt_state, loss, optim.all_finite(trainable)
+
     replicated = sharding.replicated(mesh)
-    return jax.jit(optim.make_accumulating_train_step(loss_fn, tx), donate_argnums=(1, 2),
-                   out_shardings=(replicated, replicated, replicated))
+    return jax.jit(step, donate_argnums=(1, 2), out_shardings=(replicated,) * 4)
+
+
+def divergence_error(step: int, loss: float, params_finite: bool,
+                     checkpoints: Checkpoints) -> DivergenceError:
+    """The error that stops a diverged run: what went non-finite, at which step, and where the
+    last good state is (nothing non-finite is ever checkpointed, so the newest one is good)."""
+    what = (f"the loss is {loss}" if not np.isfinite(loss)
+            else f"the trainable parameters hold NaN or inf (loss {loss})")
+    last = checkpoints.latest_step()
+    where = (f"the last good checkpoint is step {last} in {checkpoints.directory}"
+             if last is not None else "no checkpoint was written before it")
+    return DivergenceError(
+        f"training diverged at step {step}: {what}. The run stops here; nothing non-finite was "
+        f"checkpointed, exported or chosen as best, and {where}. Lower optim.lr, set "
+        "optim.clip_norm or raise optim.warmup_steps, in a new --workdir.")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains, evaluates and exports adapters as `config` says; resumes from `workdir`.
 
+    Every config value is checked, the workdir locked and its records compared with this run's
+    config and inputs before anything is written (see `lora_jax.workdir`).
+
     Returns:
       The final evaluation metrics, plus 'best' (the best evaluation seen and its step).
+
+    Raises:
+      ConfigError, WorkdirError, IncompatibleCheckpoint: before anything is written.
+      DivergenceError: the loss or the trainable parameters became non-finite.
+      Preempted: SIGTERM arrived; the current step was checkpointed first.
     """
-    workdir = pathlib.Path(workdir)
-    log = RunLog(workdir, config, enabled=jax.process_index() == 0)
+    check_config(config)
+    with Workdir(workdir, jax.process_index()) as run_dir:
+        run_dir.check_config(config)
+        inputs = run_inputs(config)
+        run_dir.check_inputs(inputs)
+        return _train(config, run_dir, inputs)
+
+
+def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) -> dict[str, Any]:
+    workdir = run_dir.path
+    log = RunLog(workdir, enabled=run_dir.writer)
     key_init, key_lora, key_train = run_keys(config.seed)
 
     # --- Model, adapters and mesh -------------------------------------------------------------
-    model, params, tokenizer, model_info = build_model(config.model, key_init)
+    model, params, tokenizer, model_info = build_model(config.model, key_init,
+                                                       config.data.data_dir)
     spec = spec_from_config(config.lora)
     frozen, trainable = lora.split(spec, params, key_lora)
     del params
@@ -106,7 +151,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     steps_per_epoch = task.steps_per_epoch(batch_size)
     if steps_per_epoch == 0:
         rows = f" in {len(task.packed_rows)} packed rows" if task.packing else ""
-        raise ValueError(f"{len(task.train)} training examples{rows} make no batch of {batch_size}")
+        raise ConfigError(f"config.data.batch_size = {batch_size}: {len(task.train)} training "
+                          f"examples{rows} make no batch of that size")
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
     schedule = learning_rate_schedule(config.optim, total_steps)
     tx = optim.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
@@ -141,9 +187,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     if restored is not None:
         start, saved = restored
         if not np.array_equal(np.asarray(saved["rng"]), np.asarray(jax.random.key_data(key_train))):
-            raise ValueError(f"{workdir} holds a run with another seed; use a new workdir")
+            raise WorkdirError(f"{workdir} holds a run with another seed; use a new workdir")
         trainable, opt_state = saved["trainable"], saved["opt_state"]
-        log.resume_at(start)
+
+    # --- The run starts: from here on the workdir is written ------------------------------------
+    run_dir.commit(config, inputs, fresh=start == 0)
+    checkpoints.start_writing()
+    log.start(start)
+    if start:
         log.info(f"resumed from step {start} (epoch {int(saved['data']['epoch'])}, "
                  f"batch {int(saved['data']['index'])})")
 
@@ -160,34 +211,61 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         host_batch = epoch_cache[epoch][index]
         return host_batch, sharding.global_batch(host_batch, mesh, config.optim.grad_accum)
 
-    pending: list[tuple[int, jax.Array, int]] = []  # losses fetched only when logged
+    # Losses and finiteness flags stay on the device until the loop syncs anyway (a log line, an
+    # evaluation, a checkpoint): then they are fetched, logged and checked, before anything of
+    # this state is evaluated, saved or exported.
+    pending: list[tuple[int, jax.Array, jax.Array, int]] = []
     tick = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal pending, tick
+        if not pending:
+            return
+        elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+        tokens = sum(t for *_, t in pending)
+        fetched = [(s, float(tasks.first_replica(l)), bool(tasks.first_replica(f)))
+                   for s, l, f, _ in pending]
+        pending = []
+        bad = next((i for i, (_, l, f) in enumerate(fetched) if not (np.isfinite(l) and f)), None)
+        shown = fetched if bad is None else fetched[:bad + 1]
+        log.train([(s, l, float(schedule(s - 1))) for s, l, _ in shown], tokens / elapsed,
+                  total_steps)
+        if bad is not None:
+            raise divergence_error(*fetched[bad], checkpoints)
+
     upcoming = batch_at(start) if start < total_steps else None
-    for step in range(start, total_steps):
-        host_batch, batch = upcoming
-        trainable, opt_state, loss = train_step(frozen, trainable, opt_state, batch,
-                                                jax.random.fold_in(key_train, step))
-        # Dispatch is asynchronous: the next batch is built and copied while this step runs.
-        upcoming = batch_at(step + 1) if step + 1 < total_steps else None
-        pending.append((step + 1, loss, int(host_batch["attention_mask"].sum())))
-        done = step + 1
-        if done % config.train.log_every == 0 or done == total_steps:
-            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-            tokens = sum(t for _, _, t in pending)
-            log.train([(s, float(tasks.first_replica(l)), float(schedule(s - 1)))
-                       for s, l, _ in pending], tokens / elapsed, total_steps)
-            pending = []
-        if done % config.train.eval_every == 0 or done == total_steps:
-            metrics = evaluate(trainable)
-            best = log.eval(done, metrics, task.main_metric, higher_is_better=task.kind != "lm")
-            if jax.process_index() == 0 and best["step"] == done:
-                peft_adapters.export_peft(workdir / "best_adapter", spec,
-                                          jax.device_get(trainable), **model_info)
-        checkpoints.save(done, state(done), force=done == total_steps)
+    with PreemptionNotice() as notice:
+        for step in range(start, total_steps):
+            host_batch, batch = upcoming
+            trainable, opt_state, loss, finite = train_step(
+                frozen, trainable, opt_state, batch, jax.random.fold_in(key_train, step))
+            # Dispatch is asynchronous: the next batch is built and copied while this step runs.
+            upcoming = batch_at(step + 1) if step + 1 < total_steps else None
+            done = step + 1
+            pending.append((done, loss, finite, int(host_batch["attention_mask"].sum())))
+            preempted = notice.reached(done)
+            evaluating = done % config.train.eval_every == 0 or done == total_steps
+            saving = checkpoints.should_save(done) or done == total_steps or preempted
+            if done % config.train.log_every == 0 or evaluating or saving:
+                flush()
+            if evaluating:
+                metrics = evaluate(trainable)
+                best = log.eval(done, metrics, task.main_metric,
+                                higher_is_better=task.kind != "lm")
+                if run_dir.writer and best["step"] == done:
+                    peft_adapters.export_peft(workdir / "best_adapter", spec,
+                                              jax.device_get(trainable), **model_info)
+            if saving:
+                checkpoints.save(done, state(done), force=True)
+            if preempted:
+                checkpoints.close()
+                log.close()
+                raise Preempted(f"SIGTERM at step {done}: checkpointed step {done} in "
+                                f"{checkpoints.directory}; rerun the same command to resume")
 
     # --- Export ---------------------------------------------------------------------------------
     final = evaluate(trainable) if start == total_steps else metrics
-    if jax.process_index() == 0:
+    if run_dir.writer:
         peft_adapters.export_peft(workdir / "adapter", spec, jax.device_get(trainable),
                                   **model_info)
     checkpoints.close()
@@ -203,9 +281,30 @@ def main(argv: list[str]) -> None:
     if FLAGS.num_processes > 1:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id)
-    result = train(FLAGS.config, FLAGS.workdir)
+    try:
+        result = train(FLAGS.config, FLAGS.workdir)
+    except (RunError, FileNotFoundError) as error:
+        # The message names the problem and the remedy; a traceback would bury it.
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(getattr(error, "exit_code", 1))
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in result.items()}, default=float))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a misspelt `--config.<field>` reported in one line (its "did
+    you mean" suggestion) instead of ml_collections' chained tracebacks."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        print(f"error: {error}\n(see --helpfull)", file=sys.stderr)
+    except (AttributeError, KeyError) as error:
+        # ml_collections raises these for an unknown config field; their text carries the
+        # field and the suggestion, quoted with escaped newlines.
+        text = str(error.args[0] if error.args else error).strip("'\"")
+        text = text.replace("\\n", "\n").replace("\\'", "'")
+        print(f"error: unknown config field: {text}", file=sys.stderr)
+    sys.exit(2)
 
 
 def define_flags() -> None:
@@ -224,4 +323,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from lora_jax.data import data_dir as default_data_dir
+from lora_jax.data import resolve as resolve_data_dir
 
 FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
 HUB_ID = "e2e_nlg"
@@ -78,8 +78,7 @@ def read_e2e(
     if source != "files":
         raise ValueError(f"source must be 'files' or 'hub', got {source!r}")
 
-    root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
-    path = root / "e2e" / FILES[split]
+    path = split_path(split, data_dir)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; set LORA_JAX_DATA_DIR to the folder that "
                                 f"holds e2e/{FILES[split]}")
@@ -96,6 +95,21 @@ def read_e2e(
                 raise ValueError(f"{path}:{rows.line_num}: expected 2 fields (mr, ref), got {row}")
             pairs.append((row[0], row[1]))
     return pairs
+
+
+def split_path(split: str, data_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+    """The CSV file of one split: <data_dir>/e2e/<file>."""
+    if split not in FILES:
+        raise ValueError(f"unknown E2E split {split!r}; known splits: {', '.join(FILES)}")
+    return resolve_data_dir(data_dir) / "e2e" / FILES[split]
+
+
+def tokenizer_dir(data_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Where GPT-2's BPE files are: <data_dir>/tokenizers/gpt2."""
+    return resolve_data_dir(data_dir) / "tokenizers" / "gpt2"
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
 def group_by_mr(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
@@ -187,9 +201,8 @@ def gpt2_tokenizer(data_dir: str | pathlib.Path | None = None):
     """
     import transformers
 
-    root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
-    path = root / "tokenizers" / "gpt2"
-    for name in ("vocab.json", "merges.txt"):
+    path = tokenizer_dir(data_dir)
+    for name in TOKENIZER_FILES:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} not found; set LORA_JAX_DATA_DIR to the "
                                     "folder that holds tokenizers/gpt2/")

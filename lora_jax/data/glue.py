@@ -17,7 +17,7 @@ import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Literal, NamedTuple
 
-from lora_jax.data import data_dir as default_data_dir
+from lora_jax.data import resolve as resolve_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +229,7 @@ def read_glue_with_report(
     if on_malformed not in ("error", "skip"):
         raise ValueError(f"on_malformed must be 'error' or 'skip', got {on_malformed!r}")
     if source == "files":
-        root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
-        examples, report = read_glue_file(spec, root / "glue" / spec.dirname / spec.files[split],
+        examples, report = read_glue_file(spec, split_path(task, split, data_dir),
                                           on_malformed=on_malformed)
     elif source == "hub":
         examples, report = _read_hub(spec, split, on_malformed)
@@ -240,6 +239,15 @@ def read_glue_with_report(
         logger.warning("%s: skipped %d malformed rows (first at line %d)",
                        report.source, report.skipped, report.skipped_lines[0])
     return examples, report
+
+
+def split_path(task: str, split: str, data_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+    """The TSV file of one split: <data_dir>/glue/<dirname>/<file> (the original GLUE layout)."""
+    spec = task_spec(task)
+    if split not in spec.files:
+        raise ValueError(f"unknown split {split!r} for {task}; "
+                         f"known splits: {', '.join(spec.files)}")
+    return resolve_data_dir(data_dir) / "glue" / spec.dirname / spec.files[split]
 
 
 def read_glue_file(
