@@ -270,7 +270,7 @@ def bench_jax(setting: Setting, args) -> dict:
 
     def run_step():
         state["i"] += 1
-        state["trainable"], state["opt"], state["loss"] = step(
+        state["trainable"], state["opt"], state["loss"], _ = step(
             frozen, state["trainable"], state["opt"], placed, jax.random.fold_in(key, state["i"]))
 
     seconds = time_steps(run_step, lambda: jax.block_until_ready(state["loss"]),
@@ -311,7 +311,7 @@ def bench_layout(setting: Setting, args) -> dict:
 
     def run_pass():
         for i, b in enumerate(placed):
-            state["trainable"], state["opt"], state["loss"] = step(
+            state["trainable"], state["opt"], state["loss"], _ = step(
                 frozen, state["trainable"], state["opt"], b, jax.random.fold_in(key, i))
         jax.block_until_ready(state["loss"])
 

@@ -108,6 +108,7 @@ def test_sigkill_and_resume_gives_bit_identical_adapters(tmp_path):
     out = finish(resumed)
     assert resumed.returncode == 0, out
     assert "resumed from step" in out
+    assert f"took over the lock left by pid {proc.pid}" in out  # the killed trainer's, stale
 
     a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(interrupted / "adapter" / "adapter_model.safetensors"))

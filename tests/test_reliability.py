@@ -1,0 +1,415 @@
+"""A run never lies: divergence stops it, resumes check what they resume, the workdir is guarded.
+
+Tiny random BERT runs on real SST-2 rows (conftest.tiny_config), in-process unless the point is
+the command line's behaviour (exit status, signals).
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from safetensors.numpy import load_file
+
+from lora_jax import config_checks, optim, tasks
+from lora_jax import train as train_module
+from lora_jax.config import base_config, load_config
+from lora_jax.errors import (ConfigError, DivergenceError, IncompatibleCheckpoint,
+                             WorkdirError)
+from lora_jax.evaluate import load_run
+from lora_jax.run_log import RunLog
+from lora_jax.train import train
+from lora_jax.workdir import Workdir
+from conftest import REPO_ROOT, tiny_config
+from test_train import CLI_TINY, finish, records, run_cli
+
+
+def tree_snapshot(path: pathlib.Path) -> dict:
+    """Every file and directory under `path`, with each file's size, mtime and content hash."""
+    if not path.exists():
+        return {}
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(path))] = (p.stat().st_size, p.stat().st_mtime_ns,
+                                             hashlib.sha256(p.read_bytes()).hexdigest())
+        else:
+            out[str(p.relative_to(path)) + "/"] = None
+    return out
+
+
+def checkpoint_leaves(workdir: pathlib.Path) -> dict[int, list[np.ndarray]]:
+    """step -> every array of that checkpoint, read back with orbax."""
+    out = {}
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            tree = ocp.StandardCheckpointer().restore(step_dir / "default")
+            out[int(step_dir.name)] = [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+    return out
+
+
+def all_finite_file(path: pathlib.Path) -> bool:
+    return all(np.isfinite(v).all() for v in load_file(str(path)).values())
+
+
+# --- 1. Divergence ------------------------------------------------------------------------------
+
+def test_divergence_stops_the_cli_with_the_step_and_keeps_nothing_non_finite(tmp_path):
+    """lr=1e6 makes the tiny run non-finite within a few steps (loss NaN from step 4 before)."""
+    workdir = tmp_path / "run"
+    proc = run_cli(workdir, *CLI_TINY, "--config.train.max_steps=12", "--config.optim.lr=1e6",
+                   "--config.optim.warmup_steps=1", "--config.train.checkpoint_every=1",
+                   "--config.train.eval_every=2")
+    out = finish(proc)
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    message = out[out.index("error: training diverged at step"):]
+    bad_step = int(message.split("step ")[1].split(":")[0])
+    last_good = bad_step - 1
+    assert f"last good checkpoint is step {last_good}" in message, message
+    assert not (workdir / "adapter").exists()
+    # Every checkpoint on disk is finite, and none is of the diverged step or later.
+    saved = checkpoint_leaves(workdir)
+    assert saved and max(saved) == last_good
+    for step, leaves in saved.items():
+        assert all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f"), step
+    if (workdir / "best_adapter").exists():
+        assert all_finite_file(workdir / "best_adapter" / "adapter_model.safetensors")
+    evals = records(workdir, "eval")
+    assert all(e["step"] < bad_step for e in evals)  # no evaluation of a non-finite state
+    assert records(workdir)[-1]["step"] == bad_step  # the bad step is logged, then it stops
+
+
+def test_the_step_flags_non_finite_parameters():
+    tree = {"a": np.ones((2, 2), np.float32), "b": np.zeros(3, np.float32)}
+    assert bool(optim.all_finite(tree))
+    tree["b"][1] = np.nan
+    assert not bool(optim.all_finite(tree))
+    tree["b"][1] = np.inf
+    assert not bool(optim.all_finite(tree))
+    assert bool(optim.all_finite({}))
+
+
+def test_a_non_finite_evaluation_is_never_best(tmp_path):
+    log = RunLog(tmp_path, enabled=True)
+    log.start(0)
+    assert log.eval(2, {"accuracy": float("nan")}, "accuracy", True)["step"] is None
+    assert log.eval(4, {"accuracy": 0.6}, "accuracy", True)["step"] == 4
+    assert log.eval(6, {"accuracy": float("nan")}, "accuracy", True)["step"] == 4
+    assert log.eval(8, {"accuracy": float("inf")}, "accuracy", True)["step"] == 4
+    lm = RunLog(tmp_path / "lm", enabled=True)
+    lm.start(0)
+    assert lm.eval(2, {"loss": 3.0}, "loss", False)["step"] == 2
+    assert lm.eval(4, {"loss": float("nan")}, "loss", False)["step"] == 2
+    assert log.best()["step"] == 4 and lm.best()["step"] == 2  # read back from metrics.jsonl
+    log.close()
+    lm.close()
+
+
+def test_losses_and_flags_are_fetched_only_when_the_loop_syncs_anyway(tmp_path, monkeypatch):
+    """No host sync per step: device values are read at log, eval and checkpoint steps only."""
+    steps_run, fetched_at = [0], []
+    build = train_module.build_train_step
+
+    def counting_build(*args, **kwargs):
+        step = build(*args, **kwargs)
+
+        def counted(*a):
+            steps_run[0] += 1
+            return step(*a)
+
+        return counted
+
+    first_replica = tasks.first_replica
+
+    def recording_first_replica(x):
+        fetched_at.append(steps_run[0])
+        return first_replica(x)
+
+    monkeypatch.setattr(train_module, "build_train_step", counting_build)
+    monkeypatch.setattr(tasks, "first_replica", recording_first_replica)
+    train(tiny_config(**{"train.log_every": 5, "train.eval_every": 10,
+                         "train.checkpoint_every": 10, "train.max_steps": 10}), tmp_path)
+    assert steps_run[0] == 10
+    assert set(fetched_at) == {5, 10}
+
+
+# --- 2. A run knows what it ran on ---------------------------------------------------------------
+
+def sst2_copy(root: pathlib.Path, data_dir: pathlib.Path, extra_row: str | None = None):
+    """A data dir holding only SST-2 (copied outside the project), optionally with one more row."""
+    target = root / "glue" / "SST-2"
+    target.mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        shutil.copy(data_dir / "glue" / "SST-2" / name, target / name)
+    if extra_row:
+        with (target / "train.tsv").open("a") as f:
+            f.write(extra_row)
+    return root
+
+
+def test_inputs_record_resolved_paths_and_fingerprints(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("LORA_JAX_DATA_DIR", str(data_dir))
+    train(tiny_config(**{"train.max_steps": 2}), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["data_dir"] is None
+    record = json.loads((tmp_path / "inputs.json").read_text())
+    assert record["data"]["dir"] == str(data_dir.absolute())
+    train_tsv = data_dir / "glue" / "SST-2" / "train.tsv"
+    assert record["data"]["files"]["glue/SST-2/train.tsv"] == {
+        "bytes": train_tsv.stat().st_size,
+        "sha256": hashlib.sha256(train_tsv.read_bytes()).hexdigest()}
+    assert "glue/SST-2/dev.tsv" in record["data"]["files"]
+    assert record["base"] == {"random_init": True, "files": {}}
+    assert "tokenizer.json" in record["tokenizer"]["files"]  # minilm's tokenizer
+
+
+def test_resume_on_other_data_is_refused_by_environment_and_by_field(tmp_path, data_dir,
+                                                                     monkeypatch):
+    same = sst2_copy(tmp_path / "same", data_dir)
+    other = sst2_copy(tmp_path / "other", data_dir, extra_row="a new sentence\t1\n")
+    workdir = tmp_path / "run"
+    monkeypatch.setenv("LORA_JAX_DATA_DIR", str(data_dir))
+    config = tiny_config(**{"train.max_steps": 4, "train.checkpoint_every": 2})
+    train(config, workdir)
+    before = tree_snapshot(workdir)
+
+    monkeypatch.setenv("LORA_JAX_DATA_DIR", str(other))
+    with pytest.raises(WorkdirError, match="glue/SST-2/train.tsv") as env_error:
+        train(config, workdir)
+    assert str(other) in str(env_error.value) and str(data_dir) in str(env_error.value)
+    monkeypatch.setenv("LORA_JAX_DATA_DIR", str(data_dir))
+    with pytest.raises(WorkdirError, match="glue/SST-2/train.tsv"):
+        train(tiny_config(**{"train.max_steps": 4, "train.checkpoint_every": 2,
+                             "data.data_dir": str(other)}), workdir)
+    assert tree_snapshot(workdir) == before  # refused before writing anything
+
+    # The same files elsewhere are the same inputs: the finished run resumes (and is done).
+    monkeypatch.setenv("LORA_JAX_DATA_DIR", str(same))
+    train(config, workdir)
+    assert json.loads((workdir / "inputs.json").read_text())["data"]["dir"] == str(same)
+
+    # evaluate checks the same record.
+    monkeypatch.setenv("LORA_JAX_DATA_DIR", str(other))
+    (other / "glue" / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nshort\t1\n")
+    with pytest.raises(WorkdirError, match="glue/SST-2/dev.tsv"):
+        load_run(workdir)
+
+
+def save_tiny_bert(directory: pathlib.Path, seed: int) -> pathlib.Path:
+    import torch
+    import transformers
+
+    from lora_jax.config import TINY_MODELS
+
+    fields = {k: v for k, v in TINY_MODELS["bert"].items() if k != "model_type"}
+    torch.manual_seed(seed)
+    transformers.BertForSequenceClassification(
+        transformers.BertConfig(**fields, num_labels=2)).save_pretrained(directory)
+    return directory
+
+
+def test_resume_on_another_base_checkpoint_is_refused(tmp_path):
+    base = save_tiny_bert(tmp_path / "base", seed=0)
+    config = tiny_config(**{"model.name": str(base), "train.max_steps": 2})
+    train(config, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "inputs.json").read_text())
+    assert set(record["base"]["files"]) == {"model.safetensors", "config.json"}
+    save_tiny_bert(base, seed=1)  # other weights under the same name
+    with pytest.raises(WorkdirError, match="base file model.safetensors"):
+        train(config, tmp_path / "run")
+    with pytest.raises(WorkdirError, match="base file model.safetensors"):
+        load_run(tmp_path / "run")
+
+
+def test_a_changed_config_is_refused_naming_each_field_old_and_new(tmp_path):
+    train(tiny_config(**{"train.max_steps": 2}), tmp_path)
+    with pytest.raises(WorkdirError) as error:
+        train(tiny_config(**{"train.max_steps": 2, "optim.lr": 1e-3, "lora.rank": 4}), tmp_path)
+    assert "optim.lr: 0.0005 -> 0.001" in str(error.value)
+    assert "lora.rank: 8 -> 4" in str(error.value)
+
+
+# --- 3. Unreadable is not incompatible ----------------------------------------------------------
+
+def test_an_incompatible_checkpoint_is_refused_and_nothing_renamed(tmp_path):
+    train(tiny_config(), tmp_path)
+    (tmp_path / "config.json").unlink()
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(IncompatibleCheckpoint,
+                       match=r"trainable/lora/.*/lora_a is \(8, 32\) float32 in the checkpoint "
+                             r"but \(4, 32\) float32"):
+        train(tiny_config(**{"lora.rank": 4}), tmp_path)
+    assert tree_snapshot(tmp_path) == before
+    assert not list((tmp_path / "checkpoints").glob("*unreadable*"))
+
+
+def test_a_fresh_start_in_an_old_workdir_keeps_the_earlier_records_aside(tmp_path):
+    train(tiny_config(**{"optim.lr": 1e-3}), tmp_path)
+    earlier_metrics = (tmp_path / "metrics.jsonl").read_text()
+    # The earlier run's config and checkpoints are gone: the next run starts at step 0.
+    (tmp_path / "config.json").unlink()
+    shutil.rmtree(tmp_path / "checkpoints")
+    result = train(tiny_config(), tmp_path)
+    (aside,) = (tmp_path / "earlier").iterdir()
+    assert (aside / "metrics.jsonl").read_text() == earlier_metrics
+    assert {p.name for p in aside.iterdir()} >= {"metrics.jsonl", "adapter", "best_adapter",
+                                                 "tensorboard"}
+    assert [r["step"] for r in records(tmp_path)] == list(range(1, 9))  # one run's records
+    evals = records(tmp_path, "eval")
+    best = max(evals, key=lambda r: r["accuracy"])
+    assert result["best"]["step"] == best["step"] and len(evals) == 2
+
+
+# --- 4. Validate before writing anything ---------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("train.eval_every", 0, "integer >= 1"),
+    ("train.checkpoint_every", 0, "integer >= 1"),
+    ("data.batch_size", 0, "integer >= 1"),
+    ("model.dtype", "float16", "'float32', 'bfloat16'"),
+    ("data.task", "foo", "'sst2'"),
+    ("lora.targets", ("(",), "not a valid regular expression"),
+    ("data.max_train_examples", -1, "integer >= 0"),
+    ("optim.lr", float("nan"), "finite number"),
+    ("lora.dropout", 1.0, "[0, 1)"),
+    ("mesh.data", 0, ">= 1 or -1"),
+])
+def test_bad_values_are_named_before_the_workdir_is_touched(tmp_path, field, value, allowed):
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError) as error:
+        train(tiny_config(**{field: value}), workdir)
+    message = str(error.value)
+    assert f"config.{field} = {value!r}" in message and allowed in message, message
+    assert not workdir.exists()
+
+
+def test_related_fields_are_checked_together():
+    with pytest.raises(ConfigError, match="model.num_labels = 2: stsb has 1"):
+        config_checks.check_config(tiny_config(**{"data.task": "stsb"}), device_count=1)
+    with pytest.raises(ConfigError, match="data.max_len = 1024: must be <= the largest"):
+        config_checks.check_config(tiny_config(**{"data.max_len": 1024}), device_count=1)
+    with pytest.raises(ConfigError, match="split evenly over the 8 devices"):
+        config_checks.check_config(tiny_config(**{"data.batch_size": 12}), device_count=8)
+    with pytest.raises(ConfigError, match="grad_accum = 3: must divide"):
+        config_checks.check_config(tiny_config(**{"optim.grad_accum": 3}), device_count=1)
+
+
+def test_every_config_field_has_a_rule_and_the_shipped_configs_pass():
+    names = set(config_checks._leaves(base_config()))
+    e2e = load_config(str(REPO_ROOT / "configs/e2e.py") + ":model=tiny")
+    names |= set(config_checks._leaves(e2e))
+    assert names == set(config_checks.RULES)
+    for arg in ("configs/glue.py:task=stsb,model=roberta-large", "configs/e2e.py:model=gpt2-xl",
+                "configs/quickstart.py", "configs/glue.py:task=rte,model=minilm"):
+        config_checks.check_config(load_config(str(REPO_ROOT / arg)), device_count=1)
+    config = base_config()
+    config.unlock()
+    config.train.new_field = 1
+    with pytest.raises(ConfigError, match="config.train.new_field: no such field"):
+        config_checks.check_config(config, device_count=1)
+
+
+def test_keep_checkpoints_zero_keeps_them_all(tmp_path):
+    train(tiny_config(**{"train.keep_checkpoints": 0}), tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2, 4, 6, 8]
+
+
+def test_a_run_failing_before_its_first_step_leaves_the_workdir_as_found(tmp_path):
+    # A new workdir (and its missing parent) is not left behind ...
+    fresh = tmp_path / "parent" / "run"
+    with pytest.raises(ValueError, match="'no_such_module' matches no kernel"):
+        train(tiny_config(**{"lora.targets": ("no_such_module",)}), fresh)
+    assert not (tmp_path / "parent").exists()
+    # ... and an existing one is unchanged, byte for byte, when the data are not there.
+    workdir = tmp_path / "done"
+    train(tiny_config(**{"train.max_steps": 2}), workdir)
+    before = tree_snapshot(workdir)
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        train(tiny_config(**{"train.max_steps": 2, "data.data_dir": str(tmp_path / "no_such_dir")}),
+              workdir)
+    assert tree_snapshot(workdir) == before
+
+
+# --- 5. One trainer per workdir -----------------------------------------------------------------
+
+def test_a_second_trainer_fails_at_once_naming_the_holder(tmp_path):
+    workdir = tmp_path / "run"
+    with Workdir(workdir):
+        with pytest.raises(WorkdirError, match=f"in use by another trainer \\(pid {os.getpid()}"):
+            train(tiny_config(), workdir)
+        proc = run_cli(workdir, *CLI_TINY)
+        out = finish(proc, timeout=120)
+        assert proc.returncode == 1 and f"pid {os.getpid()}" in out, out
+        assert {p.name for p in workdir.iterdir()} == {".trainer.lock"}
+    assert not workdir.exists()  # the holder created it for its lock, and removed it unused
+
+
+def test_a_stale_lock_is_taken_over(tmp_path, caplog):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / ".trainer.lock").write_text("999999 on some-host\n")  # nobody holds its flock
+    with caplog.at_level("WARNING"):
+        train(tiny_config(**{"train.max_steps": 2}), tmp_path)
+    assert "took over the lock left by pid 999999" in caplog.text
+    assert not (tmp_path / ".trainer.lock").exists()  # released at the end
+
+
+# --- 7. Preemption ------------------------------------------------------------------------------
+
+def test_sigterm_checkpoints_the_current_step_and_the_resume_is_bit_identical(tmp_path):
+    flags = [*CLI_TINY, "--config.train.max_steps=48", "--config.train.checkpoint_every=8",
+             "--config.train.eval_every=100"]
+    straight = run_cli(tmp_path / "straight", *flags)
+    out = finish(straight)
+    assert straight.returncode == 0, out
+
+    interrupted = tmp_path / "interrupted"
+    proc = run_cli(interrupted, *flags)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # signal once training is past step 9 (not a save step)
+        done = [r["step"] for r in records(interrupted)] if (interrupted / "metrics.jsonl").exists() else []
+        if done and max(done) >= 9:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert proc.returncode == 143, out
+    stopped = int(out.split("SIGTERM at step ")[1].split(":")[0])
+    assert stopped < 48, "signalled too late: the run had finished"
+    steps = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == stopped  # the current step, not only the last regular checkpoint
+    assert not (interrupted / "adapter").exists()
+
+    resumed = run_cli(interrupted, *flags)
+    out = finish(resumed)
+    assert resumed.returncode == 0, out
+    assert f"resumed from step {stopped}" in out
+    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(interrupted / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert [r["step"] for r in records(interrupted)] == list(range(1, 49))
+
+
+# --- 6. Errors that name the file (the command line part; the readers are in test_file_errors) --
+
+def test_a_misspelt_field_prints_one_suggestion_without_a_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_jax.train", "--config",
+         str(REPO_ROOT / "configs/glue.py") + ":task=sst2,model=tiny", "--workdir",
+         str(tmp_path / "run"), "--config.optim.lrr=0.1"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert 'Did you mean "lr" instead of "lrr"?' in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3
+    assert not (tmp_path / "run").exists()
