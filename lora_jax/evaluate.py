@@ -26,7 +26,7 @@ from absl import app, flags
 from lora_jax import generate, inputs, lora, sharding, tasks
 from lora_jax.data import e2e
 from lora_jax.errors import RunError, WorkdirError
-from lora_jax.files import read_json_object
+from lora_jax.json_files import read_json_object
 from lora_jax.inputs import FILE_NAME
 from lora_jax.metrics.e2e import e2e_scores
 from lora_jax.modeling import build_model, run_keys

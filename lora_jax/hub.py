@@ -23,7 +23,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError, safe_open
 
 from lora_jax.errors import FileFormatError
-from lora_jax.files import read_json_object
+from lora_jax.json_files import read_json_object
 
 from lora_jax.models import EncoderConfig, EncoderForSequenceClassification, EncoderModel
 from lora_jax.models import GPT2Config, GPT2LMHeadModel

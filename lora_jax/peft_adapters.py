@@ -37,7 +37,7 @@ from flax import traverse_util
 
 from lora_jax import hub, lora
 from lora_jax.errors import FileFormatError
-from lora_jax.files import read_json_object
+from lora_jax.json_files import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -34,7 +34,7 @@ import ml_collections
 
 from lora_jax import inputs as run_inputs
 from lora_jax.errors import WorkdirError
-from lora_jax.files import read_json_object
+from lora_jax.json_files import read_json_object
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -23,14 +22,14 @@ from safetensors.numpy import load_file
 from lora_jax import config_checks, optim, tasks
 from lora_jax import train as train_module
 from lora_jax.config import base_config, load_config
-from lora_jax.errors import (ConfigError, DivergenceError, IncompatibleCheckpoint,
-                             WorkdirError)
+from lora_jax.errors import ConfigError, IncompatibleCheckpoint, WorkdirError
 from lora_jax.evaluate import load_run
 from lora_jax.run_log import RunLog
 from lora_jax.train import train
 from lora_jax.workdir import Workdir
 from conftest import REPO_ROOT, tiny_config
-from test_train import CLI_TINY, finish, records, run_cli
+from test_train import (CLI_TINY, assert_same_adapter, finish, process_envs, records,
+                        run_cli, run_to_the_end, wait_until_past)
 
 
 def tree_snapshot(path: pathlib.Path) -> dict:
@@ -368,18 +367,11 @@ def test_a_stale_lock_is_taken_over(tmp_path, caplog):
 def test_sigterm_checkpoints_the_current_step_and_the_resume_is_bit_identical(tmp_path):
     flags = [*CLI_TINY, "--config.train.max_steps=48", "--config.train.checkpoint_every=8",
              "--config.train.eval_every=100"]
-    straight = run_cli(tmp_path / "straight", *flags)
-    out = finish(straight)
-    assert straight.returncode == 0, out
+    run_to_the_end(tmp_path / "straight", *flags)
 
     interrupted = tmp_path / "interrupted"
     proc = run_cli(interrupted, *flags)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # signal once training is past step 9 (not a save step)
-        done = [r["step"] for r in records(interrupted)] if (interrupted / "metrics.jsonl").exists() else []
-        if done and max(done) >= 9:
-            break
-        time.sleep(0.05)
+    wait_until_past(interrupted, 9)  # signal between two regular checkpoints (8 and 16)
     proc.send_signal(signal.SIGTERM)
     out = finish(proc)
     assert proc.returncode == 143, out
@@ -389,15 +381,9 @@ def test_sigterm_checkpoints_the_current_step_and_the_resume_is_bit_identical(tm
     assert steps[-1] == stopped  # the current step, not only the last regular checkpoint
     assert not (interrupted / "adapter").exists()
 
-    resumed = run_cli(interrupted, *flags)
-    out = finish(resumed)
-    assert resumed.returncode == 0, out
+    out = run_to_the_end(interrupted, *flags)
     assert f"resumed from step {stopped}" in out
-    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(interrupted / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k])
+    assert_same_adapter(tmp_path / "straight", interrupted)
     assert [r["step"] for r in records(interrupted)] == list(range(1, 49))
 
 
@@ -413,3 +399,19 @@ def test_a_misspelt_field_prints_one_suggestion_without_a_traceback(tmp_path):
     assert 'Did you mean "lr" instead of "lrr"?' in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_to_one_process_of_a_multi_host_run_stops_all_at_one_step(tmp_path):
+    """JAX's preemption service spreads the notice: every process saves the same step."""
+    workdir = tmp_path / "multi"
+    procs = [run_cli(workdir, *CLI_TINY, "--config.train.max_steps=400",
+                     "--config.train.checkpoint_every=100", "--config.train.eval_every=1000",
+                     env=env) for env in process_envs(2)]
+    wait_until_past(workdir, 5)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [finish(p) for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], outs
+    stopped = {int(out.split("SIGTERM at step ")[1].split(":")[0]) for out in outs}
+    assert len(stopped) == 1 and stopped.pop() < 400
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == max(r["step"] for r in records(workdir))

@@ -44,6 +44,47 @@ def finish(proc, timeout=300) -> str:
     return pathlib.Path(proc.log_path).read_text()
 
 
+def run_to_the_end(workdir, *flags) -> str:
+    """Runs the CLI to completion, asserts it succeeded, returns its output."""
+    proc = run_cli(workdir, *flags)
+    out = finish(proc)
+    assert proc.returncode == 0, out
+    return out
+
+
+def wait_until_past(workdir, step: int, timeout: float = 300) -> None:
+    """Polls metrics.jsonl until the run has logged a step >= `step`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [r["step"] for r in records(workdir)] if (workdir / "metrics.jsonl").exists() else []
+        if done and max(done) >= step:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{workdir} did not reach step {step}")
+
+
+def assert_same_adapter(a_dir, b_dir) -> None:
+    """Two runs' adapter/ exports hold the same tensors, bit for bit."""
+    a = load_file(str(pathlib.Path(a_dir) / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(pathlib.Path(b_dir) / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def process_envs(n: int) -> list[dict]:
+    """Environments for n CPU processes of one multi-host run on localhost."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    return [{"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(n),
+             "JAX_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"} for pid in range(n)]
+
+
 CLI_TINY = ["--config.data.max_train_examples=256", "--config.data.max_eval_examples=64",
             "--config.data.max_len=32", "--config.data.batch_size=16",
             "--config.data.eval_batch_size=32", "--config.train.log_every=1",
@@ -89,32 +130,19 @@ def test_bad_config_field_fails_before_running(tmp_path):
 def test_sigkill_and_resume_gives_bit_identical_adapters(tmp_path):
     flags = [*CLI_TINY, "--config.train.max_steps=24", "--config.train.checkpoint_every=4",
              "--config.train.eval_every=100"]
-    straight = run_cli(tmp_path / "straight", *flags)
-    out = finish(straight)
-    assert straight.returncode == 0, out
+    run_to_the_end(tmp_path / "straight", *flags)
 
     interrupted = tmp_path / "interrupted"
     proc = run_cli(interrupted, *flags, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once a checkpoint exists and training is past it
-        done = [r["step"] for r in records(interrupted)] if (interrupted / "metrics.jsonl").exists() else []
-        if done and max(done) >= 10:
-            break
-        time.sleep(0.2)
+    wait_until_past(interrupted, 10)  # kill once a checkpoint exists and training is past it
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (interrupted / "adapter").exists(), "killed too late: the run had finished"
-    resumed = run_cli(interrupted, *flags)
-    out = finish(resumed)
-    assert resumed.returncode == 0, out
+    out = run_to_the_end(interrupted, *flags)
     assert "resumed from step" in out
     assert f"took over the lock left by pid {proc.pid}" in out  # the killed trainer's, stale
 
-    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(interrupted / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k])
+    assert_same_adapter(tmp_path / "straight", interrupted)
     assert [r["step"] for r in records(interrupted)] == list(range(1, 25))
 
 
@@ -153,18 +181,8 @@ def test_eight_devices_data_and_fsdp_match_one_device(tmp_path):
 def test_two_processes_match_one(tmp_path):
     """Multi-host on localhost: 2 processes x 1 CPU device give the 1-process losses."""
     one = _losses_with_devices(tmp_path, "single", 2, [])
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for pid in range(2):
-        env = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-               "JAX_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-               "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-        procs.append(run_cli(tmp_path / "multi", *CLI_TINY, "--config.train.max_steps=6", env=env))
+    procs = [run_cli(tmp_path / "multi", *CLI_TINY, "--config.train.max_steps=6", env=env)
+             for env in process_envs(2)]
     for p in procs:
         out = finish(p)
         assert p.returncode == 0, out
