@@ -17,6 +17,7 @@ import os
 import pathlib
 import sys
 import time
+from contextlib import closing
 from typing import Any
 
 import jax
@@ -234,7 +235,8 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
             raise divergence_error(*fetched[bad], checkpoints)
 
     upcoming = batch_at(start) if start < total_steps else None
-    with PreemptionNotice() as notice:
+    # closing(): the checkpoint manager and the log are closed however the loop ends.
+    with closing(checkpoints), closing(log), PreemptionNotice() as notice:
         for step in range(start, total_steps):
             host_batch, batch = upcoming
             trainable, opt_state, loss, finite = train_step(
@@ -258,18 +260,14 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
             if saving:
                 checkpoints.save(done, state(done), force=True)
             if preempted:
-                checkpoints.close()
-                log.close()
                 raise Preempted(f"SIGTERM at step {done}: checkpointed step {done} in "
                                 f"{checkpoints.directory}; rerun the same command to resume")
 
-    # --- Export ---------------------------------------------------------------------------------
-    final = evaluate(trainable) if start == total_steps else metrics
-    if run_dir.writer:
-        peft_adapters.export_peft(workdir / "adapter", spec, jax.device_get(trainable),
-                                  **model_info)
-    checkpoints.close()
-    log.close()
+        # --- Export -----------------------------------------------------------------------------
+        final = evaluate(trainable) if start == total_steps else metrics
+        if run_dir.writer:
+            peft_adapters.export_peft(workdir / "adapter", spec, jax.device_get(trainable),
+                                      **model_info)
     return {**final, "best": best}
 
 

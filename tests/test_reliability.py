@@ -401,6 +401,7 @@ def test_a_misspelt_field_prints_one_suggestion_without_a_traceback(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # two processes to start and connect: half a minute
 def test_sigterm_to_one_process_of_a_multi_host_run_stops_all_at_one_step(tmp_path):
     """JAX's preemption service spreads the notice: every process saves the same step."""
     workdir = tmp_path / "multi"
