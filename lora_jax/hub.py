@@ -25,12 +25,12 @@ from safetensors import SafetensorError, safe_open
 from lora_jax.errors import FileFormatError
 from lora_jax.json_files import read_json_object
 
-from lora_jax.models import EncoderConfig, EncoderForSequenceClassification, EncoderModel
-from lora_jax.models import GPT2Config, GPT2LMHeadModel
+from lora_jax.models import FAMILIES
+from lora_jax.models import family as model_family
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "bert", "roberta")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 TASKS = (None, "classification")
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "merges.txt", "vocab.*", "tokenizer*"]
@@ -39,8 +39,6 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _BUFFER_KEY = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids)$")
 # Modules a base checkpoint may lack; HF initialises them randomly too.
 _HEAD_MODULES = ("classifier", "pooler")
-# HF's `base_model_prefix`: the root of our tree sits under it in task checkpoints.
-BASE_PREFIX = {"gpt2": "transformer", "bert": "bert", "roberta": "roberta"}
 # Our leaf name -> HF's names for it, preferred first (`gamma`/`beta` are pre-2020 LayerNorm names).
 LEAF_NAMES = {
     "kernel": ("weight",),
@@ -205,26 +203,12 @@ def model_from_hf_config(
     Returns:
       GPT2LMHeadModel, EncoderModel or EncoderForSequenceClassification.
     """
-    model_type = hf_config.model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        supported = ", ".join(SUPPORTED_MODEL_TYPES)
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: {supported}")
-    if task not in TASKS:
-        raise ValueError(f"task {task!r} is not one of {TASKS}")
+    family = model_family(hf_config.model_type)
+    family.check_task(task)
     if num_labels is not None and task != "classification":
         raise ValueError("num_labels applies only to task='classification'")
-    dtypes = dict(dtype=dtype, param_dtype=param_dtype,
-                  attention_implementation=attention_implementation)
-    if model_type == "gpt2":
-        if task is not None:
-            raise ValueError(f"gpt2 supports only task=None (the LM), not {task!r}")
-        return GPT2LMHeadModel(GPT2Config.from_hf(hf_config, **dtypes, remat=remat))
-    if remat:
-        raise ValueError(f"remat is implemented for GPT-2, not for {model_type}")
-    if task is None:
-        return EncoderModel(EncoderConfig.from_hf(hf_config, **dtypes))
-    labels = {} if num_labels is None else {"num_labels": num_labels}
-    return EncoderForSequenceClassification(EncoderConfig.from_hf(hf_config, **dtypes, **labels))
+    return family.build(hf_config, task, num_labels, dtype=dtype, param_dtype=param_dtype,
+                        remat=remat, attention_implementation=attention_implementation)
 
 
 def load_pretrained(
@@ -287,7 +271,8 @@ def params_from_state_dict(
     Returns:
       The 'params' collection, a nested dict.
     """
-    model_type, transpose_kernels = _hf_layout(model)
+    model_type = model.config.model_type
+    transpose_kernels = model_family(model_type).transposed_kernels
     init = functools.partial(_init_params, model)
     shapes = traverse_util.flatten_dict(jax.eval_shape(init, jax.random.key(0)))
     params, used, missing = {}, set(), []
@@ -318,17 +303,10 @@ def _init_params(model: nn.Module, rng: jax.Array) -> dict:
     return model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
-def _hf_layout(model: nn.Module) -> tuple[str, bool]:
-    """(model_type, whether HF stores our Dense kernels transposed)."""
-    if isinstance(model, GPT2LMHeadModel):
-        return "gpt2", False  # GPT-2's Conv1D already stores (d_in, d_out)
-    return model.config.model_type, True
-
-
 def hf_keys(path: tuple[str, ...], model_type: str) -> list[str]:
     """Candidate HF keys for one of our leaves, the preferred spelling first."""
     module = hf_module_name("/".join(path[:-1]))
-    base = BASE_PREFIX[model_type] + "."
+    base = model_family(model_type).base_prefix + "."
     modules = [module, base + module]
     if module.startswith(base):  # our task model, a base-model checkpoint
         modules.append(module.removeprefix(base))

@@ -38,6 +38,7 @@ from flax import traverse_util
 from lora_jax import hub, lora
 from lora_jax.errors import FileFormatError
 from lora_jax.json_files import read_json_object
+from lora_jax.models import family as model_family
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -51,12 +52,9 @@ _UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "target_parameters
 
 def _hf_root(model_type: str, task: str | None) -> str:
     """Prefix turning `hf_module_name` of our paths into names inside the HF model PEFT wraps."""
-    if model_type not in hub.SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not one of {hub.SUPPORTED_MODEL_TYPES}")
-    if task not in hub.TASKS or (model_type == "gpt2" and task is not None):
-        raise ValueError(f"task {task!r} is not supported for {model_type} (gpt2: None; "
-                         f"encoders: one of {hub.TASKS})")
-    return hub.BASE_PREFIX["gpt2"] + "." if model_type == "gpt2" else ""
+    family = model_family(model_type)
+    family.check_task(task)
+    return family.peft_root
 
 
 def _most_common(per_module: dict, default: Any) -> Any:
@@ -87,7 +85,7 @@ def _fused(a: np.ndarray, b: np.ndarray, parts: tuple[bool, ...]) -> tuple[np.nd
 
 def _saved_module(path: tuple[str, ...], model_type: str, task: str | None) -> tuple[str, ...]:
     """The module PEFT's `modules_to_save` must name for a fully-trained leaf."""
-    if task == "classification" and path[0] != hub.BASE_PREFIX[model_type]:
+    if task == "classification" and path[0] != model_family(model_type).base_prefix:
         return path[:1]  # a head: PEFT's SEQ_CLS wraps the whole 'classifier' anyway
     return path[:-1]
 
@@ -135,15 +133,17 @@ def export_peft(
         trained in full; GPT-2's tied `wte` trained in full (PEFT would untie it).
     """
     root = _hf_root(model_type, task)
+    family = model_family(model_type)
     tensors, ranks, alphas = _lora_tensors(spec, trainable, root)
     saved = {}  # modules_to_save, in order
     for path, value in traverse_util.flatten_dict(trainable.get("params", {})).items():
-        if model_type == "gpt2" and path[0] == "wte":
-            raise ValueError("GPT-2's wte is tied to the LM head, but a PEFT module to save is "
-                             "not: the trained embedding cannot be exported as a PEFT adapter")
+        if path[0] == family.tied_embedding:
+            raise ValueError(f"{model_type}'s {path[0]} is tied to the LM head, but a PEFT module "
+                             "to save is not: the trained embedding cannot be exported as a PEFT "
+                             "adapter")
         saved[root + hub.hf_module_name("/".join(_saved_module(path, model_type, task)))] = None
         value = np.asarray(value, np.float32)
-        if path[-1] == "kernel" and model_type != "gpt2":
+        if path[-1] == "kernel" and family.transposed_kernels:
             value = value.T  # torch Linear stores (d_out, d_in); GPT-2's Conv1D does not
         module = root + hub.hf_module_name("/".join(path[:-1]))
         tensors[f"{_PREFIX}{module}.{hub.LEAF_NAMES[path[-1]][0]}"] = value
@@ -153,9 +153,7 @@ def export_peft(
                              "a module inside `modules_to_save` as a LoRA adapter")
 
     r, alpha = _most_common(ranks, spec.rank), _most_common(alphas, spec.alpha)
-    task_type = "SEQ_CLS" if task == "classification" else None
-    if model_type == "gpt2":
-        task_type = "CAUSAL_LM"
+    task_type = family.peft_task_types[task]
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -167,7 +165,7 @@ def export_peft(
         "rank_pattern": {m: k for m, k in ranks.items() if k != r},
         "alpha_pattern": {m: _number(x) for m, x in alphas.items() if x != alpha},
         "use_rslora": spec.rslora,
-        "fan_in_fan_out": model_type == "gpt2",  # GPT-2's Conv1D holds W as (d_in, d_out)
+        "fan_in_fan_out": not family.transposed_kernels,  # GPT-2's Conv1D holds (d_in, d_out)
         "bias": "none",
         "modules_to_save": list(saved) or None,
         "init_lora_weights": True,
@@ -285,7 +283,7 @@ def _pattern_value(patterns: dict, name: str, default: Any) -> Any:
 def _full_tensor(key: str, value: np.ndarray, path: tuple[str, ...], flat: dict,
                  model_type: str) -> np.ndarray:
     """A `modules_to_save` tensor in our layout, checked against the base parameter."""
-    if path[-1] == "kernel" and model_type != "gpt2":
+    if path[-1] == "kernel" and model_family(model_type).transposed_kernels:
         value = value.T  # torch Linear stores (d_out, d_in); GPT-2's Conv1D does not
     if value.shape != tuple(flat[path].shape):
         raise ValueError(f"adapter tensor {key!r} has shape {value.shape} (after transposing "

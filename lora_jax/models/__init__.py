@@ -1,4 +1,8 @@
-"""Pure Flax models whose parameter paths mirror Hugging Face's; they know nothing of LoRA."""
+"""Pure Flax models whose parameter paths mirror Hugging Face's; they know nothing of LoRA.
+
+`FAMILIES` maps a Hugging Face model_type to its `ModelFamily` (see family.py): adding a family is
+one model file and one entry here.
+"""
 
 from lora_jax.models.encoder import (
     ClassifierOutput,
@@ -9,7 +13,25 @@ from lora_jax.models.encoder import (
     roberta_position_ids,
     sequence_classification_loss,
 )
+from lora_jax.models import encoder, gpt2
+from lora_jax.models.family import ModelFamily
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Output, lm_loss
+
+FAMILIES: dict[str, ModelFamily] = {"gpt2": gpt2.GPT2, "bert": encoder.BERT,
+                                    "roberta": encoder.ROBERTA}
+
+
+def family(model_type: str) -> ModelFamily:
+    """The family of a Hugging Face model_type.
+
+    Raises:
+      ValueError: not one we implement (the message lists those we do).
+    """
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: "
+                         f"{', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
 
 __all__ = [
     "ClassifierOutput",
@@ -20,6 +42,9 @@ __all__ = [
     "GPT2Config",
     "GPT2LMHeadModel",
     "GPT2Output",
+    "FAMILIES",
+    "ModelFamily",
+    "family",
     "lm_loss",
     "roberta_position_ids",
     "sequence_classification_loss",

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_jax.models.family import ModelFamily
 from lora_jax.models.layers import activation, dot_product_attention, layer_norm
 
 MODEL_TYPES = ("bert", "roberta")
@@ -172,7 +173,7 @@ class Embeddings(nn.Module):
         positions = nn.Embed(cfg.max_position_embeddings, name="position_embeddings", **embed)
         h += positions(position_ids)
         h = _layer_norm(cfg)(h)
-        return nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic)
+        return nn.Dropout(cfg.hidden_dropout_prob, name="dropout")(h, deterministic)
 
 
 class SelfAttention(nn.Module):
@@ -206,7 +207,8 @@ class AddNorm(nn.Module):
     def __call__(self, x: jax.Array, residual: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
         h = _dense(cfg, cfg.hidden_size, "dense")(x)
-        h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic)
+        # Named as HF's: methods attach at the sublayer output (before the residual) by path.
+        h = nn.Dropout(cfg.hidden_dropout_prob, name="dropout")(h, deterministic)
         return _layer_norm(cfg)(h + residual)
 
 
@@ -386,3 +388,48 @@ def sequence_classification_loss(
     if num_labels == 1:
         return jnp.mean((logits[:, 0] - labels.astype(jnp.float32)) ** 2)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def build(hf_config: Any, task: str | None = None, num_labels: int | None = None, *,
+          remat: bool = False, **options: Any) -> nn.Module:
+    """Our BERT/RoBERTa for a transformers config: the bare encoder (task None) or with HF's
+    sequence classification head; `options` are EncoderConfig fields (dtype, param_dtype,
+    attention_implementation)."""
+    if remat:
+        raise ValueError(f"remat is implemented for GPT-2, not for {hf_config.model_type}")
+    if task is None:
+        return EncoderModel(EncoderConfig.from_hf(hf_config, **options))
+    labels = {} if num_labels is None else {"num_labels": num_labels}
+    return EncoderForSequenceClassification(EncoderConfig.from_hf(hf_config, **options, **labels))
+
+
+def _encoder_family(model_type: str) -> ModelFamily:
+    return ModelFamily(
+        model_type=model_type,
+        build=build,
+        tasks=(None, "classification"),
+        base_prefix=model_type,
+        transposed_kernels=True,  # torch Linear holds W as (d_out, d_in)
+        peft_root="",  # task models already start with bert/ or roberta/
+        peft_task_types={None: None, "classification": "SEQ_CLS"},
+        tied_embedding=None,
+        lora_targets=(r"/query/kernel", r"/value/kernel"),
+        lora_split_outputs={},
+        stop_ids=(),
+        layer_pattern=r"(?:^|/)layer_(\d+)(?:/|$)",
+        sublayers={"attention": r"(?:^|/)layer_\d+/attention/output/dropout$",
+                   "ffn": r"(?:^|/)layer_\d+/output/dropout$",
+                   "block": r"(?:^|/)layer_\d+$"},
+        word_embedding=r"(?:^|/)embeddings/word_embeddings$",
+        layer_norm=r"(?:^|/)LayerNorm$",
+        hidden_size=_hidden_size,
+    )
+
+
+def _hidden_size(params: Any) -> int:
+    root = params.get("bert") or params.get("roberta") or params
+    return root["embeddings"]["word_embeddings"]["embedding"].shape[1]
+
+
+BERT = _encoder_family("bert")
+ROBERTA = _encoder_family("roberta")

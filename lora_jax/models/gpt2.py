@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_jax.models.family import ModelFamily
 from lora_jax.models.layers import activation, dot_product_attention, layer_norm
 
 # HF GPT-2 options whose non-default values this implementation does not reproduce.
@@ -58,6 +59,8 @@ class GPT2Config:
     remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+    model_type = "gpt2"  # a class attribute, not a field: as EncoderConfig.model_type, names the family
 
     def __post_init__(self):
         activation(self.activation_function)  # an unknown name fails here, not mid-trace
@@ -181,7 +184,9 @@ class GPT2Attention(nn.Module):
             implementation=cfg.attention_implementation,
         )
         y = _dense(cfg, width, "c_proj")(y.reshape(batch, length, width))
-        return nn.Dropout(cfg.resid_pdrop)(y, deterministic=deterministic), kv
+        # Named as HF's modules: methods attach at the sublayer outputs by these paths.
+        y = nn.Dropout(cfg.resid_pdrop, name="resid_dropout")(y, deterministic=deterministic)
+        return y, kv
 
 
 class GPT2MLP(nn.Module):
@@ -192,7 +197,7 @@ class GPT2MLP(nn.Module):
         cfg = self.config
         h = _dense(cfg, cfg.n_inner or 4 * cfg.n_embd, "c_fc")(x)
         h = _dense(cfg, cfg.n_embd, "c_proj")(activation(cfg.activation_function)(h))
-        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+        return nn.Dropout(cfg.resid_pdrop, name="dropout")(h, deterministic=deterministic)
 
 
 class GPT2Block(nn.Module):
@@ -282,7 +287,8 @@ class GPT2LMHeadModel(nn.Module):
                 cache, input_ids.shape[1], attention_mask, position_ids
             )
 
-        h = nn.Dropout(cfg.embd_pdrop)(wte(input_ids) + wpe(position_ids), deterministic)
+        h = nn.Dropout(cfg.embd_pdrop, name="drop")(wte(input_ids) + wpe(position_ids),
+                                                     deterministic)
         hidden_states, new_kv = [h], []
         index = None if cache is None else cache.index
         # static_argnums counts `self`: argument 3 is `deterministic`, a Python bool.
@@ -353,3 +359,34 @@ def lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> ja
         logits[:, :-1].astype(jnp.float32), targets
     )
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def build(hf_config: Any, task: str | None = None, num_labels: int | None = None, *,
+          remat: bool = False, **options: Any) -> GPT2LMHeadModel:
+    """Our GPT-2 for a `transformers.GPT2Config`; `options` are GPT2Config fields (dtype,
+    param_dtype, attention_implementation)."""
+    del task, num_labels  # the family accepts only the LM (checked by `ModelFamily.check_task`)
+    return GPT2LMHeadModel(GPT2Config.from_hf(hf_config, remat=remat, **options))
+
+
+GPT2 = ModelFamily(
+    model_type="gpt2",
+    build=build,
+    tasks=(None,),
+    base_prefix="transformer",
+    transposed_kernels=False,  # HF's Conv1D holds W as (d_in, d_out), as our kernels
+    peft_root="transformer.",  # our root is HF's `transformer`
+    peft_task_types={None: "CAUSAL_LM"},
+    tied_embedding="wte",
+    # The paper's E2E setup: q and v of the fused c_attn, k untouched (loralib's MergedLinear).
+    lora_targets=(r"attn/c_attn",),
+    lora_split_outputs={r"attn/c_attn": (True, False, True)},
+    stop_ids=(50256, 628),  # <|endoftext|> and '\n\n', as microsoft/LoRA's beam search
+    layer_pattern=r"(?:^|/)h_(\d+)(?:/|$)",
+    sublayers={"attention": r"(?:^|/)h_\d+/attn/resid_dropout$",
+               "ffn": r"(?:^|/)h_\d+/mlp/dropout$",
+               "block": r"(?:^|/)h_\d+$"},
+    word_embedding="wte",
+    layer_norm=r"(?:^|/)(?:ln_1|ln_2|ln_f)$",
+    hidden_size=lambda params: params["wte"]["embedding"].shape[1],
+)

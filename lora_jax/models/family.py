@@ -1,0 +1,72 @@
+"""What the rest of lora_jax knows about a kind of model, in one place per family.
+
+Each model file ends with its `ModelFamily` (gpt2.py: GPT2; encoder.py: BERT, ROBERTA) and
+`lora_jax.models.FAMILIES` lists them by Hugging Face `model_type`. Checkpoint loading, adapter
+export, the methods and decoding ask the family instead of branching on the model type, so
+adding a family is one model file and one registry entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """One kind of model.
+
+    Attributes:
+      model_type: Hugging Face's `model_type` ('gpt2', 'bert', 'roberta').
+      build: build(hf_config, task, num_labels, dtype=, param_dtype=, remat=,
+        attention_implementation=) -> our Flax module (weights not included).
+      tasks: the tasks it supports: None (the language model, or a bare encoder) and/or
+        'classification' (sequence classification; num_labels 1 is regression).
+      base_prefix: HF's `base_model_prefix`: where the base model sits inside task checkpoints.
+      transposed_kernels: HF stores Dense kernels as (d_out, d_in) (torch Linear); GPT-2's
+        Conv1D stores (d_in, d_out) as we do.
+      peft_root: prefix turning our module paths (after `hub.hf_module_name`) into names inside
+        the HF model PEFT wraps ('transformer.' for GPT-2, whose root is HF's transformer).
+      peft_task_types: task -> PEFT's task_type.
+      tied_embedding: a module tied to the LM head (it cannot be a PEFT module to save), or None.
+      lora_targets, lora_split_outputs: the LoRA paper's default targets for the family.
+      stop_ids: token ids that end a generated text.
+      layer_pattern: regex whose group 1 is the block index in a module path.
+      sublayers: where methods attach: 'attention' and 'ffn' name the modules whose output is a
+        sublayer's output after its dropout, before the residual add; 'block' the blocks (their
+        output, or its first element, is the hidden state).
+      word_embedding: the token embedding's module path.
+      layer_norm: regex matching the LayerNorm module paths.
+      hidden_size: params -> the model width d.
+    """
+
+    model_type: str
+    build: Callable[..., nn.Module]
+    tasks: tuple[str | None, ...]
+    base_prefix: str
+    transposed_kernels: bool
+    peft_root: str
+    peft_task_types: Mapping[str | None, str | None]
+    tied_embedding: str | None
+    lora_targets: tuple[str, ...]
+    lora_split_outputs: Mapping[str, tuple[bool, ...]]
+    stop_ids: tuple[int, ...]
+    layer_pattern: str
+    sublayers: Mapping[str, str]
+    word_embedding: str
+    layer_norm: str
+    hidden_size: Callable[[Any], int]
+
+    def check_task(self, task: str | None) -> None:
+        if task not in self.tasks:
+            raise ValueError(f"{self.model_type} supports task {' or '.join(map(repr, self.tasks))}"
+                             f", not {task!r}")
+
+    def layer_index(self, module_path: str) -> int | None:
+        """The block index of a '/'-joined module path (None outside the blocks)."""
+        match = re.search(self.layer_pattern, module_path)
+        return int(match.group(1)) if match else None
