@@ -193,9 +193,7 @@ def trainer_config(setting: Setting, mode: str, dtype: str, attention: str | Non
     config.model.param_dtype = "float32" if mode == "full" else config.model.dtype
     config.model.attention_implementation = attention
     if mode == "full":
-        config.lora.targets = ()
-        config.lora.split_outputs = ml_collections.ConfigDict()
-        config.lora.also_train = (".*",)
+        config.method.use = ("full",)
     return config
 
 
@@ -219,9 +217,10 @@ def build_jax_step(setting: Setting, config):
     import jax.numpy as jnp
     import transformers
 
-    from lora_jax import hub, lora, optim, sharding, tasks
+    from lora_jax import hub, methods, optim, sharding, tasks
     from lora_jax.modeling import DTYPES
-    from lora_jax.train import build_train_step, learning_rate_schedule, spec_from_config
+    from lora_jax.models import family as model_family
+    from lora_jax.train import build_train_step, learning_rate_schedule
 
     fields = dict(config.model.random_init)
     hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -234,8 +233,8 @@ def build_jax_step(setting: Setting, config):
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     params = random_params(model, jnp.ones((1, 8), jnp.int32), DTYPES[config.model.param_dtype],
                            mesh)
-    spec = spec_from_config(config.lora)
-    frozen, trainable = lora.split(spec, params, jax.random.key(2))
+    stack = methods.build(config.method, model_family(hf_config.model_type))
+    frozen, trainable = stack.split(params, jax.random.key(2))
     del params
     frozen = sharding.place(frozen, sharding.frozen_shardings(frozen, mesh))  # already there
     trainable = sharding.place(trainable, sharding.replicated(mesh))
@@ -244,7 +243,7 @@ def build_jax_step(setting: Setting, config):
                      weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
     opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(trainable)
     kind = "lm" if setting.family == "gpt2" else "classification"
-    forward = tasks.make_forward(lora.adapt(model.apply, spec))
+    forward = tasks.make_forward(stack.adapt(model.apply))
     step = build_train_step(forward, kind, tx, mesh, config.optim.label_smoothing)
     return step, frozen, trainable, opt_state, mesh
 
@@ -259,7 +258,8 @@ def peak_bytes() -> int:
 def bench_jax(setting: Setting, args) -> dict:
     import jax
 
-    from lora_jax import lora, sharding, tasks
+    from lora_jax import sharding, tasks
+    from lora_jax.methods import lora
 
     batch, seq = shape(setting, args)
     config = trainer_config(setting, args.mode, args.dtype, args.attention or None)

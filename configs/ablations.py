@@ -10,7 +10,7 @@ tiny, default gpt2-medium), seeds (runs per setting; default 1, and 3 for study=
 Returns a ConfigDict with
   base: configs/glue.py's config for task/model, the starting point of every run;
   runs: a tuple of dicts {name, rank, targets, seed, overrides}, where `overrides` maps dotted
-    config fields ('lora.rank') to values; `experiments.sweep` applies them to `base`.
+    config fields ('method.lora.rank') to values; `experiments.sweep` applies them to `base`.
 Run names read 'rank=4,targets=qv,seed=0'.
 
 Studies:
@@ -70,11 +70,11 @@ def settings(study: str) -> list[tuple[str, int]]:
 def target_overrides(targets: str, gpt2: bool) -> dict:
     """The lora.* overrides that adapt the matrices named in `targets` (e.g. 'qv')."""
     if not gpt2:
-        return {"lora.targets": tuple(MATRICES[m] for m in targets)}
+        return {"method.lora.targets": tuple(MATRICES[m] for m in targets)}
     patterns = ((GPT2_QKV,) if set(targets) & set("qkv") else ()) + ((GPT2_O,) if "o" in targets
                                                                       else ())
     parts = {GPT2_QKV: tuple(m in targets for m in "qkv")} if set(targets) & set("qkv") else {}
-    return {"lora.targets": patterns, "lora.split_outputs": parts}
+    return {"method.lora.targets": patterns, "method.lora.split_outputs": parts}
 
 
 def run(targets: str, rank: int, seed: int, gpt2: bool = False) -> dict:
@@ -82,7 +82,7 @@ def run(targets: str, rank: int, seed: int, gpt2: bool = False) -> dict:
     return {
         "name": f"rank={rank},targets={targets},seed={seed}",
         "rank": rank, "targets": targets, "seed": seed,
-        "overrides": {"lora.rank": rank, **target_overrides(targets, gpt2), "seed": seed},
+        "overrides": {"method.lora.rank": rank, **target_overrides(targets, gpt2), "seed": seed},
     }
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import ml_collections
 
+from lora_jax import methods
+
 
 def base_config() -> ml_collections.ConfigDict:
     """The full default configuration (all fields present, values to be overridden)."""
@@ -26,17 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     # None (XLA) or 'cudnn': jax.nn.dot_product_attention's fused GPU kernel (bf16 compute).
     c.model.attention_implementation = ml_collections.FieldReference(None, field_type=str)
 
-    c.lora = ml_collections.ConfigDict()
-    c.lora.targets = (r"/query/kernel", r"/value/kernel")
-    c.lora.rank = 8
-    c.lora.alpha = 8.0
-    c.lora.dropout = 0.0
-    c.lora.init = "kaiming"
-    c.lora.rslora = False
-    c.lora.rank_pattern = ml_collections.ConfigDict()
-    c.lora.alpha_pattern = ml_collections.ConfigDict()
-    c.lora.split_outputs = ml_collections.ConfigDict()
-    c.lora.also_train = (r"^classifier/",)
+    # Which parameter-efficient methods run (lora_jax.methods.METHODS) and their settings:
+    # config.method.use, config.method.also_train, config.method.<name>.<field>.
+    c.method = methods.default_config()
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "sst2"  # a GLUE task or 'e2e'

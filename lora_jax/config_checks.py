@@ -11,126 +11,25 @@ one `ConfigError` listing every bad value with what would be allowed:
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
+from lora_jax.config_rules import (Rule, boolean, buckets, integer, number, one_of, regexes,
+                                   text)
 from lora_jax.errors import ConfigError
-
-Rule = Callable[[Any], str | None]
-"""rule(value) -> None when the value is allowed, else what is allowed ('must be ...')."""
+from lora_jax.methods import METHODS
 
 
-# --- Rules ------------------------------------------------------------------------------------
-
-def integer(low: int | None = None, *, also: tuple = ()) -> Rule:
-    """An int (not a bool) >= low; values in `also` (e.g. -1 for 'all') are allowed too."""
-
-    def rule(value):
-        if value in also and not isinstance(value, bool):
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-            extra = "".join(f" or {a}" for a in also)
-            return f"must be an integer >= {low}{extra}" if low is not None else "must be an integer"
-        return None
-
-    return rule
-
-
-def number(low: float, high: float = math.inf, *, low_open: bool = False,
-           high_open: bool = False, optional: bool = False) -> Rule:
-    """A finite real number in the interval [low, high] (ends open as flagged)."""
-    left, right = "(" if low_open else "[", ")" if high_open else "]"
-    allowed = f"must be a finite number in {left}{low}, {high}{right}"
-
-    def rule(value):
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return allowed + (" or None" if optional else "")
-        if value < low or (low_open and value == low) or value > high or (high_open and value == high):
-            return allowed + (" or None" if optional else "")
-        return None
-
-    return rule
-
-
-def one_of(*names: Any) -> Rule:
-    def rule(value):
-        return None if value in names else "must be one of " + ", ".join(map(repr, names))
-
-    return rule
-
-
-def boolean(value) -> str | None:
-    return None if isinstance(value, bool) else "must be True or False"
-
-
-def text(optional: bool = False) -> Rule:
-    def rule(value):
-        if isinstance(value, str) or (optional and value is None):
-            return None
-        return "must be a string" + (" or None" if optional else "")
-
-    return rule
-
-
-def _regex_error(pattern: Any) -> str | None:
-    if not isinstance(pattern, str):
-        return f"{pattern!r} is not a string"
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        return f"{pattern!r} is not a valid regular expression ({error})"
-    return None
-
-
-def regexes(value) -> str | None:
-    """A tuple of regular expressions that compile."""
-    if isinstance(value, str) or not isinstance(value, (tuple, list)):
-        return "must be a tuple of regular expressions"
-    errors = [e for e in map(_regex_error, value) if e]
-    return "; ".join(errors) or None
-
-
-def pattern_table(value_rule: Rule) -> Rule:
-    """{regular expression: value} with every key compiling and every value allowed."""
-
-    def rule(value):
-        if not isinstance(value, (dict, ml_collections.ConfigDict)):
-            return "must be a mapping of regular expression -> value"
-        errors = []
-        for pattern, item in dict(value).items():
-            errors.append(_regex_error(pattern))
-            problem = value_rule(item)
-            errors.append(problem and f"[{pattern!r}] = {item!r}: {problem}")
-        return "; ".join(e for e in errors if e) or None
-
-    return rule
-
-
-def output_parts(value) -> str | None:
-    if not isinstance(value, (tuple, list)) or not all(isinstance(v, bool) for v in value):
-        return "must be a tuple of True/False, one per part of the fused output"
-    return None if any(value) else "must adapt at least one part (a True)"
-
-
-def buckets(value) -> str | None:
-    ok = (isinstance(value, (tuple, list)) and value
-          and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in value)
-          and list(value) == sorted(set(value)))
-    return None if ok else "must be a non-empty, strictly increasing tuple of integers >= 1"
-
+# --- Rules of this config's own fields --------------------------------------------------------
 
 def random_init(value) -> str | None:
-    from lora_jax.hub import SUPPORTED_MODEL_TYPES  # deferred: hub imports the models
+    from lora_jax.models import FAMILIES  # deferred: importing the models costs a second
 
     fields = dict(value) if isinstance(value, (dict, ml_collections.ConfigDict)) else None
-    if fields is None or fields.get("model_type") not in SUPPORTED_MODEL_TYPES:
+    if fields is None or fields.get("model_type") not in FAMILIES:
         return ("must be Hugging Face config fields with model_type one of "
-                + ", ".join(map(repr, SUPPORTED_MODEL_TYPES)))
+                + ", ".join(map(repr, FAMILIES)))
     return None
 
 
@@ -142,6 +41,14 @@ def _tasks() -> tuple[str, ...]:
 
 def data_task(value) -> str | None:
     return one_of(*_tasks())(value)
+
+
+def method_names(value) -> str | None:
+    if (isinstance(value, str) or not isinstance(value, (tuple, list)) or not value
+            or any(name not in METHODS for name in value) or len(set(value)) != len(value)):
+        return ("must be a non-empty tuple of distinct method names from "
+                + ", ".join(map(repr, METHODS)))
+    return None
 
 
 # --- The table --------------------------------------------------------------------------------
@@ -159,16 +66,8 @@ RULES: dict[str, Rule] = {
     "model.param_dtype": one_of(*DTYPE_NAMES),
     "model.remat": boolean,
     "model.attention_implementation": one_of(None, "cudnn"),
-    "lora.targets": regexes,
-    "lora.rank": integer(1),
-    "lora.alpha": number(0, low_open=True),
-    "lora.dropout": number(0, 1, high_open=True),
-    "lora.init": one_of("gaussian", "kaiming"),
-    "lora.rslora": boolean,
-    "lora.rank_pattern": pattern_table(integer(1)),
-    "lora.alpha_pattern": pattern_table(number(0, low_open=True)),
-    "lora.split_outputs": pattern_table(output_parts),
-    "lora.also_train": regexes,
+    "method.use": method_names,
+    "method.also_train": regexes,
     "data.task": data_task,
     "data.source": one_of("files", "hub"),
     "data.data_dir": text(optional=True),
@@ -204,6 +103,9 @@ RULES: dict[str, Rule] = {
     "generate.no_repeat_ngram_size": integer(0),
     "generate.max_new_tokens": integer(1),
 }
+# Each method's section: config.method.<name>.<field>, with the rules its file declares.
+RULES.update({f"method.{name}.{field}": rule for name, registration in METHODS.items()
+              for field, rule in registration.rules.items()})
 OPTIONAL_SECTIONS = ("generate",)
 
 
@@ -234,6 +136,11 @@ def _related(c: ml_collections.ConfigDict, device_count: int) -> list[str]:
     if not lm and c.model.num_labels != TASKS[c.data.task].num_labels:
         problems.append(f"config.model.num_labels = {c.model.num_labels}: {c.data.task} has "
                         f"{TASKS[c.data.task].num_labels} (1 means regression)")
+    inserting = [name for name in c.method.use if name in ("preembed", "prelayer")]
+    if inserting and not lm:
+        problems.append(f"config.method.use = {tuple(c.method.use)!r}: {', '.join(inserting)} "
+                        "insert tokens into language-model examples (data.task 'e2e'), not "
+                        f"{c.data.task}")
     if c.data.packing and not lm:
         problems.append(f"config.data.packing = True: packing applies to language-model tasks "
                         f"(e2e), not {c.data.task}")

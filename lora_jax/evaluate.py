@@ -13,30 +13,52 @@ model, and writes into the workdir:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
 import sys
+from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
 
-from lora_jax import generate, inputs, lora, sharding, tasks
+from lora_jax import generate, inputs, sharding, tasks
+from lora_jax.methods import MethodStack, combine, saving
+from lora_jax.methods.base import frozen_part
+from lora_jax.models import ModelFamily
+from lora_jax.models import family as model_family
 from lora_jax.data import e2e
 from lora_jax.errors import RunError, WorkdirError
 from lora_jax.json_files import read_json_object
 from lora_jax.inputs import FILE_NAME
 from lora_jax.metrics.e2e import e2e_scores
 from lora_jax.modeling import build_model, run_keys
-from lora_jax.peft_adapters import load_peft
 
 FLAGS = flags.FLAGS
 
 
-def load_run(workdir: pathlib.Path, split: str = "dev"):
-    """(config, model, frozen, spec, trainable, tokenizer) of a finished run.
+@dataclasses.dataclass
+class TrainedRun:
+    """A finished run, rebuilt: its config, base model, trained methods and tokenizer."""
+
+    config: ml_collections.ConfigDict
+    model: Any
+    family: ModelFamily
+    stack: MethodStack
+    frozen: dict
+    trainable: dict
+    tokenizer: Any
+
+    @property
+    def vocab_size(self) -> int:
+        """The token embedding's rows (the frozen tree lacks it when FT trains it)."""
+        return self.family.vocab_size(combine(self.frozen, self.trainable))
+
+
+def load_run(workdir: pathlib.Path, split: str = "dev") -> TrainedRun:
+    """A finished run: the base model its config.json rebuilds, and its exported adapter/.
 
     Raises:
       WorkdirError: the base checkpoint, tokenizer or data files now differ from those the run
@@ -52,9 +74,10 @@ def load_run(workdir: pathlib.Path, split: str = "dev"):
     adapter = workdir / "adapter"
     if not adapter.is_dir():
         raise FileNotFoundError(f"{adapter} does not exist: the run has not finished training")
-    spec, trainable = load_peft(adapter, params, model_type=info["model_type"], task=info["task"])
-    frozen, _ = lora.split(spec, params, jax.random.key(0))  # drops what `trainable` replaces
-    return config, model, frozen, spec, trainable, tokenizer
+    family = model_family(info["model_type"])
+    stack, trainable = saving.load(adapter, params, family, info["task"])
+    return TrainedRun(config, model, family, stack, frozen_part(params, trainable), trainable,
+                      tokenizer)
 
 
 def check_inputs(workdir: pathlib.Path, config: ml_collections.ConfigDict, split: str) -> None:
@@ -77,39 +100,53 @@ def check_inputs(workdir: pathlib.Path, config: ml_collections.ConfigDict, split
                            + "\n  ".join(differences))
 
 
-def evaluate_e2e(config, model, frozen, spec, trainable, tokenizer, split: str,
-                 max_examples: int, batch_size: int) -> tuple[list[str], dict[str, float]]:
-    """Beam-searches one output per MR of `split`; returns the lines and their E2E scores."""
+def evaluate_e2e(run: TrainedRun, split: str, max_examples: int,
+                 batch_size: int) -> tuple[list[str], dict[str, float]]:
+    """Beam-searches one output per MR of `split`; returns the lines and their E2E scores.
+
+    Mergeable methods (LoRA, BitFit, FT) are folded into the weights first (no added latency);
+    the others (adapters, prefixes) run kept apart.
+    """
+    config, tokenizer = run.config, run.tokenizer
     groups = e2e.group_by_mr(e2e.read_e2e(split, data_dir=config.data.data_dir,
                                           source=config.data.source))
     if max_examples:
         groups = groups[:max_examples]
-    merged = lora.merge(spec, frozen, trainable)  # no added latency at inference
+    if run.stack.mergeable:
+        apply_fn, params = run.model.apply, {"params": run.stack.merge(run.frozen, run.trainable)}
+    else:
+        adapted = run.stack.adapt(run.model.apply)
+        apply_fn, params = (lambda p, *a, **k: adapted(p[0], p[1], *a, **k),
+                            (run.frozen, run.trainable))
     g = config.generate
-    prompts = [e2e.encode_prompt(mr, tokenizer) for mr, _ in groups]
+    vocab_size = run.vocab_size
+    prompts = [run.stack.prepare_prompt(e2e.encode_prompt(mr, tokenizer), vocab_size)
+               for mr, _ in groups]
     outputs = generate.beam_search(
-        model.apply, {"params": merged}, prompts, num_beams=g.beam_size,
+        apply_fn, params, prompts, num_beams=g.beam_size,
         length_penalty=g.length_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
-        max_new_tokens=g.max_new_tokens, eos_ids=e2e.STOP_IDS, pad_id=e2e.EOS_ID,
-        batch_size=batch_size)
+        max_new_tokens=g.max_new_tokens, eos_ids=run.family.stop_ids,
+        pad_id=run.family.stop_ids[0], batch_size=batch_size)
     lines = [" ".join(tokenizer.decode(ids, skip_special_tokens=True).split()) for ids in outputs]
     return lines, e2e_scores([refs for _, refs in groups], lines)
 
 
-def evaluate_glue(config, model, frozen, spec, trainable, tokenizer,
-                  max_examples: int) -> dict[str, float]:
+def evaluate_glue(run: TrainedRun, max_examples: int) -> dict[str, float]:
     """The task's dev metrics, as the trainer computes them."""
-    data = ml_collections.ConfigDict(config.data.to_dict())
+    data = ml_collections.ConfigDict(run.config.data.to_dict())
     if max_examples:
         data.max_eval_examples = max_examples
-    task = tasks.build_task(data, tokenizer, with_train=False)
+    vocab_size = run.vocab_size
+    task = tasks.build_task(data, run.tokenizer, with_train=False).prepared(
+        lambda e: run.stack.prepare_example(e, data.max_len, vocab_size))
     mesh = sharding.make_mesh()
     replicated = sharding.replicated(mesh)
-    forward = tasks.make_forward(lora.adapt(model.apply, spec))
+    forward = tasks.make_forward(run.stack.adapt(run.model.apply))
     eval_step = tasks.make_eval_step(forward, task.kind, replicated)
-    frozen = sharding.place(frozen, sharding.frozen_shardings(frozen, mesh))
-    trainable = sharding.place(trainable, replicated)
-    return tasks.evaluate(task, eval_step, frozen, trainable, mesh, config.data.eval_batch_size)
+    frozen = sharding.place(run.frozen, sharding.frozen_shardings(run.frozen, mesh))
+    trainable = sharding.place(run.trainable, replicated)
+    return tasks.evaluate(task, eval_step, frozen, trainable, mesh,
+                          run.config.data.eval_batch_size)
 
 
 def main(argv: list[str]) -> None:
@@ -118,19 +155,18 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir is required")
     workdir = pathlib.Path(FLAGS.workdir)
     try:
-        config, *run = load_run(workdir, FLAGS.split)
+        run = load_run(workdir, FLAGS.split)
     except (RunError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(getattr(error, "exit_code", 1))
     suffix = "" if FLAGS.split == "dev" else f"-{FLAGS.split}"
-    if config.data.task == "e2e":
-        lines, scores = evaluate_e2e(config, *run, FLAGS.split, FLAGS.max_examples,
-                                     FLAGS.batch_size)
+    if run.config.data.task == "e2e":
+        lines, scores = evaluate_e2e(run, FLAGS.split, FLAGS.max_examples, FLAGS.batch_size)
         (workdir / f"predictions{suffix}.txt").write_text("".join(line + "\n" for line in lines))
     else:
         if FLAGS.split != "dev":
             raise app.UsageError("GLUE test labels are not public: use --split dev")
-        scores = evaluate_glue(config, *run, FLAGS.max_examples)
+        scores = evaluate_glue(run, FLAGS.max_examples)
     scores = {k: float(v) for k, v in scores.items() if np.isscalar(v)}
     (workdir / f"scores{suffix}.json").write_text(json.dumps(scores, indent=2) + "\n")
     print(json.dumps(scores))

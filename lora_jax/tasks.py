@@ -41,6 +41,12 @@ class Task:
         rows are the same every epoch, only their order changes)."""
         return packing.pack_examples(self.train, self.max_len)
 
+    def prepared(self, prepare) -> "Task":
+        """The task with `prepare(example)` applied to every example (a method's input change,
+        e.g. PreEmbed's virtual tokens); the packing is recomputed from the new lengths."""
+        return dataclasses.replace(self, train=[prepare(e) for e in self.train],
+                                   eval=[prepare(e) for e in self.eval])
+
     def steps_per_epoch(self, batch_size: int) -> int:
         """len(train_batches(batch_size, ...)): full batches of rows, packed or not."""
         rows = len(self.packed_rows) if self.packing else len(self.train)
@@ -118,16 +124,18 @@ def _glue_task(cfg: Any, tokenizer: Any, with_train: bool) -> Task:
 
 
 def make_forward(adapted_apply):
-    """forward(frozen, trainable, batch, rng, train) -> logits, for an `lora.adapt`-ed apply.
+    """forward(frozen, trainable, batch, rng, train) -> logits, for a `MethodStack.adapt`-ed
+    apply.
 
-    In training, `rng` drives both the model's dropout and LoRA dropout; in evaluation neither.
+    In training, `rng` drives both the model's dropout and the methods' (LoRA dropout); in
+    evaluation neither.
     """
 
     def forward(frozen, trainable, batch, rng, train: bool):
-        dropout_rng, lora_rng = jax.random.split(rng)
+        dropout_rng, method_rng = jax.random.split(rng)
         return adapted_apply(frozen, trainable, batch["input_ids"], **model_inputs(batch),
                              deterministic=not train, rngs={"dropout": dropout_rng},
-                             lora_rng=lora_rng if train else None).logits
+                             method_rng=method_rng if train else None).logits
 
     return forward
 

@@ -27,7 +27,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lora_jax import lora, optim, peft_adapters, sharding, tasks
+from lora_jax import methods, optim, sharding, tasks
+from lora_jax.methods import count_params, saving
+from lora_jax.models import family as model_family
 from lora_jax.checkpoint import Checkpoints, abstract
 from lora_jax.config_checks import check_config
 from lora_jax.errors import ConfigError, DivergenceError, Preempted, RunError, WorkdirError
@@ -40,16 +42,6 @@ from lora_jax.workdir import Workdir
 FLAGS = flags.FLAGS
 
 logger = logging.getLogger(__name__)
-
-
-def spec_from_config(cfg: ml_collections.ConfigDict) -> lora.LoraSpec:
-    """The LoraSpec a config's `lora` section describes."""
-    return lora.LoraSpec(
-        targets=tuple(cfg.targets), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-        init=cfg.init, rslora=cfg.rslora, rank_pattern=dict(cfg.rank_pattern),
-        alpha_pattern=dict(cfg.alpha_pattern),
-        split_outputs={k: tuple(v) for k, v in cfg.split_outputs.items()},
-        also_train=tuple(cfg.also_train))
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
@@ -136,18 +128,21 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
     # --- Model, adapters and mesh -------------------------------------------------------------
     model, params, tokenizer, model_info = build_model(config.model, key_init,
                                                        config.data.data_dir)
-    spec = spec_from_config(config.lora)
-    frozen, trainable = lora.split(spec, params, key_lora)
+    stack = methods.build(config.method, model_family(model_info["model_type"]))
+    frozen, trainable = stack.split(params, key_lora)
+    vocab_size = model_family(model_info["model_type"]).vocab_size(params)
     del params
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     replicated = sharding.replicated(mesh)
     frozen = sharding.place(frozen, sharding.frozen_shardings(frozen, mesh))
     trainable = sharding.place(trainable, replicated)
-    log.info(f"{lora.count_params(frozen):,} frozen and {lora.count_params(trainable):,} trainable "
-             f"parameters; mesh {dict(mesh.shape)} over {jax.device_count()} devices")
+    log.info(f"{stack.describe()}: {count_params(trainable):,} trained and "
+             f"{count_params(frozen):,} frozen parameters; mesh {dict(mesh.shape)} over "
+             f"{jax.device_count()} devices")
 
     # --- Data and optimizer ---------------------------------------------------------------------
-    task = tasks.build_task(config.data, tokenizer)
+    task = tasks.build_task(config.data, tokenizer).prepared(
+        lambda e: stack.prepare_example(e, config.data.max_len, vocab_size))
     batch_size = config.data.batch_size
     steps_per_epoch = task.steps_per_epoch(batch_size)
     if steps_per_epoch == 0:
@@ -161,7 +156,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
     opt_state = jax.jit(tx.init, out_shardings=replicated)(trainable)
 
     # --- Steps ----------------------------------------------------------------------------------
-    forward = tasks.make_forward(lora.adapt(model.apply, spec))
+    forward = tasks.make_forward(stack.adapt(model.apply))
 
     train_step = build_train_step(forward, task.kind, tx, mesh, config.optim.label_smoothing)
     eval_step = tasks.make_eval_step(forward, task.kind, replicated)
@@ -247,17 +242,17 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
             pending.append((done, loss, finite, int(host_batch["attention_mask"].sum())))
             preempted = notice.reached(done)
             evaluating = done % config.train.eval_every == 0 or done == total_steps
-            saving = checkpoints.should_save(done) or done == total_steps or preempted
-            if done % config.train.log_every == 0 or evaluating or saving:
+            checkpointing = checkpoints.should_save(done) or done == total_steps or preempted
+            if done % config.train.log_every == 0 or evaluating or checkpointing:
                 flush()
             if evaluating:
                 metrics = evaluate(trainable)
                 best = log.eval(done, metrics, task.main_metric,
                                 higher_is_better=task.kind != "lm")
                 if run_dir.writer and best["step"] == done:
-                    peft_adapters.export_peft(workdir / "best_adapter", spec,
-                                              jax.device_get(trainable), **model_info)
-            if saving:
+                    saving.save(workdir / "best_adapter", stack, config.method,
+                                jax.device_get(trainable), **model_info)
+            if checkpointing:
                 checkpoints.save(done, state(done), force=True)
             if preempted:
                 raise Preempted(f"SIGTERM at step {done}: checkpointed step {done} in "
@@ -266,8 +261,8 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
         # --- Export -----------------------------------------------------------------------------
         final = evaluate(trainable) if start == total_steps else metrics
         if run_dir.writer:
-            peft_adapters.export_peft(workdir / "adapter", spec, jax.device_get(trainable),
-                                      **model_info)
+            saving.save(workdir / "adapter", stack, config.method, jax.device_get(trainable),
+                        **model_info)
     return {**final, "best": best}
 
 

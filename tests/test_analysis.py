@@ -10,7 +10,8 @@ import pytest
 from flax import traverse_util
 
 from conftest import REPO_ROOT, tiny_config
-from lora_jax import lora, peft_adapters
+from lora_jax import peft_adapters
+from lora_jax.methods import lora
 from lora_jax.analysis import (amplification, projection_norm, random_gaussian_like,
                                similarity_grid, subspace_similarity)
 from lora_jax.analysis import compare
@@ -266,8 +267,8 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runs")
     made = {}
-    for name, overrides in {"r4": {}, "r4_seed1": {"seed": 1}, "r8": {"lora.rank": 8}}.items():
-        config = tiny_config(**{"train.max_steps": 4, "lora.rank": 4, **overrides})
+    for name, overrides in {"r4": {}, "r4_seed1": {"seed": 1}, "r8": {"method.lora.rank": 8}}.items():
+        config = tiny_config(**{"train.max_steps": 4, "method.lora.rank": 4, **overrides})
         train(config, root / name)
         made[name] = root / name
     return made
@@ -386,7 +387,7 @@ def test_initial_adapters_are_the_ones_the_trainer_drew(tmp_path):
     from lora_jax.train import train
 
     frozen_run = tmp_path / "lr0"
-    train(tiny_config(**{"train.max_steps": 2, "lora.rank": 4, "optim.lr": 0.0, "seed": 3}),
+    train(tiny_config(**{"train.max_steps": 2, "method.lora.rank": 4, "optim.lr": 0.0, "seed": 3}),
           frozen_run)  # nothing moves: the final adapters are the initial ones
     (final,) = compare.load_adapters([frozen_run])
     moved = compare.movement_from_init(final, compare.initial_adapters(frozen_run))

@@ -16,23 +16,23 @@ def test_glue_config_loads_for_every_task_and_model(task, model):
     c = load_config(f"{CONFIGS}/glue.py:task={task},model={model}")
     assert c.data.task == task
     assert c.model.num_labels == TASKS[task].num_labels
-    assert c.lora.rank == 8 and c.optim.warmup_ratio == 0.06
+    assert c.method.lora.rank == 8 and c.optim.warmup_ratio == 0.06
 
 
 def test_glue_config_follows_table_9():
     base = load_config(f"{CONFIGS}/glue.py:task=cola,model=roberta-base")
     assert (base.data.batch_size, base.train.epochs, base.optim.lr) == (32, 80, 4e-4)
-    assert base.lora.alpha == 8.0 and base.data.max_len == 512
+    assert base.method.lora.alpha == 8.0 and base.data.max_len == 512
     large = load_config(f"{CONFIGS}/glue.py:task=rte,model=roberta-large")
     assert (large.data.batch_size, large.train.epochs, large.optim.lr, large.data.max_len) == (
         8, 20, 4e-4, 512)
-    assert large.lora.alpha == 16.0
+    assert large.method.lora.alpha == 16.0
 
 
 def test_e2e_config_follows_table_11():
     c = load_config(f"{CONFIGS}/e2e.py:model=gpt2-medium")
-    assert (c.lora.rank, c.lora.alpha, c.lora.dropout) == (4, 32.0, 0.1)
-    assert dict(c.lora.split_outputs) == {r"attn/c_attn": (True, False, True)}
+    assert (c.method.lora.rank, c.method.lora.alpha, c.method.lora.dropout) == (4, 32.0, 0.1)
+    assert dict(c.method.lora.split_outputs) == {r"attn/c_attn": (True, False, True)}
     assert (c.data.batch_size, c.train.epochs, c.optim.lr, c.optim.warmup_steps) == (8, 5, 2e-4, 500)
     assert (c.optim.weight_decay, c.optim.label_smoothing) == (0.01, 0.1)
     assert (c.generate.beam_size, c.generate.length_penalty, c.generate.no_repeat_ngram_size,

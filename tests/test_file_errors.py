@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from lora_jax import lora
+from lora_jax.methods import lora
 from lora_jax.errors import FileFormatError
 from lora_jax.evaluate import load_run
 from lora_jax.hub import load_pretrained

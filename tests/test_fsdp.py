@@ -18,18 +18,18 @@ from conftest import REPO_ROOT
 CHILD = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, transformers
-from lora_jax import hub, lora, sharding
+from lora_jax import hub, methods, sharding
 from lora_jax.config import load_config
-from lora_jax.train import spec_from_config
+from lora_jax.models import family
 
 def frozen_tree(config, abstract):
     fields = dict(config.model.random_init)
     hf = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
     model = hub.model_from_hf_config(hf, task=None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    spec = spec_from_config(config.lora)
+    stack = methods.build(config.method, family("gpt2"))
     def init_and_split(key):
         params = model.init(key, jnp.ones((1, 8), jnp.int32))["params"]
-        return lora.split(spec, params, key)
+        return stack.split(params, key)
     if abstract:
         return jax.eval_shape(init_and_split, jax.random.key(0))
     return jax.jit(init_and_split)(jax.random.key(0))

@@ -13,7 +13,8 @@ import pytest
 import torch
 import transformers
 
-from lora_jax import generate, lora
+from lora_jax import generate
+from lora_jax.methods import lora
 from lora_jax.hub import load_pretrained
 from lora_jax.models.gpt2 import GPT2Output, KVCache
 

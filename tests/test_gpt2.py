@@ -162,7 +162,7 @@ def test_cudnn_attention_matches_xla(padded_batch):
 def test_remat_keeps_params_outputs_and_lora_gradients():
     """Recomputing blocks in the backward pass changes memory, not the model: the same param tree,
     and through `lora.adapt` (dropout on) the same loss and adapter gradients."""
-    from lora_jax import lora
+    from lora_jax.methods import lora
 
     config = GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4)
     plain, remat = GPT2LMHeadModel(config), GPT2LMHeadModel(dataclasses.replace(config, remat=True))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from lora_jax import lora
-from lora_jax.lora import LoraSpec
+from lora_jax.methods import lora
+from lora_jax.methods.lora import LoraSpec
 
 D_IN, D_HIDDEN, D_OUT = 16, 24, 6
 

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_jax import lora, optim
-from lora_jax.lora import LoraSpec
+from lora_jax import optim
+from lora_jax.methods import lora
+from lora_jax.methods.lora import LoraSpec
 
 
 class TwoLayer(nn.Module):

@@ -263,7 +263,7 @@ def e2e_run_config(data_dir, **fields):
     for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
         c.model.random_init[name] = 0.0  # no dropout: both runs compute the same function
     c.model.random_init.initializer_range = 0.1  # strong attention: a leak would show in the loss
-    c.lora.dropout = 0.0
+    c.method.lora.dropout = 0.0
     c.train.log_every, c.optim.warmup_steps = 1, 1
     for dotted, value in fields.items():
         section, name = dotted.split(".")

@@ -17,7 +17,7 @@ import torch
 import transformers
 from flax import traverse_util
 
-from lora_jax import lora
+from lora_jax.methods import lora
 from lora_jax.hub import hf_module_name, load_pretrained
 from lora_jax.peft_adapters import export_peft, load_peft
 

@@ -7,7 +7,8 @@ import peft
 import torch
 import transformers
 
-from lora_jax import lora, optim
+from lora_jax import optim
+from lora_jax.methods import lora
 from lora_jax.hub import load_pretrained
 from lora_jax.models.encoder import sequence_classification_loss
 from lora_jax.models.gpt2 import lm_loss
@@ -42,8 +43,10 @@ def _copy_peft_adapters(peft_model, modules: list[str]) -> dict:
     return tree
 
 
-def _torch_steps(peft_model, loss_of_batch, batches):
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+def _torch_steps(peft_model, loss_of_batch, batches, trainable=None):
+    """AdamW steps on `trainable` (default: the model's parameters that require a gradient)."""
+    if trainable is None:
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
     peft_model.train()
     losses = []

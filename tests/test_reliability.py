@@ -232,9 +232,9 @@ def test_resume_on_another_base_checkpoint_is_refused(tmp_path):
 def test_a_changed_config_is_refused_naming_each_field_old_and_new(tmp_path):
     train(tiny_config(**{"train.max_steps": 2}), tmp_path)
     with pytest.raises(WorkdirError) as error:
-        train(tiny_config(**{"train.max_steps": 2, "optim.lr": 1e-3, "lora.rank": 4}), tmp_path)
+        train(tiny_config(**{"train.max_steps": 2, "optim.lr": 1e-3, "method.lora.rank": 4}), tmp_path)
     assert "optim.lr: 0.0005 -> 0.001" in str(error.value)
-    assert "lora.rank: 8 -> 4" in str(error.value)
+    assert "method.lora.rank: 8 -> 4" in str(error.value)
 
 
 # --- 3. Unreadable is not incompatible ----------------------------------------------------------
@@ -246,7 +246,7 @@ def test_an_incompatible_checkpoint_is_refused_and_nothing_renamed(tmp_path):
     with pytest.raises(IncompatibleCheckpoint,
                        match=r"trainable/lora/.*/lora_a is \(8, 32\) float32 in the checkpoint "
                              r"but \(4, 32\) float32"):
-        train(tiny_config(**{"lora.rank": 4}), tmp_path)
+        train(tiny_config(**{"method.lora.rank": 4}), tmp_path)
     assert tree_snapshot(tmp_path) == before
     assert not list((tmp_path / "checkpoints").glob("*unreadable*"))
 
@@ -276,10 +276,10 @@ def test_a_fresh_start_in_an_old_workdir_keeps_the_earlier_records_aside(tmp_pat
     ("data.batch_size", 0, "integer >= 1"),
     ("model.dtype", "float16", "'float32', 'bfloat16'"),
     ("data.task", "foo", "'sst2'"),
-    ("lora.targets", ("(",), "not a valid regular expression"),
+    ("method.lora.targets", ("(",), "not a valid regular expression"),
     ("data.max_train_examples", -1, "integer >= 0"),
     ("optim.lr", float("nan"), "finite number"),
-    ("lora.dropout", 1.0, "[0, 1)"),
+    ("method.lora.dropout", 1.0, "[0, 1)"),
     ("mesh.data", 0, ">= 1 or -1"),
 ])
 def test_bad_values_are_named_before_the_workdir_is_touched(tmp_path, field, value, allowed):
@@ -327,7 +327,7 @@ def test_a_run_failing_before_its_first_step_leaves_the_workdir_as_found(tmp_pat
     # A new workdir (and its missing parent) is not left behind ...
     fresh = tmp_path / "parent" / "run"
     with pytest.raises(ValueError, match="'no_such_module' matches no kernel"):
-        train(tiny_config(**{"lora.targets": ("no_such_module",)}), fresh)
+        train(tiny_config(**{"method.lora.targets": ("no_such_module",)}), fresh)
     assert not (tmp_path / "parent").exists()
     # ... and an existing one is unchanged, byte for byte, when the data are not there.
     workdir = tmp_path / "done"

@@ -24,8 +24,8 @@ def test_rank_study_is_table_6():
     assert {(r["targets"], r["rank"]) for r in named.values()} == {
         (t, r) for t in ("q", "qv", "qkvo") for r in (1, 2, 4, 8, 64)}
     run = named["rank=64,targets=qkvo,seed=0"]
-    assert run["overrides"] == {"lora.rank": 64, "lora.targets": (Q, K, V, O), "seed": 0}
-    assert named["rank=1,targets=q,seed=0"]["overrides"]["lora.targets"] == (Q,)
+    assert run["overrides"] == {"method.lora.rank": 64, "method.lora.targets": (Q, K, V, O), "seed": 0}
+    assert named["rank=1,targets=q,seed=0"]["overrides"]["method.lora.targets"] == (Q,)
 
 
 def test_targets_study_is_table_5():
@@ -34,8 +34,8 @@ def test_targets_study_is_table_5():
         "rank=8,targets=q,seed=0", "rank=8,targets=k,seed=0", "rank=8,targets=v,seed=0",
         "rank=8,targets=o,seed=0", "rank=4,targets=qk,seed=0", "rank=4,targets=qv,seed=0",
         "rank=2,targets=qkvo,seed=0"]
-    assert named["rank=4,targets=qk,seed=0"]["overrides"]["lora.targets"] == (Q, K)
-    assert named["rank=8,targets=o,seed=0"]["overrides"]["lora.targets"] == (O,)
+    assert named["rank=4,targets=qk,seed=0"]["overrides"]["method.lora.targets"] == (Q, K)
+    assert named["rank=8,targets=o,seed=0"]["overrides"]["method.lora.targets"] == (O,)
 
 
 def test_seeds_study_and_arguments():
@@ -46,7 +46,7 @@ def test_seeds_study_and_arguments():
     c = load_config(f"{ABLATIONS}:study=targets,task=rte,steps=100")
     assert (c.base.data.task, c.base.train.max_steps, c.base.model.name) == ("rte", 100, "minilm")
     assert (c.base.data.batch_size, c.base.optim.lr, c.base.data.max_len) == (32, 1e-3, 64)
-    assert c.base.lora.alpha == 8.0  # fixed across ranks, as in the paper
+    assert c.base.method.lora.alpha == 8.0  # fixed across ranks, as in the paper
     with pytest.raises(ValueError, match="study"):
         load_config(f"{ABLATIONS}:study=depth")
 
@@ -55,8 +55,8 @@ def test_run_config_applies_overrides_to_a_copy():
     c = load_config(f"{ABLATIONS}:study=rank,model=tiny")
     run = runs("study=rank,model=tiny")["rank=2,targets=qkvo,seed=0"]
     config = sweep.run_config(c.base, run)
-    assert (config.lora.rank, tuple(config.lora.targets)) == (2, (Q, K, V, O))
-    assert c.base.lora.rank == 8
+    assert (config.method.lora.rank, tuple(config.method.lora.targets)) == (2, (Q, K, V, O))
+    assert c.base.method.lora.rank == 8
 
 
 def test_summarize_median_min_max():
@@ -108,11 +108,11 @@ def test_only_that_matches_nothing_lists_runs(tmp_path):
 def test_gpt2_studies_adapt_slices_of_the_fused_c_attn_and_c_proj():
     named = runs("study=targets,task=e2e,model=tiny")
     assert named["rank=8,targets=k,seed=0"]["overrides"] == {
-        "lora.rank": 8, "lora.targets": ("attn/c_attn",),
-        "lora.split_outputs": {"attn/c_attn": (False, True, False)}, "seed": 0}
-    assert named["rank=8,targets=o,seed=0"]["overrides"]["lora.targets"] == ("attn/c_proj",)
-    assert named["rank=8,targets=o,seed=0"]["overrides"]["lora.split_outputs"] == {}
-    assert named["rank=2,targets=qkvo,seed=0"]["overrides"]["lora.split_outputs"] == {
+        "method.lora.rank": 8, "method.lora.targets": ("attn/c_attn",),
+        "method.lora.split_outputs": {"attn/c_attn": (False, True, False)}, "seed": 0}
+    assert named["rank=8,targets=o,seed=0"]["overrides"]["method.lora.targets"] == ("attn/c_proj",)
+    assert named["rank=8,targets=o,seed=0"]["overrides"]["method.lora.split_outputs"] == {}
+    assert named["rank=2,targets=qkvo,seed=0"]["overrides"]["method.lora.split_outputs"] == {
         "attn/c_attn": (True, True, True)}
     c = load_config(f"{ABLATIONS}:study=rank,task=e2e")
     assert (c.base.data.task, c.base.model.name) == ("e2e", "openai-community/gpt2-medium")

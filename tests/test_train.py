@@ -196,7 +196,7 @@ def test_trained_adapter_export_loads_in_peft_with_the_same_logits(tmp_path):
     import torch
     import transformers
 
-    from lora_jax import lora
+    from lora_jax.methods import lora
     from lora_jax.config import TINY_MODELS
     from lora_jax.hub import load_pretrained
     from lora_jax.peft_adapters import load_peft

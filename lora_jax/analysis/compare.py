@@ -43,7 +43,9 @@ from flax import traverse_util
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lora_jax import lora, peft_adapters
+from lora_jax import methods, peft_adapters
+from lora_jax.models import family as model_family
+from lora_jax.methods import lora
 from lora_jax.analysis.amplification import amplification
 from lora_jax.analysis.subspace import Side, random_gaussian_like, similarity_grid
 from lora_jax.config import load_config
@@ -134,7 +136,8 @@ def _locate(source: pathlib.Path, base: str | None):
         adapter = source / "adapter"
         if not adapter.is_dir():
             raise FileNotFoundError(f"{adapter} does not exist: the run has not finished training")
-        return config, adapter, {k: tuple(v) for k, v in config.lora.split_outputs.items()}
+        parts = lora_section(config).split_outputs
+        return config, adapter, {k: tuple(v) for k, v in parts.items()}
     if (source / peft_adapters.CONFIG_NAME).is_file():
         if base is None:
             raise ValueError(f"{source} is a PEFT adapter directory: name its base model with "
@@ -187,18 +190,32 @@ def initial_adapters(run: str | pathlib.Path) -> dict[str, AdaptedMatrix]:
     Raises:
       FileNotFoundError: `run` is not a `lora_jax.train` workdir (a PEFT directory has no seed).
     """
-    from lora_jax.train import spec_from_config  # the trainer's own spec, not a re-implementation
-
     run = pathlib.Path(run)
     if not (run / "config.json").is_file():
         raise FileNotFoundError(f"{run} is not a lora_jax.train workdir (no config.json): "
                                 "only a run's seed says how its adapters were initialised")
     config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
     key_init, key_lora, _ = run_keys(config.seed)
-    _, params, _, _ = build_model(config.model, key_init)
-    spec = spec_from_config(config.lora)
-    frozen, trainable = lora.split(spec, params, key_lora)
-    return adapted_matrices(spec, frozen, trainable)
+    _, params, _, info = build_model(config.model, key_init)
+    # The trainer's own stack and split, not a re-implementation: the same A for the same seed.
+    stack = methods.build(lora_section(config, whole=True), model_family(info["model_type"]))
+    frozen, trainable = stack.split(params, key_lora)
+    specs = [m.spec for m in stack.methods if isinstance(m, lora.LoRA)]
+    if not specs:
+        raise ValueError(f"{run} trained {stack.describe()}, not LoRA: it has no A to compare")
+    return adapted_matrices(specs[0], frozen, trainable)
+
+
+def lora_section(config: ml_collections.ConfigDict, whole: bool = False):
+    """The LoRA settings of a run's config (config.method.lora; config.lora in runs from before
+    the method seam); `whole`: the whole config.method section, as the trainer builds it."""
+    if "method" in config:
+        return config.method if whole else config.method.lora
+    legacy = ml_collections.ConfigDict({"use": ("lora",), "also_train": config.lora.also_train,
+                                        "lora": {k: v for k, v in config.lora.items()
+                                                 if k != "also_train"}})
+    legacy.lora.bias = "none"
+    return legacy if whole else legacy.lora
 
 
 def movement_from_init(final: Mapping[str, AdaptedMatrix], initial: Mapping[str, AdaptedMatrix]

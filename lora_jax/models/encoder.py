@@ -416,19 +416,19 @@ def _encoder_family(model_type: str) -> ModelFamily:
         lora_targets=(r"/query/kernel", r"/value/kernel"),
         lora_split_outputs={},
         stop_ids=(),
-        layer_pattern=r"(?:^|/)layer_(\d+)(?:/|$)",
-        sublayers={"attention": r"(?:^|/)layer_\d+/attention/output/dropout$",
-                   "ffn": r"(?:^|/)layer_\d+/output/dropout$",
-                   "block": r"(?:^|/)layer_\d+$"},
-        word_embedding=r"(?:^|/)embeddings/word_embeddings$",
+        block=r"layer_(\d+)",
+        sublayers={"attention": "attention/output/dropout", "ffn": "output/dropout",
+                   "block": ""},
+        word_embedding="embeddings/word_embeddings",
         layer_norm=r"(?:^|/)LayerNorm$",
-        hidden_size=_hidden_size,
+        hidden_size=lambda params: _word_embeddings(params).shape[1],
+        vocab_size=lambda params: _word_embeddings(params).shape[0],
     )
 
 
-def _hidden_size(params: Any) -> int:
+def _word_embeddings(params: Any):
     root = params.get("bert") or params.get("roberta") or params
-    return root["embeddings"]["word_embeddings"]["embedding"].shape[1]
+    return root["embeddings"]["word_embeddings"]["embedding"]
 
 
 BERT = _encoder_family("bert")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +36,15 @@ class ModelFamily:
       tied_embedding: a module tied to the LM head (it cannot be a PEFT module to save), or None.
       lora_targets, lora_split_outputs: the LoRA paper's default targets for the family.
       stop_ids: token ids that end a generated text.
-      layer_pattern: regex whose group 1 is the block index in a module path.
-      sublayers: where methods attach: 'attention' and 'ffn' name the modules whose output is a
-        sublayer's output after its dropout, before the residual add; 'block' the blocks (their
-        output, or its first element, is the hidden state).
-      word_embedding: the token embedding's module path.
+      block: regex matching the name of one block module ('h_3'); group 1 is its index.
+      sublayers: where methods attach, as paths relative to a block: 'attention' and 'ffn' name
+        the modules whose output is a sublayer's output after its dropout, before the residual
+        add; 'block' ('') is the block itself (its output, or its first element, is the hidden
+        state).
+      word_embedding: the token embedding's module path, relative to the base model.
       layer_norm: regex matching the LayerNorm module paths.
       hidden_size: params -> the model width d.
+      vocab_size: params -> the rows of the token embedding.
     """
 
     model_type: str
@@ -55,11 +58,12 @@ class ModelFamily:
     lora_targets: tuple[str, ...]
     lora_split_outputs: Mapping[str, tuple[bool, ...]]
     stop_ids: tuple[int, ...]
-    layer_pattern: str
+    block: str
     sublayers: Mapping[str, str]
     word_embedding: str
     layer_norm: str
     hidden_size: Callable[[Any], int]
+    vocab_size: Callable[[Any], int]
 
     def check_task(self, task: str | None) -> None:
         if task not in self.tasks:
@@ -68,5 +72,19 @@ class ModelFamily:
 
     def layer_index(self, module_path: str) -> int | None:
         """The block index of a '/'-joined module path (None outside the blocks)."""
-        match = re.search(self.layer_pattern, module_path)
-        return int(match.group(1)) if match else None
+        for part in module_path.split("/"):
+            match = re.fullmatch(self.block, part)
+            if match:
+                return int(match.group(1))
+        return None
+
+    def blocks(self, params: Mapping) -> list[tuple[str, ...]]:
+        """The module paths of the blocks, in index order (found in a params tree)."""
+        found = {}
+        for path in traverse_util.flatten_dict(params):
+            for k, part in enumerate(path):
+                match = re.fullmatch(self.block, part)
+                if match:
+                    found[int(match.group(1))] = path[:k + 1]
+                    break
+        return [found[i] for i in sorted(found)]

@@ -353,8 +353,10 @@ def lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> ja
     Returns:
       Scalar float32 loss: the mean over target tokens (0 if there are none).
     """
-    targets = input_ids[:, 1:]
     weights = loss_mask[:, 1:].astype(jnp.float32)
+    # Ids that are no target (padding, a method's virtual tokens past the vocabulary) point
+    # at 0: gathering out of range would give NaN, and NaN * 0 is NaN.
+    targets = jnp.where(weights > 0, input_ids[:, 1:], 0)
     nll = optax.softmax_cross_entropy_with_integer_labels(
         logits[:, :-1].astype(jnp.float32), targets
     )
@@ -382,11 +384,10 @@ GPT2 = ModelFamily(
     lora_targets=(r"attn/c_attn",),
     lora_split_outputs={r"attn/c_attn": (True, False, True)},
     stop_ids=(50256, 628),  # <|endoftext|> and '\n\n', as microsoft/LoRA's beam search
-    layer_pattern=r"(?:^|/)h_(\d+)(?:/|$)",
-    sublayers={"attention": r"(?:^|/)h_\d+/attn/resid_dropout$",
-               "ffn": r"(?:^|/)h_\d+/mlp/dropout$",
-               "block": r"(?:^|/)h_\d+$"},
+    block=r"h_(\d+)",
+    sublayers={"attention": "attn/resid_dropout", "ffn": "mlp/dropout", "block": ""},
     word_embedding="wte",
     layer_norm=r"(?:^|/)(?:ln_1|ln_2|ln_f)$",
     hidden_size=lambda params: params["wte"]["embedding"].shape[1],
+    vocab_size=lambda params: params["wte"]["embedding"].shape[0],
 )

@@ -61,6 +61,16 @@ def layer_norm(epsilon: float, dtype, param_dtype, name: str) -> nn.LayerNorm:
     )
 
 
+def layer_norm_apply(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    """`layer_norm`'s computation as a function of given weights (for layers a method adds):
+    float32 statistics, two-pass variance, output in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(variance + epsilon)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -34,10 +35,16 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import traverse_util
+
+from lora_jax import config_rules as rules
+from lora_jax.methods.base import Method, Registration, combine, count_params, matching
 
 Params = Mapping[str, Any]
 Path = tuple[str, ...]
+__all__ = ["LoraSpec", "LoRA", "split", "adapt", "merge", "unmerge", "combine", "count_params",
+           "init", "adapter_modules", "check_compatible", "target_kernels", "low_rank_update"]
 
 LORA_A = "lora_a"
 LORA_B = "lora_b"
@@ -190,16 +197,9 @@ def init(spec: LoraSpec, params: Params, key: jax.Array) -> dict:
 
 
 def _also_trained(spec: LoraSpec, params: Params) -> set[Path]:
-    flat = traverse_util.flatten_dict(params)
     chosen = set()
     for pattern in spec.also_train:
-        hits = {p for p in flat if re.search(pattern, _join(p))}
-        if not hits:
-            listing = "\n  ".join(sorted({_join(p[:-1]) for p in flat}))
-            raise ValueError(
-                f"also_train pattern {pattern!r} matches no parameter. Modules are:\n  {listing}"
-            )
-        chosen |= hits
+        chosen |= matching(params, pattern, "also_train")
     return chosen
 
 
@@ -220,13 +220,6 @@ def split(spec: LoraSpec, params: Params, key: jax.Array) -> tuple[dict, dict]:
     extra = {p: jnp.asarray(flat[p], jnp.float32) for p in full}
     extra = traverse_util.unflatten_dict(extra) if extra else {}
     return frozen, {"lora": adapters, "params": extra}
-
-
-def combine(frozen: Params, trainable: Params) -> dict:
-    """The full parameter tree: frozen leaves overlaid with the fully-trained ones."""
-    flat = traverse_util.flatten_dict(frozen)
-    flat.update(traverse_util.flatten_dict(trainable.get("params", {})))
-    return traverse_util.unflatten_dict(flat)
 
 
 def adapter_modules(trainable: Params) -> dict[Path, dict]:
@@ -397,6 +390,103 @@ def unmerge(spec: LoraSpec, merged: Params, trainable: Params) -> dict:
     return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in extra})
 
 
-def count_params(tree: Params) -> int:
-    """Number of scalars in a pytree."""
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+
+BIAS_OPTIONS = ("none", "all", "lora_only")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(Method):
+    """LoRA as a method of a `MethodStack`: the adapters of `spec` (its `also_train` aside: the
+    stack's own `also_train` holds what every method trains in full).
+
+    Attributes:
+      spec: targets, rank, alpha, dropout, init, per-pattern overrides, split outputs.
+      bias: loralib's option: 'none' (biases frozen), 'all' (every bias trained, LayerNorms'
+        included, as loralib's and PEFT's bias='all'), 'lora_only' (the biases of the adapted
+        modules).
+      strict: an adapter that no call reaches is an error (see `adapt`).
+    """
+
+    name = "lora"
+    mergeable = True
+
+    spec: LoraSpec
+    bias: str = "none"
+    strict: bool = True
+
+    def __post_init__(self):
+        if self.bias not in BIAS_OPTIONS:
+            raise ValueError(f"LoRA bias must be one of {BIAS_OPTIONS}, got {self.bias!r}")
+
+    def trains(self, params: Params) -> set[Path]:
+        chosen = _also_trained(self.spec, params)
+        flat = traverse_util.flatten_dict(params)
+        if self.bias == "all":
+            chosen |= {p for p in flat if p[-1] == "bias"}
+        elif self.bias == "lora_only":
+            adapted = {tuple(k.split("/")[:-1]) for k in target_kernels(self.spec, params)}
+            chosen |= {p for p in flat if p[-1] == "bias" and p[:-1] in adapted}
+        return chosen
+
+    def init(self, params: Params, key: jax.Array) -> dict:
+        return init(self.spec, params, key) if self.spec.targets else {}
+
+    @contextlib.contextmanager
+    def intercept(self, added: Params, rng: jax.Array | None):
+        used: set[Path] = set()
+        trainable = {"lora": added}
+        with nn.intercept_methods(_interceptor(self.spec, trainable, rng, used)):
+            yield
+        unused = [_join(m + ("kernel",)) for m in adapter_modules(trainable) if m not in used]
+        if self.strict and unused:
+            raise ValueError(
+                f"adapters were never applied (their kernels are not nn.Dense kernels that this "
+                f"call ran): {unused}. Target plain nn.Dense layers, or run the whole model.")
+
+    def merge(self, params: Params, added: Params) -> dict:
+        return _apply_deltas(self.spec, params, {"lora": added}, +1.0)
+
+    def describe(self) -> str:
+        bias = "" if self.bias == "none" else f", bias={self.bias}"
+        return f"lora(r={self.spec.rank}{bias})"
+
+
+# --- As a config section (config.method.lora) -----------------------------------------------------
+
+def _defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.targets = (r"/query/kernel", r"/value/kernel")
+    c.rank = 8
+    c.alpha = 8.0
+    c.dropout = 0.0
+    c.init = "kaiming"
+    c.rslora = False
+    c.rank_pattern = ml_collections.ConfigDict()
+    c.alpha_pattern = ml_collections.ConfigDict()
+    c.split_outputs = ml_collections.ConfigDict()
+    c.bias = "none"
+    return c
+
+
+def spec_from_config(c: Any) -> LoraSpec:
+    """The LoraSpec a `config.method.lora` section describes."""
+    return LoraSpec(
+        targets=tuple(c.targets), rank=c.rank, alpha=c.alpha, dropout=c.dropout, init=c.init,
+        rslora=c.rslora, rank_pattern=dict(c.rank_pattern), alpha_pattern=dict(c.alpha_pattern),
+        split_outputs={k: tuple(v) for k, v in c.split_outputs.items()})
+
+
+def _output_parts(value) -> str | None:
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, bool) for v in value):
+        return "must be a tuple of True/False, one per part of the fused output"
+    return None if any(value) else "must adapt at least one part (a True)"
+
+
+REGISTRATION = Registration(
+    _defaults,
+    {"targets": rules.regexes, "rank": rules.integer(1), "alpha": rules.number(0, low_open=True),
+     "dropout": rules.number(0, 1, high_open=True), "init": rules.one_of("gaussian", "kaiming"),
+     "rslora": rules.boolean, "rank_pattern": rules.pattern_table(rules.integer(1)),
+     "alpha_pattern": rules.pattern_table(rules.number(0, low_open=True)),
+     "split_outputs": rules.pattern_table(_output_parts), "bias": rules.one_of(*BIAS_OPTIONS)},
+    lambda c, family: LoRA(spec_from_config(c), bias=c.bias))

@@ -1,0 +1,238 @@
+"""The protocol every parameter-efficient method follows, and `MethodStack`, which composes them.
+
+A method says
+  - which base parameters it trains in full (`trains`: BitFit's biases, FT's everything),
+  - which parameters it adds, freshly initialised (`init`: LoRA's A and B, an adapter's
+    projections, prefix embeddings), so that the adapted model equals the base at step 0
+    wherever the method allows it (B = 0, zero up-projections),
+  - what it adds to the forward pass, through Flax method interception (`intercept`), so that
+    model code stays unaware of it,
+  - how it changes the input, if it does (`prepare_example`, `prepare_prompt`: PreEmbed inserts
+    its virtual tokens),
+  - whether and how it folds into plain weights (`merge`; `NotMergeable` otherwise).
+Its exact parameter count is the size of what it adds plus what it trains in full.
+
+`MethodStack` runs one or several methods together (LoRA + PreEmbed, as the paper's Appendix E).
+The trainable tree it builds is
+
+    {"params": base leaves trained in full (float32), <method name>: what that method adds, ...}
+
+and the frozen tree is every other base leaf, in the dtype it came in. The two share no leaf,
+so an optimizer over the trainable tree keeps state for what is trained only, and gradients
+are taken for those leaves alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+Params = Mapping[str, Any]
+Path = tuple[str, ...]
+
+
+class NotMergeable(ValueError):
+    """The method adds computation that no plain weight matrix can hold (adapters, prefixes)."""
+
+
+def join(path: Path) -> str:
+    return "/".join(path)
+
+
+def matching(params: Params, pattern: str, what: str) -> set[Path]:
+    """The leaf paths of `params` that `pattern` finds (re.search on '/'-joined paths).
+
+    Raises:
+      ValueError: nothing matches; the message lists the modules that exist.
+    """
+    flat = traverse_util.flatten_dict(params)
+    hits = {p for p in flat if re.search(pattern, join(p))}
+    if not hits:
+        listing = "\n  ".join(sorted({join(p[:-1]) for p in flat}))
+        raise ValueError(f"{what} pattern {pattern!r} matches no parameter. Modules are:\n  "
+                         f"{listing}")
+    return hits
+
+
+class Method:
+    """A parameter-efficient method; subclasses are frozen dataclasses (see the module docstring).
+
+    Class attributes:
+      name: the registry name, also the key of the method's added parameters in `trainable`.
+      mergeable: whether `merge` folds the method into plain weights.
+    """
+
+    name: ClassVar[str] = "method"
+    mergeable: ClassVar[bool] = False
+
+    def trains(self, params: Params) -> set[Path]:
+        """Base leaves trained in full (they leave the frozen tree)."""
+        return set()
+
+    def init(self, params: Params, key: jax.Array) -> dict:
+        """The parameters the method adds, freshly initialised, float32 ({} for none)."""
+        return {}
+
+    @contextlib.contextmanager
+    def intercept(self, added: Params, rng: jax.Array | None) -> Iterator[None]:
+        """A context in which the model's forward pass includes the method (none by default).
+        `rng` drives the method's own dropout; None in evaluation."""
+        yield
+
+    def prepare_example(self, example: dict, max_len: int, vocab_size: int) -> dict:
+        """An encoded training or evaluation example as the method feeds it (unchanged here);
+        the result has at most `max_len` tokens. `vocab_size`: the model's embedding rows."""
+        return example
+
+    def prepare_prompt(self, ids: Sequence[int], vocab_size: int) -> list[int]:
+        """A generation prompt's token ids as the method feeds them (unchanged here)."""
+        return list(ids)
+
+    def merge(self, params: Params, added: Params) -> dict:
+        """Plain params computing the adapted function. Methods that add nothing merge trivially.
+
+        Raises:
+          NotMergeable: the method adds computation no weight matrix holds.
+        """
+        if jax.tree_util.tree_leaves(added):
+            raise NotMergeable(f"{self.name} adds computation to the forward pass that no weight "
+                               "matrix holds: it cannot be merged (run it kept apart)")
+        return dict(params)
+
+    def describe(self) -> str:
+        """A short name with the settings, for logs and results tables."""
+        return self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodStack:
+    """One or several methods applied together, plus the leaves every method trains in full.
+
+    Attributes:
+      methods: applied in order (their interceptions nest, the first outermost).
+      also_train: patterns of base parameters trained in full next to any method, e.g. a fresh
+        classification head (PEFT's `modules_to_save`).
+    """
+
+    methods: tuple[Method, ...]
+    also_train: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "also_train", tuple(self.also_train))
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names) or "params" in names:
+            raise ValueError(f"methods must have distinct names other than 'params', got {names}")
+
+    def trained_in_full(self, params: Params) -> set[Path]:
+        chosen = set()
+        for pattern in self.also_train:
+            chosen |= matching(params, pattern, "also_train")
+        for method in self.methods:
+            chosen |= method.trains(params)
+        return chosen
+
+    def split(self, params: Params, key: jax.Array) -> tuple[dict, dict]:
+        """(frozen, trainable) for `params` (see the module docstring)."""
+        flat = traverse_util.flatten_dict(params)
+        full = self.trained_in_full(params)
+        frozen = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in full})
+        # Trained leaves live in float32 even when W0 is held in bf16: small updates would vanish.
+        trained = {p: jnp.asarray(flat[p], jnp.float32) for p in full}
+        trainable = {"params": traverse_util.unflatten_dict(trained) if trained else {}}
+        # One method takes the key itself, so a LoRA run draws the adapters `lora.split` draws.
+        keys = [key] if len(self.methods) == 1 else jax.random.split(key, len(self.methods))
+        for method, k in zip(self.methods, keys):
+            added = method.init(params, k)
+            if added:
+                trainable[method.name] = added
+        return frozen, trainable
+
+    def adapt(self, apply_fn: Callable, collection: str = "params") -> Callable:
+        """Wraps a Flax apply function so it runs the adapted model.
+
+        Returns:
+          adapted(frozen, trainable, *args, method_rng=None, **kwargs). `method_rng` drives the
+          methods' own dropout (None in evaluation); other kwargs pass through to `apply_fn`.
+        """
+
+        def adapted(frozen: Params, trainable: Params, *args,
+                    method_rng: jax.Array | None = None, **kwargs):
+            variables = {collection: combine(frozen, trainable)}
+            rngs = (jax.random.split(method_rng, len(self.methods)) if method_rng is not None
+                    else [None] * len(self.methods))
+            with contextlib.ExitStack() as stack:
+                for method, rng in zip(self.methods, rngs):
+                    stack.enter_context(method.intercept(trainable.get(method.name, {}), rng))
+                return apply_fn(variables, *args, **kwargs)
+
+        return adapted
+
+    @property
+    def mergeable(self) -> bool:
+        return all(m.mergeable for m in self.methods)
+
+    def merge(self, frozen: Params, trainable: Params) -> dict:
+        """Plain params computing the adapted function with the unchanged model.
+
+        Raises:
+          NotMergeable: a method that cannot merge (named).
+        """
+        params = combine(frozen, trainable)
+        for method in self.methods:
+            params = method.merge(params, trainable.get(method.name, {}))
+        return params
+
+    def prepare_example(self, example: dict, max_len: int, vocab_size: int) -> dict:
+        for method in self.methods:
+            example = method.prepare_example(example, max_len, vocab_size)
+        return example
+
+    def prepare_prompt(self, ids: Sequence[int], vocab_size: int) -> list[int]:
+        for method in self.methods:
+            ids = method.prepare_prompt(ids, vocab_size)
+        return list(ids)
+
+    def describe(self) -> str:
+        return " + ".join(m.describe() for m in self.methods) or "none"
+
+
+def combine(frozen: Params, trainable: Params) -> dict:
+    """The full parameter tree: frozen leaves overlaid with the fully-trained ones."""
+    flat = traverse_util.flatten_dict(frozen)
+    flat.update(traverse_util.flatten_dict(trainable.get("params", {})))
+    return traverse_util.unflatten_dict(flat)
+
+
+def frozen_part(params: Params, trainable: Params) -> dict:
+    """`params` without the leaves `trainable['params']` trains in full (what `split` froze)."""
+    trained = set(traverse_util.flatten_dict(trainable.get("params", {})))
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in trained})
+
+
+def count_params(tree: Params) -> int:
+    """Number of scalars in a pytree (of arrays or ShapeDtypeStructs)."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """How a config builds a method: its config section, each field's rule, the builder.
+
+    Attributes:
+      defaults: () -> the section `config.method.<name>` (every field, with its default).
+      rules: field -> rule (`lora_jax.config_rules`), checked before a run starts.
+      build: (section, model family) -> the Method.
+    """
+
+    defaults: Callable[[], Any]
+    rules: Mapping[str, Callable[[Any], str | None]]
+    build: Callable[[Any, Any], Method]

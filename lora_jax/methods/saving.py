@@ -1,0 +1,139 @@
+"""Trained methods on disk: PEFT's format where PEFT has the method, lora_jax's own otherwise.
+
+A stack of LoRA alone (biases frozen) is written as a PEFT LoRA adapter
+(`peft_adapters.export_peft`), which `peft.PeftModel.from_pretrained` loads. Every other stack
+is written as a directory of two files:
+
+    method_config.json          {"format": "lora_jax.methods/1", "method": <config.method>,
+                                 "model_type": ..., "task": ..., "base_model_name_or_path": ...}
+    method_params.safetensors   the trainable tree, one float32 tensor per leaf, keyed by its
+                                '/'-joined path ('params/bert/encoder/layer_0/.../bias',
+                                'adapter_h/h_0/attn/resid_dropout/down/kernel', ...)
+
+`load` reads either back for the base params it was trained on, checking every tensor's path and
+shape against a fresh `split` of those params.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import safetensors.numpy
+from flax import traverse_util
+
+from lora_jax import peft_adapters
+from lora_jax.errors import FileFormatError
+from lora_jax.json_files import read_json_object
+from lora_jax.methods import base, build
+from lora_jax.methods.lora import LoRA
+
+FORMAT = "lora_jax.methods/1"
+CONFIG_NAME = "method_config.json"
+WEIGHTS_NAME = "method_params.safetensors"
+
+
+def peft_compatible(stack: base.MethodStack) -> bool:
+    """Whether PEFT can hold the stack: LoRA alone, biases frozen."""
+    return (len(stack.methods) == 1 and isinstance(stack.methods[0], LoRA)
+            and stack.methods[0].bias == "none")
+
+
+def save(directory: str | os.PathLike, stack: base.MethodStack, method_config: Any,
+         trainable: dict, *, model_type: str, task: str | None,
+         base_model_name_or_path: str | None = None) -> pathlib.Path:
+    """Writes a trained stack (see the module docstring); replaces an earlier export there.
+
+    Raises:
+      FileExistsError: `directory` holds files an export does not write (nothing is changed).
+    """
+    if peft_compatible(stack):
+        return peft_adapters.export_peft(directory, stack.methods[0].spec, trainable,
+                                         model_type=model_type, task=task,
+                                         base_model_name_or_path=base_model_name_or_path)
+    method = (method_config.to_dict() if isinstance(method_config, ml_collections.ConfigDict)
+              else dict(method_config))
+    record = {"format": FORMAT, "method": method, "model_type": model_type, "task": task,
+              "base_model_name_or_path": base_model_name_or_path}
+    tensors = {base.join(p): np.ascontiguousarray(np.asarray(v, np.float32))
+               for p, v in traverse_util.flatten_dict(jax.device_get(trainable)).items()}
+    return _write(pathlib.Path(directory), record, tensors)
+
+
+def _write(directory: pathlib.Path, record: dict, tensors: dict) -> pathlib.Path:
+    ours = {CONFIG_NAME, WEIGHTS_NAME, peft_adapters.CONFIG_NAME, peft_adapters.WEIGHTS_NAME}
+    if directory.exists():
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in ours)
+        if foreign or not directory.is_dir():
+            raise FileExistsError(f"{directory} holds {foreign or 'a file'}, which an export "
+                                  "does not write; export to a new or empty directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    old = staging.with_name(staging.name + ".old")
+    try:
+        safetensors.numpy.save_file(dict(sorted(tensors.items())), staging / WEIGHTS_NAME)
+        (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if directory.exists():  # swap whole directories: never new weights with an old config
+            directory.rename(old)
+        staging.rename(directory)
+    except BaseException:
+        if old.exists() and not directory.exists():
+            old.rename(directory)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def load(directory: str | os.PathLike, params: dict, family: Any,
+         task: str | None) -> tuple[base.MethodStack, dict]:
+    """(stack, trainable) of an export, for the base `params` it was trained on.
+
+    A PEFT directory gives a LoRA stack with the spec PEFT's config describes; a lora_jax one the
+    stack its recorded method config builds.
+
+    Raises:
+      FileNotFoundError: neither format's files are there.
+      FileFormatError: a tensor missing, extra or of another shape than the stack has.
+    """
+    directory = pathlib.Path(directory)
+    if (directory / peft_adapters.CONFIG_NAME).is_file():
+        spec, trainable = peft_adapters.load_peft(directory, params, model_type=family.model_type,
+                                                  task=task)
+        return base.MethodStack((LoRA(spec),)), trainable
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{directory} holds no trained method ({CONFIG_NAME} or "
+                                f"{peft_adapters.CONFIG_NAME})")
+    record = read_json_object(directory / CONFIG_NAME, what="lora_jax method export",
+                              required=("format", "method"))
+    if record["format"] != FORMAT:
+        raise FileFormatError(f"{directory / CONFIG_NAME} has format {record['format']!r}; this "
+                              f"version reads {FORMAT!r}")
+    stack = build(ml_collections.ConfigDict(record["method"]), family)
+    expected = traverse_util.flatten_dict(
+        jax.eval_shape(lambda: stack.split(params, jax.random.key(0))[1]))
+    from lora_jax.hub import read_safetensors  # deferred: hub imports the models
+
+    tensors = read_safetensors(directory / WEIGHTS_NAME)
+    paths = {base.join(p): p for p in expected}
+    problems = [f"{k}: missing" for k in paths if k not in tensors]
+    problems += [f"{k}: not a parameter of this stack" for k in tensors if k not in paths]
+    problems += [f"{k}: {tensors[k].shape}, expected {expected[p].shape}"
+                 for k, p in paths.items() if k in tensors and tensors[k].shape != expected[p].shape]
+    if problems:
+        raise FileFormatError(f"{directory / WEIGHTS_NAME} does not fit {stack.describe()} on "
+                              "these params:\n  " + "\n  ".join(problems[:20]))
+    bad = sorted(k for k, v in tensors.items() if not np.isfinite(np.asarray(v, np.float32)).all())
+    if bad:
+        raise FileFormatError(f"{directory / WEIGHTS_NAME} holds non-finite values in {bad}")
+    trainable = traverse_util.unflatten_dict(
+        {p: jax.numpy.asarray(tensors[k], np.float32) for k, p in paths.items()})
+    return stack, trainable

@@ -1,0 +1,193 @@
+"""The adapter baselines against a torch reference written from the papers' equations.
+
+AdapterHub's `adapters` library pins transformers 4.x (1.3.0 needs ~=4.57), so it does not install
+beside this project's transformers 5. The reference here is independent of lora_jax: forward hooks
+on Hugging Face's own torch models add h + up(act(down(h))) (Lin et al.: of LN(h)) at the outputs
+the papers name, and torch's AdamW trains the adapters, the LayerNorms Houlsby trains and the
+classification head. Same initial values on both sides, five steps, per-step losses within 1e-5
+relative, final parameters within 1e-5.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import traverse_util
+
+from lora_jax import methods
+from lora_jax.config import base_config
+from lora_jax.hub import hf_keys, hf_module_name, load_pretrained
+from lora_jax.models import family as model_family
+from lora_jax.models.encoder import sequence_classification_loss
+from lora_jax.models.gpt2 import lm_loss
+from test_peft_parity import STEPS, _batches, _jax_steps, _torch_steps
+
+ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU}
+
+
+class TorchAdapter(torch.nn.Module):
+    def __init__(self, weights: dict, nonlinearity: str):
+        super().__init__()
+        d, r = weights["down"]["kernel"].shape
+        self.down, self.up = torch.nn.Linear(d, r), torch.nn.Linear(r, d)
+        self.act = ACTIVATIONS[nonlinearity]()
+        self.ln = torch.nn.LayerNorm(d, eps=1e-5) if "layer_norm" in weights else None
+        with torch.no_grad():
+            for layer, ours in ((self.down, weights["down"]), (self.up, weights["up"])):
+                layer.weight.copy_(torch.tensor(np.asarray(ours["kernel"]).T))
+                layer.bias.copy_(torch.tensor(np.asarray(ours["bias"])))
+
+    def forward(self, h):
+        x = self.ln(h) if self.ln is not None else h
+        return h + self.up(self.act(self.down(x)))
+
+
+def attach(model, sites: dict, nonlinearity: str, root: str) -> dict:
+    """Hooks an adapter onto the output of each site module; returns site -> adapter."""
+    named = dict(model.named_modules())
+    adapters = {}
+    for site, weights in sites.items():
+        adapter = TorchAdapter(weights, nonlinearity)
+
+        def hook(module, args, out, adapter=adapter):
+            if isinstance(out, tuple):
+                return (adapter(out[0]), *out[1:])
+            return adapter(out)
+
+        named[root + hf_module_name("/".join(site))].register_forward_hook(hook)
+        adapters[site] = adapter
+    return adapters
+
+
+def site_weights(added: dict) -> dict:
+    flat = traverse_util.flatten_dict(added)
+    sites = {}
+    for path, leaf in flat.items():
+        sites.setdefault(path[:-2], {}).setdefault(path[-2], {})[path[-1]] = np.asarray(leaf)
+    return sites
+
+
+CASES = {
+    "bert-adapter_h": ("bert", "adapter_h", {}),
+    "bert-adapter_d": ("bert", "adapter_d", {"drop_lowest": 1}),
+    "gpt2-adapter_l": ("gpt2", "adapter_l", {}),
+    "gpt2-adapter_h": ("gpt2", "adapter_h", {}),
+    "gpt2-adapter_p": ("gpt2", "adapter_p", {"nonlinearity": "gelu"}),
+}
+
+
+def build(kind: str, tmp_path):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97,
+                                         n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+                                         attn_pdrop=0.0)
+        transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+        model, params, _ = load_pretrained(tmp_path)
+        return config, model, params, transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+    config = transformers.BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=40, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, num_labels=3)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path)
+    model, params, _ = load_pretrained(tmp_path, task="classification", num_labels=3)
+    return config, model, params, transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_adapter_training_matches_the_torch_reference(tmp_path, case):
+    kind, name, settings = CASES[case]
+    config, model, params, torch_model = build(kind, tmp_path)
+    family = model_family(kind)
+    section = base_config().method
+    section.use = (name,)
+    section.also_train = () if kind == "gpt2" else (r"^classifier/",)
+    for field, value in settings.items():
+        section[name][field] = value
+    stack = methods.build(section, family)
+    frozen, trainable = stack.split(params, jax.random.key(0))
+    # A random up-projection at the start, so the first step already tests the whole path. With
+    # ReLU, positive down biases keep every unit active: a unit at its kink would make Adam's
+    # normalised update of a near-zero gradient a matter of rounding, on either side.
+    relu = section[name].nonlinearity == "relu"
+    rng = np.random.default_rng(0)
+
+    def start(path, x):
+        layer, leaf = path[-2].key, path[-1].key
+        if (layer, leaf) == ("up", "kernel"):
+            return x + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+        if (layer, leaf) == ("down", "bias") and relu:
+            return x + 0.5
+        return x
+
+    trainable[name] = jax.tree_util.tree_map_with_path(start, trainable[name])
+
+    sites = site_weights(trainable[name])
+    if name == "adapter_d":
+        assert all(family.layer_index("/".join(s)) >= 1 for s in sites)  # layer 0 dropped
+    torch_model.requires_grad_(False)
+    root = family.peft_root
+    adapters = attach(torch_model, sites, section[name].nonlinearity, root)
+    named = dict(torch_model.named_parameters())
+    trained_full = {}  # our path -> torch's name, for what the method trains in full
+    for path in traverse_util.flatten_dict(trainable["params"]):
+        candidates = hf_keys(path, kind)
+        trained_full[path] = next(k for k in candidates + [root + k for k in candidates]
+                                  if k in named)
+    torch_trainable = [named[t].requires_grad_(True) for t in trained_full.values()]
+    torch_trainable += [p for a in adapters.values() for p in a.parameters()]
+
+    apply = stack.adapt(model.apply)
+    if kind == "gpt2":
+        batches = _batches(config.vocab_size, STEPS, batch=3, seq=16, seed=0)
+
+        def torch_loss(batch):
+            ids, mask = (torch.from_numpy(b) for b in batch)
+            return torch_model(input_ids=ids, attention_mask=mask,
+                               labels=ids.masked_fill(mask == 0, -100)).loss
+
+        def loss_fn(frozen, trainable, batch, rng):
+            ids, mask = batch
+            return lm_loss(apply(frozen, trainable, ids, attention_mask=mask).logits, ids, mask)
+    else:
+        batches = [(ids, mask, np.random.default_rng(i).integers(0, 3, ids.shape[0]))
+                   for i, (ids, mask) in enumerate(_batches(config.vocab_size, STEPS, 4, 12, 1))]
+
+        def torch_loss(batch):
+            ids, mask, labels = (torch.from_numpy(b) for b in batch)
+            return torch_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+        def loss_fn(frozen, trainable, batch, rng):
+            ids, mask, labels = batch
+            logits = apply(frozen, trainable, ids, attention_mask=mask).logits
+            return sequence_classification_loss(logits, labels, num_labels=3)
+
+    # The forward pass first, at the perturbed start (ReLU's dead units included).
+    ids, mask = batches[0][:2]
+    theirs = torch_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    ours = apply(frozen, trainable, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits
+    np.testing.assert_allclose(np.asarray(ours), theirs.logits.detach().numpy(), atol=1e-5)
+
+    torch_losses = _torch_steps(torch_model, torch_loss, batches, torch_trainable)
+    jax_losses, trained = _jax_steps(loss_fn, frozen, trainable,
+                                     [tuple(map(jnp.asarray, b)) for b in batches])
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
+    for site, adapter in adapters.items():
+        ours = site_weights(trained[name])[site]
+        assert np.abs(ours["up"]["bias"]).max() > 1e-3  # it trained (the bias started at 0)
+        np.testing.assert_allclose(ours["down"]["kernel"], adapter.down.weight.detach().numpy().T,
+                                   atol=1e-5)
+        np.testing.assert_allclose(ours["up"]["kernel"], adapter.up.weight.detach().numpy().T,
+                                   atol=1e-5)
+        np.testing.assert_allclose(ours["up"]["bias"], adapter.up.bias.detach().numpy(), atol=1e-5)
+    flat = traverse_util.flatten_dict(trained["params"])
+    for path, torch_name in trained_full.items():
+        value = named[torch_name].detach().numpy()
+        value = value.T if path[-1] == "kernel" and family.transposed_kernels else value
+        np.testing.assert_allclose(flat[path], value, atol=1e-5)
+    if name == "adapter_h":  # Houlsby trains the model's LayerNorms
+        assert any("ln_" in t or "LayerNorm" in t for t in trained_full.values())
+

@@ -1,0 +1,168 @@
+"""PreEmbed and PreLayer: PEFT prompt-tuning parity, their layout, packing and the KV cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+from lora_jax import generate, methods
+from lora_jax.config import base_config
+from lora_jax.data import batching
+from lora_jax.data.packing import pack_examples, packed_batches
+from lora_jax.hub import load_pretrained
+from lora_jax.models import family as model_family
+from lora_jax.models.gpt2 import lm_loss
+from test_packing import BUCKETS, EOS, e2e_rows, gpt2, per_example_losses, tokenizer  # noqa: F401
+from test_peft_parity import STEPS, _batches, _jax_steps, _torch_steps
+
+GPT2 = model_family("gpt2")
+
+
+def stack_of(name: str, prefix: int, infix: int = 0) -> methods.MethodStack:
+    c = base_config().method
+    c.use, c.also_train = (name,), ()
+    c[name].prefix, c[name].infix = prefix, infix
+    return methods.build(c, GPT2)
+
+
+def prepared_batch(stack, rows, vocab: int, pad_id: int):
+    """Right-padded batch of LM rows (all tokens targets, as HF's labels=ids) after `stack`."""
+    examples = [stack.prepare_example({"input_ids": list(r), "loss_mask": [1] * len(r)}, 512,
+                                      vocab) for r in rows]
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = np.full((len(rows), width), pad_id)
+    loss = np.zeros((len(rows), width), np.int64)
+    for i, e in enumerate(examples):
+        ids[i, :len(e["input_ids"])] = e["input_ids"]
+        loss[i, :len(e["loss_mask"])] = e["loss_mask"]
+    attention = (np.arange(width)[None, :] < np.array([len(e["input_ids"]) for e in examples])[:, None])
+    return ids, attention.astype(np.int64), loss
+
+
+def test_prefix_only_preembed_trains_as_peft_prompt_tuning(tmp_path):
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=40,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    model, params, _ = load_pretrained(tmp_path)
+    stack = stack_of("preembed", prefix=4)
+    frozen, trainable = stack.split(params, jax.random.key(0))
+    assert trainable["preembed"]["embeddings"].shape == (4, 32)
+
+    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+    peft_model = peft.get_peft_model(base, peft.PromptTuningConfig(
+        task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    embedding = peft_model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        embedding.copy_(torch.tensor(np.asarray(trainable["preembed"]["embeddings"])))
+
+    raw = _batches(config.vocab_size, STEPS, batch=3, seq=16, seed=0)
+    ours = [prepared_batch(stack, [ids[i, :m.sum()] for i, m in enumerate(mask)], 97, 1)
+            for ids, mask in raw]
+    assert all((ids[:, :4] == np.arange(97, 101)).all() for ids, _, _ in ours)  # the prefix
+    apply = stack.adapt(model.apply)
+
+    def torch_loss(batch):
+        ids, mask = (torch.from_numpy(b) for b in batch)
+        return peft_model(input_ids=ids, attention_mask=mask,
+                          labels=ids.masked_fill(mask == 0, -100)).loss
+
+    def loss_fn(frozen, trainable, batch, rng):
+        ids, attention, loss_mask = batch
+        return lm_loss(apply(frozen, trainable, ids, attention_mask=attention).logits, ids,
+                       loss_mask)
+
+    start = np.asarray(trainable["preembed"]["embeddings"])  # the step donates `trainable`
+    torch_losses = _torch_steps(peft_model, torch_loss, raw, [embedding])
+    jax_losses, trained = _jax_steps(loss_fn, frozen, trainable,
+                                     [tuple(map(jnp.asarray, b)) for b in ours])
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
+    np.testing.assert_allclose(trained["preembed"]["embeddings"], embedding.detach().numpy(),
+                               atol=1e-5)
+    assert np.abs(trained["preembed"]["embeddings"] - start).max() > 1e-3  # it moved
+
+
+def test_prefix_and_infix_go_around_the_prompt_with_no_loss_on_them():
+    stack = stack_of("preembed", prefix=2, infix=3)
+    example = {"input_ids": [5, 6, 7, 8, 9], "loss_mask": [0, 0, 1, 1, 1]}  # prompt 5, 6
+    out = stack.prepare_example(example, 512, 100)
+    assert out["input_ids"] == [100, 101, 5, 6, 102, 103, 104, 7, 8, 9]
+    assert out["loss_mask"] == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+    assert stack.prepare_example(example, 6, 100)["input_ids"] == [100, 101, 5, 6, 102, 103]
+    assert stack.prepare_prompt([5, 6], 100) == [100, 101, 5, 6, 102, 103, 104]
+    with pytest.raises(ValueError, match="language-model examples"):
+        stack.prepare_example({"input_ids": [1, 2], "label": 0}, 512, 100)
+
+
+def test_prelayer_with_preembeds_own_activations_is_preembed(gpt2):
+    """PreLayer's trained vectors are each block's input at the virtual positions: set to what
+    PreEmbed's model computes there, the two are one function. With any other vectors they are
+    not (the check can fail)."""
+    model, params, _ = gpt2
+    vocab = GPT2.vocab_size(params)
+    embed, layer = stack_of("preembed", prefix=3, infix=2), stack_of("prelayer", prefix=3, infix=2)
+    frozen, trainable = embed.split(params, jax.random.key(0))
+    _, layered = layer.split(params, jax.random.key(0))
+    assert layered["prelayer"]["activations"].shape == (2, 5, 32)  # L x (l_p + l_i) x d
+    example = {"input_ids": [11, 12, 13, 14, 15, 16], "loss_mask": [0, 0, 1, 1, 1, 1]}
+    ids = jnp.asarray([embed.prepare_example(example, 512, vocab)["input_ids"]])
+    out = embed.adapt(model.apply)(frozen, trainable, ids, output_hidden_states=True)
+    virtual = np.flatnonzero(np.asarray(ids[0]) >= vocab)
+    inputs = [out.hidden_states[i][0, virtual] for i in range(2)]  # block 0 and block 1 inputs
+    same = {"prelayer": {"activations": jnp.stack(inputs)}, "params": {}}
+    got = layer.adapt(model.apply)(frozen, same, ids).logits
+    np.testing.assert_allclose(got, out.logits, atol=1e-5)
+    noise = jax.random.normal(jax.random.key(1), (2, 5, 32))  # (not a constant: LN removes it)
+    other = {"prelayer": {"activations": jnp.stack(inputs) + noise}, "params": {}}
+    assert float(jnp.abs(layer.adapt(model.apply)(frozen, other, ids).logits
+                         - out.logits).max()) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["preembed", "prelayer"])
+def test_packed_rows_give_each_prepared_example_its_unpacked_loss(gpt2, e2e_rows, name):
+    model, params, _ = gpt2
+    stack = stack_of(name, prefix=3, infix=2)
+    frozen, trainable = stack.split(params, jax.random.key(0))
+    vocab = GPT2.vocab_size(params)
+    rows = [stack.prepare_example(r, 512, vocab) for r in e2e_rows(8)]
+    packed = pack_examples(rows, 256)
+    assert max(map(len, packed)) >= 2
+    [packed_batch] = packed_batches(rows, packed, len(packed), seed=0, epoch=0, pad_id=EOS,
+                                    buckets=BUCKETS)
+    [alone] = batching.epoch_batches(rows, len(rows), seed=0, epoch=0, shuffle=False, pad_id=EOS,
+                                     buckets=BUCKETS)
+    apply = stack.adapt(model.apply)
+
+    def logits(batch):
+        keys = ("attention_mask", "segment_ids", "position_ids")
+        return apply(frozen, trainable, batch["input_ids"],
+                     **{k: batch[k] for k in keys if k in batch}).logits
+
+    expected, got = per_example_losses(alone, logits(alone)), per_example_losses(
+        packed_batch, logits(packed_batch))
+    assert got.keys() == expected.keys()
+    for key, (total, weight) in expected.items():
+        assert got[key][1] == weight > 0
+        assert got[key][0] == pytest.approx(total, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["preembed", "prelayer"])
+def test_kv_cached_greedy_decoding_equals_recomputing_the_whole_row(gpt2, name):
+    model, params, _ = gpt2
+    stack = stack_of(name, prefix=2, infix=2)
+    frozen, trainable = stack.split(params, jax.random.key(0))
+    vocab = GPT2.vocab_size(params)
+    prompts = [stack.prepare_prompt(p, vocab) for p in ([5, 6, 7], [8, 9, 10, 11, 12])]
+    adapted = stack.adapt(model.apply)
+    apply_fn = lambda p, *a, **k: adapted(p[0], p[1], *a, **k)  # noqa: E731
+    got = generate.greedy_search(apply_fn, (frozen, trainable), prompts, max_new_tokens=6,
+                                 eos_ids=(vocab + 100,), pad_id=0)
+    for prompt, continuation in zip(prompts, got):
+        row = list(prompt)
+        for _ in range(6):
+            logits = adapted(frozen, trainable, jnp.asarray([row])).logits
+            row.append(int(jnp.argmax(logits[0, -1])))
+        assert continuation == row[len(prompt):]
