@@ -17,6 +17,10 @@ Studies:
   rank:    r in {1, 2, 4, 8, 64} x {Wq}, {Wq, Wv}, {Wq, Wk, Wv, Wo}          (Table 6, 15 settings)
   targets: Wq, Wk, Wv, Wo at r=8; (Wq, Wk), (Wq, Wv) at r=4; all four at r=2 (Table 5, 7 settings)
   seeds:   (Wq, Wv) at r=8                                                     (1 setting)
+  methods: LoRA and the paper's baselines with the experiment config's METHODS settings: on GLUE
+           Table 2's (full, bitfit, adapter_h, adapter_p, adapter_d), on E2E Table 3's (full,
+           top_layers, adapter_l, adapter_h, preembed, prelayer). Run names read
+           'method=bitfit,seed=0'; a run's `method` names its METHODS entry.
 
 Choices:
   - alpha stays fixed at the base config's value (8 for base-sized models) for every rank, as in
@@ -53,11 +57,11 @@ RANKS = (1, 2, 4, 8, 64)
 RANK_TARGETS = ("q", "qv", "qkvo")  # Table 6 rows
 TABLE_5 = (("q", 8), ("k", 8), ("v", 8), ("o", 8), ("qk", 4), ("qv", 4), ("qkvo", 2))
 MINILM = {"data.batch_size": 32, "optim.lr": 1e-3, "data.max_len": 64}
-STUDIES = ("rank", "targets", "seeds")
+STUDIES = ("rank", "targets", "seeds", "methods")
 
 
 def settings(study: str) -> list[tuple[str, int]]:
-    """The (targets, rank) settings a study covers, in table order."""
+    """The (targets, rank) settings a LoRA study covers, in table order."""
     if study == "rank":
         return [(t, r) for t in RANK_TARGETS for r in RANKS]
     if study == "targets":
@@ -78,25 +82,38 @@ def target_overrides(targets: str, gpt2: bool) -> dict:
 
 
 def run(targets: str, rank: int, seed: int, gpt2: bool = False) -> dict:
-    """One named run: its settings and the config overrides that make it."""
+    """One named LoRA run: its settings and the config overrides that make it."""
     return {
         "name": f"rank={rank},targets={targets},seed={seed}",
-        "rank": rank, "targets": targets, "seed": seed,
+        "method": "lora", "rank": rank, "targets": targets, "seed": seed,
         "overrides": {"method.lora.rank": rank, **target_overrides(targets, gpt2), "seed": seed},
     }
 
 
+def method_runs(config_file: pathlib.Path, seeds: int) -> list[dict]:
+    """One run per entry of the experiment config's METHODS table (LoRA first), per seed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(config_file.stem, config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [{"name": f"method={name},seed={s}", "method": name, "rank": 0, "targets": "",
+             "seed": s, "overrides": {**overrides, "seed": s}}
+            for name, overrides in module.METHODS.items() for s in range(seeds)]
+
+
 def get_config(arg=None):
     args = parse_arg(arg, study="rank", task="sst2", model="", seeds=0, steps=0)
-    study_settings = settings(args.study)
+    if args.study not in STUDIES:
+        raise ValueError(f"study={args.study!r}: expected one of {STUDIES}")
     seeds = args.seeds or (3 if args.study == "seeds" else 1)
     gpt2 = args.task == "e2e"
     model = args.model or ("gpt2-medium" if gpt2 else "minilm")
+    experiment = pathlib.Path(__file__).with_name("e2e.py" if gpt2 else "glue.py")
     if gpt2:
-        base = load_config(f"{pathlib.Path(__file__).with_name('e2e.py')}:model={model}")
+        base = load_config(f"{experiment}:model={model}")
     else:
-        glue = pathlib.Path(__file__).with_name("glue.py")
-        base = load_config(f"{glue}:task={args.task},model={model}")
+        base = load_config(f"{experiment}:task={args.task},model={model}")
     if model == "minilm":
         for dotted, value in MINILM.items():
             set_dotted(base, dotted, value)
@@ -106,5 +123,8 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.study = args.study
     c.base = base
-    c.runs = tuple(run(t, r, s, gpt2) for t, r in study_settings for s in range(seeds))
+    if args.study == "methods":
+        c.runs = tuple(method_runs(experiment, seeds))
+    else:
+        c.runs = tuple(run(t, r, s, gpt2) for t, r in settings(args.study) for s in range(seeds))
     return c

@@ -28,9 +28,10 @@ import numpy as np
 from lora_jax.config import set_dotted
 
 RECORD = "record.json"
-FIELDS = ("name", "targets", "rank", "seed", "lora_params", "trainable_params", "metric",
+FIELDS = ("name", "method", "targets", "rank", "seed", "trained_params", "lora_params", "metric",
           "final", "best", "best_step", "wall_s")
-SUMMARY_FIELDS = ("targets", "rank", "runs", "median", "min", "max", "final_median")
+SUMMARY_FIELDS = ("method", "targets", "rank", "trained_params", "runs", "median", "min", "max",
+                  "final_median")
 
 
 # --- Configs ------------------------------------------------------------------------------------
@@ -58,7 +59,11 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 def is_finished(workdir: pathlib.Path) -> bool:
     """A run is done once its adapter is exported and its record written (the record comes last)."""
-    return (workdir / "adapter" / "adapter_config.json").is_file() and (workdir / RECORD).is_file()
+    from lora_jax.methods import saving
+
+    exported = any((workdir / "adapter" / name).is_file()
+                   for name in ("adapter_config.json", saving.CONFIG_NAME))
+    return exported and (workdir / RECORD).is_file()
 
 
 def count_adapter_params(workdir: pathlib.Path) -> tuple[int, int]:
@@ -66,11 +71,18 @@ def count_adapter_params(workdir: pathlib.Path) -> tuple[int, int]:
 
     LoRA scalars are counted on the adapters as trained: a slice of a fused projection (GPT-2's
     c_attn q, k or v) is r x (d_in + d_slice), although its PEFT export pads B to all of c_attn.
+    A method's own export (lora_jax format) holds the trained tree as trained.
     """
     from safetensors import safe_open
 
     from lora_jax.analysis.compare import load_adapters
+    from lora_jax.methods import saving
 
+    native = workdir / "adapter" / saving.WEIGHTS_NAME
+    if native.is_file():
+        with safe_open(str(native), framework="numpy") as f:
+            sizes = {key: int(np.prod(f.get_slice(key).get_shape())) for key in f.keys()}
+        return sum(n for k, n in sizes.items() if k.startswith("lora/")), sum(sizes.values())
     (matrices,) = load_adapters([workdir])
     lora_params = sum(m.a.size + m.b.size for m in matrices.values())
     other = 0
@@ -86,17 +98,28 @@ def make_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float) -
     best = result["best"]
     metric = best["metric"]
     lora_params, trainable = count_adapter_params(workdir)
-    return {"name": run["name"], "targets": run["targets"], "rank": run["rank"],
-            "seed": run["seed"], "lora_params": lora_params, "trainable_params": trainable,
+    return {"name": run["name"], "method": run.get("method", "lora"), "targets": run["targets"],
+            "rank": run["rank"], "seed": run["seed"], "trained_params": trainable,
+            "lora_params": lora_params,
             "metric": metric, "final": float(result[metric]), "best": float(best["value"]),
             "best_step": best["step"], "wall_s": round(wall_s, 3)}
+
+
+def with_current_fields(record: dict) -> dict:
+    """A record written before the methods study (no `method`; `trainable_params`) in today's
+    fields, so an old sweep resumes into the same tables."""
+    record = dict(record)
+    record.setdefault("method", "lora")
+    if "trainable_params" in record:
+        record.setdefault("trained_params", record.pop("trainable_params"))
+    return record
 
 
 def run_one(base: ml_collections.ConfigDict, run: dict, workdir: pathlib.Path) -> dict:
     """Trains one run (resuming if it had started) unless it has finished; returns its record."""
     if is_finished(workdir):
         print(f"skipping {run['name']}: finished in {workdir}", flush=True)
-        return json.loads((workdir / RECORD).read_text())
+        return with_current_fields(json.loads((workdir / RECORD).read_text()))
     from lora_jax.train import train  # jax is imported only when something trains
 
     print(f"training {run['name']} in {workdir}", flush=True)
@@ -110,20 +133,24 @@ def run_one(base: ml_collections.ConfigDict, run: dict, workdir: pathlib.Path) -
 # --- Tables and plots ---------------------------------------------------------------------------
 
 def summarize(records: Sequence[dict]) -> list[dict]:
-    """Median / min / max of the best main metric per (targets, rank) setting, in first-seen order.
+    """Median / min / max of the best main metric per (method, targets, rank) setting, in
+    first-seen order, with the setting's trained-parameter count.
 
     Example:
-      >>> summarize([{"targets": "qv", "rank": 8, "best": b, "final": b} for b in (0.9, 0.7, 0.8)])
-      [{'targets': 'qv', 'rank': 8, 'runs': 3, 'median': 0.8, 'min': 0.7, 'max': 0.9, 'final_median': 0.8}]
+      >>> summarize([{"method": "lora", "targets": "qv", "rank": 8, "trained_params": 10,
+      ...             "best": b, "final": b} for b in (0.9, 0.7, 0.8)])[0]["median"]
+      0.8
     """
-    groups: dict[tuple[str, int], list[dict]] = {}
+    groups: dict[tuple[str, str, int], list[dict]] = {}
     for r in records:
-        groups.setdefault((r["targets"], r["rank"]), []).append(r)
+        groups.setdefault((r["method"], r["targets"], r["rank"]), []).append(r)
     rows = []
-    for (targets, rank), group in groups.items():
+    for (method, targets, rank), group in groups.items():
         best = [r["best"] for r in group]
-        rows.append({"targets": targets, "rank": rank, "runs": len(group),
-                     "median": statistics.median(best), "min": min(best), "max": max(best),
+        rows.append({"method": method, "targets": targets, "rank": rank,
+                     "trained_params": group[0].get("trained_params"),
+                     "runs": len(group), "median": statistics.median(best), "min": min(best),
+                     "max": max(best),
                      "final_median": statistics.median(r["final"] for r in group)})
     return rows
 
@@ -164,7 +191,13 @@ def plot(study: str, summary: Sequence[dict], metric: str, path: pathlib.Path) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    if study == "rank":
+    if study == "methods":
+        labels = [f"{r['method']}\n{r['trained_params'] / 1e6:.2f}M" for r in summary]
+        spread = [[r["median"] - r["min"] for r in summary], [r["max"] - r["median"] for r in summary]]
+        bars = ax.bar(labels, [r["median"] for r in summary], yerr=spread, capsize=4)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    elif study == "rank":
         for targets in dict.fromkeys(r["targets"] for r in summary):
             rows = sorted((r for r in summary if r["targets"] == targets), key=lambda r: r["rank"])
             ax.plot([r["rank"] for r in rows], [r["median"] for r in rows], marker="o",
@@ -188,7 +221,7 @@ def plot(study: str, summary: Sequence[dict], metric: str, path: pathlib.Path) -
         else:
             ax.errorbar(labels, medians, yerr=spread, fmt="o", capsize=6)
     ax.set_ylabel(f"{metric} (median over seeds)")
-    ax.set_title(f"LoRA {study} study")
+    ax.set_title("LoRA and the paper's baselines" if study == "methods" else f"LoRA {study} study")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -60,14 +60,18 @@ def test_run_config_applies_overrides_to_a_copy():
 
 
 def test_summarize_median_min_max():
-    records = [{"targets": "qv", "rank": 8, "best": b, "final": f}
-               for b, f in ((0.9, 0.5), (0.7, 0.6), (0.8, 0.1), (0.6, 0.2))]
-    records.append({"targets": "q", "rank": 1, "best": 0.3, "final": 0.3})
+    records = [{"method": "lora", "targets": "qv", "rank": 8, "trained_params": 5, "best": b,
+                "final": f} for b, f in ((0.9, 0.5), (0.7, 0.6), (0.8, 0.1), (0.6, 0.2))]
+    records.append({"method": "lora", "targets": "q", "rank": 1, "trained_params": 1,
+                    "best": 0.3, "final": 0.3})
+    records.append(sweep.with_current_fields(  # a record from before the methods study
+        {"targets": "q", "rank": 1, "trainable_params": 1, "best": 0.5, "final": 0.5}))
     assert sweep.summarize(records) == [
-        {"targets": "qv", "rank": 8, "runs": 4, "median": pytest.approx(0.75), "min": 0.6,
-         "max": 0.9, "final_median": pytest.approx(0.35)},
-        {"targets": "q", "rank": 1, "runs": 1, "median": 0.3, "min": 0.3, "max": 0.3,
-         "final_median": 0.3}]
+        {"method": "lora", "targets": "qv", "rank": 8, "trained_params": 5, "runs": 4,
+         "median": pytest.approx(0.75), "min": 0.6, "max": 0.9,
+         "final_median": pytest.approx(0.35)},
+        {"method": "lora", "targets": "q", "rank": 1, "trained_params": 1, "runs": 2,
+         "median": 0.4, "min": 0.3, "max": 0.5, "final_median": 0.4}]
 
 
 TINY = ["base.data.max_train_examples=256", "base.data.max_eval_examples=64",
@@ -86,7 +90,7 @@ def test_tiny_sweep_reports_and_skips_finished_runs(tmp_path, capsys):
     assert {r["metric"] for r in rows} == {"accuracy"}
     # Tiny BERT: width 32, 2 layers, q and v: 2 * 2 * r * (32 + 32) LoRA scalars.
     assert [int(r["lora_params"]) for r in rows] == [256, 1024]
-    assert all(int(r["trainable_params"]) > int(r["lora_params"]) for r in rows)  # + classifier
+    assert all(int(r["trained_params"]) > int(r["lora_params"]) for r in rows)  # + classifier
     assert (tmp_path / "results.md").read_text().count("targets=qv,seed=0 |") == 2
     assert (tmp_path / "rank.png").read_bytes()[:4] == b"\x89PNG"
     assert "training rank=4" in capsys.readouterr().out
@@ -130,4 +134,35 @@ def test_tiny_gpt2_sweep_trains_slices_and_the_output_projection(tmp_path):
     assert records["o"]["lora_params"] == 2 * 8 * (32 + 32)
     assert records["v"]["lora_params"] == 2 * 8 * (32 + 32)
     assert records["qk"]["lora_params"] == 2 * 2 * 4 * (32 + 32)
-    assert all(r["trainable_params"] == r["lora_params"] for r in records.values())  # no head
+    assert all(r["trained_params"] == r["lora_params"] for r in records.values())  # no head
+
+
+def test_methods_study_is_every_baseline_of_the_experiment_config():
+    named = runs("study=methods")
+    assert list(named) == [f"method={m},seed=0" for m in
+                           ("lora", "full", "bitfit", "adapter_h", "adapter_p", "adapter_d")]
+    assert named["method=bitfit,seed=0"]["overrides"] == {
+        "method.use": ("bitfit",), "optim.lr": 4e-4, "seed": 0}
+    e2e = runs("study=methods,task=e2e,seeds=2")
+    assert {r["method"] for r in e2e.values()} == {
+        "lora", "full", "top_layers", "adapter_l", "adapter_h", "preembed", "prelayer"}
+    assert len(e2e) == 14
+
+
+def test_tiny_methods_sweep_tabulates_method_trained_parameters_and_metric(tmp_path):
+    argv = ["--config", f"{ABLATIONS}:study=methods,model=tiny", "--out", str(tmp_path),
+            "--only", r"method=(lora|bitfit|adapter_h),", *[f"--set={s}" for s in TINY],
+            "--set=base.train.max_steps=2"]
+    records = {r["method"]: r for r in sweep.main(argv)}
+    assert set(records) == {"lora", "bitfit", "adapter_h"}
+    head = 32 * 2 + 2  # tiny BERT's classifier, trained next to every method
+    # BitFit: every bias of tiny BERT outside the head (width 32, 2 layers, intermediate 64; the
+    # embeddings' LayerNorm and the pooler), then the head whole.
+    biases = 2 * (4 * 32 + 64 + 32 + 2 * 32) + 32 + 32
+    assert records["bitfit"]["trained_params"] == biases + head
+    assert records["lora"]["lora_params"] == 2 * 2 * 8 * (32 + 32)
+    assert records["bitfit"]["lora_params"] == 0
+    table = (tmp_path / "results.md").read_text()
+    for method, record in records.items():
+        assert f"| {method} |  | 0 | {record['trained_params']} |" in table
+    assert (tmp_path / "methods.png").read_bytes()[:4] == b"\x89PNG"
