@@ -38,50 +38,45 @@ def adamw(
     return tx
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, jit: bool = True):
-    """One optimizer step on the trainable tree.
-
-    Args:
-      loss_fn: loss_fn(frozen, trainable, batch, rng) -> scalar.
-      tx: any optax transformation; its state must come from `tx.init(trainable)`.
-      jit: compile the step, donating the trainable tree and optimizer state
-        (they are replaced each step, so XLA may update them in place). The
-        frozen tree is not donated: it is reused by every step.
-
-    Returns:
-      step(frozen, trainable, opt_state, batch, rng) -> (trainable, opt_state, loss).
-    """
-
-    def step(frozen, trainable, opt_state, batch, rng):
-        loss, grads = jax.value_and_grad(loss_fn, argnums=1)(frozen, trainable, batch, rng)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(1, 2)) if jit else step
-
-
 WeightedLossFn = Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, jax.Array]]
 """loss_fn(frozen, trainable, micro_batch, rng) -> (sum of per-example/token losses, their weight)."""
 
 
-def make_accumulating_train_step(loss_fn: WeightedLossFn, tx: optax.GradientTransformation):
-    """A step over a batch split into micro-batches, with gradients accumulated exactly.
+def make_train_step(loss_fn: LossFn | WeightedLossFn, tx: optax.GradientTransformation, *,
+                    accumulate: bool = False, jit: bool = True, out_shardings: Any = None):
+    """One optimizer step on the trainable tree: the only train-step factory (the trainer's
+    `build_train_step` and the benchmarks use it too).
 
-    Every batch leaf is [accum, micro_batch, ...]. Losses are summed and divided by the total
-    weight (examples, or target tokens for a language model) once at the end, so the update equals
-    that of the whole batch in one pass, whatever the padding of each micro-batch. Not jitted:
-    the caller jits it with its shardings.
+    Args:
+      loss_fn: loss_fn(frozen, trainable, batch, rng) -> scalar; with `accumulate`, -> (sum of
+        losses, their weight) for one micro-batch.
+      tx: any optax transformation; its state must come from `tx.init(trainable)`.
+      accumulate: every batch leaf is [accum, micro_batch, ...]; the micro-batches' gradients
+        are summed and divided by the total weight (examples, or target tokens) once at the
+        end, so the update equals that of the whole batch in one pass, whatever the padding of
+        each micro-batch.
+      jit: compile the step, donating the trainable tree and optimizer state (they are replaced
+        each step, so XLA may update them in place). The frozen tree is not donated: it is
+        reused by every step.
+      out_shardings: for the jitted step's outputs (the trainer replicates them over its mesh).
 
     Returns:
-      step(frozen, trainable, opt_state, batch, rng) -> (trainable, opt_state, mean loss).
+      step(frozen, trainable, opt_state, batch, rng) -> (trainable, opt_state, loss, finite):
+      `finite` is a device bool, whether the new trainable tree holds no NaN or inf (read with
+      the loss, it costs no extra host sync).
     """
-    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
 
-    def step(frozen, trainable, opt_state, batch, rng):
+    def plain_gradients(frozen, trainable, batch, rng):
+        return jax.value_and_grad(loss_fn, argnums=1)(frozen, trainable, batch, rng)
+
+    weighted = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+
+    def accumulated_gradients(frozen, trainable, batch, rng):
         def micro_step(carry, inputs):
             grads_sum, loss_sum, weight_sum = carry
             micro_batch, i = inputs
-            (loss, weight), grads = grad_fn(frozen, trainable, micro_batch, jax.random.fold_in(rng, i))
+            (loss, weight), grads = weighted(frozen, trainable, micro_batch,
+                                             jax.random.fold_in(rng, i))
             grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
             return (grads_sum, loss_sum + loss.astype(jnp.float32),
                     weight_sum + jnp.asarray(weight, jnp.float32)), None
@@ -91,11 +86,19 @@ def make_accumulating_train_step(loss_fn: WeightedLossFn, tx: optax.GradientTran
         init = (zeros, jnp.float32(0), jnp.float32(0))
         (grads, loss, weight), _ = jax.lax.scan(micro_step, init, (batch, jnp.arange(accum)))
         weight = jnp.maximum(weight, 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss / weight
+        return loss / weight, jax.tree_util.tree_map(lambda g: g / weight, grads)
 
-    return step
+    gradients = accumulated_gradients if accumulate else plain_gradients
+
+    def step(frozen, trainable, opt_state, batch, rng):
+        loss, grads = gradients(frozen, trainable, batch, rng)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, loss, all_finite(trainable)
+
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(1, 2), out_shardings=out_shardings)
 
 
 def all_finite(tree: Any) -> jax.Array:

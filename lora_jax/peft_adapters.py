@@ -76,11 +76,8 @@ def _fused(a: np.ndarray, b: np.ndarray, parts: tuple[bool, ...]) -> tuple[np.nd
     n, rank, d_in = a.shape
     d_part = b.shape[1]
     b_full = np.zeros((len(parts) * d_part, n * rank), np.float32)
-    j = 0
-    for p, adapted in enumerate(parts):
-        if adapted:
-            b_full[p * d_part:(p + 1) * d_part, j * rank:(j + 1) * rank] = b[j]
-            j += 1
+    for p, j in lora.adapted_slots(parts):
+        b_full[p * d_part:(p + 1) * d_part, j * rank:(j + 1) * rank] = b[j]
     return a.reshape(n * rank, d_in), b_full
 
 

@@ -11,11 +11,9 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from lora_jax import sharding
+from lora_jax import losses, sharding
 from lora_jax.data import batching, e2e, glue, packing
 from lora_jax.metrics import glue as glue_metrics
 
@@ -145,8 +143,8 @@ def make_eval_step(forward, kind: str, out_sharding):
 
     def eval_step(frozen, trainable, batch):
         logits = forward(frozen, trainable, batch, jax.random.key(0), train=False)
-        loss, weight = loss_sum(kind, logits, batch)
-        return loss, weight, predictions(kind, logits)
+        loss, weight = losses.loss_sum(kind, logits, batch)
+        return loss, weight, losses.predictions(kind, logits)
 
     return jax.jit(eval_step, out_shardings=out_sharding)
 
@@ -177,49 +175,3 @@ def model_inputs(batch: dict) -> dict:
     and position_ids)."""
     keys = ("attention_mask", "token_type_ids", "segment_ids", "position_ids")
     return {k: batch[k] for k in keys if k in batch}
-
-
-def loss_sum(kind: str, logits: jax.Array, batch: dict,
-             label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """(sum of losses, weight) for a micro-batch; padding rows and prompt tokens weigh 0.
-
-    Args:
-      kind: 'classification', 'regression' or 'lm'.
-      logits: the model's output.
-      batch: holds 'labels' (GLUE) or 'input_ids' and 'loss_mask' (LM); 'example_mask' marks the
-        real rows of a padded evaluation batch; 'segment_ids' (packed LM rows) bar the targets
-        whose context is another example.
-      label_smoothing: for classification and LM (the paper uses 0.1 for E2E).
-    """
-    logits = logits.astype(jnp.float32)
-    if kind == "lm":
-        targets, weights = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
-        losses = _cross_entropy(logits[:, :-1], targets, logits.shape[-1], label_smoothing)
-        weights = weights * batch.get("example_mask", jnp.ones(weights.shape[:1]))[:, None]
-        if "segment_ids" in batch:
-            # Position t predicts t + 1: only within one example, never the next one's first token.
-            segments = batch["segment_ids"]
-            weights = weights * (segments[:, 1:] == segments[:, :-1])
-    else:
-        weights = batch.get("example_mask", jnp.ones(logits.shape[:1]))
-        if kind == "regression":
-            losses = (logits[:, 0] - batch["labels"]) ** 2
-        else:
-            losses = _cross_entropy(logits, batch["labels"], logits.shape[-1], label_smoothing)
-    weights = weights.astype(jnp.float32)
-    return jnp.sum(losses * weights), jnp.sum(weights)
-
-
-def _cross_entropy(logits, labels, num_classes: int, smoothing: float) -> jax.Array:
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
-
-
-def predictions(kind: str, logits: jax.Array) -> jax.Array:
-    """Class ids (classification), scores (regression); nothing for an LM."""
-    if kind == "regression":
-        return logits[:, 0]
-    if kind == "classification":
-        return jnp.argmax(logits, axis=-1)
-    return jnp.zeros(logits.shape[:1])
-

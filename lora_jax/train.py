@@ -27,7 +27,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lora_jax import methods, optim, sharding, tasks
+from lora_jax import losses, methods, optim, sharding, tasks
 from lora_jax.methods import count_params, saving
 from lora_jax.models import family as model_family
 from lora_jax.checkpoint import Checkpoints, abstract
@@ -63,7 +63,7 @@ def build_train_step(forward, kind: str, tx, mesh, label_smoothing: float = 0.0)
 
     Args:
       forward: `tasks.make_forward` of an adapted apply.
-      kind: the task's kind ('classification', 'regression', 'lm'), for `tasks.loss_sum`.
+      kind: the task's kind ('classification', 'regression', 'lm'), for `losses.loss_sum`.
       tx: the optax optimizer.
       mesh: where the step runs; its outputs are replicated over it.
       label_smoothing: for classification and LM losses.
@@ -71,16 +71,10 @@ def build_train_step(forward, kind: str, tx, mesh, label_smoothing: float = 0.0)
 
     def loss_fn(frozen, trainable, batch, rng):
         logits = forward(frozen, trainable, batch, rng, train=True)
-        return tasks.loss_sum(kind, logits, batch, label_smoothing)
+        return losses.loss_sum(kind, logits, batch, label_smoothing)
 
-    update = optim.make_accumulating_train_step(loss_fn, tx)
-
-    def step(frozen, trainable, opt_state, batch, rng):
-        trainable, opt_state, loss = update(frozen, trainable, opt_state, batch, rng)
-        return trainable, opt_state, loss, optim.all_finite(trainable)
-
-    replicated = sharding.replicated(mesh)
-    return jax.jit(step, donate_argnums=(1, 2), out_shardings=(replicated,) * 4)
+    return optim.make_train_step(loss_fn, tx, accumulate=True,
+                                 out_shardings=(sharding.replicated(mesh),) * 4)
 
 
 def divergence_error(step: int, loss: float, params_finite: bool,

@@ -41,8 +41,8 @@ def _run(steps, tx):
     step = optim.make_train_step(loss_fn, tx)
     losses = []
     for i in range(steps):
-        trainable, opt_state, loss = step(frozen, trainable, opt_state, batch,
-                                          jax.random.key(100 + i))
+        trainable, opt_state, loss, _ = step(frozen, trainable, opt_state, batch,
+                                             jax.random.key(100 + i))
         losses.append(float(loss))
     return frozen_before, frozen, trainable_before, trainable, opt_state, losses
 
@@ -102,8 +102,8 @@ def test_bf16_frozen_weights_with_fp32_adapters_and_state(tmp_path):
         opt_state = tx.init(trainable)
         step = optim.make_train_step(loss_fn, tx)
         for i in range(3):
-            trainable, opt_state, loss = step(frozen, trainable, opt_state, ids,
-                                              jax.random.key(i))
+            trainable, opt_state, loss, _ = step(frozen, trainable, opt_state, ids,
+                                                 jax.random.key(i))
         losses[name] = float(loss)
         assert {x.dtype for x in jax.tree_util.tree_leaves(frozen)} == {jnp.dtype(dtype)}
         floats = [x for x in jax.tree_util.tree_leaves((trainable, opt_state))
@@ -126,7 +126,7 @@ def test_gradient_accumulation_equals_the_whole_batch():
 
     full = {**batch, "w": weights}
     tx = optim.adamw(1e-2)
-    step = jax.jit(optim.make_accumulating_train_step(loss_sum, tx))
+    step = optim.make_train_step(loss_sum, tx, accumulate=True, jit=False)
     one = step(frozen, trainable, tx.init(trainable),
                jax.tree_util.tree_map(lambda x: x[None], full), jax.random.key(0))
     two = step(frozen, trainable, tx.init(trainable),

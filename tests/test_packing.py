@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from lora_jax import tasks
+from lora_jax import losses, tasks
 from lora_jax.config import load_config
 from lora_jax.data import batching, e2e
 from lora_jax.data.packing import pack_examples, packed_batches
@@ -163,16 +163,16 @@ def test_task_packs_when_asked():
 
 
 def per_example_losses(batch: dict, logits) -> dict[tuple, tuple[float, float]]:
-    """{input_ids: (summed target NLL, target count)} through `tasks.loss_sum`, one example at a
+    """{input_ids: (summed target NLL, target count)} through `losses.loss_sum`, one example at a
     time (its loss mask alone)."""
-    losses = {}
+    found = {}
     for b, s, at in segments(batch) if "segment_ids" in batch else unpacked(batch):
         row = {k: v[b : b + 1] for k, v in batch.items()}  # one row: 1/B of the work
         only = np.zeros_like(row["loss_mask"])
         only[0, at] = row["loss_mask"][0, at]
-        total, weight = tasks.loss_sum("lm", logits[b : b + 1], {**row, "loss_mask": only})
-        losses[tuple(batch["input_ids"][b, at])] = (float(total), float(weight))
-    return losses
+        total, weight = losses.loss_sum("lm", logits[b : b + 1], {**row, "loss_mask": only})
+        found[tuple(batch["input_ids"][b, at])] = (float(total), float(weight))
+    return found
 
 
 def unpacked(batch: dict):
@@ -240,7 +240,7 @@ def test_loss_never_predicts_across_examples():
     ids = np.array([[1, 2, 3, 4, 5]])
     batch = {"input_ids": ids, "loss_mask": np.ones_like(ids),
              "segment_ids": np.array([[1, 1, 2, 2, 0]])}
-    total, weight = tasks.loss_sum("lm", logits, batch)
+    total, weight = losses.loss_sum("lm", logits, batch)
     logp = np.asarray(jax.nn.log_softmax(logits[0]))
     # Targets 1 (from 0) and 3 (from 2); 2 starts the next example, 4 is padding.
     assert float(weight) == 2.0

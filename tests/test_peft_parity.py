@@ -65,7 +65,8 @@ def _jax_steps(loss_fn, frozen, trainable, batches):
     step = optim.make_train_step(loss_fn, tx)
     losses = []
     for i, batch in enumerate(batches):
-        trainable, opt_state, loss = step(frozen, trainable, opt_state, batch, jax.random.key(i))
+        trainable, opt_state, loss, _ = step(frozen, trainable, opt_state, batch,
+                                             jax.random.key(i))
         losses.append(float(loss))
     return losses, trainable
 

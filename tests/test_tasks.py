@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.tasks import loss_sum
+from lora_jax.losses import loss_sum
 
 
 def test_classification_with_label_smoothing_and_padding_rows():

@@ -78,8 +78,7 @@ def unfuse(a: np.ndarray, b: np.ndarray, parts: Sequence[bool]) -> tuple[np.ndar
         raise ValueError(f"A {a.shape} and B {b.shape} do not split into {n} adapted parts of "
                          f"{len(parts)}")
     blocks, rebuilt = [], np.zeros_like(b)
-    for p in [p for p, adapted in enumerate(parts) if adapted]:
-        j = len(blocks)
+    for p, j in lora.adapted_slots(parts):
         rows, cols = slice(p * d_part, (p + 1) * d_part), slice(j * rank, (j + 1) * rank)
         blocks.append(b[rows, cols])
         rebuilt[rows, cols] = b[rows, cols]
@@ -121,8 +120,7 @@ def adapted_matrices(spec: lora.LoraSpec, frozen: Mapping, trainable: Mapping,
         if a.ndim == 2:
             a, b = unfuse(a, b, parts)
         d_part = kernel.shape[1] // len(parts)
-        adapted = [p for p, flag in enumerate(parts) if flag]
-        for j, p in enumerate(adapted):
+        for p, j in lora.adapted_slots(parts):
             label = PART_NAMES[p] if len(parts) == len(PART_NAMES) else str(p)
             w = kernel[:, p * d_part:(p + 1) * d_part].T
             matrices[f"{'/'.join(module)}[{label}]"] = AdaptedMatrix(a[j], b[j], scale, w)

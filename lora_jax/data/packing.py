@@ -7,7 +7,7 @@
 
 E2E rows are 30-80 tokens, so a batch padded to 512 is mostly padding. Packed rows waste
 almost nothing; the model (`GPT2LMHeadModel(segment_ids=...)`) confines attention to a token's
-own example, positions restart per example, and `tasks.loss_sum` never scores a prediction
+own example, positions restart per example, and `losses.loss_sum` never scores a prediction
 across an example boundary, so each example's loss is the same as when it is batched alone.
 """
 

@@ -29,13 +29,14 @@ import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import traverse_util
 
 from lora_jax import config_rules as rules
@@ -256,6 +257,23 @@ def check_compatible(spec: LoraSpec, frozen: Params, trainable: Params) -> None:
             )
 
 
+def adapted_slots(parts: Sequence[bool]) -> list[tuple[int, int]]:
+    """The layout of a split output: (output part p, adapter index j) for each adapted part, in
+    order. Part p occupies output columns p * d_part .. (p + 1) * d_part; adapter j is the j-th
+    slice of the stacked A (n, r, d_in) and B (n, d_part, r)."""
+    return [(p, j) for j, p in enumerate(p for p, adapted in enumerate(parts) if adapted)]
+
+
+def assemble_parts(blocks: Sequence[Any], parts: Sequence[bool], axis: int = -1):
+    """The adapted parts' blocks laid out over all parts of a fused output along `axis`, zeros
+    where a part is not adapted (numpy or jax arrays alike)."""
+    xp = np if isinstance(blocks[0], np.ndarray) else jnp
+    pieces = [xp.zeros_like(blocks[0])] * len(parts)
+    for p, j in adapted_slots(parts):
+        pieces[p] = blocks[j]
+    return xp.concatenate(pieces, axis=axis)
+
+
 def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float,
                     parts: tuple[bool, ...]) -> jax.Array:
     """s * B (A x) for a batch of inputs x (..., d_in), in x's dtype.
@@ -268,14 +286,7 @@ def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float,
         return scale * ((x @ a.T) @ b.T)
     h = jnp.einsum("...i,nri->...nr", x, a)
     y = jnp.einsum("...nr,nor->...no", h, b)
-    pieces, n = [], 0
-    for adapted in parts:
-        if adapted:
-            pieces.append(y[..., n, :])
-            n += 1
-        else:
-            pieces.append(jnp.zeros_like(y[..., 0, :]))
-    return scale * jnp.concatenate(pieces, axis=-1)
+    return scale * assemble_parts([y[..., j, :] for j in range(y.shape[-2])], parts)
 
 
 def _interceptor(spec: LoraSpec, trainable: Params, rng: jax.Array | None, used: set[Path]):
@@ -352,16 +363,8 @@ def _merged_delta(spec: LoraSpec, path: str, ab: dict, dtype) -> jax.Array:
     scale = spec.scale(path, a.shape[-2])
     if len(parts) == 1:
         return (scale * (b @ a).T).astype(dtype)
-    d_part = b.shape[-2]
     blocks = scale * jnp.einsum("nor,nri->nio", b, a)
-    columns, n = [], 0
-    for adapted in parts:
-        if adapted:
-            columns.append(blocks[n])
-            n += 1
-        else:
-            columns.append(jnp.zeros((a.shape[-1], d_part), jnp.float32))
-    return jnp.concatenate(columns, axis=-1).astype(dtype)
+    return assemble_parts(list(blocks), parts).astype(dtype)
 
 
 def _apply_deltas(spec: LoraSpec, params: Params, trainable: Params, sign: float) -> dict:

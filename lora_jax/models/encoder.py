@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
+from lora_jax.losses import mean_loss
 from lora_jax.models.family import ModelFamily
 from lora_jax.models.layers import activation, dot_product_attention, layer_norm
 
@@ -374,7 +374,8 @@ class EncoderForSequenceClassification(nn.Module):
 def sequence_classification_loss(
     logits: jax.Array, labels: jax.Array, num_labels: int
 ) -> jax.Array:
-    """HF's sequence classification loss: softmax cross-entropy, or MSE when num_labels == 1.
+    """HF's sequence classification loss: softmax cross-entropy, or MSE when num_labels == 1
+    (`lora_jax.losses`, kinds 'classification' and 'regression').
 
     Args:
       logits: [B, num_labels].
@@ -384,10 +385,8 @@ def sequence_classification_loss(
     Returns:
       Scalar float32 mean loss over the batch.
     """
-    logits = logits.astype(jnp.float32)
-    if num_labels == 1:
-        return jnp.mean((logits[:, 0] - labels.astype(jnp.float32)) ** 2)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    kind = "regression" if num_labels == 1 else "classification"
+    return mean_loss(kind, logits, {"labels": labels})
 
 
 def build(hf_config: Any, task: str | None = None, num_labels: int | None = None, *,

@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
+from lora_jax.losses import mean_loss
 from lora_jax.models.family import ModelFamily
 from lora_jax.models.layers import activation, dot_product_attention, layer_norm
 
@@ -343,6 +343,7 @@ def lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> ja
     """Mean next-token cross-entropy, equal to HF's loss with `labels=input_ids` (-100 = masked).
 
     Position t predicts token t+1; token t+1 counts as a target where `loss_mask[:, t+1]` is 1.
+    (`lora_jax.losses`, kind 'lm'.)
 
     Args:
       logits: [B, T, V] from the model.
@@ -353,14 +354,7 @@ def lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> ja
     Returns:
       Scalar float32 loss: the mean over target tokens (0 if there are none).
     """
-    weights = loss_mask[:, 1:].astype(jnp.float32)
-    # Ids that are no target (padding, a method's virtual tokens past the vocabulary) point
-    # at 0: gathering out of range would give NaN, and NaN * 0 is NaN.
-    targets = jnp.where(weights > 0, input_ids[:, 1:], 0)
-    nll = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1].astype(jnp.float32), targets
-    )
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return mean_loss("lm", logits, {"input_ids": input_ids, "loss_mask": loss_mask})
 
 
 def build(hf_config: Any, task: str | None = None, num_labels: int | None = None, *,
