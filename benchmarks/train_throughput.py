@@ -4,7 +4,7 @@ For each setting (GPT-2 medium / large with the E2E config: LoRA r=4 on q and v,
 dropout 0.1, batch 8 x 512; RoBERTa base / large with the GLUE config: r=8 on query and value,
 batch 16 x 128), on random weights of the real shapes:
 
-  jax           the lora_jax trainer's own step (`lora_jax.train.build_train_step` on the
+  jax           the lora_jax trainer's own step (`lora_jax.steps.build_train_step` on the
                 experiment config, its optimizer, mesh and batch placement), not a special path;
   peft          PEFT on torch, eager;
   peft-compile  PEFT with torch.compile;
@@ -212,15 +212,15 @@ def synthetic_batch(setting: Setting, batch: int, seq: int) -> dict:
 
 def build_jax_step(setting: Setting, config):
     """The trainer's step and state for `config` on random weights: (step, frozen, trainable,
-    optimizer state, mesh). Built as `lora_jax.train.train` builds them, weights aside."""
+    optimizer state, mesh), built by `lora_jax.setup` as the trainer builds them (the weights
+    drawn here, leaf by leaf on the mesh)."""
     import jax
     import jax.numpy as jnp
     import transformers
 
-    from lora_jax import hub, methods, optim, sharding, tasks
+    from lora_jax import hub, setup, sharding, steps
     from lora_jax.modeling import DTYPES
     from lora_jax.models import family as model_family
-    from lora_jax.train import build_train_step, learning_rate_schedule
 
     fields = dict(config.model.random_init)
     hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -233,19 +233,15 @@ def build_jax_step(setting: Setting, config):
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     params = random_params(model, jnp.ones((1, 8), jnp.int32), DTYPES[config.model.param_dtype],
                            mesh)
-    stack = methods.build(config.method, model_family(hf_config.model_type))
-    frozen, trainable = stack.split(params, jax.random.key(2))
-    del params
-    frozen = sharding.place(frozen, sharding.frozen_shardings(frozen, mesh))  # already there
-    trainable = sharding.place(trainable, sharding.replicated(mesh))
-    tx = optim.adamw(learning_rate_schedule(config.optim, 1000), b1=config.optim.b1,
-                     b2=config.optim.b2, eps=config.optim.eps,
-                     weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
-    opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(trainable)
+    base = setup.Base(model, params, None, model_family(hf_config.model_type),
+                      {"model_type": hf_config.model_type, "task": task})
+    run = setup.build(config, base_model=base)  # already placed: placing again copies nothing
+    del params, base
+    tx, _ = setup.optimizer(config.optim, 1000)
+    opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(run.mesh))(run.trainable)
     kind = "lm" if setting.family == "gpt2" else "classification"
-    forward = tasks.make_forward(stack.adapt(model.apply))
-    step = build_train_step(forward, kind, tx, mesh, config.optim.label_smoothing)
-    return step, frozen, trainable, opt_state, mesh
+    step = steps.build_train_step(run.forward, kind, tx, run.mesh, config.optim.label_smoothing)
+    return step, run.frozen, run.trainable, opt_state, run.mesh
 
 
 def peak_bytes() -> int:
@@ -258,8 +254,7 @@ def peak_bytes() -> int:
 def bench_jax(setting: Setting, args) -> dict:
     import jax
 
-    from lora_jax import sharding, tasks
-    from lora_jax.methods import lora
+    from lora_jax import methods, sharding
 
     batch, seq = shape(setting, args)
     config = trainer_config(setting, args.mode, args.dtype, args.attention or None)
@@ -277,8 +272,8 @@ def bench_jax(setting: Setting, args) -> dict:
                          args.warmup, args.steps)
     device = jax.devices()[0]
     return {"seconds_per_step": seconds, "peak_bytes": peak_bytes(),
-            "device": device.device_kind, "trainable": lora.count_params(trainable),
-            "loss": float(tasks.first_replica(state["loss"])),
+            "device": device.device_kind, "trainable": methods.count_params(trainable),
+            "loss": float(sharding.first_replica(state["loss"])),
             "matmul_peak": matmul_peak(args.dtype, 8192 if device.platform == "gpu" else 1024)}
 
 

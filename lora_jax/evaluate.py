@@ -13,52 +13,28 @@ model, and writes into the workdir:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pathlib
 import sys
-from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
 
-from lora_jax import generate, inputs, sharding, tasks
-from lora_jax.methods import MethodStack, combine, saving
-from lora_jax.methods.base import frozen_part
-from lora_jax.models import ModelFamily
-from lora_jax.models import family as model_family
+from lora_jax import evaluation, generate, inputs, setup
 from lora_jax.data import e2e
 from lora_jax.errors import RunError, WorkdirError
 from lora_jax.json_files import read_json_object
 from lora_jax.inputs import FILE_NAME
 from lora_jax.metrics.e2e import e2e_scores
-from lora_jax.modeling import build_model, run_keys
 
 FLAGS = flags.FLAGS
 
 
-@dataclasses.dataclass
-class TrainedRun:
-    """A finished run, rebuilt: its config, base model, trained methods and tokenizer."""
-
-    config: ml_collections.ConfigDict
-    model: Any
-    family: ModelFamily
-    stack: MethodStack
-    frozen: dict
-    trainable: dict
-    tokenizer: Any
-
-    @property
-    def vocab_size(self) -> int:
-        """The token embedding's rows (the frozen tree lacks it when FT trains it)."""
-        return self.family.vocab_size(combine(self.frozen, self.trainable))
-
-
-def load_run(workdir: pathlib.Path, split: str = "dev") -> TrainedRun:
-    """A finished run: the base model its config.json rebuilds, and its exported adapter/.
+def load_run(workdir: pathlib.Path, split: str = "dev") -> setup.Run:
+    """A finished run: the base model its config.json rebuilds, with its exported adapter/.
 
     Raises:
       WorkdirError: the base checkpoint, tokenizer or data files now differ from those the run
@@ -69,15 +45,13 @@ def load_run(workdir: pathlib.Path, split: str = "dev") -> TrainedRun:
         raise FileNotFoundError(f"{workdir} has no config.json: is it a lora_jax.train workdir?")
     config = ml_collections.ConfigDict(read_json_object(path, what="run config"))
     check_inputs(workdir, config, split)
-    key_init, _, _ = run_keys(config.seed)
-    model, params, tokenizer, info = build_model(config.model, key_init, config.data.data_dir)
     adapter = workdir / "adapter"
     if not adapter.is_dir():
         raise FileNotFoundError(f"{adapter} does not exist: the run has not finished training")
-    family = model_family(info["model_type"])
-    stack, trainable = saving.load(adapter, params, family, info["task"])
-    return TrainedRun(config, model, family, stack, frozen_part(params, trainable), trainable,
-                      tokenizer)
+    devices = jax.device_count()
+    if any(n != -1 and devices % n for n in (config.mesh.data, config.mesh.fsdp)):
+        config.mesh.data, config.mesh.fsdp = -1, 1  # trained on another machine: split the batch
+    return setup.build(config, export=adapter)
 
 
 def check_inputs(workdir: pathlib.Path, config: ml_collections.ConfigDict, split: str) -> None:
@@ -100,7 +74,7 @@ def check_inputs(workdir: pathlib.Path, config: ml_collections.ConfigDict, split
                            + "\n  ".join(differences))
 
 
-def evaluate_e2e(run: TrainedRun, split: str, max_examples: int,
+def evaluate_e2e(run: setup.Run, split: str, max_examples: int,
                  batch_size: int) -> tuple[list[str], dict[str, float]]:
     """Beam-searches one output per MR of `split`; returns the lines and their E2E scores.
 
@@ -112,12 +86,12 @@ def evaluate_e2e(run: TrainedRun, split: str, max_examples: int,
                                           source=config.data.source))
     if max_examples:
         groups = groups[:max_examples]
+    frozen, trainable = jax.device_get((run.frozen, run.trainable))
     if run.stack.mergeable:
-        apply_fn, params = run.model.apply, {"params": run.stack.merge(run.frozen, run.trainable)}
+        apply_fn, params = run.model.apply, {"params": run.stack.merge(frozen, trainable)}
     else:
         adapted = run.stack.adapt(run.model.apply)
-        apply_fn, params = (lambda p, *a, **k: adapted(p[0], p[1], *a, **k),
-                            (run.frozen, run.trainable))
+        apply_fn, params = (lambda p, *a, **k: adapted(p[0], p[1], *a, **k), (frozen, trainable))
     g = config.generate
     vocab_size = run.vocab_size
     prompts = [run.stack.prepare_prompt(e2e.encode_prompt(mr, tokenizer), vocab_size)
@@ -131,22 +105,14 @@ def evaluate_e2e(run: TrainedRun, split: str, max_examples: int,
     return lines, e2e_scores([refs for _, refs in groups], lines)
 
 
-def evaluate_glue(run: TrainedRun, max_examples: int) -> dict[str, float]:
+def evaluate_glue(run: setup.Run, max_examples: int) -> dict[str, float]:
     """The task's dev metrics, as the trainer computes them."""
     data = ml_collections.ConfigDict(run.config.data.to_dict())
     if max_examples:
         data.max_eval_examples = max_examples
-    vocab_size = run.vocab_size
-    task = tasks.build_task(data, run.tokenizer, with_train=False).prepared(
-        lambda e: run.stack.prepare_example(e, data.max_len, vocab_size))
-    mesh = sharding.make_mesh()
-    replicated = sharding.replicated(mesh)
-    forward = tasks.make_forward(run.stack.adapt(run.model.apply))
-    eval_step = tasks.make_eval_step(forward, task.kind, replicated)
-    frozen = sharding.place(run.frozen, sharding.frozen_shardings(run.frozen, mesh))
-    trainable = sharding.place(run.trainable, replicated)
-    return tasks.evaluate(task, eval_step, frozen, trainable, mesh,
-                          run.config.data.eval_batch_size)
+    task = run.task(data, with_train=False)
+    return evaluation.evaluate(task, run.eval_step(task.kind), run.frozen, run.trainable,
+                               run.mesh, run.config.data.eval_batch_size)
 
 
 def main(argv: list[str]) -> None:

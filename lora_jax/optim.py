@@ -21,6 +21,14 @@ LossFn = Callable[[Any, Any, Batch, jax.Array], jax.Array]
 """loss_fn(frozen, trainable, batch, rng) -> scalar loss."""
 
 
+def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
+    """Linear warmup (steps, or a ratio of all steps) to `lr`, then linear decay to 0."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps else int(cfg.warmup_ratio * total_steps)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)),
+         optax.linear_schedule(cfg.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
+
+
 def adamw(
     learning_rate: float | optax.Schedule,
     *,

@@ -133,3 +133,8 @@ def place(tree, shardings):
     if isinstance(shardings, NamedSharding):
         return jax.tree_util.tree_map(lambda x: put(x, shardings), tree)
     return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def first_replica(x: jax.Array) -> np.ndarray:
+    """A replicated array's value, readable on every process (no cross-host fetch)."""
+    return np.asarray(x.addressable_data(0))

@@ -10,10 +10,8 @@ import dataclasses
 import functools
 from typing import Any
 
-import jax
 import numpy as np
 
-from lora_jax import losses, sharding
 from lora_jax.data import batching, e2e, glue, packing
 from lora_jax.metrics import glue as glue_metrics
 
@@ -119,59 +117,3 @@ def _glue_task(cfg: Any, tokenizer: Any, with_train: bool) -> Task:
     return Task(cfg.task, kind, num_labels, split("train", cfg.max_train_examples),
                 split("dev", cfg.max_eval_examples), tokenizer.pad_token_id, tuple(cfg.buckets),
                 glue_metrics.main_metric(cfg.task))
-
-
-def make_forward(adapted_apply):
-    """forward(frozen, trainable, batch, rng, train) -> logits, for a `MethodStack.adapt`-ed
-    apply.
-
-    In training, `rng` drives both the model's dropout and the methods' (LoRA dropout); in
-    evaluation neither.
-    """
-
-    def forward(frozen, trainable, batch, rng, train: bool):
-        dropout_rng, method_rng = jax.random.split(rng)
-        return adapted_apply(frozen, trainable, batch["input_ids"], **model_inputs(batch),
-                             deterministic=not train, rngs={"dropout": dropout_rng},
-                             method_rng=method_rng if train else None).logits
-
-    return forward
-
-
-def make_eval_step(forward, kind: str, out_sharding):
-    """A jitted eval_step(frozen, trainable, batch) -> (loss sum, weight, predictions)."""
-
-    def eval_step(frozen, trainable, batch):
-        logits = forward(frozen, trainable, batch, jax.random.key(0), train=False)
-        loss, weight = losses.loss_sum(kind, logits, batch)
-        return loss, weight, losses.predictions(kind, logits)
-
-    return jax.jit(eval_step, out_shardings=out_sharding)
-
-
-def first_replica(x: jax.Array) -> np.ndarray:
-    """A replicated array's value, readable on every process (no cross-host fetch)."""
-    return np.asarray(x.addressable_data(0))
-
-
-def evaluate(task: Task, eval_step, frozen, trainable, mesh, batch_size: int) -> dict[str, float]:
-    """The task's dev metrics (and mean loss) over every dev example, padding rows excluded."""
-    total_loss, total_weight, preds, labels = 0.0, 0.0, [], []
-    for host_batch in task.eval_batches(batch_size):
-        batch = sharding.global_batch(host_batch, mesh)
-        batch = jax.tree_util.tree_map(lambda x: x[0], batch)  # no accumulation in eval
-        loss, weight, p = eval_step(frozen, trainable, batch)
-        total_loss += float(first_replica(loss))
-        total_weight += float(first_replica(weight))
-        real = host_batch["example_mask"].astype(bool)
-        preds.append(first_replica(p)[real])
-        labels.append(host_batch.get("labels", np.zeros(len(real)))[real])
-    return task.metrics(np.concatenate(preds), np.concatenate(labels),
-                        total_loss / max(total_weight, 1.0))
-
-
-def model_inputs(batch: dict) -> dict:
-    """The keyword arguments a model call takes from a batch (packed batches add segment_ids
-    and position_ids)."""
-    keys = ("attention_mask", "token_type_ids", "segment_ids", "position_ids")
-    return {k: batch[k] for k in keys if k in batch}

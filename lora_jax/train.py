@@ -27,14 +27,13 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lora_jax import losses, methods, optim, sharding, tasks
+from lora_jax import evaluation, setup, sharding
 from lora_jax.methods import count_params, saving
-from lora_jax.models import family as model_family
 from lora_jax.checkpoint import Checkpoints, abstract
 from lora_jax.config_checks import check_config
-from lora_jax.errors import ConfigError, DivergenceError, Preempted, RunError, WorkdirError
+from lora_jax.errors import DivergenceError, Preempted, RunError, WorkdirError
 from lora_jax.inputs import run_inputs
-from lora_jax.modeling import build_model, run_keys
+from lora_jax.modeling import run_keys
 from lora_jax.preemption import PreemptionNotice
 from lora_jax.run_log import RunLog
 from lora_jax.workdir import Workdir
@@ -42,39 +41,6 @@ from lora_jax.workdir import Workdir
 FLAGS = flags.FLAGS
 
 logger = logging.getLogger(__name__)
-
-
-def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
-    """Linear warmup (steps, or a ratio of all steps) to `lr`, then linear decay to 0."""
-    import optax
-
-    warmup = cfg.warmup_steps if cfg.warmup_steps else int(cfg.warmup_ratio * total_steps)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)),
-         optax.linear_schedule(cfg.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
-
-
-def build_train_step(forward, kind: str, tx, mesh, label_smoothing: float = 0.0):
-    """The trainer's jitted step(frozen, trainable, opt_state, batch, rng) -> (trainable,
-    opt_state, mean loss, whether the new trainable tree is all finite), for a batch of
-    [accum, micro, ...] arrays (`sharding.global_batch`).
-
-    `trainable` and `opt_state` are donated (updated in place); benchmarks call this same function.
-
-    Args:
-      forward: `tasks.make_forward` of an adapted apply.
-      kind: the task's kind ('classification', 'regression', 'lm'), for `losses.loss_sum`.
-      tx: the optax optimizer.
-      mesh: where the step runs; its outputs are replicated over it.
-      label_smoothing: for classification and LM losses.
-    """
-
-    def loss_fn(frozen, trainable, batch, rng):
-        logits = forward(frozen, trainable, batch, rng, train=True)
-        return losses.loss_sum(kind, logits, batch, label_smoothing)
-
-    return optim.make_train_step(loss_fn, tx, accumulate=True,
-                                 out_shardings=(sharding.replicated(mesh),) * 4)
 
 
 def divergence_error(step: int, loss: float, params_finite: bool,
@@ -117,47 +83,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) -> dict[str, Any]:
     workdir = run_dir.path
     log = RunLog(workdir, enabled=run_dir.writer)
-    key_init, key_lora, key_train = run_keys(config.seed)
+    _, _, key_train = run_keys(config.seed)
 
-    # --- Model, adapters and mesh -------------------------------------------------------------
-    model, params, tokenizer, model_info = build_model(config.model, key_init,
-                                                       config.data.data_dir)
-    stack = methods.build(config.method, model_family(model_info["model_type"]))
-    frozen, trainable = stack.split(params, key_lora)
-    vocab_size = model_family(model_info["model_type"]).vocab_size(params)
-    del params
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    replicated = sharding.replicated(mesh)
-    frozen = sharding.place(frozen, sharding.frozen_shardings(frozen, mesh))
-    trainable = sharding.place(trainable, replicated)
+    # --- Model, methods, mesh, data, optimizer, steps (lora_jax.setup) --------------------------
+    run = setup.build(config)
+    stack, frozen, trainable, mesh = run.stack, run.frozen, run.trainable, run.mesh
     log.info(f"{stack.describe()}: {count_params(trainable):,} trained and "
              f"{count_params(frozen):,} frozen parameters; mesh {dict(mesh.shape)} over "
              f"{jax.device_count()} devices")
-
-    # --- Data and optimizer ---------------------------------------------------------------------
-    task = tasks.build_task(config.data, tokenizer).prepared(
-        lambda e: stack.prepare_example(e, config.data.max_len, vocab_size))
+    training = setup.for_training(run)
+    task, steps_per_epoch, total_steps = training.task, training.steps_per_epoch, \
+        training.total_steps
+    schedule, opt_state = training.schedule, training.opt_state
+    train_step, eval_step = training.train_step, training.eval_step
+    replicated = sharding.replicated(mesh)
     batch_size = config.data.batch_size
-    steps_per_epoch = task.steps_per_epoch(batch_size)
-    if steps_per_epoch == 0:
-        rows = f" in {len(task.packed_rows)} packed rows" if task.packing else ""
-        raise ConfigError(f"config.data.batch_size = {batch_size}: {len(task.train)} training "
-                          f"examples{rows} make no batch of that size")
-    total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
-    schedule = learning_rate_schedule(config.optim, total_steps)
-    tx = optim.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-                     weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
-    opt_state = jax.jit(tx.init, out_shardings=replicated)(trainable)
-
-    # --- Steps ----------------------------------------------------------------------------------
-    forward = tasks.make_forward(stack.adapt(model.apply))
-
-    train_step = build_train_step(forward, task.kind, tx, mesh, config.optim.label_smoothing)
-    eval_step = tasks.make_eval_step(forward, task.kind, replicated)
 
     def evaluate(trainable) -> dict[str, float]:
-        return tasks.evaluate(task, eval_step, frozen, trainable, mesh,
-                              config.data.eval_batch_size)
+        return evaluation.evaluate(task, eval_step, frozen, trainable, mesh,
+                                   config.data.eval_batch_size)
 
     # --- Resume ---------------------------------------------------------------------------------
     checkpoints = Checkpoints(workdir / "checkpoints", config.train.checkpoint_every,
@@ -213,7 +157,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
             return
         elapsed, tick = time.perf_counter() - tick, time.perf_counter()
         tokens = sum(t for *_, t in pending)
-        fetched = [(s, float(tasks.first_replica(l)), bool(tasks.first_replica(f)))
+        fetched = [(s, float(sharding.first_replica(l)), bool(sharding.first_replica(f)))
                    for s, l, f, _ in pending]
         pending = []
         bad = next((i for i, (_, l, f) in enumerate(fetched) if not (np.isfinite(l) and f)), None)
@@ -245,7 +189,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
                                 higher_is_better=task.kind != "lm")
                 if run_dir.writer and best["step"] == done:
                     saving.save(workdir / "best_adapter", stack, config.method,
-                                jax.device_get(trainable), **model_info)
+                                jax.device_get(trainable), **run.info)
             if checkpointing:
                 checkpoints.save(done, state(done), force=True)
             if preempted:
@@ -256,7 +200,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
         final = evaluate(trainable) if start == total_steps else metrics
         if run_dir.writer:
             saving.save(workdir / "adapter", stack, config.method, jax.device_get(trainable),
-                        **model_info)
+                        **run.info)
     return {**final, "best": best}
 
 

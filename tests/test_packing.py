@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from lora_jax import losses, tasks
+from lora_jax import losses, steps, tasks
 from lora_jax.config import load_config
 from lora_jax.data import batching, e2e
 from lora_jax.data.packing import pack_examples, packed_batches
@@ -49,7 +49,7 @@ def gpt2():
     model = GPT2LMHeadModel(config)
     params = model.init(jax.random.key(0), np.ones((1, 8), np.int32))["params"]
     apply = jax.jit(lambda batch: model.apply({"params": params}, batch["input_ids"],
-                                              **tasks.model_inputs(batch)).logits)
+                                              **steps.model_inputs(batch)).logits)
     return model, params, apply
 
 

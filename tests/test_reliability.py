@@ -19,8 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file
 
-from lora_jax import config_checks, optim, tasks
-from lora_jax import train as train_module
+from lora_jax import config_checks, optim, sharding, steps
 from lora_jax.config import base_config, load_config
 from lora_jax.errors import ConfigError, IncompatibleCheckpoint, WorkdirError
 from lora_jax.evaluate import load_run
@@ -117,7 +116,7 @@ def test_a_non_finite_evaluation_is_never_best(tmp_path):
 def test_losses_and_flags_are_fetched_only_when_the_loop_syncs_anyway(tmp_path, monkeypatch):
     """No host sync per step: device values are read at log, eval and checkpoint steps only."""
     steps_run, fetched_at = [0], []
-    build = train_module.build_train_step
+    build = steps.build_train_step
 
     def counting_build(*args, **kwargs):
         step = build(*args, **kwargs)
@@ -128,14 +127,14 @@ def test_losses_and_flags_are_fetched_only_when_the_loop_syncs_anyway(tmp_path, 
 
         return counted
 
-    first_replica = tasks.first_replica
+    first_replica = sharding.first_replica
 
     def recording_first_replica(x):
         fetched_at.append(steps_run[0])
         return first_replica(x)
 
-    monkeypatch.setattr(train_module, "build_train_step", counting_build)
-    monkeypatch.setattr(tasks, "first_replica", recording_first_replica)
+    monkeypatch.setattr(steps, "build_train_step", counting_build)
+    monkeypatch.setattr(sharding, "first_replica", recording_first_replica)
     train(tiny_config(**{"train.log_every": 5, "train.eval_every": 10,
                          "train.checkpoint_every": 10, "train.max_steps": 10}), tmp_path)
     assert steps_run[0] == 10
