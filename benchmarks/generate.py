@@ -33,7 +33,7 @@ def main() -> None:
     import transformers
 
     from lora_jax import generate
-    from lora_jax.hub import load_pretrained
+    from lora_jax.interop.hub import load_pretrained
 
     n_layer, n_embd, n_head = SIZES[args.size]
     config = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head)

@@ -39,7 +39,7 @@ def build(size: str, dtype: str):
     import jax.numpy as jnp
     import transformers
 
-    from lora_jax import hub
+    from lora_jax.interop import hub
     from lora_jax.models import family
 
     hf = transformers.GPT2Config(vocab_size=50257, n_positions=1024, **SIZES[size],

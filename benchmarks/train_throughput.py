@@ -4,7 +4,7 @@ For each setting (GPT-2 medium / large with the E2E config: LoRA r=4 on q and v,
 dropout 0.1, batch 8 x 512; RoBERTa base / large with the GLUE config: r=8 on query and value,
 batch 16 x 128), on random weights of the real shapes:
 
-  jax           the lora_jax trainer's own step (`lora_jax.steps.build_train_step` on the
+  jax           the lora_jax trainer's own step (`lora_jax.training.steps.build_train_step` on the
                 experiment config, its optimizer, mesh and batch placement), not a special path;
   peft          PEFT on torch, eager;
   peft-compile  PEFT with torch.compile;
@@ -136,7 +136,7 @@ def random_params(model, sample_ids, param_dtype, mesh, seed: int = 1):
     import numpy as np
     from flax import traverse_util
 
-    from lora_jax import sharding
+    from lora_jax.training import sharding
 
     rng = np.random.default_rng(seed)
     shapes = traverse_util.flatten_dict(jax.eval_shape(model.init, jax.random.key(0), sample_ids))
@@ -212,14 +212,15 @@ def synthetic_batch(setting: Setting, batch: int, seq: int) -> dict:
 
 def build_jax_step(setting: Setting, config):
     """The trainer's step and state for `config` on random weights: (step, frozen, trainable,
-    optimizer state, mesh), built by `lora_jax.setup` as the trainer builds them (the weights
+    optimizer state, mesh), built by `lora_jax.training.setup` as the trainer builds them (the weights
     drawn here, leaf by leaf on the mesh)."""
     import jax
     import jax.numpy as jnp
     import transformers
 
-    from lora_jax import hub, setup, sharding, steps
-    from lora_jax.modeling import DTYPES
+    from lora_jax.interop import hub
+    from lora_jax.training import setup, sharding, steps
+    from lora_jax.training.modeling import DTYPES
     from lora_jax.models import family as model_family
 
     fields = dict(config.model.random_init)
@@ -254,7 +255,8 @@ def peak_bytes() -> int:
 def bench_jax(setting: Setting, args) -> dict:
     import jax
 
-    from lora_jax import methods, sharding
+    from lora_jax import methods
+    from lora_jax.training import sharding
 
     batch, seq = shape(setting, args)
     config = trainer_config(setting, args.mode, args.dtype, args.attention or None)
@@ -287,7 +289,8 @@ def bench_layout(setting: Setting, args) -> dict:
     rows padded to the full length, length-bucketed rows (the default), or packed rows."""
     import jax
 
-    from lora_jax import sharding, tasks
+    from lora_jax.training import sharding
+    from lora_jax.data import tasks
     from lora_jax.data.e2e import gpt2_tokenizer
 
     batch, seq = shape(setting, args)

@@ -22,7 +22,7 @@ rows of up to 512 tokens, not examples, so adjust it (and the steps) to keep the
 
 import ml_collections
 
-from lora_jax.config import TINY_MODELS, base_config, parse_arg, set_dotted
+from lora_jax.config import TINY_MODELS, base_config, method_overrides, parse_arg, set_dotted
 
 MODELS = {"gpt2-medium": "openai-community/gpt2-medium",
           "gpt2-large": "openai-community/gpt2-large",
@@ -40,17 +40,12 @@ MODELS = {"gpt2-medium": "openai-community/gpt2-medium",
 #   prelayer    PreLayer then trains 344,064 (Table 3 prints 0.35M; no l_p + l_i gives it).
 METHODS = {
     "lora": {},
-    "full": {"method.use": ("full",), "optim.lr": 5e-5},
-    "top_layers": {"method.use": ("top_layers",), "method.top_layers.count": 2,
-                   "optim.lr": 5e-5},
-    "adapter_l": {"method.use": ("adapter_l",), "method.adapter_l.bottleneck": 6,
-                  "optim.lr": 1e-4},
-    "adapter_h": {"method.use": ("adapter_h",), "method.adapter_h.bottleneck": 112,
-                  "optim.lr": 1e-4},
-    "preembed": {"method.use": ("preembed",), "method.preembed.prefix": 10,
-                 "method.preembed.infix": 4, "optim.lr": 8e-5},
-    "prelayer": {"method.use": ("prelayer",), "method.prelayer.prefix": 10,
-                 "method.prelayer.infix": 4, "optim.lr": 8e-5},
+    "full": method_overrides("full", 5e-5),
+    "top_layers": method_overrides("top_layers", 5e-5, count=2),
+    "adapter_l": method_overrides("adapter_l", 1e-4, bottleneck=6),
+    "adapter_h": method_overrides("adapter_h", 1e-4, bottleneck=112),
+    "preembed": method_overrides("preembed", 8e-5, prefix=10, infix=4),
+    "prelayer": method_overrides("prelayer", 8e-5, prefix=10, infix=4),
 }
 # GPT-2 XL's shape, for random-weight runs at full size (model.name='') and shape-only tests.
 GPT2_XL = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_layer=48, n_embd=1600,

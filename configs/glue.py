@@ -17,7 +17,7 @@ Choices where the official scripts (microsoft/LoRA examples/NLU) differ from the
   - MiniLM (all-MiniLM-L6-v2, the real checkpoint available offline) uses RoBERTa-base's row.
 """
 
-from lora_jax.config import TINY_MODELS, base_config, parse_arg, set_dotted
+from lora_jax.config import TINY_MODELS, base_config, method_overrides, parse_arg, set_dotted
 
 # task: (batch, epochs, lr) for base; (batch, epochs, lr, max_len) for large. Paper Table 9.
 BASE = {
@@ -41,14 +41,11 @@ LARGE = {
 #              (278,960); --config.method.adapter_d.bottleneck=52 gives its 0.9M row (887,612).
 METHODS = {
     "lora": {},
-    "full": {"method.use": ("full",), "optim.lr": 2e-5},
-    "bitfit": {"method.use": ("bitfit",), "optim.lr": 4e-4},
-    "adapter_h": {"method.use": ("adapter_h",), "method.adapter_h.bottleneck": 64,
-                  "optim.lr": 3e-4},
-    "adapter_p": {"method.use": ("adapter_p",), "method.adapter_p.bottleneck": 48,
-                  "optim.lr": 1e-4},
-    "adapter_d": {"method.use": ("adapter_d",), "method.adapter_d.bottleneck": 16,
-                  "method.adapter_d.drop_lowest": 1, "optim.lr": 3e-4},
+    "full": method_overrides("full", 2e-5),
+    "bitfit": method_overrides("bitfit", 4e-4),
+    "adapter_h": method_overrides("adapter_h", 3e-4, bottleneck=64),
+    "adapter_p": method_overrides("adapter_p", 1e-4, bottleneck=48),
+    "adapter_d": method_overrides("adapter_d", 3e-4, bottleneck=16, drop_lowest=1),
 }
 NUM_LABELS = {"mnli": 3, "stsb": 1}
 MODELS = {"roberta-base": "FacebookAI/roberta-base", "roberta-large": "FacebookAI/roberta-large",

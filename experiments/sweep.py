@@ -59,10 +59,10 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 def is_finished(workdir: pathlib.Path) -> bool:
     """A run is done once its adapter is exported and its record written (the record comes last)."""
-    from lora_jax.methods import saving
+    from lora_jax.interop import exports
 
     exported = any((workdir / "adapter" / name).is_file()
-                   for name in ("adapter_config.json", saving.CONFIG_NAME))
+                   for name in ("adapter_config.json", exports.CONFIG_NAME))
     return exported and (workdir / RECORD).is_file()
 
 
@@ -76,9 +76,9 @@ def count_adapter_params(workdir: pathlib.Path) -> tuple[int, int]:
     from safetensors import safe_open
 
     from lora_jax.analysis.compare import load_adapters
-    from lora_jax.methods import saving
+    from lora_jax.interop import exports
 
-    native = workdir / "adapter" / saving.WEIGHTS_NAME
+    native = workdir / "adapter" / exports.WEIGHTS_NAME
     if native.is_file():
         with safe_open(str(native), framework="numpy") as f:
             sizes = {key: int(np.prod(f.get_slice(key).get_shape())) for key in f.keys()}

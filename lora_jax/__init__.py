@@ -1,6 +1,6 @@
 """lora_jax: LoRA as a functional transform over JAX/Flax parameter pytrees.
 
-    from lora_jax import optim
+    from lora_jax.training import optim
     from lora_jax.methods import lora
     frozen, trainable = lora.split(spec, params, key)
     apply = lora.adapt(model.apply, spec)

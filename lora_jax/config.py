@@ -112,6 +112,13 @@ def set_dotted(config: ml_collections.ConfigDict, dotted: str, value: Any) -> No
     node[leaf] = value
 
 
+def method_overrides(name: str, lr: float, **fields: Any) -> dict[str, Any]:
+    """The dotted overrides that make a config train `name` alone at learning rate `lr`, with
+    its section's `fields` set: {'method.use': (name,), 'optim.lr': lr, 'method.<name>.f': v}."""
+    return {"method.use": (name,), "optim.lr": lr,
+            **{f"method.{name}.{field}": value for field, value in fields.items()}}
+
+
 def load_config(path_and_arg: str) -> ml_collections.ConfigDict:
     """Loads 'configs/glue.py:task=rte' the way --config does (for scripts and tests)."""
     import importlib.util

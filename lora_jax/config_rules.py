@@ -29,7 +29,8 @@ def integer(low: int | None = None, *, also: tuple = ()) -> Rule:
     def rule(value):
         if value in also and not isinstance(value, bool):
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        too_low = low is not None and isinstance(value, int) and value < low
+        if isinstance(value, bool) or not isinstance(value, int) or too_low:
             extra = "".join(f" or {a}" for a in also)
             return f"must be an integer >= {low}{extra}" if low is not None else "must be an integer"
         return None
@@ -46,9 +47,11 @@ def number(low: float, high: float = math.inf, *, low_open: bool = False,
     def rule(value):
         if value is None and optional:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        real = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not real or not math.isfinite(value):
             return allowed + (" or None" if optional else "")
-        if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        if (value < low or (low_open and value == low) or value > high
+                or (high_open and value == high)):
             return allowed + (" or None" if optional else "")
         return None
 

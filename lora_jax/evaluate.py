@@ -23,11 +23,12 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from lora_jax import evaluation, generate, inputs, setup
+from lora_jax.training import evaluation, inputs, setup
+from lora_jax import generate
 from lora_jax.data import e2e
 from lora_jax.errors import RunError, WorkdirError
 from lora_jax.json_files import read_json_object
-from lora_jax.inputs import FILE_NAME
+from lora_jax.training.inputs import FILE_NAME
 from lora_jax.metrics.e2e import e2e_scores
 
 FLAGS = flags.FLAGS

@@ -27,16 +27,17 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lora_jax import evaluation, setup, sharding
-from lora_jax.methods import count_params, saving
-from lora_jax.checkpoint import Checkpoints, abstract
+from lora_jax.training import evaluation, setup, sharding
+from lora_jax.methods import count_params
+from lora_jax.interop import exports
+from lora_jax.training.checkpoint import Checkpoints, abstract
 from lora_jax.config_checks import check_config
 from lora_jax.errors import DivergenceError, Preempted, RunError, WorkdirError
-from lora_jax.inputs import run_inputs
-from lora_jax.modeling import run_keys
-from lora_jax.preemption import PreemptionNotice
-from lora_jax.run_log import RunLog
-from lora_jax.workdir import Workdir
+from lora_jax.training.inputs import run_inputs
+from lora_jax.training.modeling import run_keys
+from lora_jax.training.preemption import PreemptionNotice
+from lora_jax.training.run_log import RunLog
+from lora_jax.training.workdir import Workdir
 
 FLAGS = flags.FLAGS
 
@@ -62,7 +63,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     """Trains, evaluates and exports adapters as `config` says; resumes from `workdir`.
 
     Every config value is checked, the workdir locked and its records compared with this run's
-    config and inputs before anything is written (see `lora_jax.workdir`).
+    config and inputs before anything is written (see `lora_jax.training.workdir`).
 
     Returns:
       The final evaluation metrics, plus 'best' (the best evaluation seen and its step).
@@ -85,7 +86,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
     log = RunLog(workdir, enabled=run_dir.writer)
     _, _, key_train = run_keys(config.seed)
 
-    # --- Model, methods, mesh, data, optimizer, steps (lora_jax.setup) --------------------------
+    # --- Model, methods, mesh, data, optimizer, steps (lora_jax.training.setup) ----------------
     run = setup.build(config)
     stack, frozen, trainable, mesh = run.stack, run.frozen, run.trainable, run.mesh
     log.info(f"{stack.describe()}: {count_params(trainable):,} trained and "
@@ -188,7 +189,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
                 best = log.eval(done, metrics, task.main_metric,
                                 higher_is_better=task.kind != "lm")
                 if run_dir.writer and best["step"] == done:
-                    saving.save(workdir / "best_adapter", stack, config.method,
+                    exports.save(workdir / "best_adapter", stack, config.method,
                                 jax.device_get(trainable), **run.info)
             if checkpointing:
                 checkpoints.save(done, state(done), force=True)
@@ -199,7 +200,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
         # --- Export -----------------------------------------------------------------------------
         final = evaluate(trainable) if start == total_steps else metrics
         if run_dir.writer:
-            saving.save(workdir / "adapter", stack, config.method, jax.device_get(trainable),
+            exports.save(workdir / "adapter", stack, config.method, jax.device_get(trainable),
                         **run.info)
     return {**final, "best": best}
 

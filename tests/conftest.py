@@ -97,3 +97,28 @@ def tiny_config(**overrides):
     for dotted, value in overrides.items():
         set_dotted(c, dotted, value)
     return c
+
+
+def save_tiny_hf_gpt2(directory, n_positions: int = 32):
+    """A random 2-layer GPT-2 (width 32, vocabulary 97, no dropout) saved with transformers, the
+    reference model of the parity tests; returns its transformers config."""
+    import torch
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97,
+                                     n_positions=n_positions, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+    return config
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory):
+    """The workdir of one tiny CLI run with test_train.INTERRUPT_FLAGS, run to the end: what the
+    interrupted-and-resumed runs must equal bit for bit."""
+    from test_train import INTERRUPT_FLAGS, run_to_the_end
+
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_to_the_end(workdir, *INTERRUPT_FLAGS)
+    return workdir

@@ -18,10 +18,11 @@ from flax import traverse_util
 
 from lora_jax import methods
 from lora_jax.config import base_config
-from lora_jax.hub import hf_keys, hf_module_name, load_pretrained
+from lora_jax.interop.hub import hf_keys, hf_module_name, load_pretrained
 from lora_jax.models import family as model_family
 from lora_jax.models.encoder import sequence_classification_loss
 from lora_jax.models.gpt2 import lm_loss
+from conftest import save_tiny_hf_gpt2
 from test_peft_parity import STEPS, _batches, _jax_steps, _torch_steps
 
 ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU}
@@ -79,14 +80,11 @@ CASES = {
 
 
 def build(kind: str, tmp_path):
-    torch.manual_seed(0)
     if kind == "gpt2":
-        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97,
-                                         n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
-                                         attn_pdrop=0.0)
-        transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+        config = save_tiny_hf_gpt2(tmp_path)
         model, params, _ = load_pretrained(tmp_path)
         return config, model, params, transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+    torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=64,
                                      max_position_embeddings=40, hidden_dropout_prob=0.0,

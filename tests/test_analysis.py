@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import REPO_ROOT, tiny_config
-from lora_jax import peft_adapters
+from lora_jax.interop import peft_adapters
 from lora_jax.methods import lora
 from lora_jax.analysis import (amplification, projection_norm, random_gaussian_like,
                                similarity_grid, subspace_similarity)

@@ -63,8 +63,8 @@ def test_model_section_reaches_the_model(monkeypatch):
     remat, bf16 and an FSDP-only mesh); remat on an encoder is refused by name."""
     import jax
 
-    from lora_jax import hub
-    from lora_jax.modeling import build_model
+    from lora_jax.interop import hub
+    from lora_jax.training.modeling import build_model
 
     xl = load_config(str(CONFIGS / "e2e.py") + ":model=gpt2-xl")
     assert (xl.model.remat, xl.model.dtype, xl.model.param_dtype) == (True, "bfloat16", "bfloat16")

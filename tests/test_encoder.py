@@ -1,4 +1,4 @@
-"""BERT / RoBERTa parity with transformers on torch (fp32, eval mode), loaded via lora_jax.hub."""
+"""BERT / RoBERTa parity with transformers on torch (fp32, eval mode), loaded via lora_jax.interop.hub."""
 
 import logging
 import pathlib
@@ -11,7 +11,7 @@ import torch
 import transformers
 from flax import traverse_util
 
-from lora_jax.hub import load_pretrained
+from lora_jax.interop.hub import load_pretrained
 from lora_jax.models import EncoderConfig, EncoderForSequenceClassification, EncoderModel
 from lora_jax.models import roberta_position_ids, sequence_classification_loss
 from conftest import dense_calls
@@ -114,7 +114,7 @@ def test_roberta_position_ids_match_hf(padded_batch):
 
 def test_base_checkpoint_gets_a_random_head(tmp_path, perturb_weights, caplog):
     _save(tmp_path, perturb_weights, transformers.BertModel, _hf_config("bert"))
-    with caplog.at_level(logging.WARNING, logger="lora_jax.hub"):
+    with caplog.at_level(logging.WARNING, logger="lora_jax.interop.hub"):
         model, params, _ = load_pretrained(tmp_path, task="classification", num_labels=4)
     assert "classifier.weight" in caplog.text and "classifier.bias" in caplog.text
     assert params["classifier"]["kernel"].shape == (32, 4)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import transformers
 
-from lora_jax import optim
+from lora_jax.training import optim
 from lora_jax.methods import lora
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel, lm_loss
 

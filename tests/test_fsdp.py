@@ -18,7 +18,9 @@ from conftest import REPO_ROOT
 CHILD = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, transformers
-from lora_jax import hub, methods, sharding
+from lora_jax.interop import hub
+from lora_jax import methods
+from lora_jax.training import sharding
 from lora_jax.config import load_config
 from lora_jax.models import family
 
@@ -99,7 +101,7 @@ def test_the_count_from_shardings_is_what_devices_hold(xl_on_eight_devices):
 
 
 def test_mesh_sizes_that_cannot_work_are_named():
-    from lora_jax import sharding
+    from lora_jax.training import sharding
 
     with pytest.raises(ValueError, match="both be -1"):
         sharding.make_mesh(data=-1, fsdp=-1)
@@ -112,7 +114,7 @@ def test_placing_an_array_already_placed_keeps_it_without_a_copy():
     import jax
     import numpy as np
 
-    from lora_jax import sharding
+    from lora_jax.training import sharding
 
     mesh = sharding.make_mesh()
     host = np.arange(6.0).reshape(2, 3)

@@ -15,7 +15,7 @@ import transformers
 
 from lora_jax import generate
 from lora_jax.methods import lora
-from lora_jax.hub import load_pretrained
+from lora_jax.interop.hub import load_pretrained
 from lora_jax.models.gpt2 import GPT2Output, KVCache
 
 VOCAB, MAX_NEW = 500, 20

@@ -1,4 +1,4 @@
-"""GPT-2 parity with transformers on torch (fp32, eval mode), loaded through lora_jax.hub."""
+"""GPT-2 parity with transformers on torch (fp32, eval mode), loaded through lora_jax.interop.hub."""
 
 import dataclasses
 
@@ -10,7 +10,7 @@ import torch
 import transformers
 from flax import traverse_util
 
-from lora_jax.hub import load_pretrained
+from lora_jax.interop.hub import load_pretrained
 from lora_jax.models import GPT2Config, GPT2LMHeadModel, lm_loss
 from conftest import dense_calls
 

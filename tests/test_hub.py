@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from lora_jax import hub
+from lora_jax.interop import hub
 
 
 def _tiny_bert(**kwargs):
@@ -129,7 +129,7 @@ def test_buffers_ignored_and_unused_tensors_reported(tmp_path, caplog):
     state = hub.load_state_dict(tmp_path)
     state["bert.embeddings.position_ids"] = np.arange(20)[None]  # as old checkpoints carry it
     model = hub.model_from_hf_config(_tiny_bert())
-    with caplog.at_level(logging.WARNING, logger="lora_jax.hub"):
+    with caplog.at_level(logging.WARNING, logger="lora_jax.interop.hub"):
         hub.params_from_state_dict(model, state)  # a task checkpoint into the bare encoder
     assert "classifier.weight" in caplog.text
     assert "position_ids" not in caplog.text

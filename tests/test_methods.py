@@ -8,9 +8,11 @@ import pytest
 import transformers
 from flax import traverse_util
 
-from lora_jax import hub, methods
+from lora_jax.interop import hub
+from lora_jax import methods
 from lora_jax.config import TINY_MODELS, base_config
-from lora_jax.methods import NotMergeable, saving
+from lora_jax.methods import NotMergeable
+from lora_jax.interop import exports
 from lora_jax.models import family as model_family
 
 GPT2_SIZES = {"medium": dict(n_layer=24, n_embd=1024, n_head=16),
@@ -216,11 +218,11 @@ def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
     keys = jax.random.split(jax.random.key(3), len(leaves))
     trainable = jax.tree_util.tree_unflatten(
         tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-    saving.save(tmp_path / "out", stack, c, trainable, model_type=model_type, task=task)
+    exports.save(tmp_path / "out", stack, c, trainable, model_type=model_type, task=task)
     peft_format = name == "lora"
     assert (tmp_path / "out" / ("adapter_config.json" if peft_format
-                                else saving.CONFIG_NAME)).is_file()
-    loaded_stack, loaded = saving.load(tmp_path / "out", params, fam, task)
+                                else exports.CONFIG_NAME)).is_file()
+    loaded_stack, loaded = exports.load(tmp_path / "out", params, fam, task)
     ids = jnp.array([[5, 6, 7, 8, 9]])
     frozen_loaded = methods.base.frozen_part(params, loaded)
     np.testing.assert_allclose(loaded_stack.adapt(model.apply)(frozen_loaded, loaded, ids).logits,
@@ -236,14 +238,14 @@ def test_loading_a_method_export_checks_every_tensor(tmp_path, tiny):
     c = section("adapter_p")
     stack = methods.build(c, model_family(model_type))
     _, trainable = stack.split(params, jax.random.key(1))
-    saving.save(tmp_path, stack, c, trainable, model_type=model_type, task=None)
-    path = tmp_path / saving.WEIGHTS_NAME
+    exports.save(tmp_path, stack, c, trainable, model_type=model_type, task=None)
+    path = tmp_path / exports.WEIGHTS_NAME
     tensors = safetensors.numpy.load_file(str(path))
     key = sorted(tensors)[0]
     tensors[key] = tensors[key][:1]
     safetensors.numpy.save_file(tensors, str(path))
     with pytest.raises(FileFormatError, match="expected"):
-        saving.load(tmp_path, params, model_family(model_type), None)
+        exports.load(tmp_path, params, model_family(model_type), None)
 
 
 @pytest.mark.parametrize("config_file, method, expected", [

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_jax import optim
+from lora_jax.training import optim
 from lora_jax.methods import lora
 from lora_jax.methods.lora import LoraSpec
 
@@ -77,7 +77,7 @@ def test_bf16_frozen_weights_with_fp32_adapters_and_state(tmp_path):
     """W0 held and computed in bf16; adapters, head and AdamW state stay float32."""
     import transformers
 
-    from lora_jax.hub import load_pretrained
+    from lora_jax.interop.hub import load_pretrained
     from lora_jax.models import sequence_classification_loss
 
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,

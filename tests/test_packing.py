@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from lora_jax import losses, steps, tasks
+from lora_jax import losses
+from lora_jax.training import steps
+from lora_jax.data import tasks
 from lora_jax.config import load_config
 from lora_jax.data import batching, e2e
 from lora_jax.data.packing import pack_examples, packed_batches

@@ -7,11 +7,12 @@ import peft
 import torch
 import transformers
 
-from lora_jax import optim
+from lora_jax.training import optim
 from lora_jax.methods import lora
-from lora_jax.hub import load_pretrained
+from lora_jax.interop.hub import load_pretrained
 from lora_jax.models.encoder import sequence_classification_loss
 from lora_jax.models.gpt2 import lm_loss
+from conftest import save_tiny_hf_gpt2
 
 STEPS, LR, WEIGHT_DECAY = 5, 1e-2, 0.01
 
@@ -80,10 +81,7 @@ def _assert_adapters_match(trainable, peft_model, modules):
 
 
 def test_gpt2_fused_c_attn_matches_peft(tmp_path):
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=32,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    config = save_tiny_hf_gpt2(tmp_path)
     model, params, _ = load_pretrained(tmp_path)
 
     base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)

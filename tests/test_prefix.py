@@ -12,9 +12,10 @@ from lora_jax import generate, methods
 from lora_jax.config import base_config
 from lora_jax.data import batching
 from lora_jax.data.packing import pack_examples, packed_batches
-from lora_jax.hub import load_pretrained
+from lora_jax.interop.hub import load_pretrained
 from lora_jax.models import family as model_family
 from lora_jax.models.gpt2 import lm_loss
+from conftest import save_tiny_hf_gpt2
 from test_packing import BUCKETS, EOS, e2e_rows, gpt2, per_example_losses, tokenizer  # noqa: F401
 from test_peft_parity import STEPS, _batches, _jax_steps, _torch_steps
 
@@ -43,10 +44,7 @@ def prepared_batch(stack, rows, vocab: int, pad_id: int):
 
 
 def test_prefix_only_preembed_trains_as_peft_prompt_tuning(tmp_path):
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=40,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    config = save_tiny_hf_gpt2(tmp_path, n_positions=40)
     model, params, _ = load_pretrained(tmp_path)
     stack = stack_of("preembed", prefix=4)
     frozen, trainable = stack.split(params, jax.random.key(0))
@@ -156,13 +154,14 @@ def test_kv_cached_greedy_decoding_equals_recomputing_the_whole_row(gpt2, name):
     frozen, trainable = stack.split(params, jax.random.key(0))
     vocab = GPT2.vocab_size(params)
     prompts = [stack.prepare_prompt(p, vocab) for p in ([5, 6, 7], [8, 9, 10, 11, 12])]
+    new_tokens = 3
     adapted = stack.adapt(model.apply)
     apply_fn = lambda p, *a, **k: adapted(p[0], p[1], *a, **k)  # noqa: E731
-    got = generate.greedy_search(apply_fn, (frozen, trainable), prompts, max_new_tokens=6,
+    got = generate.greedy_search(apply_fn, (frozen, trainable), prompts, max_new_tokens=new_tokens,
                                  eos_ids=(vocab + 100,), pad_id=0)
     for prompt, continuation in zip(prompts, got):
         row = list(prompt)
-        for _ in range(6):
+        for _ in range(new_tokens):
             logits = adapted(frozen, trainable, jnp.asarray([row])).logits
             row.append(int(jnp.argmax(logits[0, -1])))
         assert continuation == row[len(prompt):]

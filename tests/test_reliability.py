@@ -19,16 +19,17 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file
 
-from lora_jax import config_checks, optim, sharding, steps
+from lora_jax import config_checks
+from lora_jax.training import optim, sharding, steps
 from lora_jax.config import base_config, load_config
 from lora_jax.errors import ConfigError, IncompatibleCheckpoint, WorkdirError
 from lora_jax.evaluate import load_run
-from lora_jax.run_log import RunLog
+from lora_jax.training.run_log import RunLog
 from lora_jax.train import train
-from lora_jax.workdir import Workdir
+from lora_jax.training.workdir import Workdir
 from conftest import REPO_ROOT, tiny_config
-from test_train import (CLI_TINY, assert_same_adapter, finish, process_envs, records,
-                        run_cli, run_to_the_end, wait_until_past)
+from test_train import (CLI_TINY, INTERRUPT_FLAGS, INTERRUPT_STEPS, assert_same_adapter,
+                        finish, process_envs, records, run_cli, run_to_the_end, wait_until_past)
 
 
 def tree_snapshot(path: pathlib.Path) -> dict:
@@ -363,27 +364,24 @@ def test_a_stale_lock_is_taken_over(tmp_path, caplog):
 
 # --- 7. Preemption ------------------------------------------------------------------------------
 
-def test_sigterm_checkpoints_the_current_step_and_the_resume_is_bit_identical(tmp_path):
-    flags = [*CLI_TINY, "--config.train.max_steps=48", "--config.train.checkpoint_every=8",
-             "--config.train.eval_every=100"]
-    run_to_the_end(tmp_path / "straight", *flags)
-
+def test_sigterm_checkpoints_the_current_step_and_the_resume_is_bit_identical(
+        tmp_path, uninterrupted_run):
     interrupted = tmp_path / "interrupted"
-    proc = run_cli(interrupted, *flags)
+    proc = run_cli(interrupted, *INTERRUPT_FLAGS)
     wait_until_past(interrupted, 9)  # signal between two regular checkpoints (8 and 16)
     proc.send_signal(signal.SIGTERM)
     out = finish(proc)
     assert proc.returncode == 143, out
     stopped = int(out.split("SIGTERM at step ")[1].split(":")[0])
-    assert stopped < 48, "signalled too late: the run had finished"
+    assert stopped < INTERRUPT_STEPS, "signalled too late: the run had finished"
     steps = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == stopped  # the current step, not only the last regular checkpoint
     assert not (interrupted / "adapter").exists()
 
-    out = run_to_the_end(interrupted, *flags)
+    out = run_to_the_end(interrupted, *INTERRUPT_FLAGS)
     assert f"resumed from step {stopped}" in out
-    assert_same_adapter(tmp_path / "straight", interrupted)
-    assert [r["step"] for r in records(interrupted)] == list(range(1, 49))
+    assert_same_adapter(uninterrupted_run, interrupted)
+    assert [r["step"] for r in records(interrupted)] == list(range(1, INTERRUPT_STEPS + 1))
 
 
 # --- 6. Errors that name the file (the command line part; the readers are in test_file_errors) --

@@ -80,8 +80,7 @@ TINY = ["base.data.max_train_examples=256", "base.data.max_eval_examples=64",
 
 
 def test_tiny_sweep_reports_and_skips_finished_runs(tmp_path, capsys):
-    argv = ["--config", f"{ABLATIONS}:study=rank,model=tiny", "--out", str(tmp_path),
-            "--only", r"^rank=(1|4),targets=qv,", *[f"--set={s}" for s in TINY]]
+    argv = tiny_sweep("study=rank,model=tiny", tmp_path, r"^rank=(1|4),targets=qv,")
     first = sweep.main(argv)
     assert [r["name"] for r in first] == ["rank=1,targets=qv,seed=0", "rank=4,targets=qv,seed=0"]
     with open(tmp_path / "results.csv") as f:
@@ -122,10 +121,15 @@ def test_gpt2_studies_adapt_slices_of_the_fused_c_attn_and_c_proj():
     assert (c.base.data.task, c.base.model.name) == ("e2e", "openai-community/gpt2-medium")
 
 
+def tiny_sweep(arg: str, out, only: str, *sets: str) -> list[str]:
+    """Arguments of a sweep of ablations `arg` on tiny runs, the runs matching `only`."""
+    return ["--config", f"{ABLATIONS}:{arg}", "--out", str(out), "--only", only,
+            *[f"--set={s}" for s in (*TINY, *sets)]]
+
+
 def test_tiny_gpt2_sweep_trains_slices_and_the_output_projection(tmp_path):
-    argv = ["--config", f"{ABLATIONS}:study=targets,task=e2e,model=tiny", "--out", str(tmp_path),
-            "--only", r"targets=(v|o|qk),", *[f"--set={s}" for s in TINY],
-            "--set=base.data.max_len=64"]
+    argv = tiny_sweep("study=targets,task=e2e,model=tiny", tmp_path, r"targets=(v|o|qk),",
+                      "base.data.max_len=64")
     records = {r["targets"]: r for r in sweep.main(argv)}
     assert set(records) == {"v", "o", "qk"}
     assert {r["metric"] for r in records.values()} == {"loss"}
@@ -150,9 +154,8 @@ def test_methods_study_is_every_baseline_of_the_experiment_config():
 
 
 def test_tiny_methods_sweep_tabulates_method_trained_parameters_and_metric(tmp_path):
-    argv = ["--config", f"{ABLATIONS}:study=methods,model=tiny", "--out", str(tmp_path),
-            "--only", r"method=(lora|bitfit|adapter_h),", *[f"--set={s}" for s in TINY],
-            "--set=base.train.max_steps=2"]
+    argv = tiny_sweep("study=methods,model=tiny", tmp_path, r"method=(lora|bitfit|adapter_h),",
+                      "base.train.max_steps=2")
     records = {r["method"]: r for r in sweep.main(argv)}
     assert set(records) == {"lora", "bitfit", "adapter_h"}
     head = 32 * 2 + 2  # tiny BERT's classifier, trained next to every method

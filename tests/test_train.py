@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lora_jax.checkpoint import directory_bytes
+from lora_jax.training.checkpoint import directory_bytes
 from lora_jax.config import load_config
 from lora_jax.train import train
 from conftest import tiny_config
@@ -91,6 +91,13 @@ CLI_TINY = ["--config.data.max_train_examples=256", "--config.data.max_eval_exam
             "--config.train.eval_every=4"]
 
 
+# The interruption tests (SIGKILL here, SIGTERM in test_reliability) against one uninterrupted
+# run of these flags (conftest.uninterrupted_run): checkpoints every 8 steps.
+INTERRUPT_STEPS = 32
+INTERRUPT_FLAGS = [*CLI_TINY, f"--config.train.max_steps={INTERRUPT_STEPS}",
+                   "--config.train.checkpoint_every=8", "--config.train.eval_every=100"]
+
+
 def test_tiny_run_writes_logs_checkpoints_and_export(tmp_path):
     result = train(tiny_config(), tmp_path)
     assert [r["step"] for r in records(tmp_path)] == list(range(1, 9))
@@ -127,11 +134,8 @@ def test_bad_config_field_fails_before_running(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_sigkill_and_resume_gives_bit_identical_adapters(tmp_path):
-    flags = [*CLI_TINY, "--config.train.max_steps=24", "--config.train.checkpoint_every=4",
-             "--config.train.eval_every=100"]
-    run_to_the_end(tmp_path / "straight", *flags)
-
+def test_sigkill_and_resume_gives_bit_identical_adapters(tmp_path, uninterrupted_run):
+    flags = INTERRUPT_FLAGS
     interrupted = tmp_path / "interrupted"
     proc = run_cli(interrupted, *flags, start_new_session=True)
     wait_until_past(interrupted, 10)  # kill once a checkpoint exists and training is past it
@@ -142,8 +146,8 @@ def test_sigkill_and_resume_gives_bit_identical_adapters(tmp_path):
     assert "resumed from step" in out
     assert f"took over the lock left by pid {proc.pid}" in out  # the killed trainer's, stale
 
-    assert_same_adapter(tmp_path / "straight", interrupted)
-    assert [r["step"] for r in records(interrupted)] == list(range(1, 25))
+    assert_same_adapter(uninterrupted_run, interrupted)
+    assert [r["step"] for r in records(interrupted)] == list(range(1, INTERRUPT_STEPS + 1))
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
@@ -198,8 +202,8 @@ def test_trained_adapter_export_loads_in_peft_with_the_same_logits(tmp_path):
 
     from lora_jax.methods import lora
     from lora_jax.config import TINY_MODELS
-    from lora_jax.hub import load_pretrained
-    from lora_jax.peft_adapters import load_peft
+    from lora_jax.interop.hub import load_pretrained
+    from lora_jax.interop.peft_adapters import load_peft
 
     fields = {k: v for k, v in TINY_MODELS["bert"].items() if k != "model_type"}
     torch.manual_seed(0)

@@ -43,13 +43,12 @@ from flax import traverse_util
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lora_jax import methods, peft_adapters
-from lora_jax.models import family as model_family
+from lora_jax.interop import peft_adapters
 from lora_jax.methods import lora
 from lora_jax.analysis.amplification import amplification
 from lora_jax.analysis.subspace import Side, random_gaussian_like, similarity_grid
 from lora_jax.config import load_config
-from lora_jax.modeling import build_model, run_keys
+from lora_jax.training import setup
 
 PART_NAMES = "qkv"  # a fused projection in three parts is GPT-2's c_attn
 
@@ -169,11 +168,11 @@ def load_adapters(sources: Sequence[str | pathlib.Path], base: str | None = None
     for config, adapter, split_outputs in located:
         key = (json.dumps(config.model.to_dict(), sort_keys=True, default=str), config.seed)
         if key not in bases:
-            _, params, _, info = build_model(config.model, run_keys(config.seed)[0])
-            bases[key] = params, info
-        params, info = bases[key]
-        spec, trainable = peft_adapters.load_peft(adapter, params, model_type=info["model_type"],
-                                                  task=info["task"])
+            bases[key] = setup.base(config)  # the trainer's own base model, from the same seed
+        b = bases[key]
+        params = b.params
+        spec, trainable = peft_adapters.load_peft(adapter, params, model_type=b.info["model_type"],
+                                                  task=b.info["task"])
         loaded.append(adapted_matrices(spec, params, trainable, split_outputs))
     return loaded
 
@@ -193,14 +192,16 @@ def initial_adapters(run: str | pathlib.Path) -> dict[str, AdaptedMatrix]:
         raise FileNotFoundError(f"{run} is not a lora_jax.train workdir (no config.json): "
                                 "only a run's seed says how its adapters were initialised")
     config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
-    key_init, key_lora, _ = run_keys(config.seed)
-    _, params, _, info = build_model(config.model, key_init)
-    # The trainer's own stack and split, not a re-implementation: the same A for the same seed.
-    stack = methods.build(lora_section(config, whole=True), model_family(info["model_type"]))
-    frozen, trainable = stack.split(params, key_lora)
-    specs = [m.spec for m in stack.methods if isinstance(m, lora.LoRA)]
+    if "method" not in config:  # a run from before the method seam
+        config.method = lora_section(config, whole=True)
+    config.mesh.data, config.mesh.fsdp = -1, 1  # whatever devices this machine has
+    # The trainer's own setup and split, not a re-implementation: the same A for the same seed.
+    built = setup.build(config)
+    specs = [m.spec for m in built.stack.methods if isinstance(m, lora.LoRA)]
     if not specs:
-        raise ValueError(f"{run} trained {stack.describe()}, not LoRA: it has no A to compare")
+        raise ValueError(f"{run} trained {built.stack.describe()}, not LoRA: it has no A to "
+                         "compare")
+    frozen, trainable = jax.device_get((built.frozen, built.trainable))
     return adapted_matrices(specs[0], frozen, trainable)
 
 

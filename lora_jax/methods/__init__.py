@@ -2,7 +2,7 @@
 
     stack = methods.build(config.method, family)      # e.g. use=('lora',) or ('lora', 'preembed')
     frozen, trainable = stack.split(params, key)      # trainable: what the methods train
-    apply = stack.adapt(model.apply)                  # apply(frozen, trainable, ids, method_rng=...)
+    apply = stack.adapt(model.apply)                  # apply(frozen, trainable, ids, method_rng=)
 
 `METHODS` is the registry: name -> `Registration` (the method's config section, the rules of its
 fields, its builder). A method is one file and one entry here; `config.base_config()` and the

@@ -60,7 +60,8 @@ class GPT2Config:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    model_type = "gpt2"  # a class attribute, not a field: as EncoderConfig.model_type, names the family
+    # A class attribute, not a field: like EncoderConfig.model_type, it names the family.
+    model_type = "gpt2"
 
     def __post_init__(self):
         activation(self.activation_function)  # an unknown name fails here, not mid-trace

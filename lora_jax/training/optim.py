@@ -47,7 +47,8 @@ def adamw(
 
 
 WeightedLossFn = Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, jax.Array]]
-"""loss_fn(frozen, trainable, micro_batch, rng) -> (sum of per-example/token losses, their weight)."""
+"""loss_fn(frozen, trainable, micro_batch, rng) -> (sum of the per-example or per-token losses,
+their weight)."""
 
 
 def make_train_step(loss_fn: LossFn | WeightedLossFn, tx: optax.GradientTransformation, *,

@@ -32,7 +32,7 @@ from typing import Any
 
 import ml_collections
 
-from lora_jax import inputs as run_inputs
+from lora_jax.training import inputs as run_inputs
 from lora_jax.errors import WorkdirError
 from lora_jax.json_files import read_json_object
 
@@ -48,7 +48,8 @@ LOCATION_FIELDS = ("data.data_dir",)
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict) and tree:
-        return {k: v for name, sub in tree.items() for k, v in _flat(sub, f"{prefix}{name}.").items()}
+        return {k: v for name, sub in tree.items()
+                for k, v in _flat(sub, f"{prefix}{name}.").items()}
     return {prefix.rstrip("."): tree}
 
 

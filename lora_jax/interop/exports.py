@@ -29,7 +29,7 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
-from lora_jax import peft_adapters
+from lora_jax.interop import peft_adapters
 from lora_jax.errors import FileFormatError
 from lora_jax.json_files import read_json_object
 from lora_jax.methods import base, build
@@ -120,14 +120,14 @@ def load(directory: str | os.PathLike, params: dict, family: Any,
     stack = build(ml_collections.ConfigDict(record["method"]), family)
     expected = traverse_util.flatten_dict(
         jax.eval_shape(lambda: stack.split(params, jax.random.key(0))[1]))
-    from lora_jax.hub import read_safetensors  # deferred: hub imports the models
+    from lora_jax.interop.hub import read_safetensors  # deferred: hub imports the models
 
     tensors = read_safetensors(directory / WEIGHTS_NAME)
     paths = {base.join(p): p for p in expected}
     problems = [f"{k}: missing" for k in paths if k not in tensors]
     problems += [f"{k}: not a parameter of this stack" for k in tensors if k not in paths]
-    problems += [f"{k}: {tensors[k].shape}, expected {expected[p].shape}"
-                 for k, p in paths.items() if k in tensors and tensors[k].shape != expected[p].shape]
+    problems += [f"{k}: {tensors[k].shape}, expected {expected[p].shape}" for k, p in paths.items()
+                 if k in tensors and tensors[k].shape != expected[p].shape]
     if problems:
         raise FileFormatError(f"{directory / WEIGHTS_NAME} does not fit {stack.describe()} on "
                               "these params:\n  " + "\n  ".join(problems[:20]))

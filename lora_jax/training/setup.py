@@ -18,11 +18,14 @@ from typing import Any
 import jax
 import ml_collections
 
-from lora_jax import methods, optim, sharding, steps, tasks
+from lora_jax import methods
+from lora_jax.training import optim, sharding, steps
+from lora_jax.data import tasks
 from lora_jax.errors import ConfigError
-from lora_jax.methods import MethodStack, saving
+from lora_jax.methods import MethodStack
+from lora_jax.interop import exports
 from lora_jax.methods.base import combine, frozen_part
-from lora_jax.modeling import build_model, run_keys
+from lora_jax.training.modeling import build_model, run_keys
 from lora_jax.models import ModelFamily
 from lora_jax.models import family as model_family
 
@@ -88,14 +91,14 @@ def build(config: ml_collections.ConfigDict, *, base_model: Base | None = None,
       config: a training config.
       base_model: the base model, if the caller built it (benchmarks draw weights their way).
       export: a trained run's exported directory: its methods and trained values instead of a
-        fresh split (see `methods.saving.load`).
+        fresh split (see `methods.exports.load`).
     """
     b = base(config) if base_model is None else base_model
     if export is None:
         stack = methods.build(config.method, b.family)
         frozen, trainable = stack.split(b.params, run_keys(config.seed)[1])
     else:
-        stack, trainable = saving.load(export, b.params, b.family, b.info["task"])
+        stack, trainable = exports.load(export, b.params, b.family, b.info["task"])
         frozen = frozen_part(b.params, trainable)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     frozen = sharding.place(frozen, sharding.frozen_shardings(frozen, mesh))

@@ -65,8 +65,8 @@ def data_inputs(data: ml_collections.ConfigDict, splits=TRAIN_SPLITS) -> dict[st
 
 def base_inputs(model: ml_collections.ConfigDict) -> dict[str, Any]:
     """The base checkpoint's weights and config (random weights: none, the seed makes them)."""
-    from lora_jax import hub  # deferred: hub imports the models
-    from lora_jax.modeling import checkpoint_path
+    from lora_jax.interop import hub  # deferred: hub imports the models
+    from lora_jax.training.modeling import checkpoint_path
 
     if not model.name:
         return {"random_init": True, "files": {}}
@@ -77,8 +77,8 @@ def base_inputs(model: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def tokenizer_inputs(model: ml_collections.ConfigDict, data_dir: str | None) -> dict[str, Any]:
     """The tokenizer files (GPT-2's BPE files under the data dir, or a checkpoint's)."""
-    from lora_jax import hub
-    from lora_jax.modeling import checkpoint_path
+    from lora_jax.interop import hub
+    from lora_jax.training.modeling import checkpoint_path
 
     if model.tokenizer == "gpt2":
         directory = e2e.tokenizer_dir(data_dir)

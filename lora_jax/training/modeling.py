@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import transformers
 
-from lora_jax import hub
+from lora_jax.interop import hub
 from lora_jax.data.e2e import gpt2_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

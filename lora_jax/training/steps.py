@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import jax
 
-from lora_jax import losses, optim, sharding
+from lora_jax import losses
+from lora_jax.training import optim, sharding
 
 
 def model_inputs(batch: dict) -> dict:

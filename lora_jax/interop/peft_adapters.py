@@ -35,7 +35,7 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
-from lora_jax import hub
+from lora_jax.interop import hub
 from lora_jax.methods import lora
 from lora_jax.errors import FileFormatError
 from lora_jax.json_files import read_json_object

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from lora_jax import sharding
-from lora_jax.tasks import Task
+from lora_jax.training import sharding
+from lora_jax.data.tasks import Task
 
 
 def evaluate(task: Task, eval_step, frozen, trainable, mesh, batch_size: int) -> dict[str, float]:
