@@ -1,5 +1,7 @@
 """PreEmbed and PreLayer: PEFT prompt-tuning parity, their layout, packing and the KV cache."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from lora_jax import generate, methods
 from lora_jax.config import base_config
 from lora_jax.data import batching
 from lora_jax.data.packing import pack_examples, packed_batches
+from lora_jax.interop import exports
 from lora_jax.interop.hub import load_pretrained
 from lora_jax.models import family as model_family
 from lora_jax.models.gpt2 import lm_loss
@@ -165,3 +168,33 @@ def test_kv_cached_greedy_decoding_equals_recomputing_the_whole_row(gpt2, name):
             logits = adapted(frozen, trainable, jnp.asarray([row])).logits
             row.append(int(jnp.argmax(logits[0, -1])))
         assert continuation == row[len(prompt):]
+
+
+def test_prefix_only_preembed_exports_as_peft_prompt_tuning_and_loads_back(tmp_path):
+    save_tiny_hf_gpt2(tmp_path / "base", n_positions=40)
+    model, params, _ = load_pretrained(tmp_path / "base")
+    stack = stack_of("preembed", prefix=3)
+    frozen, trainable = stack.split(params, jax.random.key(0))
+    trainable["preembed"]["embeddings"] += jax.random.normal(jax.random.key(1), (3, 32))
+    out = exports.save(tmp_path / "adapter", stack, {"use": ("preembed",)}, trainable,
+                       model_type="gpt2", task=None)
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+
+    ids = np.array([[5, 6, 7, 8, 9, 10]])
+    prepared = jnp.asarray([stack.prepare_prompt(ids[0].tolist(), 97)])
+    ours = stack.adapt(model.apply)(frozen, trainable, prepared).logits
+    peft_model = peft.PeftModel.from_pretrained(
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"), out).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5)
+
+    loaded_stack, loaded = exports.load(out, params, GPT2, None)
+    again = loaded_stack.adapt(model.apply)(frozen, loaded, prepared).logits
+    np.testing.assert_allclose(again, ours, atol=1e-6)
+    # With an infix (or PreLayer) PEFT has no such method: lora_jax's own format.
+    infix = stack_of("preembed", prefix=2, infix=1)
+    _, with_infix = infix.split(params, jax.random.key(0))
+    exports.save(tmp_path / "infix", infix, {"use": ("preembed",)}, with_infix,
+                 model_type="gpt2", task=None)
+    assert (tmp_path / "infix" / exports.CONFIG_NAME).is_file()

@@ -1,8 +1,9 @@
 """Trained methods on disk: PEFT's format where PEFT has the method, lora_jax's own otherwise.
 
 A stack of LoRA alone (biases frozen) is written as a PEFT LoRA adapter
-(`peft_adapters.export_peft`), which `peft.PeftModel.from_pretrained` loads. Every other stack
-is written as a directory of two files:
+(`peft_adapters.export_peft`), prefix-only PreEmbed as a PEFT prompt-tuning adapter
+(`peft_adapters.export_prompt_tuning`); `peft.PeftModel.from_pretrained` loads both. Every other
+stack is written as a directory of two files:
 
     method_config.json          {"format": "lora_jax.methods/1", "method": <config.method>,
                                  "model_type": ..., "task": ..., "base_model_name_or_path": ...}
@@ -16,17 +17,13 @@ shape against a fresh `split` of those params.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import safetensors.numpy
 from flax import traverse_util
 
 from lora_jax.interop import peft_adapters
@@ -34,6 +31,7 @@ from lora_jax.errors import FileFormatError
 from lora_jax.json_files import read_json_object
 from lora_jax.methods import base, build
 from lora_jax.methods.lora import LoRA
+from lora_jax.methods.prefix import VirtualTokens
 
 FORMAT = "lora_jax.methods/1"
 CONFIG_NAME = "method_config.json"
@@ -41,9 +39,17 @@ WEIGHTS_NAME = "method_params.safetensors"
 
 
 def peft_compatible(stack: base.MethodStack) -> bool:
-    """Whether PEFT can hold the stack: LoRA alone, biases frozen."""
+    """Whether PEFT's LoRA format holds the stack: LoRA alone, biases frozen."""
     return (len(stack.methods) == 1 and isinstance(stack.methods[0], LoRA)
             and stack.methods[0].bias == "none")
+
+
+def prompt_tuning(stack: base.MethodStack, trainable: dict) -> bool:
+    """Whether the stack is PEFT's prompt tuning: PreEmbed alone, prefix only, nothing else
+    trained."""
+    method = stack.methods[0] if len(stack.methods) == 1 else None
+    return (isinstance(method, VirtualTokens) and not method.layers and method.infix == 0
+            and not jax.tree_util.tree_leaves(trainable.get("params", {})))
 
 
 def save(directory: str | os.PathLike, stack: base.MethodStack, method_config: Any,
@@ -58,39 +64,18 @@ def save(directory: str | os.PathLike, stack: base.MethodStack, method_config: A
         return peft_adapters.export_peft(directory, stack.methods[0].spec, trainable,
                                          model_type=model_type, task=task,
                                          base_model_name_or_path=base_model_name_or_path)
+    if prompt_tuning(stack, trainable):
+        return peft_adapters.export_prompt_tuning(
+            directory, jax.device_get(trainable[stack.methods[0].name]["embeddings"]),
+            model_type=model_type, task=task, base_model_name_or_path=base_model_name_or_path)
     method = (method_config.to_dict() if isinstance(method_config, ml_collections.ConfigDict)
               else dict(method_config))
     record = {"format": FORMAT, "method": method, "model_type": model_type, "task": task,
               "base_model_name_or_path": base_model_name_or_path}
     tensors = {base.join(p): np.ascontiguousarray(np.asarray(v, np.float32))
                for p, v in traverse_util.flatten_dict(jax.device_get(trainable)).items()}
-    return _write(pathlib.Path(directory), record, tensors)
-
-
-def _write(directory: pathlib.Path, record: dict, tensors: dict) -> pathlib.Path:
-    ours = {CONFIG_NAME, WEIGHTS_NAME, peft_adapters.CONFIG_NAME, peft_adapters.WEIGHTS_NAME}
-    if directory.exists():
-        foreign = sorted(p.name for p in directory.iterdir() if p.name not in ours)
-        if foreign or not directory.is_dir():
-            raise FileExistsError(f"{directory} holds {foreign or 'a file'}, which an export "
-                                  "does not write; export to a new or empty directory")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    old = staging.with_name(staging.name + ".old")
-    try:
-        safetensors.numpy.save_file(dict(sorted(tensors.items())), staging / WEIGHTS_NAME)
-        (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if directory.exists():  # swap whole directories: never new weights with an old config
-            directory.rename(old)
-        staging.rename(directory)
-    except BaseException:
-        if old.exists() and not directory.exists():
-            old.rename(directory)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return directory
+    return peft_adapters.write_adapter_dir(pathlib.Path(directory), record, tensors,
+                                           config_name=CONFIG_NAME, weights_name=WEIGHTS_NAME)
 
 
 def load(directory: str | os.PathLike, params: dict, family: Any,
@@ -105,6 +90,16 @@ def load(directory: str | os.PathLike, params: dict, family: Any,
       FileFormatError: a tensor missing, extra or of another shape than the stack has.
     """
     directory = pathlib.Path(directory)
+    if peft_adapters.peft_type(directory) == "PROMPT_TUNING":
+        embeddings = peft_adapters.load_prompt_tuning(directory)
+        if embeddings.shape[1] != family.hidden_size(params):
+            raise FileFormatError(f"{directory}: prompt embeddings of width {embeddings.shape[1]}"
+                                  f" for a model of width {family.hidden_size(params)}")
+        method = VirtualTokens(name="preembed", prefix=embeddings.shape[0], infix=0,
+                               family=family)
+        return base.MethodStack((method,)), {"params": {},
+                                             method.name: {"embeddings": jax.numpy.asarray(
+                                                 embeddings)}}
     if (directory / peft_adapters.CONFIG_NAME).is_file():
         spec, trainable = peft_adapters.load_peft(directory, params, model_type=family.model_type,
                                                   task=task)

@@ -44,6 +44,7 @@ from lora_jax.models import family as model_family
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+PROMPT_KEY = "prompt_embeddings"  # PEFT's key for prompt tuning's virtual-token embeddings
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 # PEFT features that change the adapted function beyond W0 + s B A; refused on load.
@@ -172,7 +173,7 @@ def export_peft(
         "layers_pattern": None,
         "inference_mode": True,
     }
-    return _write_export(pathlib.Path(directory), config, tensors)
+    return write_adapter_dir(pathlib.Path(directory), config, tensors, metadata={"format": "pt"})
 
 
 def _lora_tensors(spec: lora.LoraSpec, trainable: dict, root: str) -> tuple[dict, dict, dict]:
@@ -197,12 +198,27 @@ def _lora_tensors(spec: lora.LoraSpec, trainable: dict, root: str) -> tuple[dict
     return tensors, ranks, alphas
 
 
-def _write_export(directory: pathlib.Path, config: dict, tensors: dict) -> pathlib.Path:
+# What an export directory may hold from an earlier export (PEFT's files or lora_jax's own): it
+# is replaced whole; anything else there is the user's and stops the export.
+EXPORT_NAMES = {CONFIG_NAME, WEIGHTS_NAME, "method_config.json", "method_params.safetensors"}
+
+
+def write_adapter_dir(directory: pathlib.Path, config: dict, tensors: dict, *,
+                      config_name: str = CONFIG_NAME, weights_name: str = WEIGHTS_NAME,
+                      metadata: dict | None = None) -> pathlib.Path:
+    """Writes `config` (JSON) and `tensors` (safetensors) as a new `directory`, atomically.
+
+    Files go to a temporary sibling first and whole directories are swapped, so a reader never
+    sees new weights with an old config, and a failed export leaves what was there.
+
+    Raises:
+      FileExistsError: `directory` holds files no export writes (nothing is changed).
+    """
     if directory.exists():
         if not directory.is_dir():
             raise FileExistsError(f"{directory} exists and is not a directory")
         foreign = sorted(p.name for p in directory.iterdir()
-                         if p.name not in (CONFIG_NAME, WEIGHTS_NAME) or not p.is_file())
+                         if p.name not in EXPORT_NAMES or not p.is_file())
         if foreign:
             raise FileExistsError(
                 f"{directory} exists and holds {foreign}, which an adapter export does not write; "
@@ -213,9 +229,8 @@ def _write_export(directory: pathlib.Path, config: dict, tensors: dict) -> pathl
     old = staging.with_name(staging.name + ".old")
     try:
         tensors = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
-        safetensors.numpy.save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # Swap whole directories, so a reader never sees new weights with an old config.
+        safetensors.numpy.save_file(tensors, staging / weights_name, metadata=metadata)
+        (staging / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if directory.exists():
             directory.rename(old)
         staging.rename(directory)
@@ -227,6 +242,55 @@ def _write_export(directory: pathlib.Path, config: dict, tensors: dict) -> pathl
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def export_prompt_tuning(directory: str | os.PathLike, embeddings: np.ndarray, *,
+                         model_type: str, task: str | None,
+                         base_model_name_or_path: str | None = None) -> pathlib.Path:
+    """Writes prefix-only virtual-token embeddings (n, d) as a PEFT prompt-tuning adapter, which
+    `peft.PeftModel.from_pretrained` loads (`PeftModel` prepends them to the input embeddings)."""
+    family = model_family(model_type)
+    family.check_task(task)
+    embeddings = np.asarray(embeddings, np.float32)
+    config = {"peft_type": "PROMPT_TUNING", "task_type": family.peft_task_types[task],
+              "num_virtual_tokens": int(embeddings.shape[0]), "token_dim": int(embeddings.shape[1]),
+              "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM",
+              "base_model_name_or_path": base_model_name_or_path, "inference_mode": True}
+    return write_adapter_dir(pathlib.Path(directory), config, {PROMPT_KEY: embeddings},
+                             metadata={"format": "pt"})
+
+
+def load_prompt_tuning(directory: str | os.PathLike) -> np.ndarray:
+    """The (num_virtual_tokens, token_dim) embeddings of a PEFT prompt-tuning adapter.
+
+    Raises:
+      FileFormatError: not a prompt-tuning adapter, or its tensor disagrees with its config.
+    """
+    directory = pathlib.Path(directory)
+    config = read_json_object(directory / CONFIG_NAME, what="PEFT adapter config",
+                              required=("peft_type", "num_virtual_tokens"))
+    if config["peft_type"] != "PROMPT_TUNING":
+        raise FileFormatError(f"{directory / CONFIG_NAME}: peft_type {config['peft_type']!r}, "
+                              "not 'PROMPT_TUNING'")
+    tensors = hub.read_safetensors(directory / WEIGHTS_NAME)
+    if set(tensors) != {PROMPT_KEY}:
+        raise FileFormatError(f"{directory / WEIGHTS_NAME} holds {sorted(tensors)}; a prompt-"
+                              f"tuning adapter holds {PROMPT_KEY!r} alone")
+    embeddings = np.asarray(tensors[PROMPT_KEY], np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[0] != config["num_virtual_tokens"]:
+        raise FileFormatError(f"{directory / WEIGHTS_NAME}: {PROMPT_KEY} is {embeddings.shape}, "
+                              f"but the config has {config['num_virtual_tokens']} virtual tokens")
+    if not np.isfinite(embeddings).all():
+        raise FileFormatError(f"{directory / WEIGHTS_NAME} holds non-finite values")
+    return embeddings
+
+
+def peft_type(directory: str | os.PathLike) -> str | None:
+    """The peft_type a directory's adapter_config.json names (None: no such file)."""
+    path = pathlib.Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        return None
+    return read_json_object(path, what="PEFT adapter config").get("peft_type")
 
 
 def _read_adapter(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
