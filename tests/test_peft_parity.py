@@ -44,11 +44,11 @@ def _copy_peft_adapters(peft_model, modules: list[str]) -> dict:
     return tree
 
 
-def _torch_steps(peft_model, loss_of_batch, batches, trainable=None):
+def _torch_steps(peft_model, loss_of_batch, batches, trainable=None, lr=LR):
     """AdamW steps on `trainable` (default: the model's parameters that require a gradient)."""
     if trainable is None:
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=WEIGHT_DECAY)
     peft_model.train()
     losses = []
     for batch in batches:
@@ -60,8 +60,8 @@ def _torch_steps(peft_model, loss_of_batch, batches, trainable=None):
     return losses
 
 
-def _jax_steps(loss_fn, frozen, trainable, batches):
-    tx = optim.adamw(LR, weight_decay=WEIGHT_DECAY)
+def _jax_steps(loss_fn, frozen, trainable, batches, lr=LR):
+    tx = optim.adamw(lr, weight_decay=WEIGHT_DECAY)
     opt_state = tx.init(trainable)
     step = optim.make_train_step(loss_fn, tx)
     losses = []

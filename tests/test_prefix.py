@@ -198,3 +198,27 @@ def test_prefix_only_preembed_exports_as_peft_prompt_tuning_and_loads_back(tmp_p
     exports.save(tmp_path / "infix", infix, {"use": ("preembed",)}, with_infix,
                  model_type="gpt2", task=None)
     assert (tmp_path / "infix" / exports.CONFIG_NAME).is_file()
+
+
+def test_lora_and_preembed_compose_as_in_appendix_e(gpt2):
+    model, params, _ = gpt2
+    c = base_config().method
+    c.use, c.also_train = ("lora", "preembed"), ()
+    c.lora.targets, c.lora.split_outputs = GPT2.lora_targets, dict(GPT2.lora_split_outputs)
+    c.preembed.prefix, c.preembed.infix = 2, 1
+    both = methods.build(c, GPT2)
+    frozen, trainable = both.split(params, jax.random.key(0))
+    assert set(trainable) == {"params", "lora", "preembed"}
+    assert methods.count_params(trainable) == 2 * (2 * 2) * 32 * 8 + 32 * 3  # 2 L d r + d (l_p + l_i)
+    vocab = GPT2.vocab_size(params)
+    ids = jnp.asarray([both.prepare_example({"input_ids": [5, 6, 7, 8], "loss_mask": [0, 0, 1, 1]},
+                                            512, vocab)["input_ids"]])
+    assert ids.shape == (1, 7)
+    # At step 0 LoRA is the identity (B = 0): the pair computes what PreEmbed alone does.
+    alone = stack_of("preembed", prefix=2, infix=1)
+    only = {"params": {}, "preembed": trainable["preembed"]}
+    np.testing.assert_allclose(both.adapt(model.apply)(frozen, trainable, ids).logits,
+                               alone.adapt(model.apply)(frozen, only, ids).logits, atol=1e-6)
+    moved = jax.tree_util.tree_map(lambda x: x + 0.1, trainable["lora"])
+    changed = both.adapt(model.apply)(frozen, {**trainable, "lora": moved}, ids).logits
+    assert float(jnp.abs(changed - alone.adapt(model.apply)(frozen, only, ids).logits).max()) > 1e-3
