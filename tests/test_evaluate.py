@@ -49,3 +49,31 @@ def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lora_jax.evaluate", "--workdir", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "config.json" in proc.stderr
+
+
+def test_a_baselines_export_evaluates_as_the_trainer_did(tmp_path):
+    """Adapter^H (not mergeable, lora_jax's own export) on GLUE: evaluate rebuilds the same
+    function from the export."""
+    from lora_jax.evaluate import evaluate_glue, load_run
+
+    result = train(tiny_config(**{"method.use": ("adapter_h",), "train.max_steps": 4}), tmp_path)
+    assert (tmp_path / "adapter" / "method_config.json").is_file()
+    scores = evaluate_glue(load_run(tmp_path), max_examples=0)
+    assert scores["accuracy"] == pytest.approx(result["accuracy"], abs=1e-9)
+    assert scores["loss"] == pytest.approx(result["loss"], rel=1e-5)
+
+
+def test_e2e_decodes_a_prefix_method_kept_apart(tmp_path):
+    """PreEmbed on E2E: the prompts get the virtual tokens, the model runs the method apart."""
+    from lora_jax.evaluate import evaluate_e2e, load_run
+
+    c = load_config(str(REPO / "configs/e2e.py") + ":model=tiny,method=preembed")
+    c.data.max_train_examples, c.data.max_eval_examples = 32, 8
+    c.data.max_len, c.data.batch_size, c.data.eval_batch_size = 128, 8, 8
+    c.train.max_steps, c.train.eval_every, c.optim.warmup_steps = 2, 2, 1
+    c.generate.max_new_tokens, c.generate.beam_size = 4, 2
+    train(c, tmp_path)
+    run = load_run(tmp_path)
+    assert not run.stack.mergeable
+    lines, scores = evaluate_e2e(run, "dev", max_examples=2, batch_size=2)
+    assert len(lines) == 2 and set(scores) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
