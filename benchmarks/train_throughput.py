@@ -238,7 +238,7 @@ def build_jax_step(setting: Setting, config):
                       {"model_type": hf_config.model_type, "task": task})
     run = setup.build(config, base_model=base)  # already placed: placing again copies nothing
     del params, base
-    tx, _ = setup.optimizer(config.optim, 1000)
+    tx, _ = setup.optimizer(config.optim, 1000, run.stack.update_scales(run.trainable))
     opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(run.mesh))(run.trainable)
     kind = "lm" if setting.family == "gpt2" else "classification"
     step = steps.build_train_step(run.forward, kind, tx, run.mesh, config.optim.label_smoothing)

@@ -190,7 +190,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
                                 higher_is_better=task.kind != "lm")
                 if run_dir.writer and best["step"] == done:
                     exports.save(workdir / "best_adapter", stack, config.method,
-                                jax.device_get(trainable), **run.info)
+                                jax.device_get(trainable), frozen=frozen, **run.info)
             if checkpointing:
                 checkpoints.save(done, state(done), force=True)
             if preempted:
@@ -201,7 +201,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
         final = evaluate(trainable) if start == total_steps else metrics
         if run_dir.writer:
             exports.save(workdir / "adapter", stack, config.method, jax.device_get(trainable),
-                        **run.info)
+                         frozen=frozen, **run.info)
     return {**final, "best": best}
 
 

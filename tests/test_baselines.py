@@ -24,7 +24,7 @@ from lora_jax.models import family as model_family
 from lora_jax.models.encoder import sequence_classification_loss
 from lora_jax.models.gpt2 import lm_loss
 from conftest import save_tiny_hf_gpt2
-from test_peft_parity import LR, STEPS, _batches, _jax_steps, _torch_steps
+from parity import LR, STEPS, jax_steps, token_batches, torch_steps
 
 ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU}
 
@@ -146,7 +146,7 @@ def test_baseline_training_matches_the_torch_reference(tmp_path, case):
 
     apply = stack.adapt(model.apply)
     if kind == "gpt2":
-        batches = _batches(config.vocab_size, STEPS, batch=3, seq=16, seed=0)
+        batches = token_batches(config.vocab_size, STEPS, batch=3, seq=16, seed=0)
 
         def torch_loss(batch):
             ids, mask = (torch.from_numpy(b) for b in batch)
@@ -158,7 +158,7 @@ def test_baseline_training_matches_the_torch_reference(tmp_path, case):
             return lm_loss(apply(frozen, trainable, ids, attention_mask=mask).logits, ids, mask)
     else:
         batches = [(ids, mask, np.random.default_rng(i).integers(0, 3, ids.shape[0]))
-                   for i, (ids, mask) in enumerate(_batches(config.vocab_size, STEPS, 4, 12, 1))]
+                   for i, (ids, mask) in enumerate(token_batches(config.vocab_size, STEPS, 4, 12, 1))]
 
         def torch_loss(batch):
             ids, mask, labels = (torch.from_numpy(b) for b in batch)
@@ -180,8 +180,8 @@ def test_baseline_training_matches_the_torch_reference(tmp_path, case):
     # normalised step m / sqrt(v) turns rounding into a step of order lr. A smaller lr keeps the
     # two implementations' rounding from reaching the 1e-5 tolerance.
     lr = 1e-3 if name in ("full", "top_layers", "bitfit") else LR
-    torch_losses = _torch_steps(torch_model, torch_loss, batches, torch_trainable, lr=lr)
-    jax_losses, trained = _jax_steps(loss_fn, frozen, trainable,
+    torch_losses = torch_steps(torch_model, torch_loss, batches, torch_trainable, lr=lr)
+    jax_losses, trained = jax_steps(loss_fn, frozen, trainable,
                                      [tuple(map(jnp.asarray, b)) for b in batches], lr=lr)
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
     for site, adapter in adapters.items():

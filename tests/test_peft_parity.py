@@ -7,27 +7,12 @@ import peft
 import torch
 import transformers
 
-from lora_jax.training import optim
 from lora_jax.methods import lora
 from lora_jax.interop.hub import load_pretrained
 from lora_jax.models.encoder import sequence_classification_loss
 from lora_jax.models.gpt2 import lm_loss
 from conftest import save_tiny_hf_gpt2
-
-STEPS, LR, WEIGHT_DECAY = 5, 1e-2, 0.01
-
-
-def _batches(vocab: int, n: int, batch: int, seq: int, seed: int):
-    """Token ids with right padding (some rows shorter), as numpy."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        ids = rng.integers(3, vocab, (batch, seq))
-        lengths = rng.integers(seq // 2, seq + 1, batch)
-        lengths[0] = seq
-        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
-        out.append((ids * mask + (1 - mask) * 1, mask))  # pad id 1
-    return out
+from parity import STEPS, jax_steps, token_batches, torch_steps
 
 
 def _copy_peft_adapters(peft_model, modules: list[str]) -> dict:
@@ -42,34 +27,6 @@ def _copy_peft_adapters(peft_model, modules: list[str]) -> dict:
         node["lora_a"] = jnp.asarray(layer.lora_A["default"].weight.detach().numpy())
         node["lora_b"] = jnp.asarray(layer.lora_B["default"].weight.detach().numpy())
     return tree
-
-
-def _torch_steps(peft_model, loss_of_batch, batches, trainable=None, lr=LR):
-    """AdamW steps on `trainable` (default: the model's parameters that require a gradient)."""
-    if trainable is None:
-        trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=WEIGHT_DECAY)
-    peft_model.train()
-    losses = []
-    for batch in batches:
-        loss = loss_of_batch(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
-def _jax_steps(loss_fn, frozen, trainable, batches, lr=LR):
-    tx = optim.adamw(lr, weight_decay=WEIGHT_DECAY)
-    opt_state = tx.init(trainable)
-    step = optim.make_train_step(loss_fn, tx)
-    losses = []
-    for i, batch in enumerate(batches):
-        trainable, opt_state, loss, _ = step(frozen, trainable, opt_state, batch,
-                                             jax.random.key(i))
-        losses.append(float(loss))
-    return losses, trainable
 
 
 def _assert_adapters_match(trainable, peft_model, modules):
@@ -97,7 +54,7 @@ def test_gpt2_fused_c_attn_matches_peft(tmp_path):
     trainable = {"lora": _copy_peft_adapters(peft_model, modules), "params": {}}
     apply = lora.adapt(model.apply, spec)
 
-    batches = _batches(config.vocab_size, STEPS, batch=3, seq=16, seed=0)
+    batches = token_batches(config.vocab_size, STEPS, batch=3, seq=16, seed=0)
 
     def torch_loss(batch):
         ids, mask = (torch.from_numpy(b) for b in batch)
@@ -109,8 +66,8 @@ def test_gpt2_fused_c_attn_matches_peft(tmp_path):
         logits = apply(frozen, trainable, ids, attention_mask=mask, lora_rng=rng).logits
         return lm_loss(logits, ids, mask)
 
-    torch_losses = _torch_steps(peft_model, torch_loss, batches)
-    jax_losses, trainable = _jax_steps(loss_fn, frozen, trainable,
+    torch_losses = torch_steps(peft_model, torch_loss, batches)
+    jax_losses, trainable = jax_steps(loss_fn, frozen, trainable,
                                        [tuple(map(jnp.asarray, b)) for b in batches])
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
     assert torch_losses[-1] < torch_losses[0]
@@ -143,7 +100,7 @@ def test_roberta_query_value_with_classifier_matches_peft(tmp_path):
     apply = lora.adapt(model.apply, spec)
 
     batches = [(ids, mask, np.random.default_rng(i).integers(0, 3, ids.shape[0]))
-               for i, (ids, mask) in enumerate(_batches(config.vocab_size, STEPS, 4, 12, seed=1))]
+               for i, (ids, mask) in enumerate(token_batches(config.vocab_size, STEPS, 4, 12, seed=1))]
 
     def torch_loss(batch):
         ids, mask, labels = (torch.from_numpy(b) for b in batch)
@@ -154,8 +111,8 @@ def test_roberta_query_value_with_classifier_matches_peft(tmp_path):
         logits = apply(frozen, trainable, ids, attention_mask=mask, lora_rng=rng).logits
         return sequence_classification_loss(logits, labels, num_labels=3)
 
-    torch_losses = _torch_steps(peft_model, torch_loss, batches)
-    jax_losses, trainable = _jax_steps(loss_fn, frozen, trainable,
+    torch_losses = torch_steps(peft_model, torch_loss, batches)
+    jax_losses, trainable = jax_steps(loss_fn, frozen, trainable,
                                        [tuple(map(jnp.asarray, b)) for b in batches])
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
     _assert_adapters_match(trainable, peft_model, modules)

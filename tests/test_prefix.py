@@ -20,7 +20,7 @@ from lora_jax.models import family as model_family
 from lora_jax.models.gpt2 import lm_loss
 from conftest import save_tiny_hf_gpt2
 from test_packing import BUCKETS, EOS, e2e_rows, gpt2, per_example_losses, tokenizer  # noqa: F401
-from test_peft_parity import STEPS, _batches, _jax_steps, _torch_steps
+from parity import STEPS, jax_steps, token_batches, torch_steps
 
 GPT2 = model_family("gpt2")
 
@@ -60,7 +60,7 @@ def test_prefix_only_preembed_trains_as_peft_prompt_tuning(tmp_path):
     with torch.no_grad():
         embedding.copy_(torch.tensor(np.asarray(trainable["preembed"]["embeddings"])))
 
-    raw = _batches(config.vocab_size, STEPS, batch=3, seq=16, seed=0)
+    raw = token_batches(config.vocab_size, STEPS, batch=3, seq=16, seed=0)
     ours = [prepared_batch(stack, [ids[i, :m.sum()] for i, m in enumerate(mask)], 97, 1)
             for ids, mask in raw]
     assert all((ids[:, :4] == np.arange(97, 101)).all() for ids, _, _ in ours)  # the prefix
@@ -77,8 +77,8 @@ def test_prefix_only_preembed_trains_as_peft_prompt_tuning(tmp_path):
                        loss_mask)
 
     start = np.asarray(trainable["preembed"]["embeddings"])  # the step donates `trainable`
-    torch_losses = _torch_steps(peft_model, torch_loss, raw, [embedding])
-    jax_losses, trained = _jax_steps(loss_fn, frozen, trainable,
+    torch_losses = torch_steps(peft_model, torch_loss, raw, [embedding])
+    jax_losses, trained = jax_steps(loss_fn, frozen, trainable,
                                      [tuple(map(jnp.asarray, b)) for b in ours])
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
     np.testing.assert_allclose(trained["preembed"]["embeddings"], embedding.detach().numpy(),

@@ -1,9 +1,15 @@
 """Trained methods on disk: PEFT's format where PEFT has the method, lora_jax's own otherwise.
 
-A stack of LoRA alone (biases frozen) is written as a PEFT LoRA adapter
-(`peft_adapters.export_peft`), prefix-only PreEmbed as a PEFT prompt-tuning adapter
-(`peft_adapters.export_prompt_tuning`); `peft.PeftModel.from_pretrained` loads both. Every other
-stack is written as a directory of two files:
+One method alone, biases frozen, goes to PEFT's format where PEFT has it, and
+`peft.PeftModel.from_pretrained` loads it:
+  - LoRA and LoRA+ (which differs in training only): a PEFT LoRA adapter
+    (`peft_adapters.export_peft`);
+  - DoRA: the same with `use_dora` and its magnitudes;
+  - PiSSA: converted, as PEFT's `path_initial_model_for_weight_conversion` does, to the rank-2r
+    LoRA on the original base (`pissa.as_lora`), so the user keeps the original weights;
+  - VeRA: a PEFT VeRA adapter with its shared projections (`peft_vera.export_vera`);
+  - prefix-only PreEmbed: a PEFT prompt-tuning adapter (`peft_adapters.export_prompt_tuning`).
+Every other stack is written as a directory of two files:
 
     method_config.json          {"format": "lora_jax.methods/1", "method": <config.method>,
                                  "model_type": ..., "task": ..., "base_model_name_or_path": ...}
@@ -26,12 +32,14 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from lora_jax.interop import peft_adapters
+from lora_jax.interop import peft_adapters, peft_vera
 from lora_jax.errors import FileFormatError
 from lora_jax.json_files import read_json_object
 from lora_jax.methods import base, build
+from lora_jax.methods import dora, pissa
 from lora_jax.methods.lora import LoRA
 from lora_jax.methods.prefix import VirtualTokens
+from lora_jax.methods.vera import VeRA
 
 FORMAT = "lora_jax.methods/1"
 CONFIG_NAME = "method_config.json"
@@ -39,9 +47,29 @@ WEIGHTS_NAME = "method_params.safetensors"
 
 
 def peft_compatible(stack: base.MethodStack) -> bool:
-    """Whether PEFT's LoRA format holds the stack: LoRA alone, biases frozen."""
+    """Whether PEFT's LoRA format holds the stack: LoRA alone or one of its variants that PEFT
+    has (LoRA+, DoRA, PiSSA), biases frozen."""
     return (len(stack.methods) == 1 and isinstance(stack.methods[0], LoRA)
             and stack.methods[0].bias == "none")
+
+
+def _dora_magnitudes(method: dora.DoRA, adapters: dict, frozen: dict) -> dict:
+    """Module path -> DoRA magnitude over all outputs; an un-adapted part of a split output gets
+    ||W0|| of its columns, i.e. its factor is 1 (see `methods.dora`)."""
+    flat = traverse_util.flatten_dict(frozen)
+    out = {}
+    for module, adapter in peft_adapters.lora.adapter_modules({"lora": adapters}).items():
+        parts = method.spec.parts_for(base.join(module + ("kernel",)))
+        magnitude = np.asarray(adapter[dora.MAGNITUDE], np.float32)
+        if len(parts) > 1:
+            norms = np.split(np.asarray(dora.column_norms(jax.device_get(flat[module +
+                                                                               ("kernel",)]))),
+                             len(parts))
+            for p, j in peft_adapters.lora.adapted_slots(parts):
+                norms[p] = magnitude[j]
+            magnitude = np.concatenate(norms)
+        out[module] = magnitude
+    return out
 
 
 def prompt_tuning(stack: base.MethodStack, trainable: dict) -> bool:
@@ -54,16 +82,34 @@ def prompt_tuning(stack: base.MethodStack, trainable: dict) -> bool:
 
 def save(directory: str | os.PathLike, stack: base.MethodStack, method_config: Any,
          trainable: dict, *, model_type: str, task: str | None,
-         base_model_name_or_path: str | None = None) -> pathlib.Path:
+         base_model_name_or_path: str | None = None, frozen: dict | None = None) -> pathlib.Path:
     """Writes a trained stack (see the module docstring); replaces an earlier export there.
+
+    Args:
+      frozen: the stack's frozen tree; DoRA on split outputs, PiSSA and VeRA need it (their
+        base norms, initial adapters, shared projections).
 
     Raises:
       FileExistsError: `directory` holds files an export does not write (nothing is changed).
+      ValueError: `frozen` is needed and missing.
     """
+    method = stack.methods[0] if len(stack.methods) == 1 else None
+    needs_frozen = isinstance(method, (dora.DoRA, pissa.PiSSA, VeRA))
+    if needs_frozen and frozen is None:
+        raise ValueError(f"exporting {method.name} needs the stack's frozen tree (frozen=...)")
+    info = dict(model_type=model_type, task=task, base_model_name_or_path=base_model_name_or_path)
+    if isinstance(method, VeRA):
+        return peft_vera.export_vera(directory, method, trainable, frozen[method.name], **info)
     if peft_compatible(stack):
-        return peft_adapters.export_peft(directory, stack.methods[0].spec, trainable,
-                                         model_type=model_type, task=task,
-                                         base_model_name_or_path=base_model_name_or_path)
+        adapters, spec, magnitudes = trainable[method.name], method.spec, None
+        if isinstance(method, pissa.PiSSA):
+            spec, adapters = pissa.as_lora(spec, jax.device_get(frozen[method.name]["initial"]),
+                                           jax.device_get(adapters))
+        elif isinstance(method, dora.DoRA):
+            magnitudes = _dora_magnitudes(method, adapters, frozen)
+        return peft_adapters.export_peft(
+            directory, spec, {"lora": adapters, "params": trainable.get("params", {})},
+            magnitudes=magnitudes, **info)
     if prompt_tuning(stack, trainable):
         return peft_adapters.export_prompt_tuning(
             directory, jax.device_get(trainable[stack.methods[0].name]["embeddings"]),
@@ -82,8 +128,9 @@ def load(directory: str | os.PathLike, params: dict, family: Any,
          task: str | None) -> tuple[base.MethodStack, dict]:
     """(stack, trainable) of an export, for the base `params` it was trained on.
 
-    A PEFT directory gives a LoRA stack with the spec PEFT's config describes; a lora_jax one the
-    stack its recorded method config builds.
+    A PEFT directory gives the method PEFT's config describes (LoRA, DoRA, PiSSA, VeRA, prompt
+    tuning); a lora_jax one the stack its recorded method config builds. The frozen tree to run
+    it with is `stack.frozen(params, trainable)`.
 
     Raises:
       FileNotFoundError: neither format's files are there.
@@ -100,10 +147,14 @@ def load(directory: str | os.PathLike, params: dict, family: Any,
         return base.MethodStack((method,)), {"params": {},
                                              method.name: {"embeddings": jax.numpy.asarray(
                                                  embeddings)}}
+    if peft_adapters.peft_type(directory) == "VERA":
+        method, trainable = peft_vera.load_vera(directory, params, model_type=family.model_type,
+                                                task=task)
+        return base.MethodStack((method,)), trainable
     if (directory / peft_adapters.CONFIG_NAME).is_file():
-        spec, trainable = peft_adapters.load_peft(directory, params, model_type=family.model_type,
-                                                  task=task)
-        return base.MethodStack((LoRA(spec),)), trainable
+        method, trainable = peft_adapters.load_peft_method(
+            directory, params, model_type=family.model_type, task=task)
+        return base.MethodStack((method,)), trainable
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory} holds no trained method ({CONFIG_NAME} or "
                                 f"{peft_adapters.CONFIG_NAME})")

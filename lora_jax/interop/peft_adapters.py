@@ -37,6 +37,8 @@ from flax import traverse_util
 
 from lora_jax.interop import hub
 from lora_jax.methods import lora
+from lora_jax.methods.dora import DoRA
+from lora_jax.methods.pissa import PiSSA
 from lora_jax.errors import FileFormatError
 from lora_jax.json_files import read_json_object
 from lora_jax.models import family as model_family
@@ -46,7 +48,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PROMPT_KEY = "prompt_embeddings"  # PEFT's key for prompt tuning's virtual-token embeddings
 _PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<which>[AB])\.weight|"
+                       r"(?P<magnitude>lora_magnitude_vector))$")
+MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's magnitude, one per output unit
 # PEFT features that change the adapted function beyond W0 + s B A; refused on load.
 _UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "target_parameters",
                 "trainable_token_indices", "alora_invocation_tokens", "use_bdlora")
@@ -97,6 +101,7 @@ def export_peft(
     model_type: str,
     task: str | None,
     base_model_name_or_path: str | None = None,
+    magnitudes: dict | None = None,
 ) -> pathlib.Path:
     """Writes `trainable` as a PEFT LoRA adapter that `PeftModel.from_pretrained` loads as is.
 
@@ -122,6 +127,8 @@ def export_peft(
       model_type: 'gpt2', 'bert' or 'roberta'.
       task: None (GPT-2 LM, bare encoder) or 'classification' (task_type SEQ_CLS).
       base_model_name_or_path: recorded in the config for PEFT's `AutoPeftModel`.
+      magnitudes: DoRA: our module path -> its magnitude over all d_out outputs; written as
+        PEFT's `lora_magnitude_vector` with `use_dora` (see `methods.dora`).
 
     Returns:
       The directory written.
@@ -134,18 +141,11 @@ def export_peft(
     root = _hf_root(model_type, task)
     family = model_family(model_type)
     tensors, ranks, alphas = _lora_tensors(spec, trainable, root)
-    saved = {}  # modules_to_save, in order
-    for path, value in traverse_util.flatten_dict(trainable.get("params", {})).items():
-        if path[0] == family.tied_embedding:
-            raise ValueError(f"{model_type}'s {path[0]} is tied to the LM head, but a PEFT module "
-                             "to save is not: the trained embedding cannot be exported as a PEFT "
-                             "adapter")
-        saved[root + hub.hf_module_name("/".join(_saved_module(path, model_type, task)))] = None
-        value = np.asarray(value, np.float32)
-        if path[-1] == "kernel" and family.transposed_kernels:
-            value = value.T  # torch Linear stores (d_out, d_in); GPT-2's Conv1D does not
-        module = root + hub.hf_module_name("/".join(path[:-1]))
-        tensors[f"{_PREFIX}{module}.{hub.LEAF_NAMES[path[-1]][0]}"] = value
+    for module, magnitude in (magnitudes or {}).items():
+        name = root + hub.hf_module_name("/".join(module))
+        tensors[f"{_PREFIX}{name}.{MAGNITUDE_KEY}"] = np.asarray(magnitude, np.float32)
+    saved, full = modules_to_save(trainable.get("params", {}), model_type, task)
+    tensors.update(full)
     for name in ranks:
         if any(name == m or name.startswith(m + ".") for m in saved):
             raise ValueError(f"{name} is both LoRA-adapted and trained in full; PEFT cannot save "
@@ -168,7 +168,7 @@ def export_peft(
         "bias": "none",
         "modules_to_save": list(saved) or None,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": bool(magnitudes),
         "layers_to_transform": None,
         "layers_pattern": None,
         "inference_mode": True,
@@ -176,10 +176,33 @@ def export_peft(
     return write_adapter_dir(pathlib.Path(directory), config, tensors, metadata={"format": "pt"})
 
 
+def modules_to_save(trained: dict, model_type: str, task: str | None) -> tuple[list, dict]:
+    """(PEFT's `modules_to_save`, their tensors by PEFT key) for the leaves trained in full.
+
+    Raises:
+      ValueError: GPT-2's tied `wte` trained in full (PEFT would untie it).
+    """
+    root, family = _hf_root(model_type, task), model_family(model_type)
+    saved, tensors = {}, {}  # an ordered set of modules
+    for path, value in traverse_util.flatten_dict(trained).items():
+        if path[0] == family.tied_embedding:
+            raise ValueError(f"{model_type}'s {path[0]} is tied to the LM head, but a PEFT module "
+                             "to save is not: the trained embedding cannot be exported as a PEFT "
+                             "adapter")
+        saved[root + hub.hf_module_name("/".join(_saved_module(path, model_type, task)))] = None
+        value = np.asarray(value, np.float32)
+        if path[-1] == "kernel" and family.transposed_kernels:
+            value = value.T  # torch Linear stores (d_out, d_in); GPT-2's Conv1D does not
+        module = root + hub.hf_module_name("/".join(path[:-1]))
+        tensors[f"{_PREFIX}{module}.{hub.LEAF_NAMES[path[-1]][0]}"] = value
+    return list(saved), tensors
+
+
 def _lora_tensors(spec: lora.LoraSpec, trainable: dict, root: str) -> tuple[dict, dict, dict]:
     """(PEFT key -> tensor, HF module -> rank, HF module -> alpha) for every adapter."""
     tensors, ranks, alphas = {}, {}, {}
     for module, ab in lora.adapter_modules(trainable).items():
+        ab = {k: v for k, v in ab.items() if k in (lora.LORA_A, lora.LORA_B)}
         path = "/".join(module + ("kernel",))
         name = root + hub.hf_module_name("/".join(module))
         a, b = np.asarray(ab[lora.LORA_A], np.float32), np.asarray(ab[lora.LORA_B], np.float32)
@@ -293,7 +316,8 @@ def peft_type(directory: str | os.PathLike) -> str | None:
     return read_json_object(path, what="PEFT adapter config").get("peft_type")
 
 
-def _read_adapter(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
+def _read_adapter(directory: pathlib.Path, *, peft_types: tuple[str, ...] = ("LORA",),
+                  allowed: tuple[str, ...] = ()) -> tuple[dict, dict[str, np.ndarray]]:
     if not directory.is_dir():
         raise FileNotFoundError(f"PEFT adapter directory {directory} does not exist")
     if not (directory / WEIGHTS_NAME).is_file():
@@ -308,23 +332,24 @@ def _read_adapter(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}")
     config = read_json_object(directory / CONFIG_NAME, what="PEFT adapter config")
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter; only "
-                         "peft_type 'LORA' can be loaded")
-    used = [f for f in _UNSUPPORTED if config.get(f)]
+    if config.get("peft_type") not in peft_types:
+        raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter; here only "
+                         f"peft_type {' or '.join(map(repr, peft_types))} can be loaded")
+    used = [f for f in _UNSUPPORTED if config.get(f) and f not in allowed]
     if config.get("bias", "none") != "none":
         used.append(f"bias={config['bias']!r}")
     if used:
         raise ValueError(f"{directory} uses PEFT features lora_jax does not implement: {used}")
-    missing = [key for key in ("r", "lora_alpha") if key not in config]
+    required = ("r", "lora_alpha") if config["peft_type"] == "LORA" else ("r",)
+    missing = [key for key in required if key not in config]
     if missing:
         raise FileFormatError(f"{directory / CONFIG_NAME} lacks {', '.join(map(repr, missing))}, "
-                              "which a PEFT LoRA adapter config must have")
+                              f"which a PEFT {config['peft_type']} adapter config must have")
     if isinstance(config["r"], bool) or not isinstance(config["r"], int) or config["r"] < 1:
         raise FileFormatError(f"{directory / CONFIG_NAME}: r = {config['r']!r}, not a rank >= 1")
-    if not isinstance(config["lora_alpha"], (int, float)) or isinstance(config["lora_alpha"], bool):
-        raise FileFormatError(f"{directory / CONFIG_NAME}: lora_alpha = {config['lora_alpha']!r}, "
-                              "not a number")
+    alpha = config.get("lora_alpha", 1)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise FileFormatError(f"{directory / CONFIG_NAME}: lora_alpha = {alpha!r}, not a number")
     tensors = {k: np.asarray(v, np.float32)
                for k, v in hub.read_safetensors(directory / WEIGHTS_NAME).items()}
     bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
@@ -379,7 +404,7 @@ def _sort_tensors(directory: pathlib.Path, tensors: dict, flat: dict, model_type
         if key != name and match and match["module"] in dense:
             module = dense[match["module"]]
             names[module] = match["module"]
-            found.setdefault(module, {})[match["which"]] = value
+            found.setdefault(module, {})[match["which"] or "M"] = value
         elif key != name and not match and name in leaves:
             full[leaves[name]] = _full_tensor(key, value, leaves[name], flat, model_type)
         else:
@@ -425,13 +450,27 @@ def load_peft(
         in `params` (named); a shape that does not fit the base (parameter and both shapes named).
     """
     directory = pathlib.Path(directory)
+    config, spec, trainable = _load_lora(directory, params, model_type, task, allowed=())
+    if str(config.get("init_lora_weights")).lower().startswith("pissa"):
+        raise ValueError(f"{directory} is a PiSSA adapter (init_lora_weights "
+                         f"{config['init_lora_weights']!r}): it is trained against a residual "
+                         "base, so it is not a plain LoRA on these params; read it with "
+                         "`load_peft_method` (or `interop.exports.load`)")
+    return spec, trainable
+
+
+def _load_lora(directory: pathlib.Path, params: dict, model_type: str, task: str | None,
+               allowed: tuple[str, ...]) -> tuple[dict, lora.LoraSpec, dict]:
+    """(config, spec, trainable) of a PEFT LoRA directory; DoRA's magnitudes, if `allowed`, are
+    in each module's adapter as 'magnitude'."""
     root = _hf_root(model_type, task)
-    config, tensors = _read_adapter(directory)
+    config, tensors = _read_adapter(directory, allowed=allowed)
     flat = traverse_util.flatten_dict(params)
     found, names, full = _sort_tensors(directory, tensors, flat, model_type, root)
 
     adapters, ranks, alphas = {}, {}, {}
     order = {path[:-1]: i for i, path in enumerate(flat)}
+    dora = bool(config.get("use_dora"))
     for module, ab in sorted(found.items(), key=lambda item: order[item[0]]):
         a, b = ab.get("A"), ab.get("B")
         if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
@@ -439,6 +478,13 @@ def load_peft(
             raise ValueError(f"{directory / WEIGHTS_NAME}: {names[module]} needs lora_A (r, d_in) "
                              f"and lora_B (d_out, r), but has {shapes}")
         adapters[module + (lora.LORA_A,)], adapters[module + (lora.LORA_B,)] = a, b
+        if dora != ("M" in ab) or (dora and ab["M"].shape != (b.shape[0],)):
+            got = ab["M"].shape if "M" in ab else "none"
+            raise FileFormatError(
+                f"{directory / WEIGHTS_NAME}: {names[module]} has magnitude {got}, but the "
+                f"config has use_dora={dora} (DoRA needs one of ({b.shape[0]},) per module)")
+        if dora:
+            adapters[module + ("magnitude",)] = ab["M"]
         ranks[module] = a.shape[0]
         alphas[module] = _pattern_value(config.get("alpha_pattern") or {}, names[module],
                                         config["lora_alpha"])
@@ -465,4 +511,29 @@ def load_peft(
         lora.check_compatible(spec, params, trainable)
     except ValueError as error:
         raise ValueError(f"PEFT adapter {directory} does not fit these params: {error}") from None
-    return spec, trainable
+    return config, spec, trainable
+
+
+def load_peft_method(directory: str | os.PathLike, params: dict, *, model_type: str,
+                     task: str | None = None) -> tuple[lora.LoRA, dict]:
+    """A PEFT LoRA directory as the method it holds, with its trainable tree: DoRA
+    (`use_dora`), PiSSA (init_lora_weights 'pissa': its residual base is re-derived from
+    `params` by `MethodStack.frozen`), else LoRA. Arguments and errors as `load_peft`'s.
+
+    Raises:
+      ValueError: also a PiSSA adapter made with PEFT's randomised SVD ('pissa_niter_k'), whose
+        residual cannot be re-derived here.
+    """
+    directory = pathlib.Path(directory)
+    config, spec, trainable = _load_lora(directory, params, model_type, task,
+                                         allowed=("use_dora",))
+    init = str(config.get("init_lora_weights")).lower()
+    if init.startswith("pissa_niter"):
+        raise ValueError(f"{directory}: PiSSA with PEFT's randomised SVD ({init!r}) draws from "
+                         "torch's generator, so its residual base cannot be re-derived; save it "
+                         "from PEFT with path_initial_model_for_weight_conversion (a plain LoRA)")
+    if config.get("use_dora") and init.startswith("pissa"):
+        raise ValueError(f"{directory}: DoRA with PiSSA initialisation is not supported")
+    method = (DoRA(spec) if config.get("use_dora") else PiSSA(spec) if init == "pissa"
+              else lora.LoRA(spec))
+    return method, {"params": trainable["params"], method.name: trainable["lora"]}

@@ -15,12 +15,16 @@ from typing import Any
 
 import ml_collections
 
-from lora_jax.methods import adapters, full, lora, prefix
+from lora_jax.methods import adapters, dora, full, lora, lora_plus, pissa, prefix, vera
 from lora_jax.methods.base import (Method, MethodStack, NotMergeable, Registration, combine,
                                    count_params)
 
 METHODS: dict[str, Registration] = {
     "lora": lora.REGISTRATION,
+    "dora": dora.REGISTRATION,
+    "pissa": pissa.REGISTRATION,
+    "lora_plus": lora_plus.REGISTRATION,
+    "vera": vera.REGISTRATION,
     "full": full.FULL,
     "top_layers": full.TOP_LAYERS,
     "bitfit": full.BITFIT,

@@ -123,7 +123,7 @@ class Adapters(Method):
              for path, v in traverse_util.flatten_dict(layers).items()})
 
     @contextlib.contextmanager
-    def intercept(self, added: Params, rng: jax.Array | None):
+    def intercept(self, added: Params, rng: jax.Array | None, buffers: Params | None = None):
         weights = _site_weights(added)
         act = activation(self.nonlinearity)
 

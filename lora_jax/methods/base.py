@@ -9,7 +9,10 @@ A method says
     model code stays unaware of it,
   - how it changes the input, if it does (`prepare_example`, `prepare_prompt`: PreEmbed inserts
     its virtual tokens),
-  - whether and how it folds into plain weights (`merge`; `NotMergeable` otherwise).
+  - whether and how it folds into plain weights (`merge`; `NotMergeable` otherwise),
+  - optionally: the base it trains against (`base`: PiSSA moves W0's principal part into its
+    adapters), fixed arrays it derives and never trains (`buffers`: VeRA's shared random
+    projections), and per-leaf learning-rate multipliers (`update_scales`: LoRA+).
 Its exact parameter count is the size of what it adds plus what it trains in full.
 
 `MethodStack` runs one or several methods together (LoRA + PreEmbed, as the paper's Appendix E).
@@ -17,7 +20,8 @@ The trainable tree it builds is
 
     {"params": base leaves trained in full (float32), <method name>: what that method adds, ...}
 
-and the frozen tree is every other base leaf, in the dtype it came in. The two share no leaf,
+and the frozen tree is every other base leaf, in the dtype it came in (as each method's `base`
+leaves it), plus {<method name>: its buffers} for methods that have any. The two share no leaf,
 so an optimizer over the trainable tree keeps state for what is trained only, and gradients
 are taken for those leaves alone.
 """
@@ -80,10 +84,26 @@ class Method:
         """The parameters the method adds, freshly initialised, float32 ({} for none)."""
         return {}
 
+    def base(self, params: Params) -> dict:
+        """The base weights the method trains against, from the pretrained ones (unchanged by
+        default). A pure function of `params`, so a resumed run derives the same base."""
+        return dict(params)
+
+    def buffers(self, params: Params) -> dict:
+        """Fixed arrays the method uses and never trains, derived from `params` and the method's
+        settings (none by default); held in the frozen tree under the method's name."""
+        return {}
+
+    def update_scales(self, trainable: Params) -> Any | None:
+        """Multipliers of the optimizer's update, a tree like the stack's whole `trainable`
+        (None: all 1). A method may scale leaves beyond its own (LoRA+'s PEFT grouping)."""
+        return None
+
     @contextlib.contextmanager
-    def intercept(self, added: Params, rng: jax.Array | None) -> Iterator[None]:
+    def intercept(self, added: Params, rng: jax.Array | None,
+                  buffers: Params | None = None) -> Iterator[None]:
         """A context in which the model's forward pass includes the method (none by default).
-        `rng` drives the method's own dropout; None in evaluation."""
+        `rng` drives the method's own dropout; None in evaluation. `buffers`: from `buffers`."""
         yield
 
     def prepare_example(self, example: dict, max_len: int, vocab_size: int) -> dict:
@@ -95,7 +115,7 @@ class Method:
         """A generation prompt's token ids as the method feeds them (unchanged here)."""
         return list(ids)
 
-    def merge(self, params: Params, added: Params) -> dict:
+    def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
         """Plain params computing the adapted function. Methods that add nothing merge trivially.
 
         Raises:
@@ -143,7 +163,6 @@ class MethodStack:
         """(frozen, trainable) for `params` (see the module docstring)."""
         flat = traverse_util.flatten_dict(params)
         full = self.trained_in_full(params)
-        frozen = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in full})
         # Trained leaves live in float32 even when W0 is held in bf16: small updates would vanish.
         trained = {p: jnp.asarray(flat[p], jnp.float32) for p in full}
         trainable = {"params": traverse_util.unflatten_dict(trained) if trained else {}}
@@ -153,7 +172,38 @@ class MethodStack:
             added = method.init(params, k)
             if added:
                 trainable[method.name] = added
-        return frozen, trainable
+        return self.frozen(params, trainable), trainable
+
+    def frozen(self, params: Params, trainable: Params) -> dict:
+        """The frozen tree for pretrained `params` and a trainable tree of this stack (a fresh or
+        a loaded one): the leaves not trained in full, as the methods' `base` leaves them, and
+        the methods' buffers."""
+        frozen = frozen_part(params, trainable)
+        for method in self.methods:
+            frozen = method.base(frozen)
+        for method in self.methods:
+            buffers = method.buffers(params)
+            if buffers:
+                if method.name in frozen:
+                    raise ValueError(f"method {method.name!r} shares its name with a top-level "
+                                     "module of the model")
+                frozen[method.name] = buffers
+        return frozen
+
+    def _base_and_buffers(self, frozen: Params) -> tuple[dict, dict]:
+        names = {m.name for m in self.methods}
+        return ({k: v for k, v in frozen.items() if k not in names},
+                {k: v for k, v in frozen.items() if k in names})
+
+    def update_scales(self, trainable: Params) -> Any | None:
+        """Multipliers of the optimizer's update, one per trainable leaf (None: all 1)."""
+        scales = None
+        for method in self.methods:
+            own = method.update_scales(trainable)
+            if own is not None:
+                scales = own if scales is None else jax.tree_util.tree_map(
+                    lambda a, b: a * b, scales, own)
+        return scales
 
     def adapt(self, apply_fn: Callable, collection: str = "params") -> Callable:
         """Wraps a Flax apply function so it runs the adapted model.
@@ -165,12 +215,14 @@ class MethodStack:
 
         def adapted(frozen: Params, trainable: Params, *args,
                     method_rng: jax.Array | None = None, **kwargs):
+            frozen, buffers = self._base_and_buffers(frozen)
             variables = {collection: combine(frozen, trainable)}
             rngs = (jax.random.split(method_rng, len(self.methods)) if method_rng is not None
                     else [None] * len(self.methods))
             with contextlib.ExitStack() as stack:
                 for method, rng in zip(self.methods, rngs):
-                    stack.enter_context(method.intercept(trainable.get(method.name, {}), rng))
+                    stack.enter_context(method.intercept(trainable.get(method.name, {}), rng,
+                                                         buffers.get(method.name, {})))
                 return apply_fn(variables, *args, **kwargs)
 
         return adapted
@@ -185,9 +237,11 @@ class MethodStack:
         Raises:
           NotMergeable: a method that cannot merge (named).
         """
+        frozen, buffers = self._base_and_buffers(frozen)
         params = combine(frozen, trainable)
         for method in self.methods:
-            params = method.merge(params, trainable.get(method.name, {}))
+            params = method.merge(params, trainable.get(method.name, {}),
+                                  buffers.get(method.name, {}))
         return params
 
     def prepare_example(self, example: dict, max_len: int, vocab_size: int) -> dict:

@@ -139,14 +139,24 @@ def target_kernels(spec: LoraSpec, params: Params) -> list[str]:
       ValueError: if a target pattern matches no 2-D kernel; the message lists
         the kernel paths that exist.
     """
+    return matching_kernels(spec.targets, params, "LoRA")
+
+
+def matching_kernels(patterns: Sequence[str], params: Params, what: str) -> list[str]:
+    """The '/'-joined paths of the 2-D kernels any of `patterns` finds, in tree order.
+
+    Raises:
+      ValueError: a pattern matches no kernel (named, with the kernel paths that exist).
+    """
     kernels = _kernel_paths(params)
-    for pattern in spec.targets:
+    for pattern in patterns:
         if not any(re.search(pattern, k) for k in kernels):
             listing = "\n  ".join(kernels) or "(none)"
             raise ValueError(
-                f"LoRA target pattern {pattern!r} matches no kernel. Kernel paths are:\n  {listing}"
+                f"{what} target pattern {pattern!r} matches no kernel. Kernel paths are:\n  "
+                f"{listing}"
             )
-    return [k for k in kernels if any(re.search(p, k) for p in spec.targets)]
+    return [k for k in kernels if any(re.search(p, k) for p in patterns)]
 
 
 def _adapter_shapes(spec: LoraSpec, path: str, kernel_shape: tuple[int, int]):
@@ -289,9 +299,25 @@ def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float,
     return scale * assemble_parts([y[..., j, :] for j in range(y.shape[-2])], parts)
 
 
-def _interceptor(spec: LoraSpec, trainable: Params, rng: jax.Array | None, used: set[Path]):
-    """An `nn.intercept_methods` hook adding the low-rank path to adapted Dense calls;
-    records the adapted module paths it saw in `used`."""
+AdaptedOutput = Callable[..., jax.Array]
+"""output(module, path, adapter, x, y, dropped) -> the adapted Dense output: `module` the bound
+nn.Dense, `path` its kernel's '/'-joined path, `adapter` its leaves, `x` the adapter's input
+(after LoRA dropout), `y` the base output W0 x + b, `dropped` whether dropout changed x."""
+
+
+def _low_rank_output(spec: LoraSpec, module, path: str, ab: dict, x: jax.Array, y: jax.Array,
+                     dropped: bool) -> jax.Array:
+    a, b = ab[LORA_A], ab[LORA_B]
+    return y + low_rank_update(x.astype(y.dtype), a, b, spec.scale(path, a.shape[-2]),
+                               spec.parts_for(path))
+
+
+def _interceptor(spec: LoraSpec, trainable: Params, rng: jax.Array | None, used: set[Path],
+                 output: AdaptedOutput | None = None):
+    """An `nn.intercept_methods` hook adding the low-rank path to adapted Dense calls (or what
+    `output` makes of it: DoRA); records the adapted module paths it saw in `used`."""
+    if output is None:
+        output = lambda *a, **k: _low_rank_output(spec, *a, **k)  # noqa: E731
     adapters = adapter_modules(trainable)
     order = {module: i for i, module in enumerate(adapters)}
 
@@ -305,16 +331,13 @@ def _interceptor(spec: LoraSpec, trainable: Params, rng: jax.Array | None, used:
         used.add(tuple(module.path))
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
-        if rng is not None and spec.dropout > 0:
+        dropped = rng is not None and spec.dropout > 0
+        if dropped:
             # One independent mask per adapted module, derived from one key.
             keep = jax.random.bernoulli(jax.random.fold_in(rng, order[tuple(module.path)]),
                                         1.0 - spec.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
-        path = _join(tuple(module.path) + ("kernel",))
-        a, b = ab[LORA_A], ab[LORA_B]
-        delta = low_rank_update(x.astype(y.dtype), a, b, spec.scale(path, a.shape[-2]),
-                                spec.parts_for(path))
-        return y + delta
+        return output(module, _join(tuple(module.path) + ("kernel",)), ab, x, y, dropped)
 
     return intercept
 
@@ -434,11 +457,17 @@ class LoRA(Method):
     def init(self, params: Params, key: jax.Array) -> dict:
         return init(self.spec, params, key) if self.spec.targets else {}
 
+    def output(self, module, path: str, adapter: dict, x: jax.Array, y: jax.Array,
+               dropped: bool) -> jax.Array:
+        """An adapted Dense call's output (see `AdaptedOutput`): y + s B A x. Variants of LoRA
+        (DoRA) override this, and `init` and `merge`, and inherit the rest."""
+        return _low_rank_output(self.spec, module, path, adapter, x, y, dropped)
+
     @contextlib.contextmanager
-    def intercept(self, added: Params, rng: jax.Array | None):
+    def intercept(self, added: Params, rng: jax.Array | None, buffers: Params | None = None):
         used: set[Path] = set()
         trainable = {"lora": added}
-        with nn.intercept_methods(_interceptor(self.spec, trainable, rng, used)):
+        with nn.intercept_methods(_interceptor(self.spec, trainable, rng, used, self.output)):
             yield
         unused = [_join(m + ("kernel",)) for m in adapter_modules(trainable) if m not in used]
         if self.strict and unused:
@@ -446,7 +475,7 @@ class LoRA(Method):
                 f"adapters were never applied (their kernels are not nn.Dense kernels that this "
                 f"call ran): {unused}. Target plain nn.Dense layers, or run the whole model.")
 
-    def merge(self, params: Params, added: Params) -> dict:
+    def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
         return _apply_deltas(self.spec, params, {"lora": added}, +1.0)
 
     def describe(self) -> str:

@@ -115,7 +115,7 @@ class VirtualTokens(Method):
     # --- The forward pass --------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def intercept(self, added: Params, rng: jax.Array | None):
+    def intercept(self, added: Params, rng: jax.Array | None, buffers: Params | None = None):
         del rng
         embedding_path = tuple(self.family.word_embedding.split("/"))
         current = {}  # this call's virtual positions, seen at the embedding, used by the blocks

@@ -46,6 +46,16 @@ def adamw(
     return tx
 
 
+def scale_updates(scales: Any) -> optax.GradientTransformation:
+    """Multiplies each leaf's update by its entry of `scales` (a tree like the params of floats):
+    after AdamW, a leaf with scale k moves as under lr * k, weight decay included (LoRA+)."""
+
+    def update(updates, state, params=None):
+        return jax.tree_util.tree_map(lambda u, k: u * k, updates, scales), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 WeightedLossFn = Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, jax.Array]]
 """loss_fn(frozen, trainable, micro_batch, rng) -> (sum of the per-example or per-token losses,
 their weight)."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import optax
 
 from lora_jax import methods
 from lora_jax.training import optim, sharding, steps
@@ -24,7 +25,7 @@ from lora_jax.data import tasks
 from lora_jax.errors import ConfigError
 from lora_jax.methods import MethodStack
 from lora_jax.interop import exports
-from lora_jax.methods.base import combine, frozen_part
+from lora_jax.methods.base import combine
 from lora_jax.training.modeling import build_model, run_keys
 from lora_jax.models import ModelFamily
 from lora_jax.models import family as model_family
@@ -99,7 +100,7 @@ def build(config: ml_collections.ConfigDict, *, base_model: Base | None = None,
         frozen, trainable = stack.split(b.params, run_keys(config.seed)[1])
     else:
         stack, trainable = exports.load(export, b.params, b.family, b.info["task"])
-        frozen = frozen_part(b.params, trainable)
+        frozen = stack.frozen(b.params, trainable)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     frozen = sharding.place(frozen, sharding.frozen_shardings(frozen, mesh))
     trainable = sharding.place(trainable, sharding.replicated(mesh))
@@ -120,11 +121,14 @@ class Training:
     eval_step: Any
 
 
-def optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
-    """(AdamW with the config's schedule and clipping, the schedule)."""
+def optimizer(cfg: ml_collections.ConfigDict, total_steps: int, update_scales: Any = None):
+    """(AdamW with the config's schedule and clipping, the schedule); `update_scales`: the
+    stack's per-leaf update multipliers (`MethodStack.update_scales`), if any."""
     schedule = optim.learning_rate_schedule(cfg, total_steps)
     tx = optim.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                      clip_norm=cfg.clip_norm)
+    if update_scales is not None:
+        tx = optax.chain(tx, optim.scale_updates(update_scales))
     return tx, schedule
 
 
@@ -143,7 +147,8 @@ def for_training(run: Run) -> Training:
         raise ConfigError(f"config.data.batch_size = {batch_size}: {len(task.train)} training "
                           f"examples{rows} make no batch of that size")
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
-    tx, schedule = optimizer(config.optim, total_steps)
+    tx, schedule = optimizer(config.optim, total_steps,
+                             run.stack.update_scales(run.trainable))
     opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(run.mesh))(run.trainable)
     train_step = steps.build_train_step(run.forward, task.kind, tx, run.mesh,
                                         config.optim.label_smoothing)

@@ -1,0 +1,128 @@
+"""DoRA (Liu et al. 2024, "Weight-Decomposed Low-Rank Adaptation"): LoRA on the direction of W,
+with the magnitude trained apart.
+
+Each adapted kernel W0 is decomposed into a magnitude m (one per output unit) and a direction,
+and only the direction gets the low-rank update:
+
+    W' = m * (W0 + s B A) / ||W0 + s B A||,       m initialised to ||W0||   (so W' = W0 at step 0)
+
+where the norm is taken over the inputs, per output unit. Section 4.3 of the paper treats the
+norm as a constant in the backward pass (it is detached), which saves memory and, the authors
+report, costs no accuracy; the official code (NVlabs/DoRA) and PEFT do the same, and so do we.
+The forward pass never builds W': with y = W0 x + b and g = m / ||W0 + s B A||,
+
+    y' = y + (g - 1) (W0 x) + g s B A x.
+
+Notation: the paper writes W in R^{d x k} and "column-wise" norms. The official code and PEFT
+normalise torch's (d_out, d_in) weight over its input axis, one norm per output unit; that is what
+the paper's Eq. (2)-(5) mean for h = W x, and what we do (Flax kernels are (d_in, d_out): the norm
+runs over axis 0). With LoRA dropout the input of both the low-rank path and the (g - 1) W0 x
+term is the dropped-out x, as in PEFT (the paper is silent).
+
+Split outputs (GPT-2's fused c_attn adapted on q and v only) get magnitudes for the adapted parts
+alone; an un-adapted part keeps g = 1, i.e. stays W0 exactly. Exported to PEFT (which knows no
+split), such a part's magnitude is written as ||W0|| of its columns, which gives g = 1 there too.
+
+Trainable tree: {'dora': {module: {'lora_a', 'lora_b', 'magnitude'}}}; magnitude is (d_out,) or,
+for split outputs, (n, d_part). Merging gives the plain kernel g * (W0 + s (B A)^T).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from lora_jax.methods import lora
+from lora_jax.methods.base import Params, Registration
+
+MAGNITUDE = "magnitude"
+
+
+def _parts_of(kernel_columns: jax.Array, parts: tuple[bool, ...]) -> jax.Array:
+    """The adapted parts' slices of a per-output-unit vector (d_out,): (d_out,) unsplit, else
+    (n, d_part) in adapter order."""
+    if len(parts) == 1:
+        return kernel_columns
+    pieces = jnp.split(kernel_columns, len(parts), axis=-1)
+    return jnp.stack([pieces[p] for p, _ in lora.adapted_slots(parts)])
+
+
+def _over_parts(per_part: jax.Array, parts: tuple[bool, ...]) -> jax.Array:
+    """(n, d_part) laid out over all d_out outputs, zeros where a part is not adapted."""
+    if len(parts) == 1:
+        return per_part
+    return lora.assemble_parts(list(per_part), parts)
+
+
+def column_norms(kernel: jax.Array, delta: jax.Array | None = None) -> jax.Array:
+    """||W0 + delta|| per output unit of a (d_in, d_out) kernel, in float32."""
+    w = kernel.astype(jnp.float32)
+    if delta is not None:
+        w = w + delta.astype(jnp.float32)
+    return jnp.linalg.norm(w, axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DoRA(lora.LoRA):
+    """LoRA with a trained magnitude per output unit (see the module docstring)."""
+
+    name = "dora"
+    mergeable = True
+
+    def init(self, params: Params, key: jax.Array) -> dict:
+        adapters = super().init(params, key)
+        flat = traverse_util.flatten_dict(params)
+        for module, leaves in lora.adapter_modules({"lora": adapters}).items():
+            kernel = flat[module + ("kernel",)]
+            parts = self.spec.parts_for(lora._join(module + ("kernel",)))
+            node = adapters
+            for part in module:
+                node = node[part]
+            node[MAGNITUDE] = _parts_of(column_norms(kernel), parts)
+        return adapters
+
+    def _factor_minus_one(self, path: str, adapter: dict, kernel: jax.Array) -> jax.Array:
+        """g - 1 over all outputs (0 on un-adapted parts); the norm carries no gradient."""
+        delta = lora._merged_delta(self.spec, path, adapter, jnp.float32)
+        parts = self.spec.parts_for(path)
+        norm = jax.lax.stop_gradient(_parts_of(column_norms(kernel, delta), parts))
+        return _over_parts(adapter[MAGNITUDE] / norm - 1.0, parts)
+
+    def output(self, module, path: str, adapter: dict, x: jax.Array, y: jax.Array,
+               dropped: bool) -> jax.Array:
+        kernel = module.variables["params"]["kernel"]
+        g1 = self._factor_minus_one(path, adapter, kernel).astype(y.dtype)
+        if dropped or not module.use_bias:
+            base = x.astype(y.dtype) @ kernel.astype(y.dtype)  # W0 x of the dropped-out input
+        else:
+            base = y - module.variables["params"]["bias"].astype(y.dtype)
+        delta = lora.low_rank_update(x.astype(y.dtype), adapter[lora.LORA_A],
+                                     adapter[lora.LORA_B],
+                                     self.spec.scale(path, adapter[lora.LORA_A].shape[-2]),
+                                     self.spec.parts_for(path))
+        return y + g1 * base + (g1 + 1.0) * delta
+
+    def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
+        flat = traverse_util.flatten_dict(params)
+        for module, adapter in lora.adapter_modules({"lora": added}).items():
+            key = module + ("kernel",)
+            path = lora._join(key)
+            w = flat[key]
+            delta = lora._merged_delta(self.spec, path, adapter, jnp.float32)
+            g = self._factor_minus_one(path, adapter, w) + 1.0
+            flat[key] = (g * (w.astype(jnp.float32) + delta)).astype(w.dtype)
+        return traverse_util.unflatten_dict(flat)
+
+    def describe(self) -> str:
+        return "dora" + super().describe().removeprefix("lora")
+
+
+def _build(c: Any, family: Any) -> DoRA:
+    return DoRA(lora.spec_from_config(c), bias=c.bias)
+
+
+REGISTRATION = Registration(lora.REGISTRATION.defaults, lora.REGISTRATION.rules, _build)

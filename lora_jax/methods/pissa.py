@@ -1,0 +1,132 @@
+"""PiSSA (Meng et al. 2024, "Principal Singular values and Singular vectors Adaptation"): LoRA
+whose adapters start as W0's principal part, trained against the residual.
+
+With W0^T = U S V^T (torch orientation, (d_out, d_in)) and s the LoRA scale,
+
+    B0 = U_r sqrt(S_r / s),   A0 = sqrt(S_r / s) V_r^T,   W_res = W0 - s (B0 A0)^T,
+
+so W_res + s B0 A0 = W0 and the adapted model equals the base at step 0, while training moves the
+r principal directions first. The frozen tree holds W_res (`base`); it is a pure function of
+W0, so a resumed run derives the same residual. Dividing S_r by s before the square root is
+PEFT's choice, which makes s B0 A0 the principal part for any alpha; the paper uses alpha = r
+(s = 1), where the two agree. We use the exact SVD in float32 (the paper's and PEFT's
+'pissa'); PEFT's randomised 'pissa_niter_k' draws from torch's generator and is not offered.
+
+Saving: the trained W_res + s B A is, on the original base, the plain LoRA
+
+    W0 + s' B' A',   A' = [A; A0],   B' = [B, -B0],   rank 2r,  s' = s  (alpha' = 2 alpha),
+
+which is PEFT's conversion (`save_pretrained(path_initial_model_for_weight_conversion=...)`):
+the export is that rank-2r LoRA adapter, so a user keeps the original base and loads it as any
+LoRA (`interop.peft_adapters.export_peft`). A PEFT adapter saved without the conversion
+(init_lora_weights 'pissa') is read as PiSSA, its residual re-derived from the base.
+
+Split outputs (GPT-2's fused c_attn on q and v) take each adapted part's own SVD.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from lora_jax.methods import lora
+from lora_jax.methods.base import Params, Registration
+
+
+def principal_factors(kernel: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
+    """(A0 (r, d_in), B0 (d_out, r)) with s B0 A0 the rank-r principal part of a (d_in, d_out)
+    kernel's W0^T, in float32."""
+    w = jnp.asarray(kernel, jnp.float32).T
+    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+    root = jnp.sqrt(s[:rank] / scale)
+    return root[:, None] * vt[:rank], u[:, :rank] * root[None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class PiSSA(lora.LoRA):
+    """LoRA initialised from W0's principal singular triplets (see the module docstring)."""
+
+    name = "pissa"
+    mergeable = True
+
+    def init(self, params: Params, key: jax.Array) -> dict:
+        flat = traverse_util.flatten_dict(params)
+        adapters = {}
+        for path in lora.target_kernels(self.spec, params):
+            kernel = flat[tuple(path.split("/"))]
+            a_shape, _ = lora._adapter_shapes(self.spec, path, kernel.shape)
+            rank, scale, parts = a_shape[-2], None, self.spec.parts_for(path)
+            scale = self.spec.scale(path, rank)
+            columns = jnp.split(kernel, len(parts), axis=1)
+            factors = [principal_factors(columns[p], rank, scale)
+                       for p, _ in lora.adapted_slots(parts)]
+            module = tuple(path.split("/")[:-1])
+            if len(parts) == 1:
+                a, b = factors[0]
+            else:
+                a, b = jnp.stack([f[0] for f in factors]), jnp.stack([f[1] for f in factors])
+            adapters[module + (lora.LORA_A,)] = a
+            adapters[module + (lora.LORA_B,)] = b
+        return traverse_util.unflatten_dict(adapters)
+
+    def base(self, params: Params) -> dict:
+        """W_res = W0 - s (B0 A0)^T in every adapted kernel (the rest unchanged)."""
+        initial = self.init(params, jax.random.key(0))  # deterministic: the key is unused
+        return lora._apply_deltas(self.spec, params, {"lora": initial}, -1.0)
+
+    def buffers(self, params: Params) -> dict:
+        """The initial A0, B0 (from the original W0), kept for the conversion to LoRA."""
+        return {"initial": self.init(params, jax.random.key(0))}
+
+    def describe(self) -> str:
+        return "pissa" + super().describe().removeprefix("lora")
+
+
+def as_lora(spec: lora.LoraSpec, initial: Params, adapters: Params) -> tuple[lora.LoraSpec, dict]:
+    """PEFT's conversion of trained PiSSA adapters into a rank-2r LoRA on the original base (see
+    the module docstring): (spec, adapters) with W0 + s' B' A' the trained function. `initial`:
+    A0 and B0, the method's buffers['initial'].
+
+    Raises:
+      ValueError: rank or alpha patterns with rslora (the scale would not carry over; PEFT
+        refuses this too).
+    """
+    if spec.rslora and (spec.rank_pattern or spec.alpha_pattern):
+        raise ValueError("PiSSA's conversion to LoRA does not support rank or alpha patterns "
+                         "together with rslora")
+    initial = lora.adapter_modules({"lora": initial})
+    flat = {}
+    for module, ab in lora.adapter_modules({"lora": adapters}).items():
+        a0, b0 = np.asarray(initial[module][lora.LORA_A]), np.asarray(initial[module][lora.LORA_B])
+        a, b = np.asarray(ab[lora.LORA_A]), np.asarray(ab[lora.LORA_B])
+        flat[module + (lora.LORA_A,)] = jnp.asarray(np.concatenate([a, a0], axis=-2))
+        flat[module + (lora.LORA_B,)] = jnp.asarray(np.concatenate([b, -b0], axis=-1))
+    # Doubling alpha with the rank keeps alpha / r; under rslora alpha / sqrt(r) needs sqrt(2).
+    factor = np.sqrt(2.0) if spec.rslora else 2.0
+    converted = dataclasses.replace(
+        spec, rank=2 * spec.rank, alpha=spec.alpha * factor,
+        rank_pattern={k: 2 * v for k, v in spec.rank_pattern.items()},
+        alpha_pattern={k: v * factor for k, v in spec.alpha_pattern.items()})
+    return converted, traverse_util.unflatten_dict(flat)
+
+
+def _defaults() -> ml_collections.ConfigDict:
+    c = lora.REGISTRATION.defaults()
+    del c["init"]  # the SVD initialises A and B
+    return c
+
+
+def _build(c: Any, family: Any) -> PiSSA:
+    c = c.copy_and_resolve_references()
+    c.init = "kaiming"  # unused
+    return PiSSA(lora.spec_from_config(c), bias=c.bias)
+
+
+REGISTRATION = Registration(
+    _defaults, {k: v for k, v in lora.REGISTRATION.rules.items() if k != "init"}, _build)

@@ -1,0 +1,179 @@
+"""VeRA (Kopiczko et al. 2024, "Vector-based Random Matrix Adaptation"): one pair of frozen random
+matrices shared by every adapted layer; each layer trains two scaling vectors only.
+
+    y = W0 x + b + Lambda_b B Lambda_d A x,      Lambda_b = diag(b) in R^{d_out},
+                                                 Lambda_d = diag(d) in R^{r}
+
+A (r, d_in_max) and B (d_out_max, r) are drawn once, kaiming-uniform, and a layer uses their
+top-left block A[:, :d_in], B[:d_out, :] (PEFT's slicing for layers of different shapes). b starts
+at 0 (the model equals the base at step 0) and d at `d_initial`. There is no alpha: the scale
+is in the vectors. Trained per layer: r + d_out scalars (the paper's |Theta| = L (d_model + r)
+for square layers).
+
+The shared matrices are never trained and never saved per layer: they are derived from
+`projection_seed` (with JAX's generator) and held in the frozen tree as the method's buffers, so
+a checkpoint holds the vectors alone. PEFT draws them with torch's generator, which JAX cannot
+replay, so a PEFT export stores them once (`save_projection=True`, PEFT's default), and a PEFT
+adapter read back brings its own (`projections`).
+
+Fused projections are adapted whole (PEFT has no split outputs for VeRA): on GPT-2 target
+`attn/c_attn` for q, k and v together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from lora_jax import config_rules as rules
+from lora_jax.methods import lora
+from lora_jax.methods.base import Method, Params, Path, Registration, join
+
+LAMBDA_B, LAMBDA_D = "lambda_b", "lambda_d"
+SHARED_A, SHARED_B = "vera_a", "vera_b"
+
+
+def _modules(added: Params) -> dict[Path, dict]:
+    flat = traverse_util.flatten_dict(added)
+    modules: dict[Path, dict] = {}
+    for path, leaf in flat.items():
+        modules.setdefault(path[:-1], {})[path[-1]] = leaf
+    return modules
+
+
+@dataclasses.dataclass(frozen=True)
+class VeRA(Method):
+    """Shared frozen random projections, trained per-layer scaling vectors (see the module
+    docstring).
+
+    Attributes:
+      targets: patterns of the Dense kernels adapted (as LoRA's).
+      rank: r, the shared projections' inner size (the paper uses 256-1024).
+      d_initial: the initial value of every d (PEFT's default 0.1).
+      dropout: dropout on the adapter's input.
+      projection_seed: seeds the shared A and B.
+      projections: explicit (A, B) in place of the seeded ones (a PEFT adapter's).
+    """
+
+    name = "vera"
+    mergeable = True
+
+    targets: tuple[str, ...]
+    rank: int = 256
+    d_initial: float = 0.1
+    dropout: float = 0.0
+    projection_seed: int = 0
+    projections: tuple[Any, Any] | None = dataclasses.field(default=None, compare=False,
+                                                            repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    def kernels(self, params: Params) -> list[str]:
+        return lora.matching_kernels(self.targets, params, "VeRA")
+
+    def init(self, params: Params, key: jax.Array) -> dict:
+        flat = traverse_util.flatten_dict(params)
+        vectors = {}
+        for path in self.kernels(params):
+            _, d_out = flat[tuple(path.split("/"))].shape
+            module = tuple(path.split("/")[:-1])
+            vectors[module + (LAMBDA_B,)] = jnp.zeros((d_out,), jnp.float32)
+            vectors[module + (LAMBDA_D,)] = jnp.full((self.rank,), self.d_initial, jnp.float32)
+        return traverse_util.unflatten_dict(vectors)
+
+    def _shared_shapes(self, params: Params) -> tuple[tuple[int, int], tuple[int, int]]:
+        if self.projections is not None:
+            return tuple(self.projections[0].shape), tuple(self.projections[1].shape)
+        flat = traverse_util.flatten_dict(params)
+        shapes = [flat[tuple(p.split("/"))].shape for p in self.kernels(params)]
+        return (self.rank, max(s[0] for s in shapes)), (max(s[1] for s in shapes), self.rank)
+
+    def buffers(self, params: Params) -> dict:
+        """The shared A and B: the given projections, or kaiming-uniform draws from the seed
+        (bound 1 / sqrt(fan_in), fan_in = the second axis, as torch's kaiming_uniform_(a=sqrt 5))."""
+        if self.projections is not None:
+            a, b = (jnp.asarray(np.asarray(m), jnp.float32) for m in self.projections)
+        else:
+            a_shape, b_shape = self._shared_shapes(params)
+            key_a, key_b = jax.random.split(jax.random.key(self.projection_seed))
+            a = jax.random.uniform(key_a, a_shape, jnp.float32, -1, 1) / math.sqrt(a_shape[1])
+            b = jax.random.uniform(key_b, b_shape, jnp.float32, -1, 1) / math.sqrt(b_shape[1])
+        for path in self.kernels(params):
+            d_in, d_out = traverse_util.flatten_dict(params)[tuple(path.split("/"))].shape
+            if d_in > a.shape[1] or d_out > b.shape[0] or self.rank > min(a.shape[0], b.shape[1]):
+                raise ValueError(f"VeRA projections A {a.shape}, B {b.shape} are too small for "
+                                 f"{path} ({d_in} x {d_out}) at rank {self.rank}")
+        return {SHARED_A: a, SHARED_B: b}
+
+    @contextlib.contextmanager
+    def intercept(self, added: Params, rng: jax.Array | None, buffers: Params | None = None):
+        vectors = _modules(added)
+        order = {module: i for i, module in enumerate(vectors)}
+        used: set[Path] = set()
+
+        def hook(next_fun, args, kwargs, context):
+            module = context.module
+            own = vectors.get(tuple(module.path)) if isinstance(module, nn.Dense) else None
+            if context.method_name != "__call__" or own is None:
+                return next_fun(*args, **kwargs)
+            used.add(tuple(module.path))
+            y = next_fun(*args, **kwargs)
+            x = (args[0] if args else kwargs["inputs"]).astype(y.dtype)
+            if rng is not None and self.dropout > 0:
+                keep = jax.random.bernoulli(jax.random.fold_in(rng, order[tuple(module.path)]),
+                                            1.0 - self.dropout, x.shape)
+                x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+            a, b = self._slices(buffers, x.shape[-1], own[LAMBDA_B].shape[0])
+            h = (x @ a.T.astype(y.dtype)) * own[LAMBDA_D].astype(y.dtype)
+            return y + (h @ b.T.astype(y.dtype)) * own[LAMBDA_B].astype(y.dtype)
+
+        with nn.intercept_methods(hook):
+            yield
+        unused = [join(m) for m in vectors if m not in used]
+        if unused:
+            raise ValueError(f"VeRA vectors were never applied (not nn.Dense modules this call "
+                             f"ran): {unused}")
+
+    def _slices(self, buffers: Params, d_in: int, d_out: int) -> tuple[jax.Array, jax.Array]:
+        return buffers[SHARED_A][:self.rank, :d_in], buffers[SHARED_B][:d_out, :self.rank]
+
+    def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
+        flat = traverse_util.flatten_dict(params)
+        for module, own in _modules(added).items():
+            key = module + ("kernel",)
+            w = flat[key]
+            a, b = self._slices(buffers, w.shape[0], w.shape[1])
+            delta = ((own[LAMBDA_B][:, None] * b) @ (own[LAMBDA_D][:, None] * a)).T
+            flat[key] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+        return traverse_util.unflatten_dict(flat)
+
+    def describe(self) -> str:
+        return f"vera(r={self.rank})"
+
+
+def _defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.targets = (r"/query/kernel", r"/value/kernel")
+    c.rank = 256
+    c.d_initial = 0.1
+    c.dropout = 0.0
+    c.projection_seed = 0
+    return c
+
+
+REGISTRATION = Registration(
+    _defaults,
+    {"targets": rules.regexes, "rank": rules.integer(1), "d_initial": rules.number(-math.inf),
+     "dropout": rules.number(0, 1, high_open=True), "projection_seed": rules.integer(0)},
+    lambda c, family: VeRA(tuple(c.targets), rank=c.rank, d_initial=c.d_initial,
+                           dropout=c.dropout, projection_seed=c.projection_seed))

@@ -1,0 +1,52 @@
+"""Shared by the PEFT parity tests: token batches, and the same AdamW steps in torch and in JAX."""
+
+import jax
+import numpy as np
+import torch
+
+from lora_jax.training import optim
+
+STEPS, LR, WEIGHT_DECAY = 5, 1e-2, 0.01
+
+
+def token_batches(vocab: int, n: int, batch: int, seq: int, seed: int):
+    """Token ids with right padding (some rows shorter), as numpy."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(3, vocab, (batch, seq))
+        lengths = rng.integers(seq // 2, seq + 1, batch)
+        lengths[0] = seq
+        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+        out.append((ids * mask + (1 - mask) * 1, mask))  # pad id 1
+    return out
+
+
+def torch_steps(peft_model, loss_of_batch, batches, trainable=None, lr=LR, optimizer=None):
+    """AdamW steps on `trainable` (default: the model's parameters that require a gradient), or
+    steps of a given torch `optimizer`."""
+    if trainable is None:
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = optimizer or torch.optim.AdamW(trainable, lr=lr, weight_decay=WEIGHT_DECAY)
+    peft_model.train()
+    losses = []
+    for batch in batches:
+        loss = loss_of_batch(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def jax_steps(loss_fn, frozen, trainable, batches, lr=LR, tx=None):
+    """The same steps in JAX: AdamW at `lr`, or the optax transformation `tx`."""
+    tx = tx or optim.adamw(lr, weight_decay=WEIGHT_DECAY)
+    opt_state = tx.init(trainable)
+    step = optim.make_train_step(loss_fn, tx)
+    losses = []
+    for i, batch in enumerate(batches):
+        trainable, opt_state, loss, _ = step(frozen, trainable, opt_state, batch,
+                                             jax.random.key(i))
+        losses.append(float(loss))
+    return losses, trainable
