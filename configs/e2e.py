@@ -22,7 +22,8 @@ rows of up to 512 tokens, not examples, so adjust it (and the steps) to keep the
 
 import ml_collections
 
-from lora_jax.config import TINY_MODELS, base_config, method_overrides, parse_arg, set_dotted
+from lora_jax.config import (TINY_MODELS, base_config, method_overrides, parse_arg, set_dotted,
+                             share_lora_settings)
 
 MODELS = {"gpt2-medium": "openai-community/gpt2-medium",
           "gpt2-large": "openai-community/gpt2-large",
@@ -46,6 +47,10 @@ METHODS = {
     "adapter_h": method_overrides("adapter_h", 1e-4, bottleneck=112),
     "preembed": method_overrides("preembed", 8e-5, prefix=10, infix=4),
     "prelayer": method_overrides("prelayer", 8e-5, prefix=10, infix=4),
+    # LoRA's successors in LoRA's setting (q, v of c_attn at r=4, its lr), as in configs/glue.py;
+    # DoRA adds 49,152 magnitudes to LoRA's 393,216 on GPT-2 M.
+    "dora": method_overrides("dora"),
+    "lora_plus": method_overrides("lora_plus", lr_ratio=16.0),
 }
 # GPT-2 XL's shape, for random-weight runs at full size (model.name='') and shape-only tests.
 GPT2_XL = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_layer=48, n_embd=1600,
@@ -72,6 +77,7 @@ def get_config(arg=None):
     c.method.lora.alpha = 32.0
     c.method.lora.dropout = 0.1
     c.method.also_train = ()
+    share_lora_settings(c)
     c.optim.lr = 2e-4
     c.optim.warmup_steps = 500
     c.optim.weight_decay = 0.01

@@ -17,7 +17,8 @@ Choices where the official scripts (microsoft/LoRA examples/NLU) differ from the
   - MiniLM (all-MiniLM-L6-v2, the real checkpoint available offline) uses RoBERTa-base's row.
 """
 
-from lora_jax.config import TINY_MODELS, base_config, method_overrides, parse_arg, set_dotted
+from lora_jax.config import (TINY_MODELS, base_config, method_overrides, parse_arg, set_dotted,
+                             share_lora_settings)
 
 # task: (batch, epochs, lr) for base; (batch, epochs, lr, max_len) for large. Paper Table 9.
 BASE = {
@@ -39,6 +40,15 @@ LARGE = {
 #   adapter_p  Pfeiffer et al. 2021 (bottleneck d/16 = 48 on RoBERTa-base, lr 1e-4): 0.9M.
 #   adapter_d  AdapterDrop (Rueckle et al.): r=16 without the lowest block is Table 2's 0.3M row
 #              (278,960); --config.method.adapter_d.bottleneck=52 gives its 0.9M row (887,612).
+# LoRA's successors take LoRA's setting (Wq, Wv at r=8, its alpha and lr) unless their paper
+# says otherwise:
+#   dora       Liu et al. 2024 use LoRA's ranks and learning rates: on RoBERTa-base LoRA's
+#              294,912 plus 18,432 magnitudes.
+#   pissa      Meng et al. 2024 set alpha = r (scale 1); LoRA's lr; LoRA's 294,912.
+#   lora_plus  Hayou et al. 2024's ratio eta_B / eta_A = 2^4; LoRA's lr as eta_A.
+#   vera       Kopiczko et al. 2024, Table 8 (RoBERTa-base, SST-2): r=1024 on Wq, Wv,
+#              d_initial 0.1, lr 4e-3 (they give the head the same lr): 43,008 vectors on
+#              RoBERTa-base, their Table 2's 0.043M.
 METHODS = {
     "lora": {},
     "full": method_overrides("full", 2e-5),
@@ -46,6 +56,10 @@ METHODS = {
     "adapter_h": method_overrides("adapter_h", 3e-4, bottleneck=64),
     "adapter_p": method_overrides("adapter_p", 1e-4, bottleneck=48),
     "adapter_d": method_overrides("adapter_d", 3e-4, bottleneck=16, drop_lowest=1),
+    "dora": method_overrides("dora"),
+    "pissa": method_overrides("pissa"),  # alpha = r: set in get_config
+    "lora_plus": method_overrides("lora_plus", lr_ratio=16.0),
+    "vera": method_overrides("vera", 4e-3, rank=1024, d_initial=0.1),
 }
 NUM_LABELS = {"mnli": 3, "stsb": 1}
 MODELS = {"roberta-base": "FacebookAI/roberta-base", "roberta-large": "FacebookAI/roberta-large",
@@ -76,6 +90,9 @@ def get_config(arg=None):
     c.method.lora.rank = 8
     c.method.lora.alpha = 16.0 if large else 8.0
     c.method.also_train = (r"^classifier/",)
+    share_lora_settings(c)
+    c.method.pissa.alpha = float(c.method.pissa.rank)
+    c.method.vera.targets = c.method.lora.targets
     c.optim.warmup_ratio = 0.06
     c.optim.weight_decay = 0.1
     c.train.eval_every = 2000

@@ -112,11 +112,27 @@ def set_dotted(config: ml_collections.ConfigDict, dotted: str, value: Any) -> No
     node[leaf] = value
 
 
-def method_overrides(name: str, lr: float, **fields: Any) -> dict[str, Any]:
-    """The dotted overrides that make a config train `name` alone at learning rate `lr`, with
-    its section's `fields` set: {'method.use': (name,), 'optim.lr': lr, 'method.<name>.f': v}."""
-    return {"method.use": (name,), "optim.lr": lr,
+def method_overrides(name: str, lr: float | None = None, **fields: Any) -> dict[str, Any]:
+    """The dotted overrides that make a config train `name` alone at learning rate `lr` (None:
+    the config's), with its section's `fields` set:
+    {'method.use': (name,), 'optim.lr': lr, 'method.<name>.f': v}."""
+    return {"method.use": (name,), **({} if lr is None else {"optim.lr": lr}),
             **{f"method.{name}.{field}": value for field, value in fields.items()}}
+
+
+# The variants whose sections hold LoRA's fields (targets, rank, alpha, dropout, ...).
+LORA_VARIANTS = ("dora", "pissa", "lora_plus")
+
+
+def share_lora_settings(c: ml_collections.ConfigDict) -> None:
+    """Copies `c.method.lora`'s settings into the LoRA variants' sections, so an experiment
+    config that sets up LoRA sets them up alike (a variant's own fields stay)."""
+    for name in LORA_VARIANTS:
+        for field, value in c.method.lora.items():
+            if field in c.method[name]:
+                c.method[name][field] = (value.copy_and_resolve_references()
+                                         if isinstance(value, ml_collections.ConfigDict)
+                                         else value)
 
 
 def load_config(path_and_arg: str) -> ml_collections.ConfigDict:

@@ -51,13 +51,20 @@ def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):
     assert proc.returncode != 0 and "config.json" in proc.stderr
 
 
-def test_a_baselines_export_evaluates_as_the_trainer_did(tmp_path):
-    """Adapter^H (not mergeable, lora_jax's own export) on GLUE: evaluate rebuilds the same
-    function from the export."""
+@pytest.mark.parametrize("method, export_file", [
+    ("adapter_h", "method_config.json"), ("pissa", "adapter_config.json"),
+    ("vera", "adapter_config.json")])
+def test_a_methods_export_evaluates_as_the_trainer_did(tmp_path, method, export_file):
+    """Adapter^H (not mergeable, lora_jax's own export), PiSSA (trained against a residual base,
+    exported as a LoRA on the original one) and VeRA (shared projections in the frozen tree) on
+    GLUE: evaluate rebuilds the same function from the export."""
     from lora_jax.evaluate import evaluate_glue, load_run
 
-    result = train(tiny_config(**{"method.use": ("adapter_h",), "train.max_steps": 4}), tmp_path)
-    assert (tmp_path / "adapter" / "method_config.json").is_file()
+    overrides = {"method.use": (method,), "train.max_steps": 4}
+    if method == "vera":
+        overrides["method.vera.rank"] = 8
+    result = train(tiny_config(**overrides), tmp_path)
+    assert (tmp_path / "adapter" / export_file).is_file()
     scores = evaluate_glue(load_run(tmp_path), max_examples=0)
     assert scores["accuracy"] == pytest.approx(result["accuracy"], abs=1e-9)
     assert scores["loss"] == pytest.approx(result["loss"], rel=1e-5)

@@ -47,8 +47,13 @@ def tiny_section(model_type: str, *use, **settings):
     """`section` with the family's LoRA targets and, for the encoder, its head trained."""
     fam = model_family(model_type)
     c = section(*use, also_train=() if model_type == "gpt2" else (r"^classifier/",), **settings)
-    c.lora.targets, c.lora.split_outputs = fam.lora_targets, dict(fam.lora_split_outputs)
+    for name in LORA_LIKE:
+        c[name].targets, c[name].split_outputs = fam.lora_targets, dict(fam.lora_split_outputs)
+    c.vera.targets, c.vera.rank = fam.lora_targets, 4  # fused outputs adapted whole
     return c
+
+
+LORA_LIKE = ("lora", "dora", "pissa", "lora_plus")  # LoRA's config section, LoRA's targets
 
 
 def trained_count(model_type, params, method_section) -> int:
@@ -128,7 +133,8 @@ def tiny(request):
 
 # Every method whose adapted model equals the base at step 0 (PreEmbed and PreLayer add tokens:
 # tests/test_prefix.py).
-ALL = ("lora", "full", "top_layers", "bitfit", "adapter_h", "adapter_l", "adapter_p", "adapter_d")
+ALL = ("lora", "full", "top_layers", "bitfit", "adapter_h", "adapter_l", "adapter_p", "adapter_d",
+       "dora", "pissa", "lora_plus", "vera")
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -140,8 +146,9 @@ def test_each_method_starts_as_the_base_model_and_moves_when_trained(tiny, name)
     base = model.apply({"params": params}, ids).logits
     adapted = stack.adapt(model.apply)
     np.testing.assert_allclose(adapted(frozen, trainable, ids).logits, base, atol=1e-6)
-    # Frozen and trainable share no leaf, and together cover the base exactly.
-    frozen_paths = set(traverse_util.flatten_dict(frozen))
+    # Frozen and trainable share no leaf, and together cover the base exactly (besides the
+    # methods' buffers, held in the frozen tree under their names).
+    frozen_paths = {p for p in traverse_util.flatten_dict(frozen) if p[0] != name}
     full_paths = set(traverse_util.flatten_dict(trainable["params"]))
     assert not frozen_paths & full_paths
     assert frozen_paths | full_paths == set(traverse_util.flatten_dict(params))
@@ -206,7 +213,7 @@ def test_methods_compose_and_the_stack_names_them(tiny):
         methods.MethodStack((stack.methods[0], stack.methods[0]))
 
 
-@pytest.mark.parametrize("name", ["adapter_h", "bitfit", "lora"])
+@pytest.mark.parametrize("name", ["adapter_h", "bitfit", "lora", "dora", "pissa", "vera"])
 def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
     model_type, model, params = tiny
     task = None if model_type == "gpt2" else "classification"
@@ -218,13 +225,14 @@ def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
     keys = jax.random.split(jax.random.key(3), len(leaves))
     trainable = jax.tree_util.tree_unflatten(
         tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-    exports.save(tmp_path / "out", stack, c, trainable, model_type=model_type, task=task)
-    peft_format = name == "lora"
+    exports.save(tmp_path / "out", stack, c, trainable, model_type=model_type, task=task,
+                 frozen=frozen)
+    peft_format = name in ("lora", "dora", "pissa", "vera")
     assert (tmp_path / "out" / ("adapter_config.json" if peft_format
                                 else exports.CONFIG_NAME)).is_file()
     loaded_stack, loaded = exports.load(tmp_path / "out", params, fam, task)
     ids = jnp.array([[5, 6, 7, 8, 9]])
-    frozen_loaded = methods.base.frozen_part(params, loaded)
+    frozen_loaded = loaded_stack.frozen(params, loaded)
     np.testing.assert_allclose(loaded_stack.adapt(model.apply)(frozen_loaded, loaded, ids).logits,
                                stack.adapt(model.apply)(frozen, trainable, ids).logits, atol=1e-5)
 
@@ -253,7 +261,10 @@ def test_loading_a_method_export_checks_every_tensor(tmp_path, tiny):
     ("e2e", "adapter_h", 11_164_928), ("e2e", "prelayer", 344_064), ("e2e", "preembed", 14_336),
     ("e2e", "lora", 393_216),
     ("glue", "bitfit", 102_144 + 770 + 768 * 768 + 768 * 2), ("glue", "adapter_d", 278_960 + 592_130),
-    ("glue", "adapter_p", 894_528 + 592_130)])
+    ("glue", "adapter_p", 894_528 + 592_130), ("glue", "dora", 294_912 + 18_432 + 592_130),
+    ("glue", "pissa", 294_912 + 592_130), ("glue", "lora_plus", 294_912 + 592_130),
+    ("glue", "vera", 43_008 + 592_130), ("e2e", "dora", 393_216 + 49_152),
+    ("e2e", "lora_plus", 393_216)])
 def test_the_configs_method_settings_train_the_counts_their_comments_give(gpt2, config_file,
                                                                            method, expected):
     """configs/e2e.py on GPT-2 medium and configs/glue.py on RoBERTa-base (the head, 592,130
