@@ -22,9 +22,11 @@ def token_batches(vocab: int, n: int, batch: int, seq: int, seed: int):
     return out
 
 
-def torch_steps(peft_model, loss_of_batch, batches, trainable=None, lr=LR, optimizer=None):
+def torch_steps(peft_model, loss_of_batch, batches, trainable=None, lr=LR, optimizer=None,
+                after_step=None):
     """AdamW steps on `trainable` (default: the model's parameters that require a gradient), or
-    steps of a given torch `optimizer`."""
+    steps of a given torch `optimizer`; `after_step(i)` runs after step i's update, before the
+    gradients are cleared (PEFT's AdaLoRA allocates ranks there)."""
     if trainable is None:
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
     opt = optimizer or torch.optim.AdamW(trainable, lr=lr, weight_decay=WEIGHT_DECAY)
@@ -34,6 +36,8 @@ def torch_steps(peft_model, loss_of_batch, batches, trainable=None, lr=LR, optim
         loss = loss_of_batch(batch)
         loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step(len(losses))
         opt.zero_grad()
         losses.append(loss.item())
     return losses

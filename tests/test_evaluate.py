@@ -53,16 +53,19 @@ def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):
 
 @pytest.mark.parametrize("method, export_file", [
     ("adapter_h", "method_config.json"), ("pissa", "adapter_config.json"),
-    ("vera", "adapter_config.json")])
+    ("vera", "adapter_config.json"), ("adalora", "adapter_config.json")])
 def test_a_methods_export_evaluates_as_the_trainer_did(tmp_path, method, export_file):
     """Adapter^H (not mergeable, lora_jax's own export), PiSSA (trained against a residual base,
-    exported as a LoRA on the original one) and VeRA (shared projections in the frozen tree) on
-    GLUE: evaluate rebuilds the same function from the export."""
+    exported as a LoRA on the original one), VeRA (shared projections in the frozen tree) and
+    AdaLoRA (its optimizer rule and loss term in the trainer's step) on GLUE: evaluate rebuilds
+    the same function from the export."""
     from lora_jax.evaluate import evaluate_glue, load_run
 
     overrides = {"method.use": (method,), "train.max_steps": 4}
     if method == "vera":
         overrides["method.vera.rank"] = 8
+    if method == "adalora":  # every step masks, down to 2 of 4 triplets per module on average
+        overrides.update({"method.adalora.init_rank": 4, "method.adalora.target_rank": 2})
     result = train(tiny_config(**overrides), tmp_path)
     assert (tmp_path / "adapter" / export_file).is_file()
     scores = evaluate_glue(load_run(tmp_path), max_examples=0)

@@ -50,6 +50,7 @@ def tiny_section(model_type: str, *use, **settings):
     for name in LORA_LIKE:
         c[name].targets, c[name].split_outputs = fam.lora_targets, dict(fam.lora_split_outputs)
     c.vera.targets, c.vera.rank = fam.lora_targets, 4  # fused outputs adapted whole
+    c.adalora.targets, c.adalora.init_rank, c.adalora.target_rank = fam.lora_targets, 4, 2
     return c
 
 
@@ -134,7 +135,7 @@ def tiny(request):
 # Every method whose adapted model equals the base at step 0 (PreEmbed and PreLayer add tokens:
 # tests/test_prefix.py).
 ALL = ("lora", "full", "top_layers", "bitfit", "adapter_h", "adapter_l", "adapter_p", "adapter_d",
-       "dora", "pissa", "lora_plus", "vera")
+       "dora", "pissa", "lora_plus", "vera", "adalora")
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -213,7 +214,8 @@ def test_methods_compose_and_the_stack_names_them(tiny):
         methods.MethodStack((stack.methods[0], stack.methods[0]))
 
 
-@pytest.mark.parametrize("name", ["adapter_h", "bitfit", "lora", "dora", "pissa", "vera"])
+@pytest.mark.parametrize("name", ["adapter_h", "bitfit", "lora", "dora", "pissa", "vera",
+                                  "adalora"])
 def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
     model_type, model, params = tiny
     task = None if model_type == "gpt2" else "classification"
@@ -227,7 +229,7 @@ def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
         tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     exports.save(tmp_path / "out", stack, c, trainable, model_type=model_type, task=task,
                  frozen=frozen)
-    peft_format = name in ("lora", "dora", "pissa", "vera")
+    peft_format = name in ("lora", "dora", "pissa", "vera", "adalora")
     assert (tmp_path / "out" / ("adapter_config.json" if peft_format
                                 else exports.CONFIG_NAME)).is_file()
     loaded_stack, loaded = exports.load(tmp_path / "out", params, fam, task)

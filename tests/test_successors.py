@@ -23,7 +23,7 @@ from flax import traverse_util
 from lora_jax import methods
 from lora_jax.interop import exports
 from lora_jax.interop.hub import load_pretrained
-from lora_jax.methods import dora, lora, lora_plus, pissa, vera
+from lora_jax.methods import adalora, dora, lora, lora_plus, pissa, vera
 from lora_jax.models import family as model_family
 from lora_jax.models.encoder import sequence_classification_loss
 from lora_jax.models.gpt2 import lm_loss
@@ -58,13 +58,14 @@ class Case:
         ids, mask, labels = (torch.from_numpy(b) for b in batch)
         return torch_model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
-    def jax_loss(self, apply):
+    def jax_loss(self, apply, regularizer=None):
         def loss_fn(frozen, trainable, batch, rng):
             logits = apply(frozen, trainable, batch[0], attention_mask=batch[1],
                            method_rng=rng).logits
+            extra = 0.0 if regularizer is None else regularizer(trainable)
             if self.task is None:
-                return lm_loss(logits, batch[0], batch[1])
-            return sequence_classification_loss(logits, batch[2], num_labels=3)
+                return lm_loss(logits, batch[0], batch[1]) + extra
+            return sequence_classification_loss(logits, batch[2], num_labels=3) + extra
         return loss_fn
 
     def torch_logits(self, torch_model):
@@ -142,13 +143,17 @@ def _torch_kernel(case: Case, layer) -> np.ndarray:
 
 
 def check_against_peft(case: Case, tmp_path, peft_config, method_type, *, rename=None,
-                       torch_optimizer=None, tx_of=None, merges=True, peft_base=False):
+                       torch_optimizer=None, tx_of=None, merges=True, peft_base=False,
+                       after_step=None, compare=None):
     """The whole parity protocol (module docstring) for one method on one case.
 
     rename: (stack, trainable) -> (stack, trainable): turns what PEFT's file reads as into the
       method under test (LoRA+ is saved as plain LoRA).
     torch_optimizer: peft_model -> its torch optimizer (default AdamW on what requires grad).
     tx_of: stack, trainable -> our optax transformation (default AdamW).
+    after_step: (peft_model, i) -> None, run after torch's step i.
+    compare: (ours, read from PEFT's file, peft_model) -> None, in place of comparing the first
+      two trees (AdaLoRA's file drops the removed triplets).
     peft_base: train against PEFT's base kernels (PiSSA's residual: two SVDs agree to float32
       rounding only, `test_pissa_matches_peft` checks how closely; Adam's normalised steps would
       magnify the difference where a gradient is near zero).
@@ -177,9 +182,10 @@ def check_against_peft(case: Case, tmp_path, peft_config, method_type, *, rename
 
     optimizer = torch_optimizer(peft_model) if torch_optimizer else None
     torch_losses = torch_steps(peft_model, lambda b: case.torch_loss(peft_model, b), case.batches,
-                               optimizer=optimizer)
+                               optimizer=optimizer,
+                               after_step=after_step and (lambda i: after_step(peft_model, i)))
     tx = tx_of(stack, trainable) if tx_of else None
-    jax_losses, trainable = jax_steps(case.jax_loss(apply), frozen, trainable,
+    jax_losses, trainable = jax_steps(case.jax_loss(apply, stack.regularizer), frozen, trainable,
                                       [tuple(map(jnp.asarray, b)) for b in case.batches], tx=tx)
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
     assert torch_losses[-1] < torch_losses[0]
@@ -189,7 +195,8 @@ def check_against_peft(case: Case, tmp_path, peft_config, method_type, *, rename
     _, expected = exports.load(tmp_path / "peft_trained", case.params, case.family, case.task)
     if rename:
         _, expected = rename(stack, expected)
-    _assert_trees_close(trainable, expected)
+    (compare or (lambda got, want, _: _assert_trees_close(got, want)))(trainable, expected,
+                                                                         peft_model)
 
     # PEFT reads our export and computes our logits.
     ours = case.jax_logits(apply, frozen, trainable)
@@ -394,3 +401,80 @@ def test_vera_refuses_peft_files_without_projections(tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     with pytest.raises(Exception, match="save_projection"):
         exports.load(tmp_path / "adapter", case.params, case.family, None)
+
+
+# --- AdaLoRA --------------------------------------------------------------------------------------
+
+def test_adalora_matches_peft_through_every_phase(case, tmp_path):
+    """5 steps with tinit=0, tfinal=2, T=5: step 0 scores only, steps 1-2 mask on the cubic
+    budget, step 3 sets the final mask, step 4 applies it; the orthogonality penalty as PEFT's
+    ('code'). Then the ranks kept are the target's on average, and the export holds them alone."""
+    settings = dict(init_r=6, target_r=3, tinit=0, tfinal=2, deltaT=1, total_step=STEPS,
+                    lora_alpha=8, orth_reg_weight=0.5)
+    # CAUSAL_LM, not None, on GPT-2: a bare PeftModel calls the HF model directly and skips
+    # AdaLoraModel.forward, where PEFT adds the orthogonality penalty.
+    task_type = peft.TaskType.SEQ_CLS if case.task else peft.TaskType.CAUSAL_LM
+    peft_config = peft.AdaLoraConfig(target_modules=case.targets, task_type=task_type,
+                                     fan_in_fan_out=case.model_type == "gpt2", **settings)
+
+    def compare(ours, from_file, peft_model):
+        # The file holds the kept triplets (the removed ones read back as zeros) ...
+        flat = traverse_util.flatten_dict(jax.device_get(ours))
+        for path in list(flat):
+            if path[0] == "adalora" and path[-1] == adalora.LORA_E:
+                keep = flat[path] != 0
+                flat[path[:-1] + (adalora.LORA_A,)] = flat[path[:-1] + (adalora.LORA_A,)] * keep[:, None]
+                flat[path[:-1] + (adalora.LORA_B,)] = flat[path[:-1] + (adalora.LORA_B,)] * keep
+        _assert_trees_close(traverse_util.unflatten_dict(flat), from_file)
+        # ... and every triplet, removed ones included, follows PEFT's in memory.
+        named = dict(peft_model.named_modules())
+        for module, name in case.modules:
+            layer = named[f"base_model.model.{name}"]
+            node = ours["adalora"]
+            for part in module.split("/"):
+                node = node[part]
+            for leaf, torch_leaf in ((adalora.LORA_A, layer.lora_A), (adalora.LORA_B, layer.lora_B),
+                                     (adalora.LORA_E, layer.lora_E)):
+                np.testing.assert_allclose(np.asarray(node[leaf]),
+                                           torch_leaf["default"].detach().numpy().reshape(
+                                               node[leaf].shape), rtol=0, atol=1e-5,
+                                           err_msg=f"{module}/{leaf}")
+
+    stack, frozen, trainable = check_against_peft(
+        case, tmp_path, peft_config, adalora.AdaLoRA,
+        tx_of=lambda stack, trainable: stack.optimizer(optim.adamw(LR, weight_decay=WEIGHT_DECAY),
+                                                       STEPS),
+        after_step=lambda peft_model, i: peft_model.base_model.update_and_allocate(i),
+        compare=compare)
+    kept = adalora.kept(trainable["adalora"])
+    assert sum(int(k.sum()) for k in kept.values()) == 3 * len(case.modules)
+    assert len({int(k.sum()) for k in kept.values()}) > 1  # the budget was spread unevenly
+
+
+def test_adalora_budget_schedule_is_peft_s():
+    from peft.tuners.adalora.layer import RankAllocator
+
+    method = adalora.AdaLoRA((r"x",), init_rank=12, target_rank=4, tinit=3, tfinal=5, delta_t=2)
+    budgets, recompute = method.schedule(40, modules=7)
+
+    class Config:  # the fields RankAllocator.budget_schedule reads
+        tinit, tfinal, total_step, deltaT = 3, 5, 40, 2
+
+    allocator = RankAllocator.__new__(RankAllocator)
+    allocator.peft_config, allocator.init_bgt, allocator.target_bgt = Config, 12 * 7, 4 * 7
+    for t in range(41):
+        budget, mask = allocator.budget_schedule(t)
+        assert budgets[t] == budget, t
+        if t <= 40 - 5:  # past the final step PEFT re-applies its fixed mask instead
+            assert recompute[t] == mask or t == 35, t
+
+
+@pytest.mark.parametrize("form, expected", [("paper", 3.0 ** 2 + 3.0 ** 2), ("code", 3.0)])
+def test_adalora_orthogonality_penalty_forms(form, expected):
+    """One module at r=1 with A A^T = B^T B = 4, so both excesses are 3: the paper sums the
+    squared Frobenius norms (9 + 9), the code averages the plain ones over A and B ((3 + 3) / 2)."""
+    method = adalora.AdaLoRA((r"x",), init_rank=1, target_rank=1, orth_reg_weight=1.0,
+                             orth_form=form)
+    added = {"m": {"lora_a": jnp.array([[2.0, 0.0]]), "lora_e": jnp.zeros(1),
+                   "lora_b": jnp.array([[0.0], [2.0]])}}
+    assert float(method.regularizer(added)) == pytest.approx(expected)

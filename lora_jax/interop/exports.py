@@ -8,6 +8,7 @@ One method alone, biases frozen, goes to PEFT's format where PEFT has it, and
   - PiSSA: converted, as PEFT's `path_initial_model_for_weight_conversion` does, to the rank-2r
     LoRA on the original base (`pissa.as_lora`), so the user keeps the original weights;
   - VeRA: a PEFT VeRA adapter with its shared projections (`peft_vera.export_vera`);
+  - AdaLoRA: a PEFT AdaLoRA adapter of the kept triplets (`peft_adalora.export_adalora`);
   - prefix-only PreEmbed: a PEFT prompt-tuning adapter (`peft_adapters.export_prompt_tuning`).
 Every other stack is written as a directory of two files:
 
@@ -32,11 +33,11 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from lora_jax.interop import peft_adapters, peft_vera
+from lora_jax.interop import peft_adalora, peft_adapters, peft_vera
 from lora_jax.errors import FileFormatError
 from lora_jax.json_files import read_json_object
 from lora_jax.methods import base, build
-from lora_jax.methods import dora, pissa
+from lora_jax.methods import adalora, dora, pissa
 from lora_jax.methods.lora import LoRA
 from lora_jax.methods.prefix import VirtualTokens
 from lora_jax.methods.vera import VeRA
@@ -100,6 +101,8 @@ def save(directory: str | os.PathLike, stack: base.MethodStack, method_config: A
     info = dict(model_type=model_type, task=task, base_model_name_or_path=base_model_name_or_path)
     if isinstance(method, VeRA):
         return peft_vera.export_vera(directory, method, trainable, frozen[method.name], **info)
+    if isinstance(method, adalora.AdaLoRA):
+        return peft_adalora.export_adalora(directory, method, trainable, **info)
     if peft_compatible(stack):
         adapters, spec, magnitudes = trainable[method.name], method.spec, None
         if isinstance(method, pissa.PiSSA):
@@ -128,8 +131,8 @@ def load(directory: str | os.PathLike, params: dict, family: Any,
          task: str | None) -> tuple[base.MethodStack, dict]:
     """(stack, trainable) of an export, for the base `params` it was trained on.
 
-    A PEFT directory gives the method PEFT's config describes (LoRA, DoRA, PiSSA, VeRA, prompt
-    tuning); a lora_jax one the stack its recorded method config builds. The frozen tree to run
+    A PEFT directory gives the method PEFT's config describes (LoRA, DoRA, PiSSA, VeRA, AdaLoRA,
+    prompt tuning); a lora_jax one the stack its recorded method config builds. The frozen tree to run
     it with is `stack.frozen(params, trainable)`.
 
     Raises:
@@ -147,6 +150,10 @@ def load(directory: str | os.PathLike, params: dict, family: Any,
         return base.MethodStack((method,)), {"params": {},
                                              method.name: {"embeddings": jax.numpy.asarray(
                                                  embeddings)}}
+    if peft_adapters.peft_type(directory) == "ADALORA":
+        method, trainable = peft_adalora.load_adalora(directory, params,
+                                                      model_type=family.model_type, task=task)
+        return base.MethodStack((method,)), trainable
     if peft_adapters.peft_type(directory) == "VERA":
         method, trainable = peft_vera.load_vera(directory, params, model_type=family.model_type,
                                                 task=task)

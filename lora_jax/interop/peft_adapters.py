@@ -514,6 +514,46 @@ def _load_lora(directory: pathlib.Path, params: dict, model_type: str, task: str
     return config, spec, trainable
 
 
+def module_tensors(directory: pathlib.Path, tensors: dict, params: dict, model_type: str,
+                   task: str | None, suffixes: dict[str, str]) -> tuple[dict, dict]:
+    """Sorts a PEFT file's tensors for methods other than LoRA (VeRA, AdaLoRA).
+
+    Args:
+      tensors: the file's tensors, shared ones (VeRA's projections) already taken out.
+      suffixes: PEFT's tensor name within a module -> our leaf name ('vera_lambda_b' ->
+        'lambda_b').
+
+    Returns:
+      ({our module path + (leaf,): tensor}, {our leaf path: a modules_to_save tensor}), the
+      latter completed as PEFT restores a module to save: whole, missing leaves from `params`.
+
+    Raises:
+      ValueError: a tensor names a module `params` lacks.
+    """
+    root = _hf_root(model_type, task)
+    flat = traverse_util.flatten_dict(params)
+    dense = {}
+    for path in flat:
+        if path[-1] == "kernel":
+            dense[root + hub.hf_module_name("/".join(path[:-1]))] = path[:-1]
+    found, rest = {}, {}
+    for key, value in tensors.items():
+        module, _, leaf = key.removeprefix(_PREFIX).rpartition(".")
+        if key.startswith(_PREFIX) and leaf in suffixes:
+            if module not in dense:
+                raise ValueError(f"{directory / WEIGHTS_NAME} has tensor {key!r}, but this "
+                                 f"{model_type} model has no Dense module {module!r}")
+            found[dense[module] + (suffixes[leaf],)] = value
+        else:
+            rest[key] = value
+    _, _, full = _sort_tensors(directory, rest, flat, model_type, root)
+    owners = sorted({p[:-1] for p in full})
+    for path in flat:
+        if path[:-1] in owners and path not in full:
+            full[path] = np.asarray(flat[path], np.float32)
+    return found, full
+
+
 def load_peft_method(directory: str | os.PathLike, params: dict, *, model_type: str,
                      task: str | None = None) -> tuple[lora.LoRA, dict]:
     """A PEFT LoRA directory as the method it holds, with its trainable tree: DoRA

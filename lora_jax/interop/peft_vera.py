@@ -87,24 +87,9 @@ def load_vera(directory: str | os.PathLike, params: dict, *, model_type: str,
             "adapter from PEFT with save_projection=True")
     rank = config["r"]
     shared = {name: tensors.pop(key) for name, key in SHARED.items()}
-    root = pa._hf_root(model_type, task)
+    vectors, full = pa.module_tensors(directory, tensors, params, model_type, task,
+                                      {v: k for k, v in VECTORS.items()})
     flat = traverse_util.flatten_dict(params)
-    dense = {root + hub.hf_module_name("/".join(p[:-1])): p[:-1]
-             for p in flat if p[-1] == "kernel"}
-    dense.update({name.removeprefix(root): m for name, m in list(dense.items())})
-    vectors = {}
-    for key in [k for k in tensors if k.endswith(tuple("." + v for v in VECTORS.values()))]:
-        module_name, _, leaf = key.removeprefix(pa._PREFIX).rpartition(".")
-        if module_name not in dense:
-            raise ValueError(f"{directory / pa.WEIGHTS_NAME} has tensor {key!r}, but this "
-                             f"{model_type} model has no Dense module {module_name!r}")
-        ours = {v: k for k, v in VECTORS.items()}[leaf]
-        vectors[dense[module_name] + (ours,)] = tensors.pop(key)
-    _, _, full = pa._sort_tensors(directory, tensors, flat, model_type, root)
-    owners = sorted({p[:-1] for p in full})
-    for path in flat:  # PEFT restores a module to save whole
-        if path[:-1] in owners and path not in full:
-            full[path] = np.asarray(flat[path], np.float32)
     for path, value in vectors.items():
         d_out = flat[path[:-1] + ("kernel",)].shape[1]
         want = (d_out,) if path[-1] == vera.LAMBDA_B else (rank,)

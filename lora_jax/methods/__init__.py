@@ -15,7 +15,8 @@ from typing import Any
 
 import ml_collections
 
-from lora_jax.methods import adapters, dora, full, lora, lora_plus, pissa, prefix, vera
+from lora_jax.methods import (adalora, adapters, dora, full, lora, lora_plus, pissa, prefix,
+                              vera)
 from lora_jax.methods.base import (Method, MethodStack, NotMergeable, Registration, combine,
                                    count_params)
 
@@ -25,6 +26,7 @@ METHODS: dict[str, Registration] = {
     "pissa": pissa.REGISTRATION,
     "lora_plus": lora_plus.REGISTRATION,
     "vera": vera.REGISTRATION,
+    "adalora": adalora.REGISTRATION,
     "full": full.FULL,
     "top_layers": full.TOP_LAYERS,
     "bitfit": full.BITFIT,

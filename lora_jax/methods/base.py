@@ -12,7 +12,9 @@ A method says
   - whether and how it folds into plain weights (`merge`; `NotMergeable` otherwise),
   - optionally: the base it trains against (`base`: PiSSA moves W0's principal part into its
     adapters), fixed arrays it derives and never trains (`buffers`: VeRA's shared random
-    projections), and per-leaf learning-rate multipliers (`update_scales`: LoRA+).
+    projections), per-leaf learning-rate multipliers (`update_scales`: LoRA+), a term added to
+    the training loss (`regularizer`) and a wrapper of the optimizer (`optimizer`: AdaLoRA's
+    rank allocation, which edits the trained values between steps).
 Its exact parameter count is the size of what it adds plus what it trains in full.
 
 `MethodStack` runs one or several methods together (LoRA + PreEmbed, as the paper's Appendix E).
@@ -98,6 +100,15 @@ class Method:
         """Multipliers of the optimizer's update, a tree like the stack's whole `trainable`
         (None: all 1). A method may scale leaves beyond its own (LoRA+'s PEFT grouping)."""
         return None
+
+    def regularizer(self, added: Params) -> jax.Array | float:
+        """A term added to the training loss (0 by default; AdaLoRA's orthogonality)."""
+        return 0.0
+
+    def optimizer(self, tx: Any, total_steps: int) -> Any:
+        """The run's optax transformation as this method trains with it (unchanged by default).
+        The wrapper sees the whole trainable tree; the method's own part is under its name."""
+        return tx
 
     @contextlib.contextmanager
     def intercept(self, added: Params, rng: jax.Array | None,
@@ -204,6 +215,16 @@ class MethodStack:
                 scales = own if scales is None else jax.tree_util.tree_map(
                     lambda a, b: a * b, scales, own)
         return scales
+
+    def regularizer(self, trainable: Params) -> jax.Array | float:
+        """The methods' terms added to the training loss."""
+        return sum((m.regularizer(trainable.get(m.name, {})) for m in self.methods), 0.0)
+
+    def optimizer(self, tx: Any, total_steps: int) -> Any:
+        """`tx` wrapped by every method that trains through its own optimizer rule."""
+        for method in self.methods:
+            tx = method.optimizer(tx, total_steps)
+        return tx
 
     def adapt(self, apply_fn: Callable, collection: str = "params") -> Callable:
         """Wraps a Flax apply function so it runs the adapted model.

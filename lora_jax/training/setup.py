@@ -121,14 +121,18 @@ class Training:
     eval_step: Any
 
 
-def optimizer(cfg: ml_collections.ConfigDict, total_steps: int, update_scales: Any = None):
+def optimizer(cfg: ml_collections.ConfigDict, total_steps: int, update_scales: Any = None,
+              stack: MethodStack | None = None):
     """(AdamW with the config's schedule and clipping, the schedule); `update_scales`: the
-    stack's per-leaf update multipliers (`MethodStack.update_scales`), if any."""
+    stack's per-leaf update multipliers (`MethodStack.update_scales`), if any; `stack`: its
+    methods' optimizer rules wrap the result (`MethodStack.optimizer`)."""
     schedule = optim.learning_rate_schedule(cfg, total_steps)
     tx = optim.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                      clip_norm=cfg.clip_norm)
     if update_scales is not None:
         tx = optax.chain(tx, optim.scale_updates(update_scales))
+    if stack is not None:
+        tx = stack.optimizer(tx, total_steps)
     return tx, schedule
 
 
@@ -148,9 +152,9 @@ def for_training(run: Run) -> Training:
                           f"examples{rows} make no batch of that size")
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
     tx, schedule = optimizer(config.optim, total_steps,
-                             run.stack.update_scales(run.trainable))
+                             run.stack.update_scales(run.trainable), run.stack)
     opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(run.mesh))(run.trainable)
     train_step = steps.build_train_step(run.forward, task.kind, tx, run.mesh,
-                                        config.optim.label_smoothing)
+                                        config.optim.label_smoothing, run.stack.regularizer)
     return Training(task, steps_per_epoch, total_steps, schedule, tx, opt_state, train_step,
                     run.eval_step(task.kind))

@@ -38,7 +38,8 @@ def make_forward(adapted_apply):
     return forward
 
 
-def build_train_step(forward, kind: str, tx, mesh, label_smoothing: float = 0.0):
+def build_train_step(forward, kind: str, tx, mesh, label_smoothing: float = 0.0,
+                     regularizer=None):
     """The trainer's jitted step(frozen, trainable, opt_state, batch, rng) -> (trainable,
     opt_state, mean loss, whether the new trainable tree is all finite), for a batch of
     [accum, micro, ...] arrays (`sharding.global_batch`).
@@ -51,11 +52,16 @@ def build_train_step(forward, kind: str, tx, mesh, label_smoothing: float = 0.0)
       tx: the optax optimizer.
       mesh: where the step runs; its outputs are replicated over it.
       label_smoothing: for classification and LM losses.
+      regularizer: trainable -> a term added to the mean loss (`MethodStack.regularizer`).
     """
 
     def loss_fn(frozen, trainable, batch, rng):
         logits = forward(frozen, trainable, batch, rng, train=True)
-        return losses.loss_sum(kind, logits, batch, label_smoothing)
+        total, weight = losses.loss_sum(kind, logits, batch, label_smoothing)
+        if regularizer is not None:
+            # Once per step: the micro-batches' weights sum to the step's, which divides.
+            total = total + regularizer(trainable) * weight
+        return total, weight
 
     return optim.make_train_step(loss_fn, tx, accumulate=True,
                                  out_shardings=(sharding.replicated(mesh),) * 4)
