@@ -57,6 +57,15 @@ RANKS = (1, 2, 4, 8, 64)
 RANK_TARGETS = ("q", "qv", "qkvo")  # Table 6 rows
 TABLE_5 = (("q", 8), ("k", 8), ("v", 8), ("o", 8), ("qk", 4), ("qv", 4), ("qkvo", 2))
 MINILM = {"data.batch_size": 32, "optim.lr": 1e-3, "data.max_len": 64}
+PAIR_TASKS = ("mrpc", "rte", "stsb", "qnli", "qqp", "mnli")  # max_len 128 on MiniLM for pairs
+# Table 2's budget comparison on MiniLM (6 blocks, width 384; head excluded): LoRA at the
+# adapters' budget and an adapter at LoRA's. LoRA r=64 on Wq, Wv trains 589,824, Adapter^H
+# (bottleneck 64) 605,184; Adapter^P at bottleneck 15 trains 71,514, LoRA r=8 73,728.
+MATCHED_BUDGET = {
+    "lora_r64": {"method.use": ("lora",), "method.lora.rank": 64},
+    "adapter_p_r15": {"method.use": ("adapter_p",), "optim.lr": 1e-4,
+                      "method.adapter_p.bottleneck": 15},
+}
 STUDIES = ("rank", "targets", "seeds", "methods")
 
 
@@ -90,16 +99,18 @@ def run(targets: str, rank: int, seed: int, gpt2: bool = False) -> dict:
     }
 
 
-def method_runs(config_file: pathlib.Path, seeds: int) -> list[dict]:
-    """One run per entry of the experiment config's METHODS table (LoRA first), per seed."""
+def method_runs(config_file: pathlib.Path, seeds: int, extra: dict | None = None) -> list[dict]:
+    """One run per entry of the experiment config's METHODS table (LoRA first) and of `extra`,
+    per seed."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(config_file.stem, config_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    table = {**module.METHODS, **(extra or {})}
     return [{"name": f"method={name},seed={s}", "method": name, "rank": 0, "targets": "",
              "seed": s, "overrides": {**overrides, "seed": s}}
-            for name, overrides in module.METHODS.items() for s in range(seeds)]
+            for name, overrides in table.items() for s in range(seeds)]
 
 
 def get_config(arg=None):
@@ -117,6 +128,8 @@ def get_config(arg=None):
     if model == "minilm":
         for dotted, value in MINILM.items():
             set_dotted(base, dotted, value)
+        if args.task in PAIR_TASKS:
+            base.data.max_len = 128
     if args.steps > 0:
         base.train.max_steps = args.steps
 
@@ -124,7 +137,8 @@ def get_config(arg=None):
     c.study = args.study
     c.base = base
     if args.study == "methods":
-        c.runs = tuple(method_runs(experiment, seeds))
+        c.runs = tuple(method_runs(experiment, seeds,
+                                   MATCHED_BUDGET if model == "minilm" and not gpt2 else None))
     else:
         c.runs = tuple(run(t, r, s, gpt2) for t, r in settings(args.study) for s in range(seeds))
     return c

@@ -183,8 +183,10 @@ def matrices(targets: str) -> str:
     return ",".join(f"W{m}" for m in targets)
 
 
-def plot(study: str, summary: Sequence[dict], metric: str, path: pathlib.Path) -> None:
-    """rank: metric vs rank per target set; targets: bars; seeds: median with min-max whiskers."""
+def plot(study: str, summary: Sequence[dict], metric: str, path: pathlib.Path,
+         title: str = "") -> None:
+    """rank: metric vs rank per target set; targets: bars; seeds: median with min-max whiskers;
+    methods: metric vs trained parameters."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,11 +194,15 @@ def plot(study: str, summary: Sequence[dict], metric: str, path: pathlib.Path) -
 
     fig, ax = plt.subplots(figsize=(6, 4))
     if study == "methods":
-        labels = [f"{r['method']}\n{r['trained_params'] / 1e6:.2f}M" for r in summary]
-        spread = [[r["median"] - r["min"] for r in summary], [r["max"] - r["median"] for r in summary]]
-        bars = ax.bar(labels, [r["median"] for r in summary], yerr=spread, capsize=4)
-        ax.bar_label(bars, fmt="%.3f", fontsize=8)
-        ax.tick_params(axis="x", labelsize=8)
+        # Metric against trained parameters (log scale), a point per method, seeds' min-max as
+        # error bars: the picture drawn for this comparison.
+        for r in summary:
+            ax.errorbar([r["trained_params"]], [r["median"]], capsize=3, fmt="o",
+                        yerr=[[r["median"] - r["min"]], [r["max"] - r["median"]]])
+            ax.annotate(r["method"], (r["trained_params"], r["median"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+        ax.set_xscale("log")
+        ax.set_xlabel("trained parameters")
     elif study == "rank":
         for targets in dict.fromkeys(r["targets"] for r in summary):
             rows = sorted((r for r in summary if r["targets"] == targets), key=lambda r: r["rank"])
@@ -221,7 +227,7 @@ def plot(study: str, summary: Sequence[dict], metric: str, path: pathlib.Path) -
         else:
             ax.errorbar(labels, medians, yerr=spread, fmt="o", capsize=6)
     ax.set_ylabel(f"{metric} (median over seeds)")
-    ax.set_title("LoRA and the paper's baselines" if study == "methods" else f"LoRA {study} study")
+    ax.set_title(f"Methods on {title}" if study == "methods" else f"LoRA {study} study")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -238,7 +244,8 @@ def sweep(config: ml_collections.ConfigDict, out: pathlib.Path, only: str | None
     out.mkdir(parents=True, exist_ok=True)
     records = [run_one(config.base, r, out / r["name"]) for r in runs]
     write_tables(records, out, f"LoRA {config.study} study on {config.base.data.task}")
-    plot(config.study, summarize(records), records[0]["metric"], out / f"{config.study}.png")
+    plot(config.study, summarize(records), records[0]["metric"], out / f"{config.study}.png",
+         title=config.base.data.task)
     return records
 
 

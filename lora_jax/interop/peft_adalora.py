@@ -26,6 +26,7 @@ from lora_jax.errors import FileFormatError
 from lora_jax.interop import hub
 from lora_jax.interop import peft_adapters as pa
 from lora_jax.methods import adalora
+from lora_jax.methods.base import modules_of
 from lora_jax.models import family as model_family
 
 LEAVES = {adalora.LORA_A: "lora_A", adalora.LORA_E: "lora_E", adalora.LORA_B: "lora_B"}
@@ -41,7 +42,7 @@ def export_adalora(directory: str | os.PathLike, method: adalora.AdaLoRA, traina
     own = jax.device_get(trainable[method.name])
     tensors, pattern, targets = {}, {}, []
     for module, keep in adalora.kept(own).items():
-        leaves = adalora._modules(own)[module]
+        leaves = modules_of(own)[module]
         name = root + hub.hf_module_name("/".join(module))
         targets.append(name)
         pattern[f"{name}.{LEAVES[adalora.LORA_E]}"] = keep.tolist()

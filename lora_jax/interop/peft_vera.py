@@ -27,6 +27,7 @@ from lora_jax.errors import FileFormatError
 from lora_jax.interop import hub
 from lora_jax.interop import peft_adapters as pa
 from lora_jax.methods import vera
+from lora_jax.methods.base import modules_of
 from lora_jax.models import family as model_family
 
 SHARED = {vera.SHARED_A: "base_model.vera_A", vera.SHARED_B: "base_model.vera_B"}
@@ -48,7 +49,7 @@ def export_vera(directory: str | os.PathLike, method: vera.VeRA, trainable: dict
         (slice(0, method.rank), slice(None)) if name == vera.SHARED_A else
         (slice(None), slice(0, method.rank))] for name, key in SHARED.items()}
     targets = []
-    for module, own in vera._modules(trainable[method.name]).items():
+    for module, own in modules_of(trainable[method.name]).items():
         name = root + hub.hf_module_name("/".join(module))
         targets.append(name)
         for leaf, key in VECTORS.items():

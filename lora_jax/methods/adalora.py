@@ -35,11 +35,9 @@ Saved in PEFT's AdaLoRA format with the kept triplets only and their `rank_patte
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -49,18 +47,10 @@ from flax import traverse_util
 
 from lora_jax import config_rules as rules
 from lora_jax.methods import lora
-from lora_jax.methods.base import Method, Params, Path, Registration, join
+from lora_jax.methods.base import Method, Params, Path, Registration, intercept_dense, modules_of
 
 LORA_A, LORA_E, LORA_B = "lora_a", "lora_e", "lora_b"
 ORTH_FORMS = ("paper", "code")
-
-
-def _modules(added: Params) -> dict[Path, dict]:
-    flat = traverse_util.flatten_dict(added)
-    modules: dict[Path, dict] = {}
-    for path, leaf in flat.items():
-        modules.setdefault(path[:-1], {})[path[-1]] = leaf
-    return modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,37 +115,16 @@ class AdaLoRA(Method):
             added[module + (LORA_B,)] = 0.02 * jax.random.normal(kb, (d_out, self.init_rank))
         return traverse_util.unflatten_dict(added)
 
-    @contextlib.contextmanager
     def intercept(self, added: Params, rng: jax.Array | None, buffers: Params | None = None):
-        adapters = _modules(added)
-        order = {module: i for i, module in enumerate(adapters)}
-        used: set[Path] = set()
-
-        def hook(next_fun, args, kwargs, context):
-            module = context.module
-            own = adapters.get(tuple(module.path)) if isinstance(module, nn.Dense) else None
-            if context.method_name != "__call__" or own is None:
-                return next_fun(*args, **kwargs)
-            used.add(tuple(module.path))
-            y = next_fun(*args, **kwargs)
-            x = (args[0] if args else kwargs["inputs"]).astype(y.dtype)
-            if rng is not None and self.dropout > 0:
-                keep = jax.random.bernoulli(jax.random.fold_in(rng, order[tuple(module.path)]),
-                                            1.0 - self.dropout, x.shape)
-                x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        def output(module, own, x, y, dropped):
             a, e, b = (own[k].astype(y.dtype) for k in (LORA_A, LORA_E, LORA_B))
-            return y + self.scale * (((x @ a.T) * e) @ b.T)
+            return y + self.scale * (((x.astype(y.dtype) @ a.T) * e) @ b.T)
 
-        with nn.intercept_methods(hook):
-            yield
-        unused = [join(m) for m in adapters if m not in used]
-        if unused:
-            raise ValueError(f"AdaLoRA adapters were never applied (not nn.Dense modules this "
-                             f"call ran): {unused}")
+        return intercept_dense(modules_of(added), rng, self.dropout, output, "AdaLoRA")
 
     def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
         flat = traverse_util.flatten_dict(params)
-        for module, own in _modules(added).items():
+        for module, own in modules_of(added).items():
             key = module + ("kernel",)
             w = flat[key]
             delta = self.scale * ((own[LORA_B] * own[LORA_E][None, :]) @ own[LORA_A]).T
@@ -165,7 +134,7 @@ class AdaLoRA(Method):
     def regularizer(self, added: Params) -> jax.Array | float:
         """orth_reg_weight times the orthogonality penalty on every A and B (`orth_form`)."""
         terms = []
-        for own in _modules(added).values():
+        for own in modules_of(added).values():
             for gram in (own[LORA_A] @ own[LORA_A].T, own[LORA_B].T @ own[LORA_B]):
                 excess = gram - jnp.eye(gram.shape[0], dtype=gram.dtype)
                 terms.append(jnp.sum(excess ** 2) if self.orth_form == "paper"
@@ -223,7 +192,7 @@ def rank_allocation(method: AdaLoRA, tx: optax.GradientTransformation,
     def init_fn(params):
         own = params[name]
         zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, own)  # noqa: E731 (two buffers)
-        mask = {m: jnp.ones_like(leaves[LORA_E]) for m, leaves in _modules(own).items()}
+        mask = {m: jnp.ones_like(leaves[LORA_E]) for m, leaves in modules_of(own).items()}
         return AllocatorState(tx.init(params), zeros(), zeros(), mask, jnp.zeros((), jnp.int32))
 
     def update_fn(grads, state, params):
@@ -249,7 +218,7 @@ def rank_allocation(method: AdaLoRA, tx: optax.GradientTransformation,
 
         # A triplet's score: E_i's, plus the means over A's row i and over B's column i.
         element = jax.tree_util.tree_map(lambda i, u: i * u, importance, uncertainty)
-        modules = _modules(element)
+        modules = modules_of(element)
         scores = {m: s[LORA_E] + s[LORA_A].mean(axis=1) + s[LORA_B].mean(axis=0)
                   for m, s in modules.items()}
         ordered = jnp.sort(jnp.concatenate([scores[m] for m in state.mask]))
@@ -273,7 +242,7 @@ def rank_allocation(method: AdaLoRA, tx: optax.GradientTransformation,
 
 def kept(added: Params) -> dict[Path, np.ndarray]:
     """Module -> which triplets are kept (E_i != 0), as PEFT's rank_pattern."""
-    return {m: np.asarray(own[LORA_E]) != 0 for m, own in _modules(added).items()}
+    return {m: np.asarray(own[LORA_E]) != 0 for m, own in modules_of(added).items()}
 
 
 def _defaults() -> ml_collections.ConfigDict:

@@ -36,6 +36,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
@@ -140,6 +141,56 @@ class Method:
     def describe(self) -> str:
         """A short name with the settings, for logs and results tables."""
         return self.name
+
+
+def modules_of(added: Params) -> dict[Path, dict]:
+    """Module path -> its leaves, for a tree of per-module leaves (adapters, vectors)."""
+    modules: dict[Path, dict] = {}
+    for path, leaf in traverse_util.flatten_dict(added).items():
+        modules.setdefault(path[:-1], {})[path[-1]] = leaf
+    return modules
+
+
+@contextlib.contextmanager
+def intercept_dense(adapters: Mapping[Path, Any], rng: jax.Array | None, dropout: float,
+                    output: Callable[..., jax.Array], what: str, strict: bool = True,
+                    hint: str = "run the whole model") -> Iterator[None]:
+    """A context in which every call of an `nn.Dense` whose path has an entry in `adapters`
+    returns output(module, entry, x, y, dropped) instead of y = W0 x + b.
+
+    x is the call's input after `dropout` (one independent mask per module, folded from `rng`;
+    none when `rng` is None), `dropped` whether it was applied, `module` the bound nn.Dense.
+
+    Raises:
+      ValueError: with `strict`, an entry no call reached (an adapter silently doing nothing
+        would be worse): its kernel is not an nn.Dense kernel that this call ran.
+    """
+    order = {module: i for i, module in enumerate(adapters)}
+    used: set[Path] = set()
+
+    def hook(next_fun, args, kwargs, context):
+        module = context.module
+        entry = (adapters.get(tuple(module.path))
+                 if context.method_name == "__call__" and isinstance(module, nn.Dense) else None)
+        if entry is None:
+            return next_fun(*args, **kwargs)
+        used.add(tuple(module.path))
+        y = next_fun(*args, **kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        dropped = rng is not None and dropout > 0
+        if dropped:
+            keep = jax.random.bernoulli(jax.random.fold_in(rng, order[tuple(module.path)]),
+                                        1.0 - dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+        return output(module, entry, x, y, dropped)
+
+    with nn.intercept_methods(hook):
+        yield
+    unused = [join(m + ("kernel",)) for m in adapters if m not in used]
+    if strict and unused:
+        raise ValueError(f"{what} adapters were never applied (their kernels are not nn.Dense "
+                         f"kernels that this call ran): {unused}. Target plain nn.Dense layers, "
+                         f"or {hint}.")
 
 
 @dataclasses.dataclass(frozen=True)

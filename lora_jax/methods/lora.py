@@ -25,14 +25,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -40,7 +39,8 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax import config_rules as rules
-from lora_jax.methods.base import Method, Registration, combine, count_params, matching
+from lora_jax.methods.base import (Method, Registration, combine, count_params,
+                                   intercept_dense, matching)
 
 Params = Mapping[str, Any]
 Path = tuple[str, ...]
@@ -312,34 +312,11 @@ def _low_rank_output(spec: LoraSpec, module, path: str, ab: dict, x: jax.Array, 
                                spec.parts_for(path))
 
 
-def _interceptor(spec: LoraSpec, trainable: Params, rng: jax.Array | None, used: set[Path],
-                 output: AdaptedOutput | None = None):
-    """An `nn.intercept_methods` hook adding the low-rank path to adapted Dense calls (or what
-    `output` makes of it: DoRA); records the adapted module paths it saw in `used`."""
-    if output is None:
-        output = lambda *a, **k: _low_rank_output(spec, *a, **k)  # noqa: E731
-    adapters = adapter_modules(trainable)
-    order = {module: i for i, module in enumerate(adapters)}
-
-    def intercept(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(module, nn.Dense):
-            return next_fun(*args, **kwargs)
-        ab = adapters.get(tuple(module.path))
-        if ab is None:
-            return next_fun(*args, **kwargs)
-        used.add(tuple(module.path))
-        y = next_fun(*args, **kwargs)
-        x = args[0] if args else kwargs["inputs"]
-        dropped = rng is not None and spec.dropout > 0
-        if dropped:
-            # One independent mask per adapted module, derived from one key.
-            keep = jax.random.bernoulli(jax.random.fold_in(rng, order[tuple(module.path)]),
-                                        1.0 - spec.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
-        return output(module, _join(tuple(module.path) + ("kernel",)), ab, x, y, dropped)
-
-    return intercept
+def _dense_output(output: AdaptedOutput) -> Callable[..., jax.Array]:
+    """`intercept_dense`'s output(module, adapter, x, y, dropped) from an `AdaptedOutput`."""
+    def dense_output(module, adapter, x, y, dropped):
+        return output(module, _join(tuple(module.path) + ("kernel",)), adapter, x, y, dropped)
+    return dense_output
 
 
 def adapt(apply_fn: Callable, spec: LoraSpec, collection: str = "params",
@@ -364,17 +341,11 @@ def adapt(apply_fn: Callable, spec: LoraSpec, collection: str = "params",
                 **kwargs):
         check_compatible(spec, frozen, trainable)
         variables = {collection: combine(frozen, trainable)}
-        used: set[Path] = set()
-        with nn.intercept_methods(_interceptor(spec, trainable, lora_rng, used)):
-            out = apply_fn(variables, *args, **kwargs)
-        unused = [_join(m + ("kernel",)) for m in adapter_modules(trainable) if m not in used]
-        if strict and unused:
-            raise ValueError(
-                f"adapters were never applied (their kernels are not nn.Dense kernels that this "
-                f"call ran): {unused}. Target plain nn.Dense layers, or pass strict=False to "
-                f"run part of the model."
-            )
-        return out
+        with intercept_dense(adapter_modules(trainable), lora_rng, spec.dropout,
+                             _dense_output(functools.partial(_low_rank_output, spec)), "LoRA",
+                             strict,
+                             "pass strict=False to run part of the model"):
+            return apply_fn(variables, *args, **kwargs)
 
     return adapted
 
@@ -463,17 +434,9 @@ class LoRA(Method):
         (DoRA) override this, and `init` and `merge`, and inherit the rest."""
         return _low_rank_output(self.spec, module, path, adapter, x, y, dropped)
 
-    @contextlib.contextmanager
     def intercept(self, added: Params, rng: jax.Array | None, buffers: Params | None = None):
-        used: set[Path] = set()
-        trainable = {"lora": added}
-        with nn.intercept_methods(_interceptor(self.spec, trainable, rng, used, self.output)):
-            yield
-        unused = [_join(m + ("kernel",)) for m in adapter_modules(trainable) if m not in used]
-        if self.strict and unused:
-            raise ValueError(
-                f"adapters were never applied (their kernels are not nn.Dense kernels that this "
-                f"call ran): {unused}. Target plain nn.Dense layers, or run the whole model.")
+        return intercept_dense(adapter_modules({"lora": added}), rng, self.spec.dropout,
+                               _dense_output(self.output), self.name, self.strict)
 
     def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
         return _apply_deltas(self.spec, params, {"lora": added}, +1.0)

@@ -22,12 +22,10 @@ Fused projections are adapted whole (PEFT has no split outputs for VeRA): on GPT
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -36,18 +34,10 @@ from flax import traverse_util
 
 from lora_jax import config_rules as rules
 from lora_jax.methods import lora
-from lora_jax.methods.base import Method, Params, Path, Registration, join
+from lora_jax.methods.base import Method, Params, Registration, intercept_dense, modules_of
 
 LAMBDA_B, LAMBDA_D = "lambda_b", "lambda_d"
 SHARED_A, SHARED_B = "vera_a", "vera_b"
-
-
-def _modules(added: Params) -> dict[Path, dict]:
-    flat = traverse_util.flatten_dict(added)
-    modules: dict[Path, dict] = {}
-    for path, leaf in flat.items():
-        modules.setdefault(path[:-1], {})[path[-1]] = leaf
-    return modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,41 +105,21 @@ class VeRA(Method):
                                  f"{path} ({d_in} x {d_out}) at rank {self.rank}")
         return {SHARED_A: a, SHARED_B: b}
 
-    @contextlib.contextmanager
     def intercept(self, added: Params, rng: jax.Array | None, buffers: Params | None = None):
-        vectors = _modules(added)
-        order = {module: i for i, module in enumerate(vectors)}
-        used: set[Path] = set()
-
-        def hook(next_fun, args, kwargs, context):
-            module = context.module
-            own = vectors.get(tuple(module.path)) if isinstance(module, nn.Dense) else None
-            if context.method_name != "__call__" or own is None:
-                return next_fun(*args, **kwargs)
-            used.add(tuple(module.path))
-            y = next_fun(*args, **kwargs)
-            x = (args[0] if args else kwargs["inputs"]).astype(y.dtype)
-            if rng is not None and self.dropout > 0:
-                keep = jax.random.bernoulli(jax.random.fold_in(rng, order[tuple(module.path)]),
-                                            1.0 - self.dropout, x.shape)
-                x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        def output(module, own, x, y, dropped):
+            x = x.astype(y.dtype)
             a, b = self._slices(buffers, x.shape[-1], own[LAMBDA_B].shape[0])
             h = (x @ a.T.astype(y.dtype)) * own[LAMBDA_D].astype(y.dtype)
             return y + (h @ b.T.astype(y.dtype)) * own[LAMBDA_B].astype(y.dtype)
 
-        with nn.intercept_methods(hook):
-            yield
-        unused = [join(m) for m in vectors if m not in used]
-        if unused:
-            raise ValueError(f"VeRA vectors were never applied (not nn.Dense modules this call "
-                             f"ran): {unused}")
+        return intercept_dense(modules_of(added), rng, self.dropout, output, "VeRA")
 
     def _slices(self, buffers: Params, d_in: int, d_out: int) -> tuple[jax.Array, jax.Array]:
         return buffers[SHARED_A][:self.rank, :d_in], buffers[SHARED_B][:d_out, :self.rank]
 
     def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
         flat = traverse_util.flatten_dict(params)
-        for module, own in _modules(added).items():
+        for module, own in modules_of(added).items():
             key = module + ("kernel",)
             w = flat[key]
             a, b = self._slices(buffers, w.shape[0], w.shape[1])
