@@ -54,3 +54,17 @@ def jax_steps(loss_fn, frozen, trainable, batches, lr=LR, tx=None):
                                              jax.random.key(i))
         losses.append(float(loss))
     return losses, trainable
+
+
+def save_tiny_roberta(directory):
+    """A random 2-layer RoBERTa classifier (width 32, 3 labels, no dropout) saved with
+    transformers, the encoder of the parity tests; returns its config."""
+    import transformers
+
+    config = transformers.RobertaConfig(
+        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=3, pad_token_id=1)
+    torch.manual_seed(0)
+    transformers.RobertaForSequenceClassification(config).save_pretrained(directory)
+    return config

@@ -12,7 +12,7 @@ from lora_jax.interop.hub import load_pretrained
 from lora_jax.models.encoder import sequence_classification_loss
 from lora_jax.models.gpt2 import lm_loss
 from conftest import save_tiny_hf_gpt2
-from parity import STEPS, jax_steps, token_batches, torch_steps
+from parity import STEPS, jax_steps, save_tiny_roberta, token_batches, torch_steps
 
 
 def _copy_peft_adapters(peft_model, modules: list[str]) -> dict:
@@ -75,12 +75,7 @@ def test_gpt2_fused_c_attn_matches_peft(tmp_path):
 
 
 def test_roberta_query_value_with_classifier_matches_peft(tmp_path):
-    config = transformers.RobertaConfig(
-        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=3, pad_token_id=1)
-    torch.manual_seed(0)
-    transformers.RobertaForSequenceClassification(config).save_pretrained(tmp_path)
+    config = save_tiny_roberta(tmp_path)
     model, params, _ = load_pretrained(tmp_path, task="classification", num_labels=3)
 
     base = transformers.RobertaForSequenceClassification.from_pretrained(tmp_path)

@@ -29,7 +29,8 @@ from lora_jax.models.encoder import sequence_classification_loss
 from lora_jax.models.gpt2 import lm_loss
 from lora_jax.training import optim
 from conftest import save_tiny_hf_gpt2
-from parity import LR, STEPS, WEIGHT_DECAY, jax_steps, token_batches, torch_steps
+from parity import (LR, STEPS, WEIGHT_DECAY, jax_steps, save_tiny_roberta, token_batches,
+                    torch_steps)
 
 
 @dataclasses.dataclass
@@ -91,12 +92,7 @@ def gpt2_case(directory) -> Case:
 
 
 def roberta_case(directory) -> Case:
-    config = transformers.RobertaConfig(
-        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=3, pad_token_id=1)
-    torch.manual_seed(0)
-    transformers.RobertaForSequenceClassification(config).save_pretrained(directory)
+    config = save_tiny_roberta(directory)
     model, params, _ = load_pretrained(directory, task="classification", num_labels=3)
     batches = [(ids, mask, np.random.default_rng(i).integers(0, 3, ids.shape[0]))
                for i, (ids, mask) in enumerate(token_batches(config.vocab_size, STEPS, 4, 12, 1))]
