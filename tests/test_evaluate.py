@@ -52,8 +52,10 @@ def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):
 
 
 @pytest.mark.parametrize("method, export_file", [
-    ("adapter_h", "method_config.json"), ("pissa", "adapter_config.json"),
-    ("vera", "adapter_config.json"), ("adalora", "adapter_config.json")])
+    ("adapter_h", "method_config.json"), ("adalora", "adapter_config.json"),
+    # PiSSA's and VeRA's exports are also checked without the trainer (tests/test_methods.py)
+    pytest.param("pissa", "adapter_config.json", marks=pytest.mark.slow),
+    pytest.param("vera", "adapter_config.json", marks=pytest.mark.slow)])
 def test_a_methods_export_evaluates_as_the_trainer_did(tmp_path, method, export_file):
     """Adapter^H (not mergeable, lora_jax's own export), PiSSA (trained against a residual base,
     exported as a LoRA on the original one), VeRA (shared projections in the frozen tree) and

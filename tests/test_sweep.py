@@ -45,7 +45,10 @@ def test_seeds_study_and_arguments():
     assert len(runs("study=rank,seeds=2")) == 30
     c = load_config(f"{ABLATIONS}:study=targets,task=rte,steps=100")
     assert (c.base.data.task, c.base.train.max_steps, c.base.model.name) == ("rte", 100, "minilm")
-    assert (c.base.data.batch_size, c.base.optim.lr, c.base.data.max_len) == (32, 1e-3, 64)
+    # RTE is a sentence-pair task: MiniLM's max length 64 becomes 128.
+    assert (c.base.data.batch_size, c.base.optim.lr, c.base.data.max_len) == (32, 1e-3, 128)
+    sst2 = load_config(f"{ABLATIONS}:study=targets,task=sst2")
+    assert sst2.base.data.max_len == 64
     assert c.base.method.lora.alpha == 8.0  # fixed across ranks, as in the paper
     with pytest.raises(ValueError, match="study"):
         load_config(f"{ABLATIONS}:study=depth")
@@ -128,36 +131,39 @@ def tiny_sweep(arg: str, out, only: str, *sets: str) -> list[str]:
 
 
 def test_tiny_gpt2_sweep_trains_slices_and_the_output_projection(tmp_path):
-    argv = tiny_sweep("study=targets,task=e2e,model=tiny", tmp_path, r"targets=(v|o|qk),",
+    argv = tiny_sweep("study=targets,task=e2e,model=tiny", tmp_path, r"targets=(o|qk),",
                       "base.data.max_len=64")
     records = {r["targets"]: r for r in sweep.main(argv)}
-    assert set(records) == {"v", "o", "qk"}
+    assert set(records) == {"o", "qk"}
     assert {r["metric"] for r in records.values()} == {"loss"}
     # Tiny GPT-2: width 32, 2 layers; c_proj and each c_attn slice are 32 x 32 matrices. (The
     # PEFT export pads a slice's B to all of c_attn; the count is of what was trained.)
     assert records["o"]["lora_params"] == 2 * 8 * (32 + 32)
-    assert records["v"]["lora_params"] == 2 * 8 * (32 + 32)
     assert records["qk"]["lora_params"] == 2 * 2 * 4 * (32 + 32)
     assert all(r["trained_params"] == r["lora_params"] for r in records.values())  # no head
 
 
 def test_methods_study_is_every_baseline_of_the_experiment_config():
     named = runs("study=methods")
+    # configs/glue.py's METHODS (Table 2's baselines, then LoRA's successors), then the runs at
+    # matched budgets (configs/ablations.py MATCHED_BUDGET, on MiniLM).
     assert list(named) == [f"method={m},seed=0" for m in
-                           ("lora", "full", "bitfit", "adapter_h", "adapter_p", "adapter_d")]
+                           ("lora", "full", "bitfit", "adapter_h", "adapter_p", "adapter_d",
+                            "dora", "pissa", "lora_plus", "vera", "lora_r64", "adapter_p_r15")]
     assert named["method=bitfit,seed=0"]["overrides"] == {
         "method.use": ("bitfit",), "optim.lr": 4e-4, "seed": 0}
     e2e = runs("study=methods,task=e2e,seeds=2")
     assert {r["method"] for r in e2e.values()} == {
-        "lora", "full", "top_layers", "adapter_l", "adapter_h", "preembed", "prelayer"}
-    assert len(e2e) == 14
+        "lora", "full", "top_layers", "adapter_l", "adapter_h", "preembed", "prelayer", "dora",
+        "lora_plus"}
+    assert len(e2e) == 18
 
 
 def test_tiny_methods_sweep_tabulates_method_trained_parameters_and_metric(tmp_path):
-    argv = tiny_sweep("study=methods,model=tiny", tmp_path, r"method=(lora|bitfit|adapter_h),",
+    argv = tiny_sweep("study=methods,model=tiny", tmp_path, r"method=(lora|bitfit),",
                       "base.train.max_steps=2")
     records = {r["method"]: r for r in sweep.main(argv)}
-    assert set(records) == {"lora", "bitfit", "adapter_h"}
+    assert set(records) == {"lora", "bitfit"}
     head = 32 * 2 + 2  # tiny BERT's classifier, trained next to every method
     # BitFit: every bias of tiny BERT outside the head (width 32, 2 layers, intermediate 64; the
     # embeddings' LayerNorm and the pooler), then the head whole.

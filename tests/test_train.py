@@ -182,6 +182,7 @@ def test_eight_devices_data_and_fsdp_match_one_device(tmp_path):
     np.testing.assert_allclose(eight, one, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~1 min: two processes compile and run; -m slow runs it
 def test_two_processes_match_one(tmp_path):
     """Multi-host on localhost: 2 processes x 1 CPU device give the 1-process losses."""
     one = _losses_with_devices(tmp_path, "single", 2, [])

@@ -37,7 +37,7 @@ def export_adalora(directory: str | os.PathLike, method: adalora.AdaLoRA, traina
                    base_model_name_or_path: str | None = None) -> pathlib.Path:
     """Writes a trained AdaLoRA as a PEFT AdaLoRA adapter that `PeftModel.from_pretrained` loads
     (the kept triplets and their rank_pattern)."""
-    root = pa._hf_root(model_type, task)
+    root = pa.hf_root(model_type, task)
     family = model_family(model_type)
     own = jax.device_get(trainable[method.name])
     tensors, pattern, targets = {}, {}, []
@@ -56,7 +56,7 @@ def export_adalora(directory: str | os.PathLike, method: adalora.AdaLoRA, traina
         "peft_type": "ADALORA", "task_type": family.peft_task_types[task],
         "base_model_name_or_path": base_model_name_or_path, "target_modules": sorted(targets),
         "init_r": method.init_rank, "target_r": method.target_rank, "r": method.target_rank,
-        "lora_alpha": pa._number(method.alpha), "lora_dropout": method.dropout,
+        "lora_alpha": pa.json_number(method.alpha), "lora_dropout": method.dropout,
         "tinit": method.tinit, "tfinal": method.tfinal, "deltaT": method.delta_t,
         "beta1": method.beta1, "beta2": method.beta2, "orth_reg_weight": method.orth_reg_weight,
         "total_step": method.total_step or None, "rank_pattern": pattern,
@@ -80,13 +80,13 @@ def load_adalora(directory: str | os.PathLike, params: dict, *, model_type: str,
       ValueError: a module `params` lacks, or an unsupported PEFT feature.
     """
     directory = pathlib.Path(directory)
-    config, tensors = pa._read_adapter(directory, peft_types=("ADALORA",))
+    config, tensors = pa.read_adapter(directory, peft_types=("ADALORA",))
     init_r = config.get("init_r")
     if not isinstance(init_r, int) or init_r < 1:
         raise FileFormatError(f"{directory / pa.CONFIG_NAME}: init_r = {init_r!r}, not a rank")
     found, full = pa.module_tensors(directory, tensors, params, model_type, task,
                                     {v: k for k, v in LEAVES.items()})
-    root = pa._hf_root(model_type, task)
+    root = pa.hf_root(model_type, task)
     patterns = config.get("rank_pattern") or {}
     flat = traverse_util.flatten_dict(params)
     added = {}
@@ -111,7 +111,7 @@ def load_adalora(directory: str | os.PathLike, params: dict, *, model_type: str,
         for leaf, value in ((adalora.LORA_A, a), (adalora.LORA_E, e), (adalora.LORA_B, b)):
             added[module + (leaf,)] = jnp.asarray(value)
     method = adalora.AdaLoRA(
-        tuple(pa._exact(m + ("kernel",), "$") for m in sorted({p[:-1] for p in found})),
+        tuple(pa.exact_pattern(m + ("kernel",), "$") for m in sorted({p[:-1] for p in found})),
         init_rank=init_r, target_rank=int(config.get("target_r", init_r)),
         alpha=float(config.get("lora_alpha", 8)),
         dropout=float(config.get("lora_dropout") or 0.0), tinit=int(config.get("tinit", 0)),
@@ -119,4 +119,4 @@ def load_adalora(directory: str | os.PathLike, params: dict, *, model_type: str,
         beta1=float(config.get("beta1", 0.85)), beta2=float(config.get("beta2", 0.85)),
         orth_reg_weight=float(config.get("orth_reg_weight", 0.5)), orth_form="code",
         total_step=int(config.get("total_step") or 0))
-    return method, {"params": pa._tree(full), method.name: traverse_util.unflatten_dict(added)}
+    return method, {"params": pa.float32_tree(full), method.name: traverse_util.unflatten_dict(added)}

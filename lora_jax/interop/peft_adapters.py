@@ -56,7 +56,7 @@ _UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "target_parameters
                 "trainable_token_indices", "alora_invocation_tokens", "use_bdlora")
 
 
-def _hf_root(model_type: str, task: str | None) -> str:
+def hf_root(model_type: str, task: str | None) -> str:
     """Prefix turning `hf_module_name` of our paths into names inside the HF model PEFT wraps."""
     family = model_family(model_type)
     family.check_task(task)
@@ -70,7 +70,7 @@ def _most_common(per_module: dict, default: Any) -> Any:
     return collections.Counter(per_module.values()).most_common(1)[0][0]
 
 
-def _number(x: float) -> int | float:
+def json_number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
@@ -138,7 +138,7 @@ def export_peft(
       ValueError: adapters that do not fit `spec`'s split_outputs; a module both LoRA-adapted and
         trained in full; GPT-2's tied `wte` trained in full (PEFT would untie it).
     """
-    root = _hf_root(model_type, task)
+    root = hf_root(model_type, task)
     family = model_family(model_type)
     tensors, ranks, alphas = _lora_tensors(spec, trainable, root)
     for module, magnitude in (magnitudes or {}).items():
@@ -158,11 +158,11 @@ def export_peft(
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
-        "lora_alpha": _number(alpha),
+        "lora_alpha": json_number(alpha),
         "lora_dropout": spec.dropout,
         "target_modules": sorted(ranks),
         "rank_pattern": {m: k for m, k in ranks.items() if k != r},
-        "alpha_pattern": {m: _number(x) for m, x in alphas.items() if x != alpha},
+        "alpha_pattern": {m: json_number(x) for m, x in alphas.items() if x != alpha},
         "use_rslora": spec.rslora,
         "fan_in_fan_out": not family.transposed_kernels,  # GPT-2's Conv1D holds (d_in, d_out)
         "bias": "none",
@@ -182,7 +182,7 @@ def modules_to_save(trained: dict, model_type: str, task: str | None) -> tuple[l
     Raises:
       ValueError: GPT-2's tied `wte` trained in full (PEFT would untie it).
     """
-    root, family = _hf_root(model_type, task), model_family(model_type)
+    root, family = hf_root(model_type, task), model_family(model_type)
     saved, tensors = {}, {}  # an ordered set of modules
     for path, value in traverse_util.flatten_dict(trained).items():
         if path[0] == family.tied_embedding:
@@ -316,7 +316,7 @@ def peft_type(directory: str | os.PathLike) -> str | None:
     return read_json_object(path, what="PEFT adapter config").get("peft_type")
 
 
-def _read_adapter(directory: pathlib.Path, *, peft_types: tuple[str, ...] = ("LORA",),
+def read_adapter(directory: pathlib.Path, *, peft_types: tuple[str, ...] = ("LORA",),
                   allowed: tuple[str, ...] = ()) -> tuple[dict, dict[str, np.ndarray]]:
     if not directory.is_dir():
         raise FileNotFoundError(f"PEFT adapter directory {directory} does not exist")
@@ -379,11 +379,11 @@ def _full_tensor(key: str, value: np.ndarray, path: tuple[str, ...], flat: dict,
     return value
 
 
-def _tree(flat: dict) -> dict:
+def float32_tree(flat: dict) -> dict:
     return traverse_util.unflatten_dict({p: jnp.asarray(v, jnp.float32) for p, v in flat.items()})
 
 
-def _exact(path: tuple[str, ...], tail: str) -> str:
+def exact_pattern(path: tuple[str, ...], tail: str) -> str:
     return "^" + re.escape("/".join(path)) + tail
 
 
@@ -463,8 +463,8 @@ def _load_lora(directory: pathlib.Path, params: dict, model_type: str, task: str
                allowed: tuple[str, ...]) -> tuple[dict, lora.LoraSpec, dict]:
     """(config, spec, trainable) of a PEFT LoRA directory; DoRA's magnitudes, if `allowed`, are
     in each module's adapter as 'magnitude'."""
-    root = _hf_root(model_type, task)
-    config, tensors = _read_adapter(directory, allowed=allowed)
+    root = hf_root(model_type, task)
+    config, tensors = read_adapter(directory, allowed=allowed)
     flat = traverse_util.flatten_dict(params)
     found, names, full = _sort_tensors(directory, tensors, flat, model_type, root)
 
@@ -495,7 +495,7 @@ def _load_lora(directory: pathlib.Path, params: dict, model_type: str, task: str
             full[path] = np.asarray(flat[path], np.float32)
 
     rank, alpha = _most_common(ranks, config["r"]), _most_common(alphas, config["lora_alpha"])
-    kernel = {m: _exact(m + ("kernel",), "$") for m in ranks}
+    kernel = {m: exact_pattern(m + ("kernel",), "$") for m in ranks}
     spec = lora.LoraSpec(
         targets=tuple(kernel.values()),
         rank=rank,
@@ -504,9 +504,9 @@ def _load_lora(directory: pathlib.Path, params: dict, model_type: str, task: str
         rslora=bool(config.get("use_rslora")),
         rank_pattern={kernel[m]: k for m, k in ranks.items() if k != rank},
         alpha_pattern={kernel[m]: float(x) for m, x in alphas.items() if x != alpha},
-        also_train=tuple(_exact(m, "/") for m in owners),
+        also_train=tuple(exact_pattern(m, "/") for m in owners),
     )
-    trainable = {"lora": _tree(adapters), "params": _tree(full)}
+    trainable = {"lora": float32_tree(adapters), "params": float32_tree(full)}
     try:
         lora.check_compatible(spec, params, trainable)
     except ValueError as error:
@@ -530,7 +530,7 @@ def module_tensors(directory: pathlib.Path, tensors: dict, params: dict, model_t
     Raises:
       ValueError: a tensor names a module `params` lacks.
     """
-    root = _hf_root(model_type, task)
+    root = hf_root(model_type, task)
     flat = traverse_util.flatten_dict(params)
     dense = {}
     for path in flat:

@@ -43,7 +43,7 @@ def export_vera(directory: str | os.PathLike, method: vera.VeRA, trainable: dict
       trainable: {'vera': per-module vectors, 'params': leaves trained in full}.
       buffers: the method's buffers (the shared A and B), from the frozen tree.
     """
-    root = pa._hf_root(model_type, task)
+    root = pa.hf_root(model_type, task)
     family = model_family(model_type)
     tensors = {key: np.asarray(jax.device_get(buffers[name]), np.float32)[
         (slice(0, method.rank), slice(None)) if name == vera.SHARED_A else
@@ -80,7 +80,7 @@ def load_vera(directory: str | os.PathLike, params: dict, *, model_type: str,
       ValueError: a module `params` lacks, or an unsupported PEFT feature.
     """
     directory = pathlib.Path(directory)
-    config, tensors = pa._read_adapter(directory, peft_types=("VERA",))
+    config, tensors = pa.read_adapter(directory, peft_types=("VERA",))
     if not config.get("save_projection", True) or SHARED[vera.SHARED_A] not in tensors:
         raise FileFormatError(
             f"{directory}: the VeRA projections are not stored (save_projection=false); PEFT "
@@ -98,12 +98,12 @@ def load_vera(directory: str | os.PathLike, params: dict, *, model_type: str,
             raise FileFormatError(f"{directory / pa.WEIGHTS_NAME}: {'/'.join(path)} is "
                                   f"{value.shape}, expected {want}")
     modules = sorted({p[:-1] for p in vectors})
-    method = vera.VeRA(tuple(pa._exact(m + ("kernel",), "$") for m in modules), rank=rank,
+    method = vera.VeRA(tuple(pa.exact_pattern(m + ("kernel",), "$") for m in modules), rank=rank,
                        d_initial=float(config.get("d_initial", 0.1)),
                        dropout=float(config.get("vera_dropout") or 0.0),
                        projection_seed=int(config.get("projection_prng_key", 0)),
                        projections=(shared[vera.SHARED_A], shared[vera.SHARED_B]))
     method.buffers(params)  # checks the projections fit every module
-    trainable = {"params": pa._tree(full), method.name: traverse_util.unflatten_dict(
+    trainable = {"params": pa.float32_tree(full), method.name: traverse_util.unflatten_dict(
         {p: jnp.asarray(v, jnp.float32) for p, v in vectors.items()})}
     return method, trainable

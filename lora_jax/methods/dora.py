@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lora_jax.methods import lora
-from lora_jax.methods.base import Params, Registration
+from lora_jax.methods.base import Params, Registration, join
 
 MAGNITUDE = "magnitude"
 
@@ -78,7 +78,7 @@ class DoRA(lora.LoRA):
         flat = traverse_util.flatten_dict(params)
         for module, leaves in lora.adapter_modules({"lora": adapters}).items():
             kernel = flat[module + ("kernel",)]
-            parts = self.spec.parts_for(lora._join(module + ("kernel",)))
+            parts = self.spec.parts_for(join(module + ("kernel",)))
             node = adapters
             for part in module:
                 node = node[part]
@@ -87,7 +87,7 @@ class DoRA(lora.LoRA):
 
     def _factor_minus_one(self, path: str, adapter: dict, kernel: jax.Array) -> jax.Array:
         """g - 1 over all outputs (0 on un-adapted parts); the norm carries no gradient."""
-        delta = lora._merged_delta(self.spec, path, adapter, jnp.float32)
+        delta = lora.merged_delta(self.spec, path, adapter, jnp.float32)
         parts = self.spec.parts_for(path)
         norm = jax.lax.stop_gradient(_parts_of(column_norms(kernel, delta), parts))
         return _over_parts(adapter[MAGNITUDE] / norm - 1.0, parts)
@@ -110,9 +110,9 @@ class DoRA(lora.LoRA):
         flat = traverse_util.flatten_dict(params)
         for module, adapter in lora.adapter_modules({"lora": added}).items():
             key = module + ("kernel",)
-            path = lora._join(key)
+            path = join(key)
             w = flat[key]
-            delta = lora._merged_delta(self.spec, path, adapter, jnp.float32)
+            delta = lora.merged_delta(self.spec, path, adapter, jnp.float32)
             g = self._factor_minus_one(path, adapter, w) + 1.0
             flat[key] = (g * (w.astype(jnp.float32) + delta)).astype(w.dtype)
         return traverse_util.unflatten_dict(flat)

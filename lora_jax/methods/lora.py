@@ -159,7 +159,7 @@ def matching_kernels(patterns: Sequence[str], params: Params, what: str) -> list
     return [k for k in kernels if any(re.search(p, k) for p in patterns)]
 
 
-def _adapter_shapes(spec: LoraSpec, path: str, kernel_shape: tuple[int, int]):
+def adapter_shapes(spec: LoraSpec, path: str, kernel_shape: tuple[int, int]):
     """Shapes of A and B for one kernel; slices are stacked on a leading axis."""
     d_in, d_out = kernel_shape
     parts = spec.parts_for(path)
@@ -200,7 +200,7 @@ def init(spec: LoraSpec, params: Params, key: jax.Array) -> dict:
     adapters = {}
     paths = target_kernels(spec, params)
     for path, k in zip(paths, jax.random.split(key, max(len(paths), 1))):
-        a_shape, b_shape = _adapter_shapes(spec, path, flat[tuple(path.split("/"))].shape)
+        a_shape, b_shape = adapter_shapes(spec, path, flat[tuple(path.split("/"))].shape)
         module = tuple(path.split("/")[:-1])
         adapters[module + (LORA_A,)] = _init_a(spec, k, a_shape)
         adapters[module + (LORA_B,)] = jnp.zeros(b_shape, jnp.float32)
@@ -350,7 +350,7 @@ def adapt(apply_fn: Callable, spec: LoraSpec, collection: str = "params",
     return adapted
 
 
-def _merged_delta(spec: LoraSpec, path: str, ab: dict, dtype) -> jax.Array:
+def merged_delta(spec: LoraSpec, path: str, ab: dict, dtype) -> jax.Array:
     """s * (B A)^T in kernel orientation (d_in, d_out), computed in float32."""
     a, b = ab[LORA_A].astype(jnp.float32), ab[LORA_B].astype(jnp.float32)
     parts = spec.parts_for(path)
@@ -361,12 +361,12 @@ def _merged_delta(spec: LoraSpec, path: str, ab: dict, dtype) -> jax.Array:
     return assemble_parts(list(blocks), parts).astype(dtype)
 
 
-def _apply_deltas(spec: LoraSpec, params: Params, trainable: Params, sign: float) -> dict:
+def apply_deltas(spec: LoraSpec, params: Params, trainable: Params, sign: float) -> dict:
     flat = traverse_util.flatten_dict(params)
     for module, ab in adapter_modules(trainable).items():
         key = module + ("kernel",)
         w = flat[key]
-        delta = _merged_delta(spec, _join(key), ab, jnp.float32)
+        delta = merged_delta(spec, _join(key), ab, jnp.float32)
         flat[key] = (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
     return traverse_util.unflatten_dict(flat)
 
@@ -375,13 +375,13 @@ def merge(spec: LoraSpec, frozen: Params, trainable: Params) -> dict:
     """Plain params with W = W0 + s B A folded in: the base model, unchanged,
     then computes the adapted function with no added latency."""
     check_compatible(spec, frozen, trainable)
-    return _apply_deltas(spec, combine(frozen, trainable), trainable, +1.0)
+    return apply_deltas(spec, combine(frozen, trainable), trainable, +1.0)
 
 
 def unmerge(spec: LoraSpec, merged: Params, trainable: Params) -> dict:
     """Inverse of `merge`: subtracts s B A and drops the fully-trained leaves,
     returning the frozen tree (to switch tasks: unmerge, then merge another)."""
-    base = _apply_deltas(spec, merged, trainable, -1.0)
+    base = apply_deltas(spec, merged, trainable, -1.0)
     extra = traverse_util.flatten_dict(trainable.get("params", {}))
     flat = traverse_util.flatten_dict(base)
     return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in extra})
@@ -439,7 +439,7 @@ class LoRA(Method):
                                _dense_output(self.output), self.name, self.strict)
 
     def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
-        return _apply_deltas(self.spec, params, {"lora": added}, +1.0)
+        return apply_deltas(self.spec, params, {"lora": added}, +1.0)
 
     def describe(self) -> str:
         bias = "" if self.bias == "none" else f", bias={self.bias}"

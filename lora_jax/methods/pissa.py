@@ -60,7 +60,7 @@ class PiSSA(lora.LoRA):
         adapters = {}
         for path in lora.target_kernels(self.spec, params):
             kernel = flat[tuple(path.split("/"))]
-            a_shape, _ = lora._adapter_shapes(self.spec, path, kernel.shape)
+            a_shape, _ = lora.adapter_shapes(self.spec, path, kernel.shape)
             rank, scale, parts = a_shape[-2], None, self.spec.parts_for(path)
             scale = self.spec.scale(path, rank)
             columns = jnp.split(kernel, len(parts), axis=1)
@@ -78,7 +78,7 @@ class PiSSA(lora.LoRA):
     def base(self, params: Params) -> dict:
         """W_res = W0 - s (B0 A0)^T in every adapted kernel (the rest unchanged)."""
         initial = self.init(params, jax.random.key(0))  # deterministic: the key is unused
-        return lora._apply_deltas(self.spec, params, {"lora": initial}, -1.0)
+        return lora.apply_deltas(self.spec, params, {"lora": initial}, -1.0)
 
     def buffers(self, params: Params) -> dict:
         """The initial A0, B0 (from the original W0), kept for the conversion to LoRA."""
