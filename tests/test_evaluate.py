@@ -75,6 +75,7 @@ def test_a_methods_export_evaluates_as_the_trainer_did(tmp_path, method, export_
     assert scores["loss"] == pytest.approx(result["loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # ~25 s; PreEmbed's decoding is also tested in tests/test_prefix.py
 def test_e2e_decodes_a_prefix_method_kept_apart(tmp_path):
     """PreEmbed on E2E: the prompts get the virtual tokens, the model runs the method apart."""
     from lora_jax.evaluate import evaluate_e2e, load_run

@@ -130,6 +130,7 @@ def tiny_sweep(arg: str, out, only: str, *sets: str) -> list[str]:
             *[f"--set={s}" for s in (*TINY, *sets)]]
 
 
+@pytest.mark.slow  # ~30 s; the GPT-2 runs' overrides are checked without training above
 def test_tiny_gpt2_sweep_trains_slices_and_the_output_projection(tmp_path):
     argv = tiny_sweep("study=targets,task=e2e,model=tiny", tmp_path, r"targets=(o|qk),",
                       "base.data.max_len=64")
