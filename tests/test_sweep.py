@@ -176,3 +176,32 @@ def test_tiny_methods_sweep_tabulates_method_trained_parameters_and_metric(tmp_p
     for method, record in records.items():
         assert f"| {method} |  | 0 | {record['trained_params']} |" in table
     assert (tmp_path / "methods.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path):
+    """The report reads each run's record.json (an unfinished sweep reports what it has): per
+    method, most parameters first, its trained parameters, per task median [min, max] x100 and the seeds, then the
+    median wall time; a figure per task."""
+    import json
+
+    from experiments import table2_report
+
+    for task, metric, runs in [("sst2", "accuracy", {"lora": (0.8, 0.9, 0.85), "full": (0.7,)}),
+                               ("stsb", "pearson", {"lora": (0.5, 0.6)})]:
+        for method, bests in runs.items():
+            for seed, best in enumerate(bests):
+                run = tmp_path / "in" / task / f"method={method},seed={seed}"
+                run.mkdir(parents=True)
+                (run / "record.json").write_text(json.dumps({
+                    "name": run.name, "method": method, "targets": "", "rank": 0, "seed": seed,
+                    "trained_params": 100 if method == "lora" else 10_000, "lora_params": 0,
+                    "metric": metric, "final": best, "best": best, "best_step": 5,
+                    "wall_s": 10.0 * (seed + 1)}))
+    (tmp_path / "in" / "cola" / "method=lora,seed=0").mkdir(parents=True)  # not finished
+    text = table2_report.main([str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+    lines = text.splitlines()
+    assert lines[0] == "| method | trained params | sst2 (accuracy) | stsb (pearson) | wall s (median) |"
+    assert lines[2] == "| full | 10,000 | 70.0 [70.0, 70.0] n=1 | - | 10 |"
+    assert lines[3] == "| lora | 100 | 85.0 [80.0, 90.0] n=3 | 55.0 [50.0, 60.0] n=2 | 20 |"
+    assert "(5 finished runs)" in (tmp_path / "out" / "table.md").read_text()
+    assert (tmp_path / "out" / "sst2.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,85 @@
+"""Table 2 in miniature: one table over the tasks `experiments/table2.sh` ran, from the runs' own
+records, so an unfinished sweep reports what it has.
+
+    python -m experiments.table2_report runs/table2 --out experiments/results/table2
+
+Writes OUT/table.md (per method, most trained parameters first: their number, then per task the median [min, max] of the
+best main metric over seeds, x100, with the number of seeds, and the median wall time) and
+OUT/<task>.png (metric against trained parameters, log scale, seeds as error bars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+from collections.abc import Sequence
+
+from experiments import sweep
+
+TASK_ORDER = ("sst2", "cola", "mrpc", "stsb", "rte")
+
+
+def task_records(root: pathlib.Path) -> dict[str, list[dict]]:
+    """Task -> the records of its finished runs (DIR/<task>/<run>/record.json)."""
+    out = {}
+    for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        records = [sweep.with_current_fields(json.loads(p.read_text()))
+                   for p in sorted(task_dir.glob(f"*/{sweep.RECORD}"))]
+        if records:
+            out[task_dir.name] = records
+    return dict(sorted(out.items(), key=lambda kv: (TASK_ORDER + (kv[0],)).index(kv[0])))
+
+
+def table(per_task: dict[str, list[dict]]) -> str:
+    """The markdown table (see the module docstring)."""
+    # Most trained parameters first, as the paper's tables run from FT down.
+    params = {r["method"]: r["trained_params"] for records in per_task.values() for r in records}
+    methods = sorted(params, key=lambda m: -params[m])
+    header = ["method", "trained params"] + [
+        f"{task} ({records[0]['metric']})" for task, records in per_task.items()] + [
+        "wall s (median)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in methods:
+        cells, params, walls = [], None, []
+        for records in per_task.values():
+            mine = [r for r in records if r["method"] == method]
+            if not mine:
+                cells.append("-")
+                continue
+            params = params or mine[0]["trained_params"]
+            walls += [r["wall_s"] for r in mine]
+            best = [100 * r["best"] for r in mine]
+            cells.append(f"{statistics.median(best):.1f} [{min(best):.1f}, {max(best):.1f}]"
+                         f" n={len(best)}")
+        lines.append(f"| {method} | {params:,} | " + " | ".join(cells)
+                     + f" | {statistics.median(walls):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=pathlib.Path, help="the directory table2.sh wrote")
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        raise SystemExit(f"{args.root} is not a directory")
+    per_task = task_records(args.root)
+    if not per_task:
+        raise SystemExit(f"{args.root} holds no finished run (no */*/{sweep.RECORD})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = table(per_task)
+    runs = sum(len(r) for r in per_task.values())
+    (args.out / "table.md").write_text(
+        f"# Table 2 in miniature ({runs} finished runs)\n\nMetric x100, median [min, max] "
+        "over seeds; trained parameters include the task head.\n\n" + text + "\n")
+    for task, records in per_task.items():
+        sweep.plot("methods", sweep.summarize(records), records[0]["metric"],
+                   args.out / f"{task}.png", title=task)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
