@@ -203,5 +203,5 @@ def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path
     assert lines[0] == "| method | trained params | sst2 (accuracy) | stsb (pearson) | wall s (median) |"
     assert lines[2] == "| full | 10,000 | 70.0 [70.0, 70.0] n=1 | - | 10 |"
     assert lines[3] == "| lora | 100 | 85.0 [80.0, 90.0] n=3 | 55.0 [50.0, 60.0] n=2 | 20 |"
-    assert "(5 finished runs)" in (tmp_path / "out" / "table.md").read_text()
+    assert "(6 finished runs)" in (tmp_path / "out" / "table.md").read_text()
     assert (tmp_path / "out" / "sst2.png").read_bytes()[:4] == b"\x89PNG"
