@@ -36,6 +36,7 @@ from lora_jax.errors import DivergenceError, Preempted, RunError, WorkdirError
 from lora_jax.training.inputs import run_inputs
 from lora_jax.training.modeling import run_keys
 from lora_jax.training.preemption import PreemptionNotice
+from lora_jax.training.compile_clock import CompileClock
 from lora_jax.training.run_log import RunLog
 from lora_jax.training.workdir import Workdir
 
@@ -78,10 +79,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         run_dir.check_config(config)
         inputs = run_inputs(config)
         run_dir.check_inputs(inputs)
-        return _train(config, run_dir, inputs)
+        with CompileClock() as clock:
+            return _train(config, run_dir, inputs, clock)
 
 
-def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) -> dict[str, Any]:
+def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict,
+           clock: CompileClock) -> dict[str, Any]:
     workdir = run_dir.path
     log = RunLog(workdir, enabled=run_dir.writer)
     _, _, key_train = run_keys(config.seed)
@@ -175,6 +178,8 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
             host_batch, batch = upcoming
             trainable, opt_state, loss, finite = train_step(
                 frozen, trainable, opt_state, batch, jax.random.fold_in(key_train, step))
+            if step == start:  # one wait, for the time to the first step (compiles included)
+                first_step_s = (jax.block_until_ready(loss), clock.since_open())[1]
             # Dispatch is asynchronous: the next batch is built and copied while this step runs.
             upcoming = batch_at(step + 1) if step + 1 < total_steps else None
             done = step + 1
@@ -199,6 +204,8 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict) ->
 
         # --- Export -----------------------------------------------------------------------------
         final = evaluate(trainable) if start == total_steps else metrics
+        if start < total_steps:
+            log.compile(total_steps, {**clock.record(), "first_step_s": round(first_step_s, 3)})
         if run_dir.writer:
             exports.save(workdir / "adapter", stack, config.method, jax.device_get(trainable),
                          frozen=frozen, **run.info)

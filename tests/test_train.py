@@ -111,6 +111,12 @@ def test_tiny_run_writes_logs_checkpoints_and_export(tmp_path):
     assert (tmp_path / "best_adapter" / "adapter_model.safetensors").is_file()
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [6, 8]  # every 2 steps, the last 2 kept
+    # What compiling cost: the train and eval steps at least, XLA's part within the whole, and
+    # the first step after it had compiled.
+    [compiled] = records(tmp_path, "compile")
+    assert compiled["step"] == 8 and compiled["programs_compiled"] >= 2
+    assert 0 < compiled["xla_compile_s"] <= compiled["compile_s"]
+    assert compiled["first_step_s"] > 0
 
 
 def test_checkpoint_holds_only_the_trainable_state(tmp_path):

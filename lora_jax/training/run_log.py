@@ -70,6 +70,15 @@ class RunLog:
                               refresh=False)
         self._bar.update(step - self._bar.n)
 
+    def compile(self, step: int, figures: dict[str, float | int]) -> None:
+        """Records what compiling cost the run so far (`CompileClock.record`, and the time to
+        the first step) at `step`, and says it."""
+        if self.enabled:
+            self._append({"step": step, "split": "compile", **figures})
+            self.info(f"compiling: {figures['programs_compiled']} programs in "
+                      f"{figures['compile_s']:.1f} s; first step done "
+                      f"{figures['first_step_s']:.1f} s after the run started")
+
     def best(self) -> dict[str, Any]:
         """The best evaluation recorded so far (survives a resume)."""
         evals = [r for r in self._records() if r["split"] == "eval"] if self.enabled else []
