@@ -413,3 +413,26 @@ def test_sigterm_to_one_process_of_a_multi_host_run_stops_all_at_one_step(tmp_pa
     assert len(stopped) == 1 and stopped.pop() < 400
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == max(r["step"] for r in records(workdir))
+
+
+def test_a_sigterm_the_loop_never_answered_goes_to_the_previous_handler():
+    """A SIGTERM after the last step was checked (during the final evaluation or export) is not
+    swallowed: leaving the notice hands it to the handler that was there before, so a sweep of
+    runs stops instead of starting the next run. One that the loop answered is not resent."""
+    import os
+    import signal
+
+    from lora_jax.training.preemption import PreemptionNotice
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: received.append("sigterm"))
+    try:
+        with PreemptionNotice() as notice:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert received == ["sigterm"]
+        with PreemptionNotice() as notice:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert notice.reached(3)
+        assert received == ["sigterm"]  # answered: checkpointed and stopped, not resent
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -27,6 +27,7 @@ class PreemptionNotice:
     def __init__(self):
         self._received = threading.Event()
         self._previous = None
+        self._answered = False
 
     def __enter__(self) -> PreemptionNotice:
         # Signal handlers can be set from the main thread only; elsewhere SIGTERM keeps its
@@ -43,9 +44,15 @@ class PreemptionNotice:
         """Whether to checkpoint `step` and stop (every process of a run agrees on the step)."""
         if jax.process_count() > 1:
             return multihost_utils.reached_preemption_sync_point(step)
-        return self._received.is_set()
+        self._answered = self._received.is_set()
+        return self._answered
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+            if self._received.is_set() and not self._answered:
+                # It came after the last step was checked (evaluating, exporting): the loop never
+                # answered it, so it goes to whoever handled SIGTERM before us, which for a
+                # script (a sweep of runs) means it stops, as it was asked to.
+                signal.raise_signal(signal.SIGTERM)
