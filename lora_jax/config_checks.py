@@ -94,7 +94,8 @@ RULES: dict[str, Rule] = {
     "train.log_every": integer(1),
     "train.eval_every": integer(1),
     "train.checkpoint_every": integer(1),
-    "train.keep_checkpoints": integer(0),  # 0: keep all, as 0 means 'all' elsewhere
+    "train.keep_checkpoints": integer(0),
+    "train.compilation_cache": text(),  # 0: keep all, as 0 means 'all' elsewhere
     "mesh.data": integer(1, also=(-1,)),
     "mesh.fsdp": integer(1, also=(-1,)),
     # configs/e2e.py adds the decoding settings evaluate uses.

@@ -27,7 +27,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lora_jax.training import evaluation, setup, sharding
+from lora_jax.training import compile_cache, evaluation, setup, sharding
 from lora_jax.methods import count_params
 from lora_jax.interop import exports
 from lora_jax.training.checkpoint import Checkpoints, abstract
@@ -130,6 +130,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict,
 
     # --- The run starts: from here on the workdir is written ------------------------------------
     run_dir.commit(config, inputs, fresh=start == 0)
+    compile_cache.use(config.train.compilation_cache, workdir)  # before the steps compile
     checkpoints.start_writing()
     log.start(start)
     if start:

@@ -253,3 +253,30 @@ def test_tiny_e2e_language_model_run(tmp_path):
     assert len(records(tmp_path)) == 4
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and config["r"] == 8  # q,v as one rank-2r adapter
+
+
+def test_runs_beside_each_other_share_the_compilation_cache(tmp_path):
+    """'auto' puts JAX's persistent cache beside the workdir: a second run of the same shapes
+    in a sibling workdir reads its programs from there instead of compiling them; '' writes no
+    cache. (Tiny programs compile in under JAX's 1 s threshold, so the test lowers it.)"""
+    import jax
+
+    from lora_jax.training import compile_cache
+
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        config = tiny_config(**{"train.max_steps": 2})
+        train(config, tmp_path / "study" / "first")
+        train(config, tmp_path / "study" / "second")
+        [first] = records(tmp_path / "study" / "first", "compile")
+        [second] = records(tmp_path / "study" / "second", "compile")
+        assert (tmp_path / "study" / compile_cache.DIRECTORY_NAME).is_dir()
+        assert second["cache_hits"] > 0
+        assert second["programs_compiled"] < first["programs_compiled"]
+        off = tiny_config(**{"train.max_steps": 2, "train.compilation_cache": ""})
+        train(off, tmp_path / "alone" / "run")
+        assert [p.name for p in (tmp_path / "alone").iterdir()] == ["run"]
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
+        compile_cache.use("", tmp_path)

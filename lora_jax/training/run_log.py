@@ -75,9 +75,9 @@ class RunLog:
         the first step) at `step`, and says it."""
         if self.enabled:
             self._append({"step": step, "split": "compile", **figures})
-            self.info(f"compiling: {figures['programs_compiled']} programs in "
-                      f"{figures['compile_s']:.1f} s; first step done "
-                      f"{figures['first_step_s']:.1f} s after the run started")
+            self.info(f"compiling: {figures['programs_compiled']} programs compiled and "
+                      f"{figures['cache_hits']} read from the cache in {figures['compile_s']:.1f} "
+                      f"s; first step done {figures['first_step_s']:.1f} s after the run started")
 
     def best(self) -> dict[str, Any]:
         """The best evaluation recorded so far (survives a resume)."""

@@ -43,7 +43,8 @@ EARLIER = "earlier"
 CHECKPOINTS = "checkpoints"
 # Where the data lives is not part of the experiment: inputs.json pins what the files hold, so a
 # moved data dir with the same files may resume, whichever way (field or environment) names it.
-LOCATION_FIELDS = ("data.data_dir",)
+# Nor is where compiled programs are cached.
+LOCATION_FIELDS = ("data.data_dir", "train.compilation_cache")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
