@@ -23,6 +23,10 @@ code (QingruZhang/AdaLoRA, which PEFT follows) differ:
     over the modules; the code averages the unsquared norms over all A and B matrices.
     `orth_form='paper'` (default) is the paper's, 'code' the code's and PEFT's;
   - the scale alpha / (r0 + 1e-5): the code's; the paper writes none (alpha absorbs it).
+The penalty's weight defaults to 0.1, the official GLUE scripts' `--reg_orth_coef` (PEFT's
+default is 0.5). The paper's form sums over the modules, so it starts near weight x 2 r0 x
+modules (A and B start near zero) and weighs more than the code's mean for the same weight; the
+training loss the trainer logs includes it.
 PEFT's semantics are followed otherwise: the importance is taken at the updated weights with the
 step's gradient, masked E_i are not re-masked between allocations (they may regrow), a removed
 triplet keeps its A and B values, and the scale keeps dividing by r0 whatever rank is kept.
@@ -30,7 +34,7 @@ triplet keeps its A and B values, and the scale keeps dividing by r0 whatever ra
 Fused projections are adapted whole (no split outputs), as PEFT does. Trainable tree:
 {'adalora': {module: {'lora_a', 'lora_e', 'lora_b'}}}; merging folds in the kept triplets.
 Saved in PEFT's AdaLoRA format with the kept triplets only and their `rank_pattern`
-(`interop.peft_adapters`).
+(`interop.peft_adalora`).
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ class AdaLoRA(Method):
     delta_t: int = 1
     beta1: float = 0.85
     beta2: float = 0.85
-    orth_reg_weight: float = 0.5
+    orth_reg_weight: float = 0.1
     orth_form: str = "paper"
     total_step: int = 0
 
@@ -257,7 +261,7 @@ def _defaults() -> ml_collections.ConfigDict:
     c.delta_t = 1
     c.beta1 = 0.85
     c.beta2 = 0.85
-    c.orth_reg_weight = 0.5
+    c.orth_reg_weight = 0.1
     c.orth_form = "paper"
     c.total_step = 0
     return c
