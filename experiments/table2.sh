@@ -14,8 +14,14 @@ ONLY='^method=(full|bitfit|adapter_h|adapter_p|lora|dora|pissa|vera|lora_r64|ada
 # steps, pairs (max length 128, about twice the cost of a step) 120.
 for task_steps in sst2:250 cola:200 mrpc:120 stsb:120; do
   task=${task_steps%%:*} steps=${task_steps##*:}
-  # A task whose sweep stops (a diverged run raises) does not keep the others from running.
+  # A task whose sweep fails (exit 1: a diverged run raises) does not keep the others from
+  # running; an interrupt (SIGINT, SIGTERM: 130, 143) stops the whole script.
+  status=0
   "$PY" -m experiments.sweep --only "$ONLY" \
     --config "configs/ablations.py:study=methods,task=$task,seeds=3,steps=$steps" \
-    --out "$OUT/$task" || echo "table2.sh: the $task sweep stopped (exit $?); see above" >&2
+    --out "$OUT/$task" || status=$?
+  if [ "$status" -ne 0 ]; then
+    echo "table2.sh: the $task sweep stopped (exit $status); see above" >&2
+    [ "$status" -eq 1 ] || exit "$status"
+  fi
 done
