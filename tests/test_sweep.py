@@ -151,8 +151,14 @@ def test_methods_study_is_every_baseline_of_the_experiment_config():
     assert list(named) == [f"method={m},seed=0" for m in
                            ("lora", "full", "bitfit", "adapter_h", "adapter_p", "adapter_d",
                             "dora", "pissa", "lora_plus", "vera", "lora_r64", "adapter_p_r15")]
+    # On MiniLM the adapter and bias methods take the miniature's lr 1e-3 (configs/glue.py's own
+    # rate, BitFit's 4e-4, is for RoBERTa-base); FT and VeRA keep theirs.
     assert named["method=bitfit,seed=0"]["overrides"] == {
-        "method.use": ("bitfit",), "optim.lr": 4e-4, "seed": 0}
+        "method.use": ("bitfit",), "optim.lr": 1e-3, "seed": 0}
+    assert named["method=full,seed=0"]["overrides"]["optim.lr"] == 2e-5
+    assert named["method=vera,seed=0"]["overrides"]["optim.lr"] == 4e-3
+    roberta = runs("study=methods,model=roberta-base")
+    assert roberta["method=bitfit,seed=0"]["overrides"]["optim.lr"] == 4e-4
     e2e = runs("study=methods,task=e2e,seeds=2")
     assert {r["method"] for r in e2e.values()} == {
         "lora", "full", "top_layers", "adapter_l", "adapter_h", "preembed", "prelayer", "dora",
