@@ -97,7 +97,10 @@ def make_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float) -
     """The row a finished run contributes: settings, parameter counts, main metric, wall time."""
     best = result["best"]
     metric = best["metric"]
-    lora_params, trainable = count_adapter_params(workdir)
+    if "trained_params" in result:  # the trainer counts what it trained, whatever the method
+        lora_params, trainable = result["lora_params"], result["trained_params"]
+    else:
+        lora_params, trainable = count_adapter_params(workdir)
     return {"name": run["name"], "method": run.get("method", "lora"), "targets": run["targets"],
             "rank": run["rank"], "seed": run["seed"], "trained_params": trainable,
             "lora_params": lora_params,

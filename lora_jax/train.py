@@ -21,6 +21,7 @@ from contextlib import closing
 from typing import Any
 
 import jax
+from flax import traverse_util
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -67,7 +68,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     config and inputs before anything is written (see `lora_jax.training.workdir`).
 
     Returns:
-      The final evaluation metrics, plus 'best' (the best evaluation seen and its step).
+      The final evaluation metrics, plus 'best' (the best evaluation seen and its step),
+      'trained_params' (scalars in the trainable tree) and 'lora_params' (those in low-rank A
+      and B matrices, as trained: a fused projection's slice counts its own size).
 
     Raises:
       ConfigError, WorkdirError, IncompatibleCheckpoint: before anything is written.
@@ -210,7 +213,9 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict,
         if run_dir.writer:
             exports.save(workdir / "adapter", stack, config.method, jax.device_get(trainable),
                          frozen=frozen, **run.info)
-    return {**final, "best": best}
+    flat = traverse_util.flatten_dict(jax.device_get(trainable))
+    return {**final, "best": best, "trained_params": count_params(trainable),
+            "lora_params": sum(int(v.size) for k, v in flat.items() if k[-1] in ("lora_a", "lora_b"))}
 
 
 def main(argv: list[str]) -> None:

@@ -167,10 +167,10 @@ def test_methods_study_is_every_baseline_of_the_experiment_config():
 
 
 def test_tiny_methods_sweep_tabulates_method_trained_parameters_and_metric(tmp_path):
-    argv = tiny_sweep("study=methods,model=tiny", tmp_path, r"method=(lora|bitfit),",
+    argv = tiny_sweep("study=methods,model=tiny", tmp_path, r"method=(lora|bitfit|dora),",
                       "base.train.max_steps=2")
     records = {r["method"]: r for r in sweep.main(argv)}
-    assert set(records) == {"lora", "bitfit"}
+    assert set(records) == {"lora", "bitfit", "dora"}
     head = 32 * 2 + 2  # tiny BERT's classifier, trained next to every method
     # BitFit: every bias of tiny BERT outside the head (width 32, 2 layers, intermediate 64; the
     # embeddings' LayerNorm and the pooler), then the head whole.
@@ -178,6 +178,9 @@ def test_tiny_methods_sweep_tabulates_method_trained_parameters_and_metric(tmp_p
     assert records["bitfit"]["trained_params"] == biases + head
     assert records["lora"]["lora_params"] == 2 * 2 * 8 * (32 + 32)
     assert records["bitfit"]["lora_params"] == 0
+    # DoRA (exported in PEFT's format with use_dora) counts its magnitudes too, one per output.
+    assert records["dora"]["lora_params"] == records["lora"]["lora_params"]
+    assert records["dora"]["trained_params"] == records["lora"]["trained_params"] + 2 * 2 * 32
     table = (tmp_path / "results.md").read_text()
     for method, record in records.items():
         assert f"| {method} |  | 0 | {record['trained_params']} |" in table
