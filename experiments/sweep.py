@@ -19,6 +19,7 @@ import json
 import pathlib
 import re
 import statistics
+import sys
 import time
 from typing import Any, Sequence
 
@@ -269,4 +270,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from lora_jax.errors import RunError
+
+    try:
+        main()
+    except RunError as error:  # as the trainer's CLI: the message, then its exit code (143: SIGTERM)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
