@@ -37,7 +37,7 @@ from lora_jax.interop import peft_adalora, peft_adapters, peft_vera
 from lora_jax.errors import FileFormatError
 from lora_jax.json_files import read_json_object
 from lora_jax.methods import base, build
-from lora_jax.methods import adalora, dora, pissa
+from lora_jax.methods import adalora, dora, lora, pissa
 from lora_jax.methods.lora import LoRA
 from lora_jax.methods.prefix import VirtualTokens
 from lora_jax.methods.vera import VeRA
@@ -59,14 +59,14 @@ def _dora_magnitudes(method: dora.DoRA, adapters: dict, frozen: dict) -> dict:
     ||W0|| of its columns, i.e. its factor is 1 (see `methods.dora`)."""
     flat = traverse_util.flatten_dict(frozen)
     out = {}
-    for module, adapter in peft_adapters.lora.adapter_modules({"lora": adapters}).items():
+    for module, adapter in lora.adapter_modules({"lora": adapters}).items():
         parts = method.spec.parts_for(base.join(module + ("kernel",)))
         magnitude = np.asarray(adapter[dora.MAGNITUDE], np.float32)
         if len(parts) > 1:
             norms = np.split(np.asarray(dora.column_norms(jax.device_get(flat[module +
                                                                                ("kernel",)]))),
                              len(parts))
-            for p, j in peft_adapters.lora.adapted_slots(parts):
+            for p, j in lora.adapted_slots(parts):
                 norms[p] = magnitude[j]
             magnitude = np.concatenate(norms)
         out[module] = magnitude

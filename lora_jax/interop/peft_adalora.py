@@ -27,7 +27,6 @@ from lora_jax.interop import hub
 from lora_jax.interop import peft_adapters as pa
 from lora_jax.methods import adalora
 from lora_jax.methods.base import modules_of
-from lora_jax.models import family as model_family
 
 LEAVES = {adalora.LORA_A: "lora_A", adalora.LORA_E: "lora_E", adalora.LORA_B: "lora_B"}
 
@@ -38,7 +37,6 @@ def export_adalora(directory: str | os.PathLike, method: adalora.AdaLoRA, traina
     """Writes a trained AdaLoRA as a PEFT AdaLoRA adapter that `PeftModel.from_pretrained` loads
     (the kept triplets and their rank_pattern)."""
     root = pa.hf_root(model_type, task)
-    family = model_family(model_type)
     own = jax.device_get(trainable[method.name])
     tensors, pattern, targets = {}, {}, []
     for module, keep in adalora.kept(own).items():
@@ -53,16 +51,14 @@ def export_adalora(directory: str | os.PathLike, method: adalora.AdaLoRA, traina
     saved, full = pa.modules_to_save(trainable.get("params", {}), model_type, task)
     tensors.update(full)
     config = {
-        "peft_type": "ADALORA", "task_type": family.peft_task_types[task],
-        "base_model_name_or_path": base_model_name_or_path, "target_modules": sorted(targets),
+        **pa.config_fields("ADALORA", model_type, task, base_model_name_or_path, saved),
+        "target_modules": sorted(targets),
         "init_r": method.init_rank, "target_r": method.target_rank, "r": method.target_rank,
         "lora_alpha": pa.json_number(method.alpha), "lora_dropout": method.dropout,
         "tinit": method.tinit, "tfinal": method.tfinal, "deltaT": method.delta_t,
         "beta1": method.beta1, "beta2": method.beta2, "orth_reg_weight": method.orth_reg_weight,
         "total_step": method.total_step or None, "rank_pattern": pattern,
-        "fan_in_fan_out": not family.transposed_kernels, "bias": "none",
-        "modules_to_save": saved or None, "init_lora_weights": True, "use_dora": False,
-        "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
+        "init_lora_weights": True, "use_dora": False,
     }
     return pa.write_adapter_dir(pathlib.Path(directory), config, tensors,
                                 metadata={"format": "pt"})

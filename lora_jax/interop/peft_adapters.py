@@ -37,7 +37,7 @@ from flax import traverse_util
 
 from lora_jax.interop import hub
 from lora_jax.methods import lora
-from lora_jax.methods.dora import DoRA
+from lora_jax.methods.dora import MAGNITUDE, DoRA
 from lora_jax.methods.pissa import PiSSA
 from lora_jax.errors import FileFormatError
 from lora_jax.json_files import read_json_object
@@ -139,7 +139,6 @@ def export_peft(
         trained in full; GPT-2's tied `wte` trained in full (PEFT would untie it).
     """
     root = hf_root(model_type, task)
-    family = model_family(model_type)
     tensors, ranks, alphas = _lora_tensors(spec, trainable, root)
     for module, magnitude in (magnitudes or {}).items():
         name = root + hub.hf_module_name("/".join(module))
@@ -152,11 +151,8 @@ def export_peft(
                              "a module inside `modules_to_save` as a LoRA adapter")
 
     r, alpha = _most_common(ranks, spec.rank), _most_common(alphas, spec.alpha)
-    task_type = family.peft_task_types[task]
     config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
+        **config_fields("LORA", model_type, task, base_model_name_or_path, saved),
         "r": r,
         "lora_alpha": json_number(alpha),
         "lora_dropout": spec.dropout,
@@ -164,16 +160,22 @@ def export_peft(
         "rank_pattern": {m: k for m, k in ranks.items() if k != r},
         "alpha_pattern": {m: json_number(x) for m, x in alphas.items() if x != alpha},
         "use_rslora": spec.rslora,
-        "fan_in_fan_out": not family.transposed_kernels,  # GPT-2's Conv1D holds (d_in, d_out)
-        "bias": "none",
-        "modules_to_save": list(saved) or None,
         "init_lora_weights": True,
         "use_dora": bool(magnitudes),
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "inference_mode": True,
     }
     return write_adapter_dir(pathlib.Path(directory), config, tensors, metadata={"format": "pt"})
+
+
+def config_fields(peft_type: str, model_type: str, task: str | None,
+                  base_model_name_or_path: str | None, saved: list) -> dict:
+    """The adapter_config.json fields every PEFT adapter we write shares: type, task, base,
+    kernel orientation, modules to save, and PEFT's options we never use."""
+    family = model_family(model_type)
+    return {"peft_type": peft_type, "task_type": family.peft_task_types[task],
+            "base_model_name_or_path": base_model_name_or_path,
+            "fan_in_fan_out": not family.transposed_kernels,  # GPT-2's Conv1D holds (d_in, d_out)
+            "bias": "none", "modules_to_save": list(saved) or None,
+            "layers_to_transform": None, "layers_pattern": None, "inference_mode": True}
 
 
 def modules_to_save(trained: dict, model_type: str, task: str | None) -> tuple[list, dict]:
@@ -484,15 +486,11 @@ def _load_lora(directory: pathlib.Path, params: dict, model_type: str, task: str
                 f"{directory / WEIGHTS_NAME}: {names[module]} has magnitude {got}, but the "
                 f"config has use_dora={dora} (DoRA needs one of ({b.shape[0]},) per module)")
         if dora:
-            adapters[module + ("magnitude",)] = ab["M"]
+            adapters[module + (MAGNITUDE,)] = ab["M"]
         ranks[module] = a.shape[0]
         alphas[module] = _pattern_value(config.get("alpha_pattern") or {}, names[module],
                                         config["lora_alpha"])
-    # PEFT restores a module to save whole, taking leaves absent from the file from the base.
-    owners = sorted({p[:-1] for p in full})
-    for path in flat:
-        if path[:-1] in owners and path not in full:
-            full[path] = np.asarray(flat[path], np.float32)
+    owners = whole_modules(full, flat)
 
     rank, alpha = _most_common(ranks, config["r"]), _most_common(alphas, config["lora_alpha"])
     kernel = {m: exact_pattern(m + ("kernel",), "$") for m in ranks}
@@ -547,11 +545,19 @@ def module_tensors(directory: pathlib.Path, tensors: dict, params: dict, model_t
         else:
             rest[key] = value
     _, _, full = _sort_tensors(directory, rest, flat, model_type, root)
+    whole_modules(full, flat)
+    return found, full
+
+
+def whole_modules(full: dict, flat: dict) -> list[tuple[str, ...]]:
+    """Completes `full` (leaf path -> a modules_to_save tensor) as PEFT restores a module to
+    save: whole, the leaves absent from the file taken from the base `flat`; returns the
+    modules."""
     owners = sorted({p[:-1] for p in full})
     for path in flat:
         if path[:-1] in owners and path not in full:
             full[path] = np.asarray(flat[path], np.float32)
-    return found, full
+    return owners
 
 
 def load_peft_method(directory: str | os.PathLike, params: dict, *, model_type: str,

@@ -28,7 +28,6 @@ from lora_jax.interop import hub
 from lora_jax.interop import peft_adapters as pa
 from lora_jax.methods import vera
 from lora_jax.methods.base import modules_of
-from lora_jax.models import family as model_family
 
 SHARED = {vera.SHARED_A: "base_model.vera_A", vera.SHARED_B: "base_model.vera_B"}
 VECTORS = {vera.LAMBDA_B: "vera_lambda_b", vera.LAMBDA_D: "vera_lambda_d"}
@@ -44,7 +43,6 @@ def export_vera(directory: str | os.PathLike, method: vera.VeRA, trainable: dict
       buffers: the method's buffers (the shared A and B), from the frozen tree.
     """
     root = pa.hf_root(model_type, task)
-    family = model_family(model_type)
     tensors = {key: np.asarray(jax.device_get(buffers[name]), np.float32)[
         (slice(0, method.rank), slice(None)) if name == vera.SHARED_A else
         (slice(None), slice(0, method.rank))] for name, key in SHARED.items()}
@@ -58,13 +56,11 @@ def export_vera(directory: str | os.PathLike, method: vera.VeRA, trainable: dict
     saved, full = pa.modules_to_save(trainable.get("params", {}), model_type, task)
     tensors.update(full)
     config = {
-        "peft_type": "VERA", "task_type": family.peft_task_types[task],
-        "base_model_name_or_path": base_model_name_or_path, "r": method.rank,
+        **pa.config_fields("VERA", model_type, task, base_model_name_or_path, saved),
+        "r": method.rank,
         "target_modules": sorted(targets), "projection_prng_key": method.projection_seed,
         "save_projection": True, "vera_dropout": method.dropout, "d_initial": method.d_initial,
-        "fan_in_fan_out": not family.transposed_kernels, "bias": "none",
-        "modules_to_save": saved or None, "init_weights": True, "layers_to_transform": None,
-        "layers_pattern": None, "inference_mode": True,
+        "init_weights": True,
     }
     return pa.write_adapter_dir(pathlib.Path(directory), config, tensors,
                                 metadata={"format": "pt"})

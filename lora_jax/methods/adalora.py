@@ -40,6 +40,7 @@ Saved in PEFT's AdaLoRA format with the kept triplets only and their `rank_patte
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -51,7 +52,8 @@ from flax import traverse_util
 
 from lora_jax import config_rules as rules
 from lora_jax.methods import lora
-from lora_jax.methods.base import Method, Params, Path, Registration, intercept_dense, modules_of
+from lora_jax.methods.base import (Method, Params, Path, Registration, fold_into_kernels,
+                                   intercept_dense, modules_of)
 
 LORA_A, LORA_E, LORA_B = "lora_a", "lora_e", "lora_b"
 ORTH_FORMS = ("paper", "code")
@@ -127,13 +129,9 @@ class AdaLoRA(Method):
         return intercept_dense(modules_of(added), rng, self.dropout, output, "AdaLoRA")
 
     def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
-        flat = traverse_util.flatten_dict(params)
-        for module, own in modules_of(added).items():
-            key = module + ("kernel",)
-            w = flat[key]
-            delta = self.scale * ((own[LORA_B] * own[LORA_E][None, :]) @ own[LORA_A]).T
-            flat[key] = (w.astype(jnp.float32) + delta).astype(w.dtype)
-        return traverse_util.unflatten_dict(flat)
+        return fold_into_kernels(
+            params, added,
+            lambda module, own, w: self.scale * ((own[LORA_B] * own[LORA_E]) @ own[LORA_A]).T)
 
     def regularizer(self, added: Params) -> jax.Array | float:
         """orth_reg_weight times the orthogonality penalty on every A and B (`orth_form`)."""
@@ -192,6 +190,8 @@ def rank_allocation(method: AdaLoRA, tx: optax.GradientTransformation,
         raise ValueError(f"AdaLoRA needs tinit < total_step - tfinal, got tinit={method.tinit}, "
                          f"tfinal={method.tfinal}, total_step={total_step}")
     name, final = method.name, total_step - method.tfinal
+    # (budgets, recompute) per step, built once on the host, not in every trace of the step.
+    schedule = functools.lru_cache(maxsize=None)(method.schedule)
 
     def init_fn(params):
         own = params[name]
@@ -203,10 +203,9 @@ def rank_allocation(method: AdaLoRA, tx: optax.GradientTransformation,
         updates, inner = tx.update(grads, state.inner, params)
         own, new = params[name], optax.apply_updates(params[name], updates[name])
         t = state.count
-        budgets, recompute_at = method.schedule(total_step, len(state.mask))
-        index = jnp.minimum(t, total_step)
+        budgets, recompute_at = schedule(total_step, len(state.mask))
+        index = jnp.minimum(t, total_step)  # the schedule holds its last entry past T
         budget, recompute = jnp.asarray(budgets)[index], jnp.asarray(recompute_at)[index]
-        recompute = recompute | (t == final)
 
         # Sensitivity at the updated weights with this step's gradient, until the final phase.
         scoring = t < final

@@ -87,9 +87,10 @@ class Method:
         """The parameters the method adds, freshly initialised, float32 ({} for none)."""
         return {}
 
-    def base(self, params: Params) -> dict:
-        """The base weights the method trains against, from the pretrained ones (unchanged by
-        default). A pure function of `params`, so a resumed run derives the same base."""
+    def base(self, params: Params, buffers: Params) -> dict:
+        """The base weights the method trains against, from the pretrained ones and the
+        method's `buffers` (unchanged by default). A pure function of them, so a resumed run
+        derives the same base."""
         return dict(params)
 
     def buffers(self, params: Params) -> dict:
@@ -149,6 +150,18 @@ def modules_of(added: Params) -> dict[Path, dict]:
     for path, leaf in traverse_util.flatten_dict(added).items():
         modules.setdefault(path[:-1], {})[path[-1]] = leaf
     return modules
+
+
+def fold_into_kernels(params: Params, added: Params,
+                      delta: Callable[[Path, dict, jax.Array], jax.Array]) -> dict:
+    """`params` with delta(module, its leaves in `added`, its kernel) added to the kernel of every
+    module `added` has, in float32, stored back in the kernel's dtype (the merges)."""
+    flat = traverse_util.flatten_dict(params)
+    for module, leaves in modules_of(added).items():
+        key = module + ("kernel",)
+        w = flat[key]
+        flat[key] = (w.astype(jnp.float32) + delta(module, leaves, w)).astype(w.dtype)
+    return traverse_util.unflatten_dict(flat)
 
 
 @contextlib.contextmanager
@@ -241,15 +254,15 @@ class MethodStack:
         a loaded one): the leaves not trained in full, as the methods' `base` leaves them, and
         the methods' buffers."""
         frozen = frozen_part(params, trainable)
+        buffers = {method.name: method.buffers(params) for method in self.methods}
         for method in self.methods:
-            frozen = method.base(frozen)
-        for method in self.methods:
-            buffers = method.buffers(params)
-            if buffers:
-                if method.name in frozen:
-                    raise ValueError(f"method {method.name!r} shares its name with a top-level "
-                                     "module of the model")
-                frozen[method.name] = buffers
+            frozen = method.base(frozen, buffers[method.name])
+        for name, own in buffers.items():
+            if own:
+                if name in frozen:
+                    raise ValueError(f"method {name!r} shares its name with a top-level module "
+                                     "of the model")
+                frozen[name] = own
         return frozen
 
     def _base_and_buffers(self, frozen: Params) -> tuple[dict, dict]:

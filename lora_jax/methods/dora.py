@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lora_jax.methods import lora
-from lora_jax.methods.base import Params, Registration, join
+from lora_jax.methods.base import Params, Registration, fold_into_kernels, join
 
 MAGNITUDE = "magnitude"
 
@@ -74,16 +74,14 @@ class DoRA(lora.LoRA):
     mergeable = True
 
     def init(self, params: Params, key: jax.Array) -> dict:
-        adapters = super().init(params, key)
+        """LoRA's A and B, and each module's magnitude at ||W0|| (its adapted parts')."""
         flat = traverse_util.flatten_dict(params)
-        for module, leaves in lora.adapter_modules({"lora": adapters}).items():
-            kernel = flat[module + ("kernel",)]
-            parts = self.spec.parts_for(join(module + ("kernel",)))
-            node = adapters
-            for part in module:
-                node = node[part]
-            node[MAGNITUDE] = _parts_of(column_norms(kernel), parts)
-        return adapters
+        added = traverse_util.flatten_dict(super().init(params, key))
+        for module in dict.fromkeys(path[:-1] for path in added):
+            key_path = module + ("kernel",)
+            added[module + (MAGNITUDE,)] = _parts_of(column_norms(flat[key_path]),
+                                                     self.spec.parts_for(join(key_path)))
+        return traverse_util.unflatten_dict(added)
 
     def _factor_minus_one(self, path: str, adapter: dict, kernel: jax.Array) -> jax.Array:
         """g - 1 over all outputs (0 on un-adapted parts); the norm carries no gradient."""
@@ -92,8 +90,9 @@ class DoRA(lora.LoRA):
         norm = jax.lax.stop_gradient(_parts_of(column_norms(kernel, delta), parts))
         return _over_parts(adapter[MAGNITUDE] / norm - 1.0, parts)
 
-    def output(self, module, path: str, adapter: dict, x: jax.Array, y: jax.Array,
+    def output(self, module, adapter: dict, x: jax.Array, y: jax.Array,
                dropped: bool) -> jax.Array:
+        path = lora.kernel_path(module)
         kernel = module.variables["params"]["kernel"]
         g1 = self._factor_minus_one(path, adapter, kernel).astype(y.dtype)
         if dropped or not module.use_bias:
@@ -107,15 +106,14 @@ class DoRA(lora.LoRA):
         return y + g1 * base + (g1 + 1.0) * delta
 
     def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
-        flat = traverse_util.flatten_dict(params)
-        for module, adapter in lora.adapter_modules({"lora": added}).items():
-            key = module + ("kernel",)
-            path = join(key)
-            w = flat[key]
-            delta = lora.merged_delta(self.spec, path, adapter, jnp.float32)
-            g = self._factor_minus_one(path, adapter, w) + 1.0
-            flat[key] = (g * (w.astype(jnp.float32) + delta)).astype(w.dtype)
-        return traverse_util.unflatten_dict(flat)
+        """Kernels g (W0 + s (B A)^T), written as W0 plus (g - 1) W0 + g s (B A)^T."""
+        def delta(module, adapter, w):
+            path = join(module + ("kernel",))
+            g1 = self._factor_minus_one(path, adapter, w)
+            return g1 * w.astype(jnp.float32) + (g1 + 1.0) * lora.merged_delta(
+                self.spec, path, adapter, jnp.float32)
+
+        return fold_into_kernels(params, added, delta)
 
     def describe(self) -> str:
         return "dora" + super().describe().removeprefix("lora")

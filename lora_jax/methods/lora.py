@@ -40,7 +40,7 @@ from flax import traverse_util
 
 from lora_jax import config_rules as rules
 from lora_jax.methods.base import (Method, Registration, combine, count_params,
-                                   intercept_dense, matching)
+                                   fold_into_kernels, intercept_dense, join, matching, modules_of)
 
 Params = Mapping[str, Any]
 Path = tuple[str, ...]
@@ -123,13 +123,9 @@ def _first_match(table: Mapping[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-def _join(path: Path) -> str:
-    return "/".join(path)
-
-
 def _kernel_paths(params: Params) -> list[str]:
     flat = traverse_util.flatten_dict(params)
-    return [_join(p) for p, leaf in flat.items() if p[-1] == "kernel" and len(leaf.shape) == 2]
+    return [join(p) for p, leaf in flat.items() if p[-1] == "kernel" and len(leaf.shape) == 2]
 
 
 def target_kernels(spec: LoraSpec, params: Params) -> list[str]:
@@ -235,11 +231,7 @@ def split(spec: LoraSpec, params: Params, key: jax.Array) -> tuple[dict, dict]:
 
 def adapter_modules(trainable: Params) -> dict[Path, dict]:
     """Module path -> {'lora_a', 'lora_b'}."""
-    flat = traverse_util.flatten_dict(trainable.get("lora", {}))
-    modules: dict[Path, dict] = {}
-    for path, leaf in flat.items():
-        modules.setdefault(path[:-1], {})[path[-1]] = leaf
-    return modules
+    return modules_of(trainable.get("lora", {}))
 
 
 def check_compatible(spec: LoraSpec, frozen: Params, trainable: Params) -> None:
@@ -250,7 +242,7 @@ def check_compatible(spec: LoraSpec, frozen: Params, trainable: Params) -> None:
     """
     flat = traverse_util.flatten_dict(frozen)
     for module, ab in adapter_modules(trainable).items():
-        path = _join(module + ("kernel",))
+        path = join(module + ("kernel",))
         kernel = flat.get(module + ("kernel",))
         if kernel is None:
             raise ValueError(f"adapter for {path!r} has no kernel in the base parameters")
@@ -299,24 +291,18 @@ def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float,
     return scale * assemble_parts([y[..., j, :] for j in range(y.shape[-2])], parts)
 
 
-AdaptedOutput = Callable[..., jax.Array]
-"""output(module, path, adapter, x, y, dropped) -> the adapted Dense output: `module` the bound
-nn.Dense, `path` its kernel's '/'-joined path, `adapter` its leaves, `x` the adapter's input
-(after LoRA dropout), `y` the base output W0 x + b, `dropped` whether dropout changed x."""
+def kernel_path(module) -> str:
+    """The '/'-joined path of a bound nn.Dense's kernel, as specs' patterns see it."""
+    return join(tuple(module.path) + ("kernel",))
 
 
-def _low_rank_output(spec: LoraSpec, module, path: str, ab: dict, x: jax.Array, y: jax.Array,
+def _low_rank_output(spec: LoraSpec, module, ab: dict, x: jax.Array, y: jax.Array,
                      dropped: bool) -> jax.Array:
+    """An adapted Dense call's output: y + s B A x (`intercept_dense`'s `output`)."""
+    path = kernel_path(module)
     a, b = ab[LORA_A], ab[LORA_B]
     return y + low_rank_update(x.astype(y.dtype), a, b, spec.scale(path, a.shape[-2]),
                                spec.parts_for(path))
-
-
-def _dense_output(output: AdaptedOutput) -> Callable[..., jax.Array]:
-    """`intercept_dense`'s output(module, adapter, x, y, dropped) from an `AdaptedOutput`."""
-    def dense_output(module, adapter, x, y, dropped):
-        return output(module, _join(tuple(module.path) + ("kernel",)), adapter, x, y, dropped)
-    return dense_output
 
 
 def adapt(apply_fn: Callable, spec: LoraSpec, collection: str = "params",
@@ -342,8 +328,7 @@ def adapt(apply_fn: Callable, spec: LoraSpec, collection: str = "params",
         check_compatible(spec, frozen, trainable)
         variables = {collection: combine(frozen, trainable)}
         with intercept_dense(adapter_modules(trainable), lora_rng, spec.dropout,
-                             _dense_output(functools.partial(_low_rank_output, spec)), "LoRA",
-                             strict,
+                             functools.partial(_low_rank_output, spec), "LoRA", strict,
                              "pass strict=False to run part of the model"):
             return apply_fn(variables, *args, **kwargs)
 
@@ -362,13 +347,11 @@ def merged_delta(spec: LoraSpec, path: str, ab: dict, dtype) -> jax.Array:
 
 
 def apply_deltas(spec: LoraSpec, params: Params, trainable: Params, sign: float) -> dict:
-    flat = traverse_util.flatten_dict(params)
-    for module, ab in adapter_modules(trainable).items():
-        key = module + ("kernel",)
-        w = flat[key]
-        delta = merged_delta(spec, _join(key), ab, jnp.float32)
-        flat[key] = (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
-    return traverse_util.unflatten_dict(flat)
+    """`params` with sign * s (B A)^T added to every adapted kernel."""
+    return fold_into_kernels(
+        params, trainable.get("lora", {}),
+        lambda module, ab, _: sign * merged_delta(spec, join(module + ("kernel",)), ab,
+                                                  jnp.float32))
 
 
 def merge(spec: LoraSpec, frozen: Params, trainable: Params) -> dict:
@@ -428,15 +411,16 @@ class LoRA(Method):
     def init(self, params: Params, key: jax.Array) -> dict:
         return init(self.spec, params, key) if self.spec.targets else {}
 
-    def output(self, module, path: str, adapter: dict, x: jax.Array, y: jax.Array,
+    def output(self, module, adapter: dict, x: jax.Array, y: jax.Array,
                dropped: bool) -> jax.Array:
-        """An adapted Dense call's output (see `AdaptedOutput`): y + s B A x. Variants of LoRA
-        (DoRA) override this, and `init` and `merge`, and inherit the rest."""
-        return _low_rank_output(self.spec, module, path, adapter, x, y, dropped)
+        """An adapted Dense call's output from the base one y = W0 x + b (x after LoRA
+        dropout): y + s B A x. Variants of LoRA (DoRA) override this, and `init` and `merge`,
+        and inherit the rest."""
+        return _low_rank_output(self.spec, module, adapter, x, y, dropped)
 
     def intercept(self, added: Params, rng: jax.Array | None, buffers: Params | None = None):
         return intercept_dense(adapter_modules({"lora": added}), rng, self.spec.dropout,
-                               _dense_output(self.output), self.name, self.strict)
+                               self.output, self.name, self.strict)
 
     def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
         return apply_deltas(self.spec, params, {"lora": added}, +1.0)

@@ -61,7 +61,7 @@ class PiSSA(lora.LoRA):
         for path in lora.target_kernels(self.spec, params):
             kernel = flat[tuple(path.split("/"))]
             a_shape, _ = lora.adapter_shapes(self.spec, path, kernel.shape)
-            rank, scale, parts = a_shape[-2], None, self.spec.parts_for(path)
+            rank, parts = a_shape[-2], self.spec.parts_for(path)
             scale = self.spec.scale(path, rank)
             columns = jnp.split(kernel, len(parts), axis=1)
             factors = [principal_factors(columns[p], rank, scale)
@@ -75,14 +75,14 @@ class PiSSA(lora.LoRA):
             adapters[module + (lora.LORA_B,)] = b
         return traverse_util.unflatten_dict(adapters)
 
-    def base(self, params: Params) -> dict:
+    def base(self, params: Params, buffers: Params) -> dict:
         """W_res = W0 - s (B0 A0)^T in every adapted kernel (the rest unchanged)."""
-        initial = self.init(params, jax.random.key(0))  # deterministic: the key is unused
-        return lora.apply_deltas(self.spec, params, {"lora": initial}, -1.0)
+        return lora.apply_deltas(self.spec, params, {"lora": buffers["initial"]}, -1.0)
 
     def buffers(self, params: Params) -> dict:
-        """The initial A0, B0 (from the original W0), kept for the conversion to LoRA."""
-        return {"initial": self.init(params, jax.random.key(0))}
+        """The initial A0, B0 (from the original W0): the residual base is derived from them,
+        and the conversion to LoRA needs them."""
+        return {"initial": self.init(params, jax.random.key(0))}  # the key is unused
 
     def describe(self) -> str:
         return "pissa" + super().describe().removeprefix("lora")

@@ -34,7 +34,8 @@ from flax import traverse_util
 
 from lora_jax import config_rules as rules
 from lora_jax.methods import lora
-from lora_jax.methods.base import Method, Params, Registration, intercept_dense, modules_of
+from lora_jax.methods.base import (Method, Params, Registration, fold_into_kernels,
+                                   intercept_dense, modules_of)
 
 LAMBDA_B, LAMBDA_D = "lambda_b", "lambda_d"
 SHARED_A, SHARED_B = "vera_a", "vera_b"
@@ -81,25 +82,21 @@ class VeRA(Method):
             vectors[module + (LAMBDA_D,)] = jnp.full((self.rank,), self.d_initial, jnp.float32)
         return traverse_util.unflatten_dict(vectors)
 
-    def _shared_shapes(self, params: Params) -> tuple[tuple[int, int], tuple[int, int]]:
-        if self.projections is not None:
-            return tuple(self.projections[0].shape), tuple(self.projections[1].shape)
-        flat = traverse_util.flatten_dict(params)
-        shapes = [flat[tuple(p.split("/"))].shape for p in self.kernels(params)]
-        return (self.rank, max(s[0] for s in shapes)), (max(s[1] for s in shapes), self.rank)
-
     def buffers(self, params: Params) -> dict:
-        """The shared A and B: the given projections, or kaiming-uniform draws from the seed
-        (bound 1 / sqrt(fan_in), fan_in = the second axis, as torch's kaiming_uniform_(a=sqrt 5))."""
+        """The shared A (r, largest d_in) and B (largest d_out, r): the given projections, or
+        kaiming-uniform draws from the seed (bound 1 / sqrt(fan_in), fan_in = the second axis, as
+        torch's kaiming_uniform_(a=sqrt 5))."""
+        flat = traverse_util.flatten_dict(params)
+        shapes = {path: flat[tuple(path.split("/"))].shape for path in self.kernels(params)}
         if self.projections is not None:
             a, b = (jnp.asarray(np.asarray(m), jnp.float32) for m in self.projections)
         else:
-            a_shape, b_shape = self._shared_shapes(params)
+            a_shape = (self.rank, max(d_in for d_in, _ in shapes.values()))
+            b_shape = (max(d_out for _, d_out in shapes.values()), self.rank)
             key_a, key_b = jax.random.split(jax.random.key(self.projection_seed))
             a = jax.random.uniform(key_a, a_shape, jnp.float32, -1, 1) / math.sqrt(a_shape[1])
             b = jax.random.uniform(key_b, b_shape, jnp.float32, -1, 1) / math.sqrt(b_shape[1])
-        for path in self.kernels(params):
-            d_in, d_out = traverse_util.flatten_dict(params)[tuple(path.split("/"))].shape
+        for path, (d_in, d_out) in shapes.items():
             if d_in > a.shape[1] or d_out > b.shape[0] or self.rank > min(a.shape[0], b.shape[1]):
                 raise ValueError(f"VeRA projections A {a.shape}, B {b.shape} are too small for "
                                  f"{path} ({d_in} x {d_out}) at rank {self.rank}")
@@ -118,14 +115,11 @@ class VeRA(Method):
         return buffers[SHARED_A][:self.rank, :d_in], buffers[SHARED_B][:d_out, :self.rank]
 
     def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
-        flat = traverse_util.flatten_dict(params)
-        for module, own in modules_of(added).items():
-            key = module + ("kernel",)
-            w = flat[key]
+        def delta(module, own, w):
             a, b = self._slices(buffers, w.shape[0], w.shape[1])
-            delta = ((own[LAMBDA_B][:, None] * b) @ (own[LAMBDA_D][:, None] * a)).T
-            flat[key] = (w.astype(jnp.float32) + delta).astype(w.dtype)
-        return traverse_util.unflatten_dict(flat)
+            return ((own[LAMBDA_B][:, None] * b) @ (own[LAMBDA_D][:, None] * a)).T
+
+        return fold_into_kernels(params, added, delta)
 
     def describe(self) -> str:
         return f"vera(r={self.rank})"
