@@ -9,6 +9,10 @@ its record (DIR/<name>/record.json) is written, a rerun skips it, so an interrup
 (an unfinished run resumes from its own checkpoint). Writes DIR/results.csv and DIR/results.md
 (one row per run, then the median / min / max per setting, the way the paper reports seeds) and
 DIR/<study>.png.
+
+`--records RDIR` keeps a second copy of each finished run's record as RDIR/<name>.json and skips
+any run whose record is there: records are a few hundred bytes where a run directory holds
+checkpoints and exports, so RDIR can be committed and a long sweep resumed on another machine.
 """
 
 import argparse
@@ -119,11 +123,20 @@ def with_current_fields(record: dict) -> dict:
     return record
 
 
-def run_one(base: ml_collections.ConfigDict, run: dict, workdir: pathlib.Path) -> dict:
-    """Trains one run (resuming if it had started) unless it has finished; returns its record."""
+def run_one(base: ml_collections.ConfigDict, run: dict, workdir: pathlib.Path,
+            records: pathlib.Path | None = None) -> dict:
+    """Trains one run (resuming if it had started) unless it has finished, here or in `records`;
+    returns its record."""
+    kept = records / f"{run['name']}.json" if records is not None else None
+    if kept is not None and kept.is_file():
+        print(f"skipping {run['name']}: its record is {kept}", flush=True)
+        return with_current_fields(json.loads(kept.read_text()))
     if is_finished(workdir):
         print(f"skipping {run['name']}: finished in {workdir}", flush=True)
-        return with_current_fields(json.loads((workdir / RECORD).read_text()))
+        record = with_current_fields(json.loads((workdir / RECORD).read_text()))
+        if kept is not None:
+            kept.write_text(json.dumps(record, indent=1))
+        return record
     from lora_jax.train import train  # jax is imported only when something trains
 
     print(f"training {run['name']} in {workdir}", flush=True)
@@ -131,6 +144,8 @@ def run_one(base: ml_collections.ConfigDict, run: dict, workdir: pathlib.Path) -
     result = train(run_config(base, run), workdir)
     record = make_record(run, result, workdir, time.perf_counter() - tick)
     (workdir / RECORD).write_text(json.dumps(record, indent=1))
+    if kept is not None:
+        kept.write_text(json.dumps(record, indent=1))
     return record
 
 
@@ -239,18 +254,22 @@ def plot(study: str, summary: Sequence[dict], metric: str, path: pathlib.Path,
 
 # --- Sweep --------------------------------------------------------------------------------------
 
-def sweep(config: ml_collections.ConfigDict, out: pathlib.Path, only: str | None = None) -> list[dict]:
-    """Runs (or skips) every run whose name matches `only`, then writes tables and the plot."""
+def sweep(config: ml_collections.ConfigDict, out: pathlib.Path, only: str | None = None,
+          records: pathlib.Path | None = None) -> list[dict]:
+    """Runs (or skips) every run whose name matches `only`, then writes tables and the plot;
+    `records` (optional) keeps each finished run's record too (see the module docstring)."""
     runs = [r for r in config.runs if only is None or re.search(only, r["name"])]
     if not runs:
         names = "\n  ".join(r["name"] for r in config.runs)
         raise ValueError(f"--only {only!r} matches no run; the runs are:\n  {names}")
     out.mkdir(parents=True, exist_ok=True)
-    records = [run_one(config.base, r, out / r["name"]) for r in runs]
-    write_tables(records, out, f"LoRA {config.study} study on {config.base.data.task}")
-    plot(config.study, summarize(records), records[0]["metric"], out / f"{config.study}.png",
+    if records is not None:
+        records.mkdir(parents=True, exist_ok=True)
+    finished = [run_one(config.base, r, out / r["name"], records) for r in runs]
+    write_tables(finished, out, f"LoRA {config.study} study on {config.base.data.task}")
+    plot(config.study, summarize(finished), finished[0]["metric"], out / f"{config.study}.png",
          title=config.base.data.task)
-    return records
+    return finished
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -260,13 +279,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--config", required=True, help="e.g. configs/ablations.py:study=rank")
     parser.add_argument("--out", required=True, type=pathlib.Path, help="sweep directory")
     parser.add_argument("--only", help="run only the runs whose name matches this regex")
+    parser.add_argument("--records", type=pathlib.Path,
+                        help="keep each finished run's record here as <name>.json; skip the runs"
+                             " recorded here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. base.train.max_steps=100")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     for item in args.set:
         set_dotted(config, *parse_set(item))
-    return sweep(config, args.out, args.only)
+    return sweep(config, args.out, args.only, args.records)
 
 
 if __name__ == "__main__":

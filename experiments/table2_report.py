@@ -1,7 +1,10 @@
-"""Table 2 in miniature: one table over the tasks `experiments/table2.sh` ran, from the runs' own
+"""Table 2 in miniature: one table over the tasks `experiments/table2.sh` ran, from the runs'
 records, so an unfinished sweep reports what it has.
 
-    python -m experiments.table2_report runs/table2 --out experiments/results/table2
+    python -m experiments.table2_report experiments/results/table2/records --out experiments/results/table2
+
+ROOT is either the sweep's records directory (ROOT/<task>/<run>.json, `experiments.sweep
+--records`) or its run directories (ROOT/<task>/<run>/record.json).
 
 Writes OUT/table.md (per method, most trained parameters first: their number, then per task the median [min, max] of the
 best main metric over seeds, x100, with the number of seeds, and the median wall time) and
@@ -22,11 +25,11 @@ TASK_ORDER = ("sst2", "cola", "mrpc", "stsb", "rte")
 
 
 def task_records(root: pathlib.Path) -> dict[str, list[dict]]:
-    """Task -> the records of its finished runs (DIR/<task>/<run>/record.json)."""
+    """Task -> the records of its finished runs (ROOT/<task>/<run>.json or <run>/record.json)."""
     out = {}
     for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        records = [sweep.with_current_fields(json.loads(p.read_text()))
-                   for p in sorted(task_dir.glob(f"*/{sweep.RECORD}"))]
+        paths = sorted(task_dir.glob("*.json")) or sorted(task_dir.glob(f"*/{sweep.RECORD}"))
+        records = [sweep.with_current_fields(json.loads(p.read_text())) for p in paths]
         if records:
             out[task_dir.name] = records
     return dict(sorted(out.items(), key=lambda kv: (TASK_ORDER + (kv[0],)).index(kv[0])))
@@ -67,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         raise SystemExit(f"{args.root} is not a directory")
     per_task = task_records(args.root)
     if not per_task:
-        raise SystemExit(f"{args.root} holds no finished run (no */*/{sweep.RECORD})")
+        raise SystemExit(f"{args.root} holds no finished run (no */*.json, no */*/{sweep.RECORD})")
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(per_task)
     runs = sum(len(r) for r in per_task.values())

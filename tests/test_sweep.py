@@ -3,6 +3,7 @@
 import csv
 import json
 import pathlib
+import shutil
 
 import pytest
 
@@ -105,6 +106,23 @@ def test_tiny_sweep_reports_and_skips_finished_runs(tmp_path, capsys):
     assert record["wall_s"] == first[0]["wall_s"]
 
 
+def test_records_dir_resumes_a_sweep_whose_run_directories_are_gone(tmp_path, capsys):
+    """--records keeps each finished run's record apart from its run directory (which holds the
+    checkpoints and exports), so a sweep resumes from the records alone, e.g. on another machine."""
+    argv = tiny_sweep("study=rank,model=tiny", tmp_path / "runs", r"^rank=1,targets=qv,")
+    first = sweep.main([*argv, "--records", str(tmp_path / "records")])
+    kept = tmp_path / "records" / "rank=1,targets=qv,seed=0.json"
+    assert json.loads(kept.read_text()) == first[0]
+    shutil.rmtree(tmp_path / "runs")
+    capsys.readouterr()
+    second = sweep.main([*argv, "--records", str(tmp_path / "records")])
+    out = capsys.readouterr().out
+    assert f"skipping rank=1,targets=qv,seed=0: its record is {kept}" in out
+    assert "training" not in out and second == first
+    assert not (tmp_path / "runs" / "rank=1,targets=qv,seed=0").exists()  # nothing retrained
+    assert (tmp_path / "runs" / "results.csv").is_file()  # the tables are rewritten from records
+
+
 def test_only_that_matches_nothing_lists_runs(tmp_path):
     with pytest.raises(ValueError, match="rank=64,targets=qkvo,seed=0"):
         sweep.main(["--config", f"{ABLATIONS}:study=rank,model=tiny", "--out", str(tmp_path),
@@ -187,7 +205,8 @@ def test_tiny_methods_sweep_tabulates_method_trained_parameters_and_metric(tmp_p
     assert (tmp_path / "methods.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path):
+@pytest.mark.parametrize("layout", ["run directories", "records directory"])
+def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path, layout):
     """The report reads each run's record.json (an unfinished sweep reports what it has): per
     method, most parameters first, its trained parameters, per task median [min, max] x100 and the seeds, then the
     median wall time; a figure per task."""
@@ -199,10 +218,13 @@ def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path
                                ("stsb", "pearson", {"lora": (0.5, 0.6)})]:
         for method, bests in runs.items():
             for seed, best in enumerate(bests):
-                run = tmp_path / "in" / task / f"method={method},seed={seed}"
-                run.mkdir(parents=True)
-                (run / "record.json").write_text(json.dumps({
-                    "name": run.name, "method": method, "targets": "", "rank": 0, "seed": seed,
+                name = f"method={method},seed={seed}"
+                run = tmp_path / "in" / task / name
+                path = (run / "record.json" if layout == "run directories"
+                        else run.with_name(f"{name}.json"))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({
+                    "name": name, "method": method, "targets": "", "rank": 0, "seed": seed,
                     "trained_params": 100 if method == "lora" else 10_000, "lora_params": 0,
                     "metric": metric, "final": best, "best": best, "best_step": 5,
                     "wall_s": 10.0 * (seed + 1)}))
