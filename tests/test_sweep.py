@@ -175,6 +175,13 @@ def test_methods_study_is_every_baseline_of_the_experiment_config():
         "method.use": ("bitfit",), "optim.lr": 1e-3, "seed": 0}
     assert named["method=full,seed=0"]["overrides"]["optim.lr"] == 2e-5
     assert named["method=vera,seed=0"]["overrides"]["optim.lr"] == 4e-3
+    # STS-B takes 4e-4 wherever the others take the miniature's 1e-3 (MINILM_TASK_LR).
+    stsb = runs("study=methods,task=stsb")
+    assert load_config(f"{ABLATIONS}:study=methods,task=stsb").base.optim.lr == 4e-4
+    assert stsb["method=adapter_h,seed=0"]["overrides"]["optim.lr"] == 4e-4
+    assert "optim.lr" not in stsb["method=dora,seed=0"]["overrides"]  # the base's 4e-4
+    assert stsb["method=full,seed=0"]["overrides"]["optim.lr"] == 2e-5
+    assert stsb["method=vera,seed=0"]["overrides"]["optim.lr"] == 4e-3
     roberta = runs("study=methods,model=roberta-base")
     assert roberta["method=bitfit,seed=0"]["overrides"]["optim.lr"] == 4e-4
     e2e = runs("study=methods,task=e2e,seeds=2")
