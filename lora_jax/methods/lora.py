@@ -305,6 +305,20 @@ def _low_rank_output(spec: LoraSpec, module, ab: dict, x: jax.Array, y: jax.Arra
                                spec.parts_for(path))
 
 
+# A buffer a study's members add (`lora_jax.training.members`): kernel path -> the scale s of
+# that member's adapter, an array, where the spec's static alpha / r cannot differ per member
+# (their ranks are padded to one, and vmap traces one program for all).
+SCALES = "scale"
+
+
+def _scaled_output(spec: LoraSpec, scales: Mapping[str, jax.Array], module, ab: dict,
+                   x: jax.Array, y: jax.Array, dropped: bool) -> jax.Array:
+    """`_low_rank_output` with the scale read from `scales` instead of the spec."""
+    path = kernel_path(module)
+    return y + low_rank_update(x.astype(y.dtype), ab[LORA_A], ab[LORA_B],
+                               scales[path].astype(y.dtype), spec.parts_for(path))
+
+
 def adapt(apply_fn: Callable, spec: LoraSpec, collection: str = "params",
           strict: bool = True) -> Callable:
     """Wraps a Flax apply function so it runs the LoRA-adapted model.
@@ -419,8 +433,11 @@ class LoRA(Method):
         return _low_rank_output(self.spec, module, adapter, x, y, dropped)
 
     def intercept(self, added: Params, rng: jax.Array | None, buffers: Params | None = None):
+        scales = (buffers or {}).get(SCALES)
+        output = self.output if scales is None else functools.partial(_scaled_output, self.spec,
+                                                                      scales)
         return intercept_dense(adapter_modules({"lora": added}), rng, self.spec.dropout,
-                               self.output, self.name, self.strict)
+                               output, self.name, self.strict)
 
     def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
         return apply_deltas(self.spec, params, {"lora": added}, +1.0)

@@ -39,7 +39,7 @@ def make_forward(adapted_apply):
 
 
 def build_train_step(forward, kind: str, tx, mesh, label_smoothing: float = 0.0,
-                     regularizer=None):
+                     regularizer=None, jit: bool = True):
     """The trainer's jitted step(frozen, trainable, opt_state, batch, rng) -> (trainable,
     opt_state, mean loss, whether the new trainable tree is all finite), for a batch of
     [accum, micro, ...] arrays (`sharding.global_batch`).
@@ -53,6 +53,7 @@ def build_train_step(forward, kind: str, tx, mesh, label_smoothing: float = 0.0,
       mesh: where the step runs; its outputs are replicated over it.
       label_smoothing: for classification and LM losses.
       regularizer: trainable -> a term added to the mean loss (`MethodStack.regularizer`).
+      jit: False gives the step uncompiled (a study's members map it over their axis).
     """
 
     def loss_fn(frozen, trainable, batch, rng):
@@ -63,7 +64,7 @@ def build_train_step(forward, kind: str, tx, mesh, label_smoothing: float = 0.0,
             total = total + regularizer(trainable) * weight
         return total, weight
 
-    return optim.make_train_step(loss_fn, tx, accumulate=True,
+    return optim.make_train_step(loss_fn, tx, accumulate=True, jit=jit,
                                  out_shardings=(sharding.replicated(mesh),) * 4)
 
 

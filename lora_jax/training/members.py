@@ -1,0 +1,327 @@
+"""A study as one program: the members' adapters trained together over one frozen base.
+
+A rank or seeds study trains N LoRA runs that differ only in a few settings, on the same frozen
+weights and data. Here their trainable trees, optimizer states, batches and PRNG keys are stacked
+on a leading member axis and one jitted step, a `jax.vmap` of the trainer's own step, trains them
+all, reading the frozen tree once:
+
+    group = MemberGroup.build([config_0, config_1, ...])   # each a full training config
+    trainable, opt_state = group.trainable, group.opt_state
+    for step in range(group.total_steps):
+        trainable, opt_state, losses, finite = group.step(trainable, opt_state, step)
+    adapters_0 = group.member_trainable(trainable, 0)      # as member 0's own run has them
+
+What members may differ in, and why each stays exact:
+  - seed: each member draws its own adapters, head, dropout masks and data order, as its run
+    (where the model has dropout, only if every batch has one width: see `group_key`);
+  - rank: adapters are zero-padded to the largest rank R. A padded row of A and column of B start
+    at zero; the gradient of a padded column of B is (A_pad x)^T g = 0 and that of a padded row of
+    A is B_pad^T g x^T = 0, so Adam's moments, its update and the weight decay stay exactly zero,
+    and the padding never changes the product B A;
+  - targets: every member gets an adapter on the union of the members' target kernels; where a
+    member has none, its A and B are zero and stay zero by the same argument (with LoRA dropout,
+    whose masks are numbered by the adapted modules, members must share their targets);
+  - alpha (and rsLoRA): the scale s = alpha / r is a per-member array buffer
+    (`lora.SCALES`), since the padded spec's static alpha / R cannot differ per member;
+  - learning rate: each member's peak rate is a leaf of its optimizer state that multiplies the
+    update of AdamW run at rate 1 (`scale_by_member_lr`), equal to AdamW at that rate.
+Everything else (model, data, batch size, steps, schedule shape, optimizer settings) must be
+equal: `group_key` says what two configs must share, and `groups` splits a study into groups that
+can each run as one program.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lora_jax.errors import ConfigError
+from lora_jax.methods import lora
+from lora_jax.methods.base import join
+from lora_jax.training import setup, sharding, steps
+from lora_jax.training.modeling import run_keys
+
+# The config fields in which members of one group may differ (see the module docstring).
+MEMBER_FIELDS = ("seed", "method.lora.rank", "method.lora.alpha", "method.lora.rslora",
+                 "method.lora.targets", "optim.lr")
+
+
+def group_key(config: ml_collections.ConfigDict) -> str | None:
+    """What a config must share with the others of its group, as text; None: it can only run
+    alone (a method other than plain LoRA, per-pattern ranks, packing)."""
+    cfg = config.method
+    if tuple(cfg.use) != ("lora",) or cfg.lora.rank_pattern or cfg.lora.alpha_pattern \
+            or config.data.get("packing", False):
+        return None
+    shared = copy.deepcopy(config.to_dict())
+    for dotted in MEMBER_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node = shared
+        for name in parents:
+            node = node[name]
+        node.pop(leaf)
+    if not config.model.name:  # random base weights are drawn from the seed: it is shared too
+        shared["seed"] = config.seed
+    # The model's dropout masks are drawn for the batch's shape, so a member whose batch is padded
+    # to another member's longer bucket would draw other masks than its run. Seeds (data orders)
+    # share a program only where every batch has one width or the base has no dropout.
+    one_width = min(config.data.buckets) >= config.data.max_len
+    if not one_width and base_dropout(config.model) > 0:
+        shared["seed"] = config.seed
+    if cfg.lora.dropout > 0:  # dropout masks are numbered by the adapted modules
+        shared["targets"] = list(cfg.lora.targets)
+    return json.dumps(shared, sort_keys=True, default=str)
+
+
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+                  "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout")
+
+
+def base_dropout(model: ml_collections.ConfigDict) -> float:
+    """The largest dropout rate of the base model a config's `model` section names."""
+    import transformers
+
+    from lora_jax.interop import hub
+    from lora_jax.training.modeling import checkpoint_path
+
+    if model.name:
+        hf_config = transformers.AutoConfig.from_pretrained(
+            hub.resolve_checkpoint(checkpoint_path(model.name)))
+    else:
+        fields = dict(model.random_init)
+        hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return max(float(getattr(hf_config, name, 0.0) or 0.0) for name in DROPOUT_FIELDS)
+
+
+def groups(configs: Sequence[ml_collections.ConfigDict]) -> list[list[int]]:
+    """The members' indices split into groups that can each train as one program (a config
+    that can only run alone is a group of its own), in order of first appearance."""
+    out: dict[str, list[int]] = {}
+    for i, config in enumerate(configs):
+        key = group_key(config)
+        out.setdefault(f"alone {i}" if key is None else key, []).append(i)
+    return list(out.values())
+
+
+class MemberLrState(NamedTuple):
+    lr: jax.Array
+
+
+def scale_by_member_lr(lr: float) -> optax.GradientTransformation:
+    """Multiplies updates by `lr`, held in the state so that stacked states carry one rate per
+    member (after AdamW at rate 1 this is AdamW at rate `lr`, its weight decay included)."""
+
+    def init(params):
+        del params
+        return MemberLrState(jnp.asarray(lr, jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map(lambda u: u * state.lr, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _union_config(configs: Sequence[ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+    """The group's own config: member 0's, with every member's targets and the largest rank."""
+    union = copy.deepcopy(configs[0])
+    targets: list[str] = []
+    for config in configs:
+        targets += [t for t in config.method.lora.targets if t not in targets]
+    with union.unlocked():
+        union.method.lora.targets = tuple(targets)
+        union.method.lora.rank = max(c.method.lora.rank for c in configs)
+    return union
+
+
+def _padded(own: dict, shapes: dict[tuple, tuple]) -> dict:
+    """A member's LoRA leaves laid out as the group's: zero-padded to the group's rank (A's rows,
+    B's columns: the rank axis is A's -2 and B's -1), and zeros where the member has none."""
+    flat = traverse_util.flatten_dict(own)
+    out = {}
+    for path, shape in shapes.items():
+        if path not in flat:
+            out[path] = jnp.zeros(shape, jnp.float32)
+            continue
+        leaf = flat[path]
+        pad = [(0, full - have) for full, have in zip(shape, leaf.shape)]
+        out[path] = jnp.pad(leaf, pad)
+    return traverse_util.unflatten_dict(out)
+
+
+@dataclasses.dataclass
+class MemberGroup:
+    """N LoRA runs of one group (`groups`) as one program.
+
+    Attributes:
+      configs: the members' configs, in member order.
+      run: the group's run (`setup.Run`): the union of the members' targets at the largest rank,
+        the frozen tree shared by every member.
+      members: each member's own run (its stack and unpadded trainable tree at step 0).
+      task, total_steps, steps_per_epoch: the data and length every member shares.
+      trainable, opt_state: stacked on a leading member axis, at step 0.
+      frozen: the shared frozen tree plus the members' scales (`lora.SCALES`), stacked.
+      step: step(trainable, opt_state, step) -> (trainable, opt_state, losses [N], finite [N]).
+    """
+
+    configs: list
+    run: setup.Run
+    members: list
+    task: Any
+    total_steps: int
+    steps_per_epoch: int
+    trainable: Any
+    opt_state: Any
+    frozen: Any
+    _train_step: Any
+    _epochs: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def build(cls, configs: Sequence[ml_collections.ConfigDict]) -> "MemberGroup":
+        """The group of `configs`, each a full training config of one member.
+
+        Raises:
+          ConfigError: the configs cannot share one program (`groups` splits them first).
+        """
+        configs = list(configs)
+        keys = {group_key(c) for c in configs}
+        if None in keys or len(keys) != 1:
+            raise ConfigError(
+                "these configs cannot train as one program: they must all be plain LoRA and "
+                f"differ only in {', '.join(MEMBER_FIELDS)} (members.groups splits a study)")
+        union = _union_config(configs)
+        bases = [setup.base(c) for c in configs]  # the same weights; heads drawn per seed
+        run = setup.build(union, base_model=bases[0])
+        members = [setup.build(c, base_model=b) for c, b in zip(configs, bases)]
+        training = setup.for_training(members[0])
+
+        # The group's adapter layout: every union target at the largest rank.
+        shapes = {p: v.shape for p, v in
+                  traverse_util.flatten_dict(run.trainable.get("lora", {})).items()}
+        stacked = []
+        for member in members:
+            own = jax.device_get(member.trainable)
+            tree = dict(own)
+            tree["lora"] = _padded(own.get("lora", {}), shapes)
+            stacked.append(tree)
+
+        opt_states = []
+        for config, tree in zip(configs, stacked):
+            opt_states.append(cls._optimizer(config, training.total_steps, tree).init(tree))
+        # Every member's scale per union kernel: its own s where it has an adapter, else 0.
+        kernels = [join(p[:-1] + ("kernel",)) for p in shapes if p[-1] == lora.LORA_A]
+        scales = []
+        for member in members:
+            spec = member.stack.methods[0].spec
+            own = {join(m + ("kernel",)) for m in lora.adapter_modules(member.trainable)}
+            scales.append({k: np.float32(spec.scale(k, spec.rank_for(k)) if k in own else 0.0)
+                           for k in kernels})
+
+        stack_leaves = lambda trees: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)
+        frozen = dict(run.frozen)
+        frozen["lora"] = {lora.SCALES: stack_leaves(scales)}
+        tx = cls._optimizer(configs[0], training.total_steps, stacked[0])
+        train_step = cls._build_step(run, training.task.kind, tx, frozen)
+        return cls(configs, run, members, training.task, training.total_steps,
+                   training.steps_per_epoch, stack_leaves(stacked), stack_leaves(opt_states),
+                   frozen, train_step)
+
+    @staticmethod
+    def _optimizer(config: ml_collections.ConfigDict, total_steps: int, trainable: Any):
+        """The trainer's AdamW at rate 1 (same schedule shape), then the member's rate."""
+        unit = copy.deepcopy(config.optim)
+        with unit.unlocked():
+            unit.lr = 1.0
+        tx, _ = setup.optimizer(unit, total_steps)
+        return optax.chain(tx, scale_by_member_lr(config.optim.lr))
+
+    @staticmethod
+    def _build_step(run: setup.Run, kind: str, tx, frozen: dict):
+        """The trainer's step (`steps.build_train_step`, unjitted), mapped over the members;
+        the frozen weights are shared (not mapped), the members' scales are."""
+        one = steps.build_train_step(run.forward, kind, tx, run.mesh,
+                                     run.config.optim.label_smoothing, jit=False)
+        frozen_axes = {k: (0 if k == "lora" else None) for k in frozen}
+        many = jax.vmap(one, in_axes=(frozen_axes, 0, 0, 0, 0))
+        return jax.jit(many, donate_argnums=(1, 2))
+
+    # --- Stepping --------------------------------------------------------------------------------
+
+    def batches(self, step: int) -> dict:
+        """The members' batches of `step`, each as its own run draws it (its seed's order), padded
+        to the longest of them and stacked: [N, accum, micro, length] arrays."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch not in self._epochs:
+            self._epochs.clear()
+            self._epochs[epoch] = [self.task.train_batches(c.data.batch_size, c.seed, epoch)
+                                   for c in self.configs]
+        own = [epoch_batches[index] for epoch_batches in self._epochs[epoch]]
+        width = max(b["input_ids"].shape[1] for b in own)
+        pad_id = self.task.pad_id
+
+        def widen(key: str, x: np.ndarray) -> np.ndarray:
+            if x.ndim < 2 or x.shape[1] == width or key in ("labels", "index", "example_mask"):
+                return x
+            fill = pad_id if key == "input_ids" else 0
+            return np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2),
+                          constant_values=fill)
+
+        accum = self.configs[0].optim.grad_accum
+
+        def micro_batches(x: np.ndarray) -> np.ndarray:  # [batch, ...] -> [accum, micro, ...]
+            return x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+
+        host = {k: np.stack([micro_batches(widen(k, b[k])) for b in own]) for k in own[0]}
+        batch_spec = sharding.batch_sharding(self.run.mesh).spec
+        placed = NamedSharding(self.run.mesh, P(None, *batch_spec))
+        return {k: jax.make_array_from_callback(v.shape, placed, lambda i, v=v: v[i])
+                for k, v in host.items()}
+
+    def rngs(self, step: int) -> jax.Array:
+        """The members' step keys, each as its own run folds it."""
+        return jnp.stack([jax.random.fold_in(run_keys(c.seed)[2], step) for c in self.configs])
+
+    def step(self, trainable, opt_state, step: int):
+        """One optimizer step of every member: (trainable, opt_state, losses, finite)."""
+        return self._train_step(self.frozen, trainable, opt_state, self.batches(step),
+                                self.rngs(step))
+
+    # --- Members' results ------------------------------------------------------------------------
+
+    def member_trainable(self, trainable, index: int) -> dict:
+        """Member `index`'s trainable tree as its own run holds it: its adapters only, at its
+        own rank."""
+        mine = jax.tree_util.tree_map(lambda x: np.asarray(x[index]), jax.device_get(trainable))
+        own = jax.device_get(self.members[index].trainable)
+        flat_own = traverse_util.flatten_dict(own.get("lora", {}))
+        flat = traverse_util.flatten_dict(mine.get("lora", {}))
+        cut = {p: flat[p][tuple(slice(0, n) for n in v.shape)] for p, v in flat_own.items()}
+        out = dict(mine)
+        out["lora"] = traverse_util.unflatten_dict(cut) if cut else {}
+        return out
+
+    def padding(self, trainable, index: int) -> dict:
+        """Member `index`'s LoRA leaves outside its own adapters (padding and untargeted
+        kernels): each must stay exactly zero."""
+        mine = traverse_util.flatten_dict(jax.tree_util.tree_map(
+            lambda x: np.asarray(x[index]), jax.device_get(trainable)).get("lora", {}))
+        own = traverse_util.flatten_dict(jax.device_get(self.members[index].trainable)
+                                         .get("lora", {}))
+        out = {}
+        for path, leaf in mine.items():
+            mask = np.ones(leaf.shape, bool)
+            if path in own:
+                mask[tuple(slice(0, n) for n in own[path].shape)] = False
+            out[path] = leaf[mask]
+        return out

@@ -1,0 +1,145 @@
+"""A study's members trained as one program equal their separate runs (lora_jax.training.members)."""
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import tiny_config
+from lora_jax.errors import ConfigError
+from lora_jax.training import members, setup, sharding
+from lora_jax.training.modeling import run_keys
+
+STEPS = 20
+Q, K, V, O = (r"/attention/self/query/kernel", r"/attention/self/key/kernel",
+              r"/attention/self/value/kernel", r"/attention/output/dense/kernel")
+
+
+def save_tiny_bert(directory, dropout: float):
+    """A random 2-layer BERT classifier saved with transformers (MiniLM's vocabulary): a
+    pretrained base, so its weights do not depend on the members' seeds."""
+    import torch
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64, num_labels=2,
+                                     hidden_dropout_prob=dropout,
+                                     attention_probs_dropout_prob=dropout)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """Without dropout: members of other seeds (other data orders, batches of other widths)."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), 0.0)
+
+
+@pytest.fixture(scope="module")
+def dropout_bert_dir(tmp_path_factory):
+    """With BERT's dropout of 0.1."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-dropout"), 0.1)
+
+
+def member_config(base_dir, seed, rank, alpha, targets, lr, rslora=False):
+    return tiny_config(**{
+        "model.name": str(base_dir), "model.tokenizer": "minilm", "seed": seed,
+        "method.lora.rank": rank, "method.lora.alpha": alpha, "method.lora.targets": targets,
+        "method.lora.rslora": rslora, "optim.lr": lr, "train.max_steps": STEPS})
+
+
+@pytest.fixture(scope="module")
+def study(tiny_bert_dir):
+    """Three members differing in seed, rank, alpha, rsLoRA, targets and learning rate."""
+    return [member_config(tiny_bert_dir, 0, 4, 8.0, (Q, V), 1e-3),
+            member_config(tiny_bert_dir, 1, 8, 16.0, (Q,), 5e-4, rslora=True),
+            member_config(tiny_bert_dir, 2, 2, 4.0, (Q, K, V, O), 2e-3)]
+
+
+def separate_run(config):
+    """(per-step losses, final trainable tree) of the config's run, stepped as the trainer does."""
+    run = setup.build(config)
+    training = setup.for_training(run)
+    trainable, opt_state = run.trainable, training.opt_state
+    key = run_keys(config.seed)[2]
+    losses = []
+    for step in range(STEPS):
+        epoch, index = divmod(step, training.steps_per_epoch)
+        host = training.task.train_batches(config.data.batch_size, config.seed, epoch)[index]
+        batch = sharding.global_batch(host, run.mesh, config.optim.grad_accum)
+        trainable, opt_state, loss, _ = training.train_step(
+            run.frozen, trainable, opt_state, batch, jax.random.fold_in(key, step))
+        losses.append(float(loss))
+    return np.array(losses), jax.device_get(trainable)
+
+
+def train_together(configs):
+    """(losses [member, step], final stacked trainable, group, widths of the steps' batches)."""
+    group = members.MemberGroup.build(configs)
+    assert members.groups(configs) == [list(range(len(configs)))]
+    trainable, opt_state = group.trainable, group.opt_state
+    together, widths = [], set()
+    for step in range(STEPS):
+        widths.add(group.batches(step)["input_ids"].shape[-1])
+        trainable, opt_state, losses, finite = group.step(trainable, opt_state, step)
+        assert np.asarray(finite).all()
+        together.append(np.asarray(losses))
+    return np.stack(together, axis=1), trainable, group, widths
+
+
+def assert_members_equal_their_runs(configs, together, trainable, group):
+    for i, config in enumerate(configs):
+        losses, expected = separate_run(config)
+        np.testing.assert_allclose(together[i], losses, rtol=1e-5, err_msg=f"member {i}")
+        got = traverse_util.flatten_dict(group.member_trainable(trainable, i))
+        want = traverse_util.flatten_dict(expected)
+        assert got.keys() == want.keys()
+        for path, value in want.items():
+            assert got[path].shape == value.shape, path
+            np.testing.assert_allclose(got[path], value, atol=1e-5, rtol=1e-5,
+                                       err_msg=f"member {i} {path}")
+        # The padding (ranks beyond the member's, kernels it does not target) stayed exactly 0.
+        padding = group.padding(trainable, i)
+        assert sum(v.size for v in padding.values()) > 0
+        assert all(not np.any(v) for v in padding.values())
+
+
+def test_members_of_other_seeds_ranks_and_rates_equal_their_separate_runs(study):
+    together, trainable, group, widths = train_together(study)
+    assert group.steps_per_epoch < STEPS  # the data order crosses an epoch for every member
+    assert len(widths) > 1  # steps of several lengths: the members' batches were padded
+    assert_members_equal_their_runs(study, together, trainable, group)
+    # The members did differ: their first losses are not all the same (seeds, heads, data).
+    assert len({round(float(x), 6) for x in together[:, 0]}) == 3
+
+
+def test_members_with_the_models_dropout_draw_their_runs_masks(dropout_bert_dir):
+    """With dropout on, members of one seed (one data order) share a program: each draws the
+    dropout masks its run draws."""
+    configs = [member_config(dropout_bert_dir, 0, 4, 8.0, (Q, V), 1e-3),
+               member_config(dropout_bert_dir, 0, 8, 4.0, (Q,), 3e-3, rslora=True)]
+    together, trainable, group, _ = train_together(configs)
+    assert_members_equal_their_runs(configs, together, trainable, group)
+
+
+def test_groups_split_what_cannot_share_a_program(tiny_bert_dir, dropout_bert_dir):
+    base = member_config(tiny_bert_dir, 0, 4, 8.0, (Q, V), 1e-3)
+    other_rank = member_config(tiny_bert_dir, 1, 8, 8.0, (Q,), 2e-3)
+    other_batch = tiny_config(**{"model.name": str(tiny_bert_dir), "model.tokenizer": "minilm",
+                                 "data.batch_size": 8})
+    bitfit = tiny_config(**{"model.name": str(tiny_bert_dir), "model.tokenizer": "minilm",
+                            "method.use": ("bitfit",)})
+    # Random base weights come from the seed: two seeds of a random-init model cannot share one.
+    random_0, random_1 = tiny_config(seed=0), tiny_config(seed=1)
+    assert members.groups([base, other_rank, other_batch, bitfit, random_0, random_1]) == [
+        [0, 1], [2], [3], [4], [5]]
+    # With the model's dropout, other seeds share a program only if every batch has one width.
+    dropout = [member_config(dropout_bert_dir, s, 4, 8.0, (Q, V), 1e-3) for s in (0, 1)]
+    assert members.groups(dropout) == [[0], [1]]
+    for config in dropout:
+        config.data.buckets = (32,)  # = max_len: one width
+    assert members.groups(dropout) == [[0, 1]]
+    with pytest.raises(ConfigError, match="cannot train as one program"):
+        members.MemberGroup.build([base, other_batch])
