@@ -10,6 +10,10 @@ its record (DIR/<name>/record.json) is written, a rerun skips it, so an interrup
 (one row per run, then the median / min / max per setting, the way the paper reports seeds) and
 DIR/<study>.png.
 
+`--together` trains the runs that can share one program (LoRA runs differing in seed, rank,
+targets, alpha or learning rate: `lora_jax.training.members`) as one, each still writing its own
+run directory and record; the others train one after another.
+
 `--records RDIR` keeps a second copy of each finished run's record as RDIR/<name>.json and skips
 any run whose record is there: records are a few hundred bytes where a run directory holds
 checkpoints and exports, so RDIR can be committed and a long sweep resumed on another machine.
@@ -142,11 +146,43 @@ def run_one(base: ml_collections.ConfigDict, run: dict, workdir: pathlib.Path,
     print(f"training {run['name']} in {workdir}", flush=True)
     tick = time.perf_counter()
     result = train(run_config(base, run), workdir)
-    record = make_record(run, result, workdir, time.perf_counter() - tick)
+    return write_record(run, result, workdir, time.perf_counter() - tick, records)
+
+
+def write_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float,
+                 records: pathlib.Path | None) -> dict:
+    """Writes a finished run's record (and its copy in `records`); returns it."""
+    record = make_record(run, result, workdir, wall_s)
     (workdir / RECORD).write_text(json.dumps(record, indent=1))
-    if kept is not None:
-        kept.write_text(json.dumps(record, indent=1))
+    if records is not None:
+        (records / f"{run['name']}.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def train_groups(base: ml_collections.ConfigDict, runs: Sequence[dict], out: pathlib.Path,
+                 records: pathlib.Path | None) -> None:
+    """Trains the unfinished runs that can share a program (`members.groups`) as one program
+    per group (`together.train_together`), writing their records; the others are left for
+    `run_one`. A member's wall time is its group's divided by its size."""
+    from lora_jax.training import members, together
+
+    def finished(run: dict) -> bool:
+        return ((records is not None and (records / f"{run['name']}.json").is_file())
+                or is_finished(out / run["name"]))
+
+    pending = [r for r in runs if not finished(r)]
+    configs = [run_config(base, r) for r in pending]
+    for group in members.groups(configs):
+        if len(group) < 2:
+            continue
+        names = ", ".join(pending[i]["name"] for i in group)
+        print(f"training together: {names}", flush=True)
+        tick = time.perf_counter()
+        results = together.train_together([configs[i] for i in group],
+                                          [out / pending[i]["name"] for i in group])
+        wall_s = (time.perf_counter() - tick) / len(group)
+        for i, result in zip(group, results):
+            write_record(pending[i], result, out / pending[i]["name"], wall_s, records)
 
 
 # --- Tables and plots ---------------------------------------------------------------------------
@@ -255,9 +291,10 @@ def plot(study: str, summary: Sequence[dict], metric: str, path: pathlib.Path,
 # --- Sweep --------------------------------------------------------------------------------------
 
 def sweep(config: ml_collections.ConfigDict, out: pathlib.Path, only: str | None = None,
-          records: pathlib.Path | None = None) -> list[dict]:
+          records: pathlib.Path | None = None, together: bool = False) -> list[dict]:
     """Runs (or skips) every run whose name matches `only`, then writes tables and the plot;
-    `records` (optional) keeps each finished run's record too (see the module docstring)."""
+    `records` (optional) keeps each finished run's record too (see the module docstring);
+    `together`: runs that can share a program train as one (`train_groups`)."""
     runs = [r for r in config.runs if only is None or re.search(only, r["name"])]
     if not runs:
         names = "\n  ".join(r["name"] for r in config.runs)
@@ -265,6 +302,8 @@ def sweep(config: ml_collections.ConfigDict, out: pathlib.Path, only: str | None
     out.mkdir(parents=True, exist_ok=True)
     if records is not None:
         records.mkdir(parents=True, exist_ok=True)
+    if together:
+        train_groups(config.base, runs, out, records)
     finished = [run_one(config.base, r, out / r["name"], records) for r in runs]
     write_tables(finished, out, f"LoRA {config.study} study on {config.base.data.task}")
     plot(config.study, summarize(finished), finished[0]["metric"], out / f"{config.study}.png",
@@ -282,13 +321,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--records", type=pathlib.Path,
                         help="keep each finished run's record here as <name>.json; skip the runs"
                              " recorded here")
+    parser.add_argument("--together", action="store_true",
+                        help="train the runs that can share a program as one (members.groups)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. base.train.max_steps=100")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     for item in args.set:
         set_dotted(config, *parse_set(item))
-    return sweep(config, args.out, args.only, args.records)
+    return sweep(config, args.out, args.only, args.records, args.together)
 
 
 if __name__ == "__main__":

@@ -143,3 +143,56 @@ def test_groups_split_what_cannot_share_a_program(tiny_bert_dir, dropout_bert_di
     assert members.groups(dropout) == [[0, 1]]
     with pytest.raises(ConfigError, match="cannot train as one program"):
         members.MemberGroup.build([base, other_batch])
+
+
+def read_metrics(workdir):
+    import json
+
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+            if line]
+
+
+def adapter_tensors(directory):
+    from safetensors.numpy import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    assert files, directory
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+def test_train_together_writes_each_members_workdir_as_its_run(tiny_bert_dir, tmp_path):
+    """Two members trained together: each workdir's losses, evaluations, best and final exports
+    equal its separate run's; its checkpoint is its run's (the trainer resumes from it)."""
+    from lora_jax.train import train
+    from lora_jax.training.together import train_together
+
+    configs = [member_config(tiny_bert_dir, 0, 4, 8.0, (Q, V), 1e-3),
+               member_config(tiny_bert_dir, 1, 8, 16.0, (Q,), 2e-3)]
+    for c in configs:
+        c.train.max_steps = 8
+    together = train_together(configs, [tmp_path / "together" / f"m{i}" for i in range(2)])
+    for i, config in enumerate(configs):
+        alone = train(config, tmp_path / "alone" / f"m{i}")
+        mine = tmp_path / "together" / f"m{i}"
+        assert together[i]["trained_params"] == alone["trained_params"]
+        assert together[i]["best"]["step"] == alone["best"]["step"]
+        np.testing.assert_allclose(together[i]["accuracy"], alone["accuracy"], rtol=1e-5)
+        got, want = read_metrics(mine), read_metrics(tmp_path / "alone" / f"m{i}")
+        rows = lambda records: [(r["step"], r["split"]) for r in records if r["split"] != "compile"]
+        assert rows(got) == rows(want)
+        for g, w in zip(got, want):
+            if g["split"] == "compile":
+                continue
+            for key, value in w.items():
+                if isinstance(value, float) and key != "tokens_per_s":  # a timing
+                    np.testing.assert_allclose(g[key], value, rtol=1e-5, atol=1e-7,
+                                               err_msg=f"member {i} step {w['step']} {key}")
+        for export in ("adapter", "best_adapter"):
+            g_t = adapter_tensors(mine / export)
+            w_t = adapter_tensors(tmp_path / "alone" / f"m{i}" / export)
+            assert g_t.keys() == w_t.keys()
+            for key in w_t:
+                np.testing.assert_allclose(g_t[key], w_t[key], atol=1e-5, err_msg=key)
+        # The member's checkpoint restores into its own run, which finds nothing left to train.
+        again = train(config, mine)
+        np.testing.assert_allclose(again["accuracy"], together[i]["accuracy"], rtol=1e-6)

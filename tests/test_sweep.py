@@ -5,6 +5,7 @@ import json
 import pathlib
 import shutil
 
+import numpy as np
 import pytest
 
 from experiments import sweep
@@ -243,3 +244,24 @@ def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path
     assert lines[3] == "| lora | 100 | 85.0 [80.0, 90.0] n=3 | 55.0 [50.0, 60.0] n=2 | 20 |"
     assert "(6 finished runs)" in (tmp_path / "out" / "table.md").read_text()
     assert (tmp_path / "out" / "sst2.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_together_sweep_records_equal_the_sequential_sweeps(tmp_path, capsys):
+    """--together trains runs that share a program as one; each run's record equals the
+    sequential sweep's (its metric within 1e-5), and a rerun skips them all."""
+    only = r"^rank=(1|4),targets=qv,"
+    sequential = {r["name"]: r for r in sweep.main(tiny_sweep("study=rank,model=tiny",
+                                                               tmp_path / "seq", only))}
+    capsys.readouterr()
+    argv = [*tiny_sweep("study=rank,model=tiny", tmp_path / "together", only), "--together"]
+    together = {r["name"]: r for r in sweep.main(argv)}
+    out = capsys.readouterr().out
+    assert out.count("training together:") == 1 and "\ntraining rank" not in out
+    assert together.keys() == sequential.keys() and len(together) == 2
+    for name, record in sequential.items():
+        for key in ("trained_params", "lora_params", "best_step", "metric"):
+            assert together[name][key] == record[key], (name, key)
+        for key in ("best", "final"):
+            np.testing.assert_allclose(together[name][key], record[key], atol=1e-5)
+    sweep.main(argv)
+    assert capsys.readouterr().out.count("skipping") == 2

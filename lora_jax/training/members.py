@@ -185,6 +185,7 @@ class MemberGroup:
     opt_state: Any
     frozen: Any
     _train_step: Any
+    _shapes: dict
     _epochs: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -235,7 +236,7 @@ class MemberGroup:
         train_step = cls._build_step(run, training.task.kind, tx, frozen)
         return cls(configs, run, members, training.task, training.total_steps,
                    training.steps_per_epoch, stack_leaves(stacked), stack_leaves(opt_states),
-                   frozen, train_step)
+                   frozen, train_step, shapes)
 
     @staticmethod
     def _optimizer(config: ml_collections.ConfigDict, total_steps: int, trainable: Any):
@@ -292,10 +293,11 @@ class MemberGroup:
         """The members' step keys, each as its own run folds it."""
         return jnp.stack([jax.random.fold_in(run_keys(c.seed)[2], step) for c in self.configs])
 
-    def step(self, trainable, opt_state, step: int):
-        """One optimizer step of every member: (trainable, opt_state, losses, finite)."""
-        return self._train_step(self.frozen, trainable, opt_state, self.batches(step),
-                                self.rngs(step))
+    def step(self, trainable, opt_state, step: int, batch: dict | None = None):
+        """One optimizer step of every member: (trainable, opt_state, losses, finite);
+        `batch`: `batches(step)`, if the caller has it."""
+        batch = self.batches(step) if batch is None else batch
+        return self._train_step(self.frozen, trainable, opt_state, batch, self.rngs(step))
 
     # --- Members' results ------------------------------------------------------------------------
 
@@ -310,6 +312,41 @@ class MemberGroup:
         out = dict(mine)
         out["lora"] = traverse_util.unflatten_dict(cut) if cut else {}
         return out
+
+    def own_optimizer(self, index: int):
+        """Member `index`'s optimizer as its own run builds it."""
+        config = self.configs[index]
+        tx, _ = setup.optimizer(config.optim, self.total_steps, None, self.members[index].stack)
+        return tx
+
+    def member_opt_state(self, opt_state, index: int):
+        """Member `index`'s optimizer state as its own run holds it (its run's structure, its
+        adapters' moments at its own rank), so that its checkpoint is its run's."""
+        own = self.own_optimizer(index).init(self.members[index].trainable)
+        inner = {jax.tree_util.keystr(k): v for k, v in
+                 jax.tree_util.tree_flatten_with_path(jax.device_get(opt_state[0]))[0]}
+        mine = lambda k, t: np.asarray(inner[jax.tree_util.keystr(k)][index])[
+            tuple(slice(0, n) for n in np.shape(t))]
+        return jax.tree_util.tree_map_with_path(mine, jax.device_get(own))
+
+    def with_member(self, trainable, opt_state, index: int, own_trainable, own_opt_state):
+        """The stacked trees with member `index`'s row replaced by its own run's state (laid out
+        as the group's: padded, zeros where it has no adapter): a resumed member."""
+        row = dict(jax.device_get(own_trainable))
+        row["lora"] = _padded(row.get("lora", {}), self._shapes)
+        trainable = jax.tree_util.tree_map(lambda s, r: s.at[index].set(r), trainable, row)
+        own = {jax.tree_util.keystr(k): v for k, v in
+               jax.tree_util.tree_flatten_with_path(jax.device_get(own_opt_state))[0]}
+
+        def put(key, stacked):
+            value = own.get(jax.tree_util.keystr(key))
+            value = (jnp.zeros(stacked.shape[1:], stacked.dtype) if value is None else jnp.pad(
+                jnp.asarray(value), [(0, f - h) for f, h in zip(stacked.shape[1:],
+                                                                  np.shape(value))]))
+            return stacked.at[index].set(value.astype(stacked.dtype))
+
+        inner = jax.tree_util.tree_map_with_path(put, opt_state[0])
+        return trainable, (inner,) + tuple(opt_state[1:])
 
     def padding(self, trainable, index: int) -> dict:
         """Member `index`'s LoRA leaves outside its own adapters (padding and untargeted
