@@ -270,10 +270,17 @@ def bench_jax(setting: Setting, args) -> dict:
         state["trainable"], state["opt"], state["loss"], _ = step(
             frozen, state["trainable"], state["opt"], placed, jax.random.fold_in(key, state["i"]))
 
+    from lora_jax.training.compile_clock import CompileClock
+
+    with CompileClock() as clock:  # the first step compiles: its time and the compiler's
+        run_step()
+        jax.block_until_ready(state["loss"])
+        first_step_s = clock.since_open()
     seconds = time_steps(run_step, lambda: jax.block_until_ready(state["loss"]),
                          args.warmup, args.steps)
     device = jax.devices()[0]
     return {"seconds_per_step": seconds, "peak_bytes": peak_bytes(),
+            "first_step_s": first_step_s, **clock.record(),
             "device": device.device_kind, "trainable": methods.count_params(trainable),
             "loss": float(sharding.first_replica(state["loss"])),
             "matmul_peak": matmul_peak(args.dtype, 8192 if device.platform == "gpu" else 1024)}
@@ -463,6 +470,12 @@ def report(args) -> None:
         if lora_r and full_r:
             print(f"{name}: lora_jax LoRA step time / its full fine-tuning step time: "
                   f"{lora_r['seconds_per_step'] / full_r['seconds_per_step']:.2f}")
+        for mode in args.modes.split(","):
+            ours = results.get((name, "jax", mode))
+            if ours and "first_step_s" in ours:
+                print(f"{name} {mode}: lora_jax time to the first step {ours['first_step_s']:.1f} s"
+                      f", of which compiling {ours['compile_s']:.1f} s "
+                      f"({ours['programs_compiled']} programs)")
 
 
 def report_packing(args) -> None:
