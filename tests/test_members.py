@@ -196,3 +196,36 @@ def test_train_together_writes_each_members_workdir_as_its_run(tiny_bert_dir, tm
         # The member's checkpoint restores into its own run, which finds nothing left to train.
         again = train(config, mine)
         np.testing.assert_allclose(again["accuracy"], together[i]["accuracy"], rtol=1e-6)
+
+
+def test_train_together_resumes_its_members_after_a_preemption(tiny_bert_dir, tmp_path,
+                                                               monkeypatch):
+    """Stopped at step 4 (as by SIGTERM: every member checkpoints step 4), a rerun resumes all
+    members there and ends with the uninterrupted run's adapters, bit for bit."""
+    from lora_jax.errors import Preempted
+    from lora_jax.training import together
+    from lora_jax.training.preemption import PreemptionNotice
+
+    configs = [member_config(tiny_bert_dir, 0, 4, 8.0, (Q, V), 1e-3),
+               member_config(tiny_bert_dir, 1, 8, 16.0, (Q,), 2e-3)]
+    for c in configs:
+        c.train.max_steps = 8
+    whole = [tmp_path / "whole" / f"m{i}" for i in range(2)]
+    cut = [tmp_path / "cut" / f"m{i}" for i in range(2)]
+    together.train_together(configs, whole)
+
+    class StopAtStep4(PreemptionNotice):
+        def reached(self, step: int) -> bool:
+            return step == 4
+
+    monkeypatch.setattr(together, "PreemptionNotice", StopAtStep4)
+    with pytest.raises(Preempted, match="step 4"):
+        together.train_together(configs, cut)
+    assert all(not (d / "adapter").exists() for d in cut)
+    assert all((d / "checkpoints" / "4").is_dir() for d in cut)
+    monkeypatch.undo()
+    together.train_together(configs, cut)
+    for w, c in zip(whole, cut):
+        got, want = adapter_tensors(c / "adapter"), adapter_tensors(w / "adapter")
+        assert got.keys() == want.keys()
+        assert all(np.array_equal(got[k], want[k]) for k in want)

@@ -340,10 +340,12 @@ class MemberGroup:
 
         def put(key, stacked):
             value = own.get(jax.tree_util.keystr(key))
-            value = (jnp.zeros(stacked.shape[1:], stacked.dtype) if value is None else jnp.pad(
-                jnp.asarray(value), [(0, f - h) for f, h in zip(stacked.shape[1:],
-                                                                  np.shape(value))]))
-            return stacked.at[index].set(value.astype(stacked.dtype))
+            if value is None:  # a moment of an adapter the member does not have
+                value = jnp.zeros(stacked.shape[1:], stacked.dtype)
+            elif np.ndim(value):  # padded to the group's rank
+                value = jnp.pad(jnp.asarray(value), [(0, f - h) for f, h in
+                                                     zip(stacked.shape[1:], np.shape(value))])
+            return stacked.at[index].set(jnp.asarray(value, stacked.dtype))
 
         inner = jax.tree_util.tree_map_with_path(put, opt_state[0])
         return trainable, (inner,) + tuple(opt_state[1:])
