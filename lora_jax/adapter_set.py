@@ -1,0 +1,238 @@
+"""Several LoRA adapters over one frozen base: mixed-adapter batches, merging and switching.
+
+    adapters = AdapterSet.load({"sst2": "runs/sst2/adapter", "mrpc": "runs/mrpc/adapter"},
+                               params, family, task="classification")
+    logits = adapters.apply(model.apply, frozen, input_ids, adapter_ids=[0, 1, 1, 0],
+                            attention_mask=mask)          # each row through its own adapter
+    merged = adapters.merge(params, "sst2")             # W0 + s B A, for plain inference
+    merged = adapters.switch(merged, "sst2", "mrpc")    # - s B A + s' B' A' (PEFT's seed idea)
+
+A mixed batch is PEFT's `adapter_names`: every example names its adapter, and gets exactly what
+that adapter gives alone. The adapters may differ in rank, alpha, targets and trained heads
+(`also_train`, e.g. each task's classifier): they are stacked on an adapter axis, zero-padded to
+the largest rank and zero where an adapter has no matrix (exact, as in
+`lora_jax.training.members`), and each nn.Dense call gathers its rows' adapters. Only plain LoRA
+adapters (no DoRA, PiSSA, VeRA: those change W0 or the output's form) and trained Dense heads
+are supported; anything else is refused when the set is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from lora_jax.methods import lora
+from lora_jax.methods.base import MethodStack, combine, join
+
+Params = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSet:
+    """Named LoRA adapters trained on one base.
+
+    Attributes:
+      names: the adapters' names, in order (an example's adapter id indexes them).
+      stacks: each adapter's method stack (one LoRA method).
+      trainables: each adapter's trainable tree, as its run holds it.
+    """
+
+    names: tuple[str, ...]
+    stacks: tuple[MethodStack, ...]
+    trainables: tuple[dict, ...]
+
+    def __post_init__(self):
+        if not self.names:
+            raise ValueError("an adapter set needs at least one adapter")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"adapter names repeat: {self.names}")
+        for name, stack, trainable in zip(self.names, self.stacks, self.trainables):
+            if [m.name for m in stack.methods] != ["lora"] or type(stack.methods[0]) is not lora.LoRA:
+                raise ValueError(f"adapter {name!r} is {stack.describe()}: an adapter set holds "
+                                 "plain LoRA adapters")
+            for path in traverse_util.flatten_dict(trainable.get("params", {})):
+                if path[-1] not in ("kernel", "bias"):
+                    raise ValueError(f"adapter {name!r} trains {join(path)} in full; only Dense "
+                                     "modules (kernel, bias) can be switched per example")
+        parts = {}
+        for stack, trainable in zip(self.stacks, self.trainables):
+            spec = stack.methods[0].spec
+            for module in lora.adapter_modules(trainable):
+                kernel = join(module + ("kernel",))
+                if parts.setdefault(kernel, spec.parts_for(kernel)) != spec.parts_for(kernel):
+                    raise ValueError(f"the adapters split {kernel} into other output parts")
+
+    @classmethod
+    def load(cls, directories: Mapping[str, str | os.PathLike], params: Params, family: Any,
+             task: str | None) -> "AdapterSet":
+        """The adapters exported in `directories` (name -> a run's adapter/ or a PEFT directory),
+        all trained on the base `params`."""
+        from lora_jax.interop import exports
+
+        stacks, trainables = [], []
+        for name, directory in directories.items():
+            stack, trainable = exports.load(directory, params, family, task)
+            stacks.append(stack)
+            trainables.append(jax.device_get(trainable))
+        return cls(tuple(directories), tuple(stacks), tuple(trainables))
+
+    def index(self, name: str) -> int:
+        if name not in self.names:
+            raise KeyError(f"no adapter {name!r}; the set holds {list(self.names)}")
+        return self.names.index(name)
+
+    # --- One adapter at a time -------------------------------------------------------------------
+
+    def frozen(self, params: Params) -> dict:
+        """The base without what any adapter trains in full (their heads): what `apply` runs on."""
+        trained = set()
+        for trainable in self.trainables:
+            trained |= set(traverse_util.flatten_dict(trainable.get("params", {})))
+        flat = traverse_util.flatten_dict(params)
+        return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in trained})
+
+    def merge(self, params: Params, name: str) -> dict:
+        """`params` (the base, heads included or not) with adapter `name` folded in and its
+        heads in place: a plain model that runs as the adapted one."""
+        i = self.index(name)
+        stack, trainable = self.stacks[i], self.trainables[i]
+        return stack.merge(stack.frozen(params, trainable), trainable)
+
+    def unmerge(self, merged: Params, name: str) -> dict:
+        """`merged` with adapter `name`'s low-rank update taken out again (its heads stay)."""
+        i = self.index(name)
+        spec = self.stacks[i].methods[0].spec
+        return lora.apply_deltas(spec, merged, self.trainables[i], -1.0)
+
+    def switch(self, merged: Params, current: str, new: str) -> dict:
+        """A model merged with `current` turned into one merged with `new`: subtract s B A, add
+        s' B' A', and put `new`'s heads in place."""
+        base = self.unmerge(merged, current)
+        j = self.index(new)
+        spec = self.stacks[j].methods[0].spec
+        flat = traverse_util.flatten_dict(lora.apply_deltas(spec, base, self.trainables[j], +1.0))
+        for path, value in traverse_util.flatten_dict(self.trainables[j].get("params", {})).items():
+            flat[path] = jnp.asarray(value, flat[path].dtype)
+        return traverse_util.unflatten_dict(flat)
+
+    # --- Mixed batches ---------------------------------------------------------------------------
+
+    def stacked(self) -> dict:
+        """The adapters on a leading adapter axis: {'lora': {module: {lora_a, lora_b}}, padded;
+        'scale': {kernel path: [N]}; 'dense': {module: {kernel, bias}} of the trained heads}."""
+        shapes: dict[tuple, tuple] = {}
+        for trainable in self.trainables:
+            for path, leaf in traverse_util.flatten_dict(trainable.get("lora", {})).items():
+                old = shapes.get(path, leaf.shape)
+                shapes[path] = tuple(max(a, b) for a, b in zip(old, leaf.shape))
+        modules = sorted({p[:-1] for p in shapes})
+        out_lora, scales = {}, {}
+        for module in modules:
+            kernel = join(module + ("kernel",))
+            rows = {lora.LORA_A: [], lora.LORA_B: []}
+            scale = []
+            for stack, trainable in zip(self.stacks, self.trainables):
+                own = lora.adapter_modules(trainable).get(module)
+                spec = stack.methods[0].spec
+                for leaf in (lora.LORA_A, lora.LORA_B):
+                    shape = shapes[module + (leaf,)]
+                    if own is None:
+                        rows[leaf].append(np.zeros(shape, np.float32))
+                    else:
+                        value = np.asarray(own[leaf], np.float32)
+                        rows[leaf].append(np.pad(value, [(0, f - h) for f, h in
+                                                         zip(shape, value.shape)]))
+                scale.append(0.0 if own is None else
+                             spec.scale(kernel, own[lora.LORA_A].shape[-2]))
+            out_lora[module] = {k: jnp.asarray(np.stack(v)) for k, v in rows.items()}
+            scales[kernel] = jnp.asarray(scale, jnp.float32)
+        heads = sorted({p[:-1] for t in self.trainables
+                        for p in traverse_util.flatten_dict(t.get("params", {}))})
+        dense = {}
+        for module in heads:
+            leaves = {}
+            for leaf in ("kernel", "bias"):
+                values = [traverse_util.flatten_dict(t.get("params", {})).get(module + (leaf,))
+                          for t in self.trainables]
+                if any(v is None for v in values):
+                    missing = [n for n, v in zip(self.names, values) if v is None]
+                    raise ValueError(f"adapters {missing} do not train {join(module + (leaf,))}, "
+                                     "which others do: their heads cannot be mixed")
+                leaves[leaf] = jnp.asarray(np.stack([np.asarray(v) for v in values]))
+            dense[module] = leaves
+        return {"lora": out_lora, "scale": scales, "dense": dense}
+
+    def apply(self, apply_fn: Callable, frozen: Params, *args, adapter_ids: Any,
+              collection: str = "params", stacked: dict | None = None, **kwargs):
+        """apply_fn run on a batch whose row b goes through adapter adapter_ids[b].
+
+        Args:
+          apply_fn: e.g. `model.apply`, called as apply_fn({collection: params}, *args, **kwargs).
+          frozen: `frozen(params)` (or the base params whole).
+          adapter_ids: [batch] ints, indexes into `names`.
+          stacked: `stacked()`, if the caller keeps it (it is rebuilt otherwise).
+        """
+        stacked = self.stacked() if stacked is None else stacked
+        ids = jnp.asarray(adapter_ids, jnp.int32)
+        # The heads' modules must exist for the call: adapter 0's stand in, and are replaced.
+        variables = {collection: combine(frozen, {"params": self.trainables[0].get("params", {})})}
+        parts = {}
+        for stack in self.stacks:
+            spec = stack.methods[0].spec
+            for module in stacked["lora"]:
+                parts.setdefault(module, spec.parts_for(join(module + ("kernel",))))
+
+        def hook(next_fun, call_args, call_kwargs, context):
+            module = context.module
+            path = tuple(module.path)
+            if context.method_name != "__call__" or not isinstance(module, nn.Dense) or (
+                    path not in stacked["lora"] and path not in stacked["dense"]):
+                return next_fun(*call_args, **call_kwargs)
+            x = call_args[0] if call_args else call_kwargs["inputs"]
+            y = (next_fun(*call_args, **call_kwargs) if path not in stacked["dense"]
+                 else _per_example_dense(stacked["dense"][path], ids, x))
+            if path in stacked["lora"]:
+                ab = stacked["lora"][path]
+                y = y + _per_example_low_rank(x.astype(y.dtype), ab[lora.LORA_A][ids],
+                                              ab[lora.LORA_B][ids],
+                                              stacked["scale"][join(path + ("kernel",))][ids],
+                                              parts[path]).astype(y.dtype)
+            return y
+
+        with nn.intercept_methods(hook):
+            return apply_fn(variables, *args, **kwargs)
+
+
+def _rows(v: jax.Array, like: jax.Array) -> jax.Array:
+    """Per-row values [batch, ...] shaped to broadcast against `like` [batch, ..., features]:
+    a scale [batch] as [batch, 1, ..., 1], a bias [batch, d] as [batch, 1, ..., d]."""
+    return v.reshape(v.shape[:1] + (1,) * (like.ndim - v.ndim) + v.shape[1:])
+
+
+def _per_example_dense(leaves: dict, ids: jax.Array, x: jax.Array) -> jax.Array:
+    kernel = leaves["kernel"][ids].astype(x.dtype)  # [batch, d_in, d_out]
+    y = jnp.einsum("b...i,bio->b...o", x, kernel)
+    return y + _rows(leaves["bias"][ids].astype(x.dtype), y)
+
+
+def _per_example_low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
+                          parts: Sequence[bool]) -> jax.Array:
+    """s_b B_b (A_b x_b) for every row b: a, b are the rows' adapters, [batch, (n,) ...]."""
+    a, b = a.astype(x.dtype), b.astype(x.dtype)
+    scale = scale.astype(x.dtype)
+    if len(parts) == 1:
+        h = jnp.einsum("b...i,bri->b...r", x, a)
+        y = jnp.einsum("b...r,bor->b...o", h, b)
+        return _rows(scale, y) * y
+    h = jnp.einsum("b...i,bnri->b...nr", x, a)
+    y = jnp.einsum("b...nr,bnor->b...no", h, b)
+    y = lora.assemble_parts([y[..., j, :] for j in range(y.shape[-2])], parts)
+    return _rows(scale, y) * y

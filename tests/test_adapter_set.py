@@ -1,0 +1,153 @@
+"""Several adapters over one base (lora_jax.adapter_set): mixed batches give every row what its
+adapter gives alone; merging, unmerging and switching adapters round-trip within bounds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import tiny_config
+from lora_jax import methods
+from lora_jax.adapter_set import AdapterSet
+from lora_jax.config import load_config
+from lora_jax.training import setup
+
+Q, K, V, O = (r"/attention/self/query/kernel", r"/attention/self/key/kernel",
+              r"/attention/self/value/kernel", r"/attention/output/dense/kernel")
+
+
+def trained_like(trainable, seed: int) -> dict:
+    """`trainable` with every leaf moved by noise, B included: as if trained (B = 0 would hide
+    a wrong adapter)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x) + 0.3 * rng.standard_normal(np.shape(x)).astype(np.float32),
+        jax.device_get(trainable))
+
+
+def adapter(config, base, seed: int):
+    stack = methods.build(config.method, base.family)
+    _, trainable = stack.split(base.params, jax.random.key(seed))
+    return stack, trained_like(trainable, seed)
+
+
+@pytest.fixture(scope="module")
+def bert_set():
+    """Three adapters on one tiny BERT: other ranks, alphas, rsLoRA, targets and heads."""
+    base = setup.base(tiny_config())
+    settings = [dict(rank=4, alpha=8.0, targets=(Q, V)),
+                dict(rank=8, alpha=16.0, targets=(Q,), rslora=True),
+                dict(rank=2, alpha=4.0, targets=(Q, K, V, O))]
+    stacks, trainables = [], []
+    for seed, s in enumerate(settings):
+        config = tiny_config(**{f"method.lora.{k}": v for k, v in s.items()})
+        stack, trainable = adapter(config, base, seed)
+        stacks.append(stack)
+        trainables.append(trainable)
+    return base, AdapterSet(("a", "b", "c"), tuple(stacks), tuple(trainables))
+
+
+def batch(vocab: int, rows: int = 6, width: int = 12):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, vocab, size=(rows, width)).astype(np.int32)
+    mask = (np.arange(width)[None] < rng.integers(3, width + 1, size=(rows, 1))).astype(np.int32)
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def alone(stack, base, trainable, *args, **kwargs):
+    frozen = stack.frozen(base.params, trainable)
+    return stack.adapt(base.model.apply)(frozen, trainable, *args, **kwargs)
+
+
+def test_a_mixed_batch_gives_every_row_its_adapters_logits(bert_set):
+    base, adapters = bert_set
+    ids, mask = batch(1000)
+    which = np.array([0, 1, 2, 2, 1, 0])
+    mixed = adapters.apply(base.model.apply, adapters.frozen(base.params), ids,
+                           attention_mask=mask, adapter_ids=which).logits
+    for i, (stack, trainable) in enumerate(zip(adapters.stacks, adapters.trainables)):
+        own = alone(stack, base, trainable, ids, attention_mask=mask).logits
+        rows = which == i
+        np.testing.assert_allclose(mixed[rows], own[rows], atol=1e-5, rtol=1e-5)
+    # The adapters do differ, so a row through the wrong one would fail.
+    a = alone(adapters.stacks[0], base, adapters.trainables[0], ids, attention_mask=mask).logits
+    b = alone(adapters.stacks[1], base, adapters.trainables[1], ids, attention_mask=mask).logits
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-2
+
+
+def test_a_mixed_batch_on_gpt2_slices_of_the_fused_projection():
+    config = load_config("configs/e2e.py:model=tiny")
+    base = setup.base(config)
+    stacks, trainables = [], []
+    for seed, (rank, targets, parts) in enumerate([
+            (4, ("attn/c_attn",), {"attn/c_attn": (True, False, True)}),
+            (2, ("attn/c_attn", "attn/c_proj"), {"attn/c_attn": (True, False, True)}),
+            (8, ("attn/c_proj",), {})]):
+        c = load_config("configs/e2e.py:model=tiny")
+        c.method.lora.rank, c.method.lora.targets = rank, targets
+        c.method.lora.split_outputs = parts
+        stack, trainable = adapter(c, base, seed)
+        stacks.append(stack)
+        trainables.append(trainable)
+    adapters = AdapterSet(("x", "y", "z"), tuple(stacks), tuple(trainables))
+    ids, mask = batch(90)
+    which = np.array([2, 0, 1, 1, 0, 2])
+    mixed = adapters.apply(base.model.apply, adapters.frozen(base.params), ids,
+                           attention_mask=mask, adapter_ids=which).logits
+    for i, (stack, trainable) in enumerate(zip(stacks, trainables)):
+        own = alone(stack, base, trainable, ids, attention_mask=mask).logits
+        np.testing.assert_allclose(mixed[which == i], own[which == i], atol=1e-5, rtol=1e-5)
+
+
+def test_an_adapter_set_refuses_what_it_cannot_mix(bert_set):
+    base, adapters = bert_set
+    dora = tiny_config(**{"method.use": ("dora",)})
+    stack, trainable = adapter(dora, base, 0)
+    with pytest.raises(ValueError, match="plain LoRA"):
+        AdapterSet(("lora", "dora"), (adapters.stacks[0], stack),
+                   (adapters.trainables[0], trainable))
+    with pytest.raises(ValueError, match="repeat"):
+        AdapterSet(("a", "a"), adapters.stacks[:2], adapters.trainables[:2])
+    with pytest.raises(KeyError, match="the set holds"):
+        adapters.merge(base.params, "nope")
+
+
+def kernels(params, adapters) -> dict:
+    """The kernels no adapter trains in full (the heads are replaced, not merged)."""
+    heads = {p for t in adapters.trainables for p in traverse_util.flatten_dict(t["params"])}
+    return {p: np.asarray(v, np.float32) for p, v in traverse_util.flatten_dict(params).items()
+            if p[-1] == "kernel" and p not in heads}
+
+
+def round_trip_errors(adapters, params) -> dict:
+    """Largest errors, relative to the largest |W| of the merged models, of switching a -> b
+    (against merging b directly) and of merging then unmerging a (against the base)."""
+    direct = kernels(adapters.merge(params, "b"), adapters)
+    merged_a = adapters.merge(params, "a")
+    scale = max(np.abs(v).max() for v in (*direct.values(), *kernels(merged_a, adapters).values()))
+    switched = kernels(adapters.switch(merged_a, "a", "b"), adapters)
+    back = kernels(adapters.unmerge(merged_a, "a"), adapters)
+    base = kernels(params, adapters)
+    return {"switch": max(np.abs(switched[p] - direct[p]).max() for p in direct) / scale,
+            "unmerge": max(np.abs(back[p] - base[p]).max() for p in base) / scale}
+
+
+def test_merge_switch_and_unmerge_round_trip_in_fp32_and_bf16(bert_set):
+    base, adapters = bert_set
+    fp32 = round_trip_errors(adapters, base.params)
+    bf16 = round_trip_errors(adapters, jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x, jnp.bfloat16), base.params))
+    print(f"round-trip error / max|W|: fp32 {fp32}, bf16 {bf16}")
+    # fp32: a few roundings of W + s B A; bf16: stored with 8 significant bits, each merge or
+    # unmerge rounds once more (at most half a unit in the last place of |W| <= max|W|).
+    assert fp32["switch"] < 1e-6 and fp32["unmerge"] < 1e-6
+    assert bf16["switch"] <= 3 * 2.0 ** -8 and bf16["unmerge"] <= 2 * 2.0 ** -8
+    assert bf16["switch"] > fp32["switch"]  # bf16 does lose what fp32 keeps
+    # Switched weights run as adapter b: the merged model gives b's logits.
+    ids, mask = batch(1000)
+    switched = adapters.switch(adapters.merge(base.params, "a"), "a", "b")
+    got = base.model.apply({"params": switched}, ids, attention_mask=mask).logits
+    want = alone(adapters.stacks[1], base, adapters.trainables[1], ids,
+                 attention_mask=mask).logits
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
