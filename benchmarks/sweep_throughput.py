@@ -19,7 +19,6 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
 from lora_jax.config import load_config
 from lora_jax.training import members, setup, sharding

@@ -31,9 +31,9 @@ from ml_collections import config_flags
 from lora_jax.training import compile_cache, evaluation, setup, sharding
 from lora_jax.methods import count_params
 from lora_jax.interop import exports
-from lora_jax.training.checkpoint import Checkpoints, abstract
+from lora_jax.training.checkpoint import Checkpoints, abstract, divergence_error
 from lora_jax.config_checks import check_config
-from lora_jax.errors import DivergenceError, Preempted, RunError, WorkdirError
+from lora_jax.errors import Preempted, RunError, WorkdirError
 from lora_jax.training.inputs import run_inputs
 from lora_jax.training.modeling import run_keys
 from lora_jax.training.preemption import PreemptionNotice
@@ -44,21 +44,6 @@ from lora_jax.training.workdir import Workdir
 FLAGS = flags.FLAGS
 
 logger = logging.getLogger(__name__)
-
-
-def divergence_error(step: int, loss: float, params_finite: bool,
-                     checkpoints: Checkpoints) -> DivergenceError:
-    """The error that stops a diverged run: what went non-finite, at which step, and where the
-    last good state is (nothing non-finite is ever checkpointed, so the newest one is good)."""
-    what = (f"the loss is {loss}" if not np.isfinite(loss)
-            else f"the trainable parameters hold NaN or inf (loss {loss})")
-    last = checkpoints.latest_step()
-    where = (f"the last good checkpoint is step {last} in {checkpoints.directory}"
-             if last is not None else "no checkpoint was written before it")
-    return DivergenceError(
-        f"training diverged at step {step}: {what}. The run stops here; nothing non-finite was "
-        f"checkpointed, exported or chosen as best, and {where}. Lower optim.lr, set "
-        "optim.clip_norm or raise optim.warmup_steps, in a new --workdir.")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:

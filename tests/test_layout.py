@@ -13,7 +13,7 @@ LAYERS = [
     ("interop", ["interop"]),
     ("data", ["metrics", "data"]),
     ("config", ["config", "config_checks"]),
-    ("training", ["training", "generate"]),
+    ("training", ["training", "generate", "adapter_set"]),
     ("entry points", ["train", "evaluate", "analysis"]),
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}

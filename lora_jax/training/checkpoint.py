@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax.errors import IncompatibleCheckpoint
+from lora_jax.errors import DivergenceError, IncompatibleCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -167,3 +167,18 @@ def abstract(tree: Any) -> Any:
 def directory_bytes(path: str | pathlib.Path) -> int:
     """Total size of the files under `path`."""
     return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
+
+
+def divergence_error(step: int, loss: float, params_finite: bool,
+                     checkpoints: Checkpoints) -> DivergenceError:
+    """The error that stops a diverged run: what went non-finite, at which step, and where the
+    last good state is (nothing non-finite is ever checkpointed, so the newest one is good)."""
+    what = (f"the loss is {loss}" if not np.isfinite(loss)
+            else f"the trainable parameters hold NaN or inf (loss {loss})")
+    last = checkpoints.latest_step()
+    where = (f"the last good checkpoint is step {last} in {checkpoints.directory}"
+             if last is not None else "no checkpoint was written before it")
+    return DivergenceError(
+        f"training diverged at step {step}: {what}. The run stops here; nothing non-finite was "
+        f"checkpointed, exported or chosen as best, and {where}. Lower optim.lr, set "
+        "optim.clip_norm or raise optim.warmup_steps, in a new --workdir.")

@@ -28,7 +28,7 @@ from lora_jax.errors import Preempted, WorkdirError
 from lora_jax.interop import exports
 from lora_jax.methods import count_params
 from lora_jax.training import compile_cache, evaluation, optim, sharding
-from lora_jax.training.checkpoint import Checkpoints, abstract
+from lora_jax.training.checkpoint import Checkpoints, abstract, divergence_error
 from lora_jax.training.compile_clock import CompileClock
 from lora_jax.training.inputs import run_inputs
 from lora_jax.training.members import MemberGroup
@@ -47,8 +47,6 @@ def train_together(configs: Sequence[ml_collections.ConfigDict],
       WorkdirError: a member's workdir holds another run, or members are at other steps.
       DivergenceError, Preempted: as `lora_jax.train.train`.
     """
-    from lora_jax.train import divergence_error  # the trainer's own message
-
     configs = list(configs)
     for config in configs:
         check_config(config)
