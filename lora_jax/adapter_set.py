@@ -123,6 +123,83 @@ class AdapterSet:
             flat[path] = jnp.asarray(value, flat[path].dtype)
         return traverse_util.unflatten_dict(flat)
 
+    # --- Weighted combinations -------------------------------------------------------------------
+
+    def weighted(self, names: Sequence[str], weights: Sequence[float], new_name: str,
+                 combination: str = "svd", svd_rank: int | None = None) -> "AdapterSet":
+        """This set plus a new adapter `new_name` whose update is the weighted sum of the named
+        adapters' updates, sum_i w_i s_i B_i A_i, as PEFT's `add_weighted_adapter`:
+
+          - 'cat': A = [w_i s_i A_i] stacked on the rank axis and B = [B_i] side by side, rank
+            the sum of the ranks (modules that fewer adapters target keep zero rows): exact;
+          - 'svd': the top `svd_rank` (default: the largest rank) singular triplets of the sum,
+            B = U S and A = V^T: the best approximation of that rank.
+        Either way the new adapter's alpha equals its rank (scale 1), as PEFT sets it. It keeps
+        the one trained head among the named adapters; if more than one trains heads they could
+        not be combined, and PEFT refuses that too.
+
+        Raises:
+          ValueError: an unknown combination, weights of another length, a new name in use,
+            heads trained by several of the adapters, or adapters on split outputs.
+        """
+        if combination not in ("cat", "svd"):
+            raise ValueError(f"combination must be 'cat' or 'svd', got {combination!r}")
+        if len(weights) != len(names):
+            raise ValueError(f"{len(weights)} weights for {len(names)} adapters")
+        if new_name in self.names:
+            raise ValueError(f"an adapter {new_name!r} exists")
+        chosen = [self.index(n) for n in names]
+        with_heads = [self.names[i] for i in chosen if self.trainables[i].get("params")]
+        if len(with_heads) > 1:
+            raise ValueError(f"adapters {with_heads} each train heads in full: heads cannot be "
+                             "combined (PEFT refuses the same)")
+        ranks = {}
+        for i in chosen:
+            for module, ab in lora.adapter_modules(self.trainables[i]).items():
+                if ab[lora.LORA_A].ndim != 2:
+                    raise ValueError(f"{join(module)} is adapted in split output parts: weighted "
+                                     "combinations take adapters of whole kernels")
+                ranks.setdefault(module, []).append(i)
+        own_rank = [max(ab[lora.LORA_A].shape[0] for ab in
+                        lora.adapter_modules(self.trainables[i]).values()) for i in chosen]
+        rank = sum(own_rank) if combination == "cat" else (svd_rank or max(own_rank))
+        adapters = {}
+        for module, members in ranks.items():
+            kernel = join(module + ("kernel",))
+            terms = []
+            for i in members:
+                ab = lora.adapter_modules(self.trainables[i])[module]
+                s = self.stacks[i].methods[0].spec.scale(kernel, ab[lora.LORA_A].shape[0])
+                w = weights[chosen.index(i)]
+                terms.append((w * s, np.asarray(ab[lora.LORA_A], np.float32),
+                              np.asarray(ab[lora.LORA_B], np.float32)))
+            if combination == "cat":
+                a = np.concatenate([c * a for c, a, _ in terms])
+                b = np.concatenate([b for _, _, b in terms], axis=1)
+                a = np.pad(a, [(0, rank - a.shape[0]), (0, 0)])
+                b = np.pad(b, [(0, 0), (0, rank - b.shape[1])])
+            else:
+                delta = sum(c * (b @ a) for c, a, b in terms)  # [d_out, d_in]
+                u, sv, vh = np.linalg.svd(delta, full_matrices=False)
+                b, a = u[:, :rank] * sv[:rank], vh[:rank]
+            adapters[module + (lora.LORA_A,)] = jnp.asarray(a)
+            adapters[module + (lora.LORA_B,)] = jnp.asarray(b)
+        targets = tuple(dict.fromkeys(
+            "^" + join(module + ("kernel",)) + "$" for module in ranks))
+        head = next((self.trainables[i]["params"] for i in chosen
+                     if self.trainables[i].get("params")), {})
+        first = self.stacks[chosen[0]]
+        spec = dataclasses.replace(first.methods[0].spec, targets=targets, rank=rank,
+                                   alpha=float(rank), rslora=False, rank_pattern={},
+                                   alpha_pattern={})
+        stack = MethodStack((dataclasses.replace(first.methods[0], spec=spec),),
+                            also_train=tuple("^" + join(p) + "$" for p in
+                                             traverse_util.flatten_dict(head)))
+        trainable = {"params": jax.device_get(head),
+                     "lora": traverse_util.unflatten_dict(adapters)}
+        return AdapterSet(self.names + (new_name,), self.stacks + (stack,),
+                          self.trainables + (trainable,))
+
     # --- Mixed batches ---------------------------------------------------------------------------
 
     def stacked(self) -> dict:

@@ -151,3 +151,62 @@ def test_merge_switch_and_unmerge_round_trip_in_fp32_and_bf16(bert_set):
     want = alone(adapters.stacks[1], base, adapters.trainables[1], ids,
                  attention_mask=mask).logits
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def roberta_dir(tmp_path, perturb_weights):
+    import torch
+    import transformers
+
+    config = transformers.RobertaConfig(
+        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=20, num_labels=3, pad_token_id=1)
+    torch.manual_seed(0)
+    perturb_weights(transformers.RobertaForSequenceClassification(config)).save_pretrained(
+        tmp_path / "roberta")
+    return tmp_path / "roberta"
+
+
+@pytest.mark.parametrize("combination", ["cat", "svd"])
+def test_weighted_adapters_match_peft_add_weighted_adapter(combination, roberta_dir, tmp_path,
+                                                          padded_batch):
+    """Two adapters of other ranks and targets combined with weights 0.7 and -0.4: our new
+    adapter gives the logits of PEFT's add_weighted_adapter (same combination) on torch."""
+    import peft
+    import torch
+    import transformers
+
+    from lora_jax.interop.hub import load_pretrained
+    from lora_jax.interop.peft_adapters import export_peft
+    from lora_jax.methods import lora
+    from lora_jax.methods.base import MethodStack
+
+    model, params, _ = load_pretrained(roberta_dir, task="classification", num_labels=3)
+    specs = [lora.LoraSpec(targets=(r"/query/kernel", r"/value/kernel"), rank=4, alpha=8.0),
+             lora.LoraSpec(targets=(r"/query/kernel",), rank=2, alpha=3.0)]
+    trainables = [trained_like(lora.split(s, params, jax.random.key(i))[1], i + 1)
+                  for i, s in enumerate(specs)]
+    adapters = AdapterSet(("a", "b"), tuple(MethodStack((lora.LoRA(s),)) for s in specs),
+                          tuple(trainables))
+    combined = adapters.weighted(["a", "b"], [0.7, -0.4], "w", combination)
+    ids, mask = padded_batch(101, pad_id=1)
+    ours = np.asarray(combined.apply(model.apply, combined.frozen(params), ids,
+                                     attention_mask=mask, adapter_ids=[2] * len(ids)).logits)
+
+    for name, spec, trainable in zip("ab", specs, trainables):
+        export_peft(tmp_path / name, spec, trainable, model_type="roberta", task=None)
+    peft_model = peft.PeftModel.from_pretrained(
+        transformers.RobertaForSequenceClassification.from_pretrained(roberta_dir),
+        tmp_path / "a", adapter_name="a")
+    peft_model.load_adapter(tmp_path / "b", adapter_name="b")
+    peft_model.add_weighted_adapter(["a", "b"], [0.7, -0.4], "w", combination_type=combination)
+    peft_model.set_adapter("w")
+    with torch.no_grad():
+        theirs = peft_model.eval()(input_ids=torch.from_numpy(ids),
+                                   attention_mask=torch.from_numpy(mask)).logits.numpy()
+    base = np.asarray(model.apply({"params": params}, ids, attention_mask=mask).logits)
+    assert np.abs(theirs - base).max() > 1e-2  # the combination matters
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    # The new adapter's rank: the sum for 'cat', the largest for 'svd', as PEFT's.
+    assert combined.stacks[2].methods[0].spec.rank == (6 if combination == "cat" else 4)
+    assert peft_model.peft_config["w"].r == combined.stacks[2].methods[0].spec.rank
