@@ -210,3 +210,47 @@ def test_weighted_adapters_match_peft_add_weighted_adapter(combination, roberta_
     # The new adapter's rank: the sum for 'cat', the largest for 'svd', as PEFT's.
     assert combined.stacks[2].methods[0].spec.rank == (6 if combination == "cat" else 4)
     assert peft_model.peft_config["w"].r == combined.stacks[2].methods[0].spec.rank
+
+
+def test_evaluate_all_gives_each_adapter_its_own_evaluation(bert_set):
+    """Three adapters evaluated on SST-2's dev examples in one pass of mixed batches: each gets
+    the metrics (and loss) its own evaluation gives."""
+    from lora_jax.adapter_set import evaluate_all
+    from lora_jax.training import evaluation, sharding, steps
+
+    base, adapters = bert_set
+    config = tiny_config()
+    task = setup.build(config, base_model=base).task(with_train=False)
+    together = evaluate_all(adapters, task, base.model.apply, adapters.frozen(base.params), 16)
+    mesh = sharding.make_mesh(1, 1)
+    for name, stack, trainable in zip(adapters.names, adapters.stacks, adapters.trainables):
+        forward = steps.make_forward(stack.adapt(base.model.apply))
+        eval_step = steps.make_eval_step(forward, task.kind, sharding.replicated(mesh))
+        alone = evaluation.evaluate(task, eval_step, stack.frozen(base.params, trainable),
+                                    trainable, mesh, 16)
+        assert together[name]["accuracy"] == alone["accuracy"]
+        np.testing.assert_allclose(together[name]["loss"], alone["loss"], rtol=1e-5)
+    assert len({m["loss"] for m in together.values()}) == 3
+
+
+def test_load_reads_run_workdirs_and_export_directories(bert_set, tmp_path):
+    from lora_jax.interop import exports
+
+    base, adapters = bert_set
+    config = tiny_config()
+    places = {"a": tmp_path / "run-a", "b": tmp_path / "b-export"}
+    for name, place in places.items():
+        i = adapters.index(name)
+        target = place / "adapter" if name == "a" else place  # a workdir, an export directory
+        exports.save(target, adapters.stacks[i], config.method, adapters.trainables[i],
+                     **{k: v for k, v in base.info.items()})
+    loaded = AdapterSet.load(places, base.params, base.family, base.info["task"])
+    assert loaded.names == ("a", "b")
+    for name in places:
+        got = traverse_util.flatten_dict(loaded.trainables[loaded.index(name)])
+        want = traverse_util.flatten_dict(adapters.trainables[adapters.index(name)])
+        assert got.keys() == want.keys()
+        for path in want:
+            np.testing.assert_allclose(got[path], want[path], atol=1e-6, err_msg=str(path))
+    with pytest.raises(FileNotFoundError):
+        AdapterSet.load({"x": tmp_path / "nothing"}, base.params, base.family, base.info["task"])
