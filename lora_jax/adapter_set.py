@@ -293,6 +293,26 @@ class AdapterSet:
             return apply_fn(variables, *args, **kwargs)
 
 
+def decoding_apply(adapters: AdapterSet, apply_fn: Callable) -> Callable:
+    """An `apply_fn` for `lora_jax.generate`'s searches that runs every prompt through its own
+    adapter: call them with params (frozen, adapters.stacked(), adapter id per prompt) and
+    batch_size=None (all prompts in one batch), e.g.
+
+        run = decoding_apply(adapters, model.apply)        # once: the searches jit on it
+        ids = beam_search(run, (frozen, stacked, [0, 2, 1]), prompts, num_beams=4, ...)
+
+    The searches keep each prompt's rows (its beams) together, prompt by prompt, so row r of a
+    batch of R rows for P prompts belongs to prompt r // (R / P)."""
+
+    def run(params, input_ids, **kwargs):
+        frozen, stacked, prompt_ids = params
+        rows = jnp.repeat(jnp.asarray(prompt_ids), input_ids.shape[0] // len(prompt_ids))
+        return adapters.apply(apply_fn, frozen, input_ids, adapter_ids=rows, stacked=stacked,
+                              **kwargs)
+
+    return run
+
+
 def evaluate_all(adapters: AdapterSet, task: Any, apply_fn: Callable, frozen: Params,
                  batch_size: int) -> dict[str, dict[str, float]]:
     """Every adapter's dev metrics on `task` in one pass over its dev set: each batch of

@@ -254,3 +254,43 @@ def test_load_reads_run_workdirs_and_export_directories(bert_set, tmp_path):
             np.testing.assert_allclose(got[path], want[path], atol=1e-6, err_msg=str(path))
     with pytest.raises(FileNotFoundError):
         AdapterSet.load({"x": tmp_path / "nothing"}, base.params, base.family, base.info["task"])
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_mixed_decoding_gives_each_prompt_its_adapters_tokens(beams):
+    """Greedy and beam search over prompts that name their adapters: each prompt's tokens are
+    those its adapter decodes alone."""
+    from lora_jax import generate
+    from lora_jax.adapter_set import decoding_apply
+
+    config = load_config("configs/e2e.py:model=tiny")
+    base = setup.base(config)
+    stacks, trainables = [], []
+    for seed, (rank, targets) in enumerate([(4, ("attn/c_attn",)), (2, ("attn/c_proj",)),
+                                            (8, ("attn/c_attn", "attn/c_proj"))]):
+        c = load_config("configs/e2e.py:model=tiny")
+        c.method.lora.rank, c.method.lora.targets = rank, targets
+        c.method.lora.split_outputs = {}
+        stack, trainable = adapter(c, base, seed)
+        stacks.append(stack)
+        trainables.append(trainable)
+    adapters = AdapterSet(("x", "y", "z"), tuple(stacks), tuple(trainables))
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 90, size=n).tolist() for n in (3, 7, 1, 5, 4, 6)]
+    which = [0, 2, 1, 0, 1, 2]
+
+    def search(apply_fn, params):
+        if beams == 1:
+            return generate.greedy_search(apply_fn, params, prompts, max_new_tokens=6, eos_ids=0)
+        return generate.beam_search(apply_fn, params, prompts, num_beams=beams,
+                                    max_new_tokens=6, eos_ids=0)
+
+    mixed = search(decoding_apply(adapters, base.model.apply),
+                   (adapters.frozen(base.params), adapters.stacked(), np.array(which)))
+    outputs = []
+    for stack, trainable in zip(stacks, trainables):
+        adapted = stack.adapt(base.model.apply)
+        outputs.append(search(lambda p, *a, **k: adapted(p[0], p[1], *a, **k),
+                              (stack.frozen(base.params, trainable), trainable)))
+    assert mixed == [outputs[a][i] for i, a in enumerate(which)]
+    assert outputs[0] != outputs[1]  # the adapters decode differently
