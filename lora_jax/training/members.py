@@ -187,6 +187,7 @@ class MemberGroup:
     _train_step: Any
     _shapes: dict
     _epochs: dict = dataclasses.field(default_factory=dict)
+    _own_states: dict = dataclasses.field(default_factory=dict)  # index -> its run's tx state
 
     @classmethod
     def build(cls, configs: Sequence[ml_collections.ConfigDict]) -> "MemberGroup":
@@ -322,12 +323,15 @@ class MemberGroup:
     def member_opt_state(self, opt_state, index: int):
         """Member `index`'s optimizer state as its own run holds it (its run's structure, its
         adapters' moments at its own rank), so that its checkpoint is its run's."""
-        own = self.own_optimizer(index).init(self.members[index].trainable)
+        if index not in self._own_states:  # the structure only: built once per member
+            self._own_states[index] = jax.device_get(
+                self.own_optimizer(index).init(self.members[index].trainable))
+        own = self._own_states[index]
         inner = {jax.tree_util.keystr(k): v for k, v in
                  jax.tree_util.tree_flatten_with_path(jax.device_get(opt_state[0]))[0]}
         mine = lambda k, t: np.asarray(inner[jax.tree_util.keystr(k)][index])[
             tuple(slice(0, n) for n in np.shape(t))]
-        return jax.tree_util.tree_map_with_path(mine, jax.device_get(own))
+        return jax.tree_util.tree_map_with_path(mine, own)
 
     def with_member(self, trainable, opt_state, index: int, own_trainable, own_opt_state):
         """The stacked trees with member `index`'s row replaced by its own run's state (laid out
