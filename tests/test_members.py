@@ -115,6 +115,7 @@ def test_members_of_other_seeds_ranks_and_rates_equal_their_separate_runs(study)
     assert len({round(float(x), 6) for x in together[:, 0]}) == 3
 
 
+@pytest.mark.slow  # ~30 s; the seeds test above holds the same equality without dropout
 def test_members_with_the_models_dropout_draw_their_runs_masks(dropout_bert_dir):
     """With dropout on, members of one seed (one data order) share a program: each draws the
     dropout masks its run draws."""
@@ -198,6 +199,7 @@ def test_train_together_writes_each_members_workdir_as_its_run(tiny_bert_dir, tm
         np.testing.assert_allclose(again["accuracy"], together[i]["accuracy"], rtol=1e-6)
 
 
+@pytest.mark.slow  # ~25 s; the workdir test above resumes a member's checkpoint in the trainer
 def test_train_together_resumes_its_members_after_a_preemption(tiny_bert_dir, tmp_path,
                                                                monkeypatch):
     """Stopped at step 4 (as by SIGTERM: every member checkpoints step 4), a rerun resumes all
