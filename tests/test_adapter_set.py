@@ -8,6 +8,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import tiny_config
+from test_peft_adapters import roberta_dir  # noqa: F401  (a fixture: a perturbed tiny RoBERTa)
 from lora_jax import methods
 from lora_jax.adapter_set import AdapterSet
 from lora_jax.config import load_config
@@ -151,20 +152,6 @@ def test_merge_switch_and_unmerge_round_trip_in_fp32_and_bf16(bert_set):
     want = alone(adapters.stacks[1], base, adapters.trainables[1], ids,
                  attention_mask=mask).logits
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-
-
-@pytest.fixture
-def roberta_dir(tmp_path, perturb_weights):
-    import torch
-    import transformers
-
-    config = transformers.RobertaConfig(
-        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=20, num_labels=3, pad_token_id=1)
-    torch.manual_seed(0)
-    perturb_weights(transformers.RobertaForSequenceClassification(config)).save_pretrained(
-        tmp_path / "roberta")
-    return tmp_path / "roberta"
 
 
 @pytest.mark.parametrize("combination", ["cat", "svd"])
