@@ -72,12 +72,12 @@ class Sequential:
         return sharding.global_batch(host, run.mesh, c.optim.grad_accum)
 
     def steps(self, start: int, n: int) -> None:
-        for entry in self.runs:
+        for i, entry in enumerate(self.runs):
             c, run, training, trainable, opt_state = entry
             key = run_keys(c.seed)[2]
             for step in range(start, start + n):
                 trainable, opt_state, loss, _ = training.train_step(
-                    run.frozen, trainable, opt_state, self.batch(self.runs.index(entry), step),
+                    run.frozen, trainable, opt_state, self.batch(i, step),
                     jax.random.fold_in(key, step))
             jax.block_until_ready(loss)
             entry[3], entry[4] = trainable, opt_state
