@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.method = methods.default_config()
 
     c.data = ml_collections.ConfigDict()
-    c.data.task = "sst2"  # a GLUE task or 'e2e'
+    c.data.task = "sst2"  # a GLUE task, 'e2e' or 'instruct'
     c.data.source = "files"  # 'files' (data_dir) or 'hub' (datasets, online only)
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $LORA_JAX_DATA_DIR
     c.data.max_len = 128
@@ -43,9 +43,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_train_examples = 0  # 0: all
     c.data.max_eval_examples = 0
     c.data.on_malformed = "error"  # or 'skip' (skipped rows are counted in the log)
-    # LM tasks (e2e): pack several training examples into each row of max_len tokens instead of
-    # padding each one (batch_size then counts rows); evaluation stays one example per row.
+    # LM tasks (e2e, instruct): pack several training examples into each row of max_len tokens
+    # instead of padding each one (batch_size then counts rows); evaluation stays one per row.
     c.data.packing = False
+    # data.task 'instruct' (lora_jax/data/instruct.py): the Alpaca-layout training file (.json or
+    # .jsonl; with data.source 'hub' a dataset id), evaluated on eval_path when set, else on the
+    # training file's last eval_fraction of records (held out from training).
+    c.data.path = ml_collections.FieldReference(None, field_type=str)
+    c.data.eval_path = ml_collections.FieldReference(None, field_type=str)
+    c.data.eval_fraction = 0.05
+    # 'auto' (the tokenizer's chat template when it has one, else Alpaca's), 'alpaca' or 'chat'.
+    c.data.template = "auto"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-4
@@ -102,6 +110,11 @@ TINY_MODELS = {
                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=512),
     "gpt2": dict(model_type="gpt2", vocab_size=50257, n_embd=32, n_layer=2, n_head=4,
                  n_positions=1024),
+    # Grouped-query attention (2 KV heads for 4 query heads), untied head; GPT-2's vocabulary so
+    # that the GPT-2 BPE files in the data dir can serve as its tokenizer offline.
+    "llama": dict(model_type="llama", vocab_size=50257, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, tie_word_embeddings=False),
 }
 
 

@@ -33,10 +33,14 @@ def random_init(value) -> str | None:
     return None
 
 
+# The language-model tasks (model.task None); every other data.task is a GLUE task.
+LM_TASKS = ("e2e", "instruct")
+
+
 def _tasks() -> tuple[str, ...]:
     from lora_jax.data.glue import TASKS
 
-    return (*TASKS, "e2e")
+    return (*TASKS, *LM_TASKS)
 
 
 def data_task(value) -> str | None:
@@ -79,6 +83,10 @@ RULES: dict[str, Rule] = {
     "data.max_eval_examples": integer(0),
     "data.on_malformed": one_of("error", "skip"),
     "data.packing": boolean,
+    "data.path": text(optional=True),
+    "data.eval_path": text(optional=True),
+    "data.eval_fraction": number(0, 1, low_open=True, high_open=True),
+    "data.template": one_of("auto", "alpaca", "chat"),
     "optim.lr": number(0),
     "optim.warmup_ratio": number(0, 1),
     "optim.warmup_steps": integer(0),
@@ -127,10 +135,14 @@ def _related(c: ml_collections.ConfigDict, device_count: int) -> list[str]:
     from lora_jax.data.glue import TASKS
 
     problems = []
-    lm = c.data.task == "e2e"
+    lm = c.data.task in LM_TASKS
     if lm and c.model.task is not None:
-        problems.append(f"config.model.task = {c.model.task!r}: data.task 'e2e' trains GPT-2's "
-                        "language model, which needs model.task None")
+        problems.append(f"config.model.task = {c.model.task!r}: data.task {c.data.task!r} trains "
+                        "a language model, which needs model.task None")
+    if c.data.task == "instruct" and not c.data.path:
+        problems.append(f"config.data.path = {c.data.path!r}: data.task 'instruct' reads its "
+                        "records from data.path, a .json or .jsonl file (with data.source 'hub', "
+                        "a dataset id)")
     if not lm and c.model.task != "classification":
         problems.append(f"config.model.task = {c.model.task!r}: GLUE task {c.data.task!r} needs "
                         "model.task 'classification'")
@@ -140,11 +152,12 @@ def _related(c: ml_collections.ConfigDict, device_count: int) -> list[str]:
     inserting = [name for name in c.method.use if name in ("preembed", "prelayer")]
     if inserting and not lm:
         problems.append(f"config.method.use = {tuple(c.method.use)!r}: {', '.join(inserting)} "
-                        "insert tokens into language-model examples (data.task 'e2e'), not "
+                        "insert tokens into language-model examples (data.task 'e2e' or "
+                        "'instruct'), not "
                         f"{c.data.task}")
     if c.data.packing and not lm:
         problems.append(f"config.data.packing = True: packing applies to language-model tasks "
-                        f"(e2e), not {c.data.task}")
+                        f"(e2e, instruct), not {c.data.task}")
     if c.data.max_len > max(c.data.buckets):
         problems.append(f"config.data.max_len = {c.data.max_len}: must be <= the largest of "
                         f"data.buckets {tuple(c.data.buckets)}")

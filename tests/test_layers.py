@@ -30,14 +30,34 @@ def _qkv_and_mask():
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_dropout_path_without_drops_equals_fused_path(is_causal):
-    """The explicit (dropout) path computes the same attention as jax.nn.dot_product_attention."""
+@pytest.mark.parametrize("is_causal, window, kv_heads", [
+    (False, None, 4), (True, None, 4), (True, 3, 4), (True, None, 2), (True, 2, 1)])
+def test_dropout_path_without_drops_equals_fused_path(is_causal, window, kv_heads):
+    """The explicit (dropout) path computes the same attention as jax.nn.dot_product_attention,
+    with a sliding window and with grouped-query heads (K of the 4 key/value heads)."""
     q, k, v, mask = _qkv_and_mask()
-    fused = layers.dot_product_attention(q, k, v, mask, is_causal=is_causal)
+    k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
+    fused = layers.dot_product_attention(q, k, v, mask, is_causal=is_causal, local_window=window)
     # A rate below float32 resolution keeps every probability, so only the paths differ.
-    explicit = layers._attention_with_dropout(q, k, v, mask, is_causal, 1e-12, jax.random.key(1))
+    explicit = layers._attention_with_dropout(q, k, v, mask, is_causal, window, 1e-12,
+                                              jax.random.key(1))
     np.testing.assert_allclose(explicit, fused, atol=1e-6, rtol=0)
+    if window is not None:  # the window matters here
+        assert not np.allclose(fused, layers.dot_product_attention(q, k, v, mask,
+                                                                   is_causal=is_causal))
+
+
+def test_rms_norm_matches_hf():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x = np.random.default_rng(0).normal(3.0, 2.0, (2, 5, 16)).astype(np.float32)
+    torch_norm = LlamaRMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        torch_norm.weight.add_(torch.linspace(-0.5, 0.5, 16))
+    expected = torch_norm(torch.tensor(x)).detach().numpy()
+    ours = layers.RMSNorm(1e-6).apply({"params": {"scale": torch_norm.weight.detach().numpy()}},
+                                      jnp.asarray(x))
+    np.testing.assert_allclose(ours, expected, atol=1e-6, rtol=0)
 
 
 def test_attention_dropout_drops_and_rescales():

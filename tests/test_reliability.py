@@ -436,3 +436,21 @@ def test_a_sigterm_the_loop_never_answered_goes_to_the_previous_handler():
         assert received == ["sigterm"]  # answered: checkpointed and stopped, not resent
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_fields_added_since_a_run_began_do_not_block_its_resume():
+    """A config.json written before a field existed lacks it: at its default it is no difference
+    (the run did the default); set otherwise, or changed, it still is."""
+    from lora_jax.config import base_config
+    from lora_jax.training.workdir import config_differences, config_record
+
+    config = config_record(base_config())
+    old = json.loads(json.dumps(config))
+    del old["data"]["path"], old["data"]["template"]
+    assert config_differences(old, config) == []
+    changed = json.loads(json.dumps(config))
+    changed["data"]["template"] = "chat"
+    assert config_differences(old, changed) == ["data.template: (absent) -> 'chat'"]
+    changed = json.loads(json.dumps(config))
+    changed["data"]["max_len"] = 7
+    assert config_differences(old, changed) == ["data.max_len: 128 -> 7"]

@@ -1,7 +1,8 @@
 """What a run learns: each task's data, loss and evaluation, from a config.
 
 GLUE tasks are sequence classification (or regression for STS-B) on an encoder; E2E is language
-modelling on GPT-2 with the loss on the reference tokens only.
+modelling on GPT-2 with the loss on the reference tokens only; 'instruct' is language modelling
+on instruction data (data/instruct.py) with the loss on the response tokens only.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from lora_jax.data import batching, e2e, glue, packing
+from lora_jax.data import batching, e2e, glue, instruct, packing
+from lora_jax.errors import ConfigError
 from lora_jax.metrics import glue as glue_metrics
 
 
@@ -69,12 +71,15 @@ class Task:
 
 
 def build_task(data_config: Any, tokenizer: Any, with_train: bool = True) -> Task:
-    """Reads and tokenizes the configured task (`data_config.task`: a GLUE task or 'e2e').
+    """Reads and tokenizes the configured task (`data_config.task`: a GLUE task, 'e2e' or
+    'instruct').
 
-    `with_train=False` (evaluation) leaves the training split unread: `Task.train` is empty.
+    `with_train=False` (evaluation) leaves the training split unencoded: `Task.train` is empty.
     """
     if data_config.task == "e2e":
         return _e2e_task(data_config, tokenizer, with_train)
+    if data_config.task == "instruct":
+        return _instruct_task(data_config, tokenizer, with_train)
     return _glue_task(data_config, tokenizer, with_train)
 
 
@@ -93,6 +98,37 @@ def _e2e_task(cfg: Any, tokenizer: Any, with_train: bool) -> Task:
     return Task("e2e", "lm", None, split("train", cfg.max_train_examples),
                 split("dev", cfg.max_eval_examples), tokenizer.eos_token_id, tuple(cfg.buckets),
                 "loss", packing=_packing(cfg), max_len=cfg.max_len)
+
+
+def _instruct_splits(cfg: Any) -> tuple[list, list]:
+    """(train, eval) records of the 'instruct' task: the training file `data.path`, evaluated
+    on `data.eval_path` when set, else on the training file's last `data.eval_fraction`
+    (`instruct.hold_out`), which training then never sees."""
+    def read(path: str) -> list:
+        return instruct.read_instructions(path, source=cfg.source, on_malformed=cfg.on_malformed)
+
+    if not cfg.get("path"):
+        raise ConfigError("data.task 'instruct' needs data.path: a .json or .jsonl file of "
+                          "instruction records (or a hub id with data.source 'hub')")
+    if cfg.get("eval_path"):
+        return read(cfg.path), read(cfg.eval_path)
+    return instruct.hold_out(read(cfg.path), cfg.eval_fraction)
+
+
+def _instruct_task(cfg: Any, tokenizer: Any, with_train: bool) -> Task:
+    train, evaluation = _instruct_splits(cfg)
+
+    def encode(records: list, limit: int | None) -> list[dict]:
+        return instruct.encode_instructions(_limit(records, limit), tokenizer, cfg.max_len,
+                                            template=cfg.template)
+
+    # Llama's tokenizers have no pad token; padded positions are masked out, any id will do.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+        else tokenizer.eos_token_id
+    return Task("instruct", "lm", None,
+                encode(train, cfg.max_train_examples) if with_train else [],
+                encode(evaluation, cfg.max_eval_examples), pad_id, tuple(cfg.buckets), "loss",
+                packing=_packing(cfg), max_len=cfg.max_len)
 
 
 def _packing(cfg: Any) -> bool:

@@ -46,13 +46,14 @@ LEAF_NAMES = {
     "scale": ("weight", "gamma"),
     "bias": ("bias", "beta"),
 }
-_LAYER_LIST = re.compile(r"^(h|layer)_(\d+)$")
+_LAYER_LIST = re.compile(r"^(h|layer|layers)_(\d+)$")
 
 
 def hf_module_name(flax_module_path: str) -> str:
     """The Hugging Face module name of one of our modules.
 
-    The rule: '/' becomes '.', and list entries `h_{i}` / `layer_{i}` become `h.{i}` / `layer.{i}`.
+    The rule: '/' becomes '.', and list entries `h_{i}` / `layer_{i}` / `layers_{i}` become
+    `h.{i}` / `layer.{i}` / `layers.{i}`.
     Leaves map as kernel -> weight (transposed, except GPT-2's Conv1D), bias -> bias,
     LayerNorm scale -> weight, Embed embedding -> weight.
 

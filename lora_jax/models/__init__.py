@@ -13,12 +13,14 @@ from lora_jax.models.encoder import (
     roberta_position_ids,
     sequence_classification_loss,
 )
-from lora_jax.models import encoder, gpt2
+from lora_jax.models import encoder, gpt2, llama
 from lora_jax.models.family import ModelFamily
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Output, lm_loss
+from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, LlamaOutput
 
 FAMILIES: dict[str, ModelFamily] = {"gpt2": gpt2.GPT2, "bert": encoder.BERT,
-                                    "roberta": encoder.ROBERTA}
+                                    "roberta": encoder.ROBERTA, "llama": llama.LLAMA,
+                                    "mistral": llama.MISTRAL, "qwen2": llama.QWEN2}
 
 
 def family(model_type: str) -> ModelFamily:
@@ -42,6 +44,9 @@ __all__ = [
     "GPT2Config",
     "GPT2LMHeadModel",
     "GPT2Output",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LlamaOutput",
     "FAMILIES",
     "ModelFamily",
     "family",

@@ -1,4 +1,4 @@
-"""Building blocks shared by gpt2.py and encoder.py: activations, layer norm, attention.
+"""Building blocks shared by the models: activations, layer norm, RMSNorm, attention.
 
 Nothing here owns parameters except through plain Flax layers, so module paths stay exactly those of
 the models that use them.
@@ -6,6 +6,7 @@ the models that use them.
 
 from collections.abc import Callable
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -71,6 +72,23 @@ def layer_norm_apply(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, as HF's LlamaRMSNorm: float32 statistics, the normalised x cast back
+    to the compute dtype before the scale multiplies it. The weight is called `scale`, as
+    LayerNorm's (HF's `weight`)."""
+
+    epsilon: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
@@ -78,6 +96,7 @@ def dot_product_attention(
     mask: jax.Array | None,
     *,
     is_causal: bool = False,
+    local_window: int | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     implementation: str | None = None,
@@ -91,10 +110,13 @@ def dot_product_attention(
 
     Args:
       query: [B, T, N, H].
-      key: [B, S, N, H].
-      value: [B, S, N, H].
+      key: [B, S, K, H]; K divides N (grouped-query attention: query head n reads key head
+        n // (N / K)).
+      value: [B, S, K, H].
       mask: boolean, broadcastable to [B, 1, T, S]; True = attend. None = attend everywhere.
       is_causal: also forbid attending to later positions.
+      local_window: with is_causal, a query at position t sees keys t - window + 1 .. t only
+        (Mistral's sliding window); None: all earlier keys.
       dropout_rate: attention-probability dropout; applied only when `dropout_rng` is given.
       dropout_rng: PRNG key for the dropout; None means deterministic.
       implementation: None/'xla' or 'cudnn', for `jax.nn.dot_product_attention`.
@@ -108,14 +130,20 @@ def dot_product_attention(
             # the broadcast is free.
             batch, length, _, _ = query.shape
             mask = jnp.broadcast_to(mask, (batch, 1, length, key.shape[1]))
+        window = None if local_window is None else (local_window - 1, 0)
         return jax.nn.dot_product_attention(
-            query, key, value, mask=mask, is_causal=is_causal, implementation=implementation
+            query, key, value, mask=mask, is_causal=is_causal, local_window_size=window,
+            implementation=implementation,
         )
-    return _attention_with_dropout(query, key, value, mask, is_causal, dropout_rate, dropout_rng)
+    return _attention_with_dropout(query, key, value, mask, is_causal, local_window,
+                                   dropout_rate, dropout_rng)
 
 
-def _attention_with_dropout(query, key, value, mask, is_causal, rate, rng):
+def _attention_with_dropout(query, key, value, mask, is_causal, window, rate, rng):
     """The same computation as `jax.nn.dot_product_attention`'s XLA path, with dropout added."""
+    groups = query.shape[2] // key.shape[2]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)
     scale = query.shape[-1] ** -0.5
     logits = jnp.einsum(
         "btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32
@@ -126,6 +154,8 @@ def _attention_with_dropout(query, key, value, mask, is_causal, rate, rng):
     if is_causal:
         t, s = logits.shape[-2:]
         keep = keep & jnp.tril(jnp.ones((t, s), dtype=bool))
+        if window is not None:
+            keep = keep & ~jnp.tril(jnp.ones((t, s), dtype=bool), -window)
     # A finite fill (not -inf) so that a fully masked row gives a uniform, not NaN, distribution.
     logits = jnp.where(keep, logits, -0.7 * jnp.finfo(jnp.float32).max)
     probs = jax.nn.softmax(logits, axis=-1)

@@ -48,6 +48,8 @@ def _record(directory: pathlib.Path, files: list[pathlib.Path]) -> dict[str, Any
 def data_inputs(data: ml_collections.ConfigDict, splits=TRAIN_SPLITS) -> dict[str, Any]:
     """The data files a config's `data` section reads for `splits` (hub datasets are named, not
     fingerprinted: they are not files here)."""
+    if data.task == "instruct":
+        return _instruct_inputs(data, splits)
     if data.source == "hub":
         return {"hub": e2e.HUB_ID if data.task == "e2e" else glue.HUB_ID, "files": {}}
     root = resolve_data_dir(data.data_dir)
@@ -61,6 +63,22 @@ def data_inputs(data: ml_collections.ConfigDict, splits=TRAIN_SPLITS) -> dict[st
                                 "LORA_JAX_DATA_DIR or config.data.data_dir to the folder that "
                                 "holds glue/ and e2e/")
     return _record(root, files)
+
+
+def _instruct_inputs(data: ml_collections.ConfigDict, splits) -> dict[str, Any]:
+    """The instruction files (data.path, and data.eval_path when evaluation has its own), under
+    the folder that holds them all; they are named by path, not found under the data dir."""
+    names = [data.path] if "train" in splits or not data.get("eval_path") else []
+    if data.get("eval_path") and "dev" in splits:
+        names.append(data.eval_path)
+    if data.source == "hub":
+        return {"hub": ", ".join(names), "files": {}}
+    files = [pathlib.Path(n).expanduser().absolute() for n in names]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"instruction files not found: {', '.join(missing)} "
+                                "(config.data.path, config.data.eval_path)")
+    return _record(pathlib.Path(os.path.commonpath([f.parent for f in files])), files)
 
 
 def base_inputs(model: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -55,15 +55,28 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-    """'field: old -> new' for every field two config dicts disagree on (location fields aside)."""
+    """'field: old -> new' for every field two config dicts disagree on (location fields aside).
+
+    A field the old record lacks and the new config holds at its default is no difference: it was
+    added to lora_jax after the run began, and the default is what that run did.
+    """
     old, new = _flat(old), _flat(new)
+    defaults = _flat(config_record(_base_config()))
     lines = []
     for name in sorted(old.keys() | new.keys()):
         if name in LOCATION_FIELDS or old.get(name, ...) == new.get(name, ...):
             continue
+        if name not in old and name in defaults and new[name] == defaults[name]:
+            continue
         show = lambda d: repr(d[name]) if name in d else "(absent)"  # noqa: E731
         lines.append(f"{name}: {show(old)} -> {show(new)}")
     return lines
+
+
+def _base_config() -> ml_collections.ConfigDict:
+    from lora_jax.config import base_config  # deferred: config imports the methods registry
+
+    return base_config()
 
 
 def config_record(config: ml_collections.ConfigDict) -> dict:
