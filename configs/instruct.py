@@ -45,6 +45,11 @@ METHODS = {
 # PEFT's module names; patterns are searched in '/'-joined paths such as
 # 'model/layers_0/self_attn/q_proj/kernel' (lora_jax/models/llama.py).
 TARGETS = (r"/q_proj/kernel", r"/k_proj/kernel", r"/v_proj/kernel", r"/o_proj/kernel")
+# Llama-2-7B's shape (meta-llama/Llama-2-7b-hf config.json): 6,738,415,616 parameters. For
+# random-weight runs at full size (model.name='') and shape-only tests (tests/test_fsdp.py).
+LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
 def get_config(arg=None):
@@ -54,7 +59,7 @@ def get_config(arg=None):
                          f"{sorted(METHODS)}")
     c = base_config()
     c.model.name = MODELS[args.model]
-    c.model.random_init = TINY_MODELS["llama"]
+    c.model.random_init = LLAMA2_7B if args.model == "llama2-7b" else TINY_MODELS["llama"]
     if args.model == "tiny":
         c.model.tokenizer = "gpt2"  # the BPE files under $LORA_JAX_DATA_DIR/tokenizers/gpt2
     c.model.task = None
@@ -81,6 +86,9 @@ def get_config(arg=None):
     c.train.eval_every = 200
     c.train.checkpoint_every = 200
     if args.model == "llama2-7b":
+        # The batch is split over every device (data x fsdp): micro-batches of 8 give one row
+        # to each of 8 devices (alpaca-lora's 4 would not divide); 16 of them make the 128.
+        c.optim.grad_accum = 16
         c.model.dtype = c.model.param_dtype = "bfloat16"
         c.model.remat = True
         c.mesh.data = 1

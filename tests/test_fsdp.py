@@ -1,4 +1,5 @@
-"""FSDP: the GPT-2 XL (1.5B) LoRA config shards its frozen weights over 8 devices.
+"""FSDP: the GPT-2 XL (1.5B) and Llama-2-7B LoRA configs shard their frozen weights over 8
+devices.
 
 The measurement runs in a child process with 8 CPU devices (XLA's device count is fixed when jax
 starts). GPT-2 XL is never materialised: its frozen tree is a tree of shapes (`jax.eval_shape`),
@@ -28,7 +29,7 @@ def frozen_tree(config, abstract):
     fields = dict(config.model.random_init)
     hf = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
     model = hub.model_from_hf_config(hf, task=None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    stack = methods.build(config.method, family("gpt2"))
+    stack = methods.build(config.method, family(config.model.random_init.model_type))
     def init_and_split(key):
         params = model.init(key, jnp.ones((1, 8), jnp.int32))["params"]
         return stack.split(params, key)
@@ -36,14 +37,14 @@ def frozen_tree(config, abstract):
         return jax.eval_shape(init_and_split, jax.random.key(0))
     return jax.jit(init_and_split)(jax.random.key(0))
 
-config = load_config(sys.argv[1] + ":model=gpt2-xl")
+config = load_config(sys.argv[1])
 mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
 frozen, trainable = frozen_tree(config, abstract=True)
 held = sharding.bytes_per_device(frozen, sharding.frozen_shardings(frozen, mesh))
 total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(frozen))
 
 # A smaller GPT-2 placed for real: what the devices hold equals the count from the shardings.
-config.model.random_init.update(n_layer=2, n_embd=256, n_head=4)
+config.model.random_init.update(json.loads(sys.argv[2]))
 small, _ = frozen_tree(config, abstract=False)
 shardings = sharding.frozen_shardings(small, mesh)
 placed = sharding.place(jax.device_get(small), shardings)
@@ -69,7 +70,21 @@ print(json.dumps({
 def xl_on_eight_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO_ROOT / "configs/e2e.py")],
+    return _on_eight_devices("configs/e2e.py:model=gpt2-xl", dict(n_layer=2, n_embd=256, n_head=4))
+
+
+@pytest.fixture(scope="module")
+def llama_7b_on_eight_devices():
+    return _on_eight_devices("configs/instruct.py:model=llama2-7b", dict(
+        num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=1024))
+
+
+def _on_eight_devices(config: str, small: dict) -> dict:
+    """The child's measurement of `config` (a small model of the same kind: `small` fields)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO_ROOT / config), json.dumps(small)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -91,6 +106,20 @@ def test_fsdp_cuts_the_frozen_bytes_per_device_about_8x(xl_on_eight_devices):
     # Only small leaves (layer norms, biases) stay replicated: 8x less up to a fraction of a %.
     assert 7.9 < r["total"] / largest <= 8.0
     assert largest < 400 * 2**20  # about 370 MiB of the 2.9 GiB
+
+
+def test_llama2_7b_lora_config_shards_its_bf16_weights_8x(llama_7b_on_eight_devices):
+    """configs/instruct.py:model=llama2-7b, shapes only: the 6.74B frozen weights in bf16 (12.55
+    GiB) over fsdp=8 are about 1.57 GiB per device; LoRA r=8 on q, k, v, o trains 8.4M."""
+    r = llama_7b_on_eight_devices
+    assert r["mesh"] == {"data": 1, "fsdp": 8} and r["devices"] == 8
+    assert r["frozen_params"] == 6_738_415_616  # Llama-2-7B
+    assert r["total"] == 2 * r["frozen_params"]
+    assert r["trainable_params"] == 32 * 4 * 8 * (4096 + 4096)  # 8,388,608
+    smallest, largest = r["per_device"][0], r["per_device"][-1]
+    assert largest - smallest < 0.001 * largest
+    assert 7.99 < r["total"] / largest <= 8.0  # only the RMSNorm scales stay replicated
+    assert r["small_actual"] == r["small_counted"]
 
 
 def test_the_count_from_shardings_is_what_devices_hold(xl_on_eight_devices):

@@ -330,8 +330,11 @@ def test_instruct_config_targets_the_four_attention_projections():
     hit = [p for p in paths if any(re.search(t, p) for t in c.method.lora.targets)]
     assert hit == paths[:4]
     assert (c.data.max_len, c.optim.lr, c.optim.warmup_steps, c.train.epochs) == (256, 3e-4, 100, 3)
+    small = load_config(str(REPO / "configs/instruct.py") + ":model=qwen2-0.5b")
+    assert small.data.batch_size // small.optim.grad_accum == 4 and small.data.batch_size == 128
+    # 7B: FSDP over 8 devices splits each micro-batch, so it holds 8 rows (one per device).
     big = load_config(str(REPO / "configs/instruct.py") + ":model=llama2-7b")
-    assert big.data.batch_size // big.optim.grad_accum == 4 and big.data.batch_size == 128
+    assert big.data.batch_size // big.optim.grad_accum == 8 and big.data.batch_size == 128
 
 
 def test_instruct_config_errors_before_anything_runs(tmp_path, data_dir):
