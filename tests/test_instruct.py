@@ -6,6 +6,7 @@ import logging
 import math
 import pathlib
 
+import numpy as np
 import pytest
 
 from lora_jax.config import load_config, set_dotted
@@ -422,3 +423,28 @@ def test_decoder_methods_packing_and_remat_train_a_tiny_llama(tmp_path, data_dir
     assert len(losses) == 9 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) < sum(losses[:3])
     assert any((workdir / "adapter").iterdir())
+
+
+@pytest.mark.skipif(not _has_llama(), reason="the Llama model family is not in lora_jax.models")
+def test_compare_runs_on_tiny_llama_runs(tmp_path, data_dir):
+    """The analysis command (subspace similarity, amplification) on two Llama LoRA runs of
+    ranks 4 and 8: one grid per adapted matrix, q, k, v and o of both layers."""
+    from lora_jax.analysis import compare
+    from lora_jax.train import train
+
+    path = write_jsonl(tmp_path / "alpaca.jsonl", records(16))
+    for rank in (4, 8):
+        train(instruct_config(path, data_dir, **{
+            "data.batch_size": 4, "data.max_len": 64, "optim.lr": 1e-2,
+            "optim.warmup_steps": 1, "train.max_steps": 3, "train.eval_every": 3,
+            "train.checkpoint_every": 3, "method.lora.rank": rank}), tmp_path / f"r{rank}")
+    out = tmp_path / "compare"
+    compare.main([str(tmp_path / "r4"), str(tmp_path / "r8"), "--out", str(out)])
+    matrices = json.loads((out / "similarity.json").read_text())["matrices"]
+    assert sorted(matrices) == sorted(f"model/layers_{i}/self_attn/{m}_proj"
+                                      for i in (0, 1) for m in "qkvo")
+    for entry in matrices.values():
+        grid = np.array(entry["grid"])
+        assert grid.shape == (4, 8) and np.all((grid >= 0) & (grid <= 1 + 1e-9))
+    amplification = json.loads((out / "amplification.json").read_text())["matrices"]
+    assert all(stats["dw_norm"] > 0 for stats in amplification.values())
