@@ -399,6 +399,7 @@ def test_a_tiny_llama_learns_instructions_end_to_end(tmp_path, data_dir):
     assert (workdir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_llama(), reason="the Llama model family is not in lora_jax.models")
 @pytest.mark.parametrize("overrides", [
     {"method.use": ("dora",)},
@@ -425,6 +426,7 @@ def test_decoder_methods_packing_and_remat_train_a_tiny_llama(tmp_path, data_dir
     assert any((workdir / "adapter").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_llama(), reason="the Llama model family is not in lora_jax.models")
 def test_compare_runs_on_tiny_llama_runs(tmp_path, data_dir):
     """The analysis command (subspace similarity, amplification) on two Llama LoRA runs of

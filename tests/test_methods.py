@@ -46,7 +46,8 @@ def section(*use, also_train=(), **settings):
 def tiny_section(model_type: str, *use, **settings):
     """`section` with the family's LoRA targets and, for the encoder, its head trained."""
     fam = model_family(model_type)
-    c = section(*use, also_train=() if model_type == "gpt2" else (r"^classifier/",), **settings)
+    lm = model_type in ("gpt2", "qwen2")
+    c = section(*use, also_train=() if lm else (r"^classifier/",), **settings)
     for name in LORA_LIKE:
         c[name].targets, c[name].split_outputs = fam.lora_targets, dict(fam.lora_split_outputs)
     c.vera.targets, c.vera.rank = fam.lora_targets, 4  # fused outputs adapted whole
@@ -122,11 +123,15 @@ def test_bitfit_and_full_on_roberta_base_are_table_2s():
     assert full == methods.count_params(params) and round(full / 1e6) == 125  # the paper's 125M
 
 
-@pytest.fixture(scope="module", params=["gpt2", "bert"])
+# The Llama family as tiny Qwen2: Llama's shape (GQA) with q/k/v biases, which BitFit trains.
+TINY_QWEN2 = TINY_MODELS["llama"] | {"model_type": "qwen2"}
+
+
+@pytest.fixture(scope="module", params=["gpt2", "bert", "qwen2"])
 def tiny(request):
-    fields = dict(TINY_MODELS[request.param])
+    fields = dict(TINY_QWEN2 if request.param == "qwen2" else TINY_MODELS[request.param])
     model_type = fields.pop("model_type")
-    task = None if model_type == "gpt2" else "classification"
+    task = "classification" if model_type == "bert" else None
     model = model_of(model_type, task=task, **fields)
     params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
     return model_type, model, params
@@ -186,7 +191,7 @@ def test_bitfit_trains_exactly_the_biases_and_top_layers_the_top_blocks(tiny):
 
 def test_lora_bias_options_train_the_biases_loralib_names(tiny):
     model_type, _, params = tiny
-    if model_type == "gpt2":
+    if model_type != "bert":
         pytest.skip("the encoder's separate q, v make 'lora_only' visible")
     fam = model_family(model_type)
     flat = traverse_util.flatten_dict(params)
@@ -201,7 +206,7 @@ def test_lora_bias_options_train_the_biases_loralib_names(tiny):
 
 def test_methods_compose_and_the_stack_names_them(tiny):
     model_type, model, params = tiny
-    if model_type == "gpt2":
+    if model_type != "bert":
         pytest.skip("one family suffices")
     stack = methods.build(section("lora", "bitfit", "adapter_p"), model_family(model_type))
     frozen, trainable = stack.split(params, jax.random.key(0))
@@ -218,7 +223,7 @@ def test_methods_compose_and_the_stack_names_them(tiny):
                                   "adalora"])
 def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
     model_type, model, params = tiny
-    task = None if model_type == "gpt2" else "classification"
+    task = "classification" if model_type == "bert" else None
     c = tiny_section(model_type, name)
     fam = model_family(model_type)
     stack = methods.build(c, fam)
