@@ -270,23 +270,10 @@ class GPT2LMHeadModel(nn.Module):
         embed = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=embed_init)
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, name="wte", **embed)
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, name="wpe", **embed)
-        if segment_ids is not None and cache is not None:
-            raise ValueError("segment_ids (packed rows) are for training; they do not combine "
-                             "with a cache")
         if isinstance(cache, int):
             cache = init_cache(cfg, input_ids.shape[0], cache)
-        if cache is None:
-            if position_ids is None:
-                position_ids = jnp.arange(input_ids.shape[1])[None, :]
-            # Padding hides keys only; the causal part is handled by the attention kernel.
-            mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
-            if segment_ids is not None:
-                segments = _segment_mask(segment_ids)
-                mask = segments if mask is None else mask & segments
-        else:
-            position_ids, mask = _cached_positions_and_mask(
-                cache, input_ids.shape[1], attention_mask, position_ids
-            )
+        position_ids, mask = positions_and_mask(input_ids, attention_mask, position_ids, cache,
+                                                segment_ids)
 
         h = nn.Dropout(cfg.embd_pdrop, name="drop")(wte(input_ids) + wpe(position_ids),
                                                      deterministic)
@@ -306,6 +293,31 @@ class GPT2LMHeadModel(nn.Module):
             keys, values = zip(*new_kv)
             cache = KVCache(keys, values, index + input_ids.shape[1])
         return GPT2Output(logits, tuple(hidden_states) if output_hidden_states else None, cache)
+
+
+def positions_and_mask(
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    position_ids: jax.Array | None,
+    cache: KVCache | None,
+    segment_ids: jax.Array | None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """A decoder's position ids and attention mask from its call arguments (see
+    `GPT2LMHeadModel.__call__`; the Llama family shares them): without a cache, padding and packed
+    segments hide keys and the kernel adds causality; with one, the whole pattern over its slots.
+    """
+    if segment_ids is not None and cache is not None:
+        raise ValueError("segment_ids (packed rows) are for training; they do not combine "
+                         "with a cache")
+    if cache is not None:
+        return _cached_positions_and_mask(cache, input_ids.shape[1], attention_mask, position_ids)
+    if position_ids is None:
+        position_ids = jnp.arange(input_ids.shape[1])[None, :]
+    mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+    if segment_ids is not None:
+        segments = _segment_mask(segment_ids)
+        mask = segments if mask is None else mask & segments
+    return position_ids, mask
 
 
 def _segment_mask(segment_ids: jax.Array) -> jax.Array:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models.family import ModelFamily
-from lora_jax.models.gpt2 import KVCache, _cached_positions_and_mask, _segment_mask
+from lora_jax.models.gpt2 import KVCache, positions_and_mask
 from lora_jax.models.layers import RMSNorm, activation, dot_product_attention
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -405,21 +405,10 @@ class LlamaForCausalLM(nn.Module):
         segment_ids: jax.Array | None = None,
     ) -> LlamaOutput:
         cfg = self.config
-        if segment_ids is not None and cache is not None:
-            raise ValueError("segment_ids (packed rows) are for training; they do not combine "
-                             "with a cache")
         if isinstance(cache, int):
             cache = init_cache(cfg, input_ids.shape[0], cache)
-        if cache is None:
-            if position_ids is None:
-                position_ids = jnp.arange(input_ids.shape[1])[None, :]
-            mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
-            if segment_ids is not None:
-                segments = _segment_mask(segment_ids)
-                mask = segments if mask is None else mask & segments
-        else:
-            position_ids, mask = _cached_positions_and_mask(
-                cache, input_ids.shape[1], attention_mask, position_ids)
+        position_ids, mask = positions_and_mask(input_ids, attention_mask, position_ids, cache,
+                                                segment_ids)
         base = LlamaModel(cfg, name="model")
         h, hidden_states, new_kv = base(input_ids, mask, position_ids, deterministic, cache)
         if cfg.tie_word_embeddings:
