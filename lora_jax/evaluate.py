@@ -75,6 +75,22 @@ def check_inputs(workdir: pathlib.Path, config: ml_collections.ConfigDict, split
                            + "\n  ".join(differences))
 
 
+def stop_ids(run: setup.Run) -> tuple[int, ...]:
+    """The ids that end a generated text: the family's (GPT-2's), else the tokenizer's EOS.
+
+    Raises:
+      ValueError: neither the family nor the tokenizer names one.
+    """
+    if run.family.stop_ids:
+        return tuple(run.family.stop_ids)
+    # Llama-family vocabularies differ from checkpoint to checkpoint: their tokenizer knows.
+    eos = getattr(run.tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(f"{run.family.model_type} has no stop ids and its tokenizer no "
+                         "eos_token_id: generation would never end")
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
 def evaluate_e2e(run: setup.Run, split: str, max_examples: int,
                  batch_size: int) -> tuple[list[str], dict[str, float]]:
     """Beam-searches one output per MR of `split`; returns the lines and their E2E scores.
@@ -100,8 +116,8 @@ def evaluate_e2e(run: setup.Run, split: str, max_examples: int,
     outputs = generate.beam_search(
         apply_fn, params, prompts, num_beams=g.beam_size,
         length_penalty=g.length_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
-        max_new_tokens=g.max_new_tokens, eos_ids=run.family.stop_ids,
-        pad_id=run.family.stop_ids[0], batch_size=batch_size)
+        max_new_tokens=g.max_new_tokens, eos_ids=(stop := stop_ids(run)),
+        pad_id=stop[0], batch_size=batch_size)
     lines = [" ".join(tokenizer.decode(ids, skip_special_tokens=True).split()) for ids in outputs]
     return lines, e2e_scores([refs for _, refs in groups], lines)
 

@@ -90,3 +90,20 @@ def test_e2e_decodes_a_prefix_method_kept_apart(tmp_path):
     assert not run.stack.mergeable
     lines, scores = evaluate_e2e(run, "dev", max_examples=2, batch_size=2)
     assert len(lines) == 2 and set(scores) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+
+
+def test_stop_ids_are_gpt2s_own_or_else_the_tokenizers_eos():
+    from types import SimpleNamespace
+
+    from lora_jax.evaluate import stop_ids
+    from lora_jax.models import FAMILIES
+
+    gpt2 = SimpleNamespace(family=FAMILIES["gpt2"], tokenizer=SimpleNamespace(eos_token_id=7))
+    assert stop_ids(gpt2) == (50256, 628)
+    llama = SimpleNamespace(family=FAMILIES["llama"], tokenizer=SimpleNamespace(eos_token_id=2))
+    assert stop_ids(llama) == (2,)
+    llama3 = SimpleNamespace(family=FAMILIES["llama"],
+                             tokenizer=SimpleNamespace(eos_token_id=[128001, 128009]))
+    assert stop_ids(llama3) == (128001, 128009)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        stop_ids(SimpleNamespace(family=FAMILIES["qwen2"], tokenizer=SimpleNamespace()))

@@ -451,7 +451,7 @@ def _family(model_type: str) -> ModelFamily:
         # The Alpaca-LoRA setting (configs/instruct.py): every attention projection.
         lora_targets=(r"self_attn/(q_proj|k_proj|v_proj|o_proj)/",),
         lora_split_outputs={},
-        stop_ids=(),  # the tokenizer's: Llama-family vocabularies differ
+        stop_ids=(),  # the tokenizer's EOS (evaluate.stop_ids): Llama-family vocabularies differ
         block=r"layers_(\d+)",
         # No dropout modules to attach at: the sublayers end at their output projections.
         sublayers={"attention": "self_attn/o_proj", "ffn": "mlp/down_proj", "block": ""},
