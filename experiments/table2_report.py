@@ -6,9 +6,10 @@ records, so an unfinished sweep reports what it has.
 ROOT is either the sweep's records directory (ROOT/<task>/<run>.json, `experiments.sweep
 --records`) or its run directories (ROOT/<task>/<run>/record.json).
 
-Writes OUT/table.md (per method, most trained parameters first: their number, then per task the median [min, max] of the
-best main metric over seeds, x100, with the number of seeds, and the median wall time) and
-OUT/<task>.png (metric against trained parameters, log scale, seeds as error bars).
+Writes OUT/table.md: per method, most trained parameters first, their number and per task the
+median [min, max] of the best main metric over seeds, x100, with the number of seeds; then each
+method's median wall time per task and each task's total. And OUT/<task>.png (metric against
+trained parameters, log scale, seeds as error bars).
 """
 
 from __future__ import annotations
@@ -35,29 +36,45 @@ def task_records(root: pathlib.Path) -> dict[str, list[dict]]:
     return dict(sorted(out.items(), key=lambda kv: (TASK_ORDER + (kv[0],)).index(kv[0])))
 
 
-def table(per_task: dict[str, list[dict]]) -> str:
-    """The markdown table (see the module docstring)."""
-    # Most trained parameters first, as the paper's tables run from FT down.
+def by_method(per_task: dict[str, list[dict]]) -> dict[str, dict[str, list[dict]]]:
+    """Method -> task -> its records; most trained parameters first, as the paper's tables run
+    from FT down."""
     params = {r["method"]: r["trained_params"] for records in per_task.values() for r in records}
-    methods = sorted(params, key=lambda m: -params[m])
+    return {method: {task: [r for r in records if r["method"] == method]
+                     for task, records in per_task.items()}
+            for method in sorted(params, key=lambda m: -params[m])}
+
+
+def table(per_task: dict[str, list[dict]]) -> str:
+    """The metric table (see the module docstring)."""
     header = ["method", "trained params"] + [
-        f"{task} ({records[0]['metric']})" for task, records in per_task.items()] + [
-        "wall s (median)"]
+        f"{task} ({records[0]['metric']})" for task, records in per_task.items()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method in methods:
-        cells, params, walls = [], None, []
-        for records in per_task.values():
-            mine = [r for r in records if r["method"] == method]
+    for method, tasks in by_method(per_task).items():
+        cells, params = [], None
+        for mine in tasks.values():
             if not mine:
                 cells.append("-")
                 continue
             params = params or mine[0]["trained_params"]
-            walls += [r["wall_s"] for r in mine]
             best = [100 * r["best"] for r in mine]
             cells.append(f"{statistics.median(best):.1f} [{min(best):.1f}, {max(best):.1f}]"
                          f" n={len(best)}")
-        lines.append(f"| {method} | {params:,} | " + " | ".join(cells)
-                     + f" | {statistics.median(walls):.0f} |")
+        lines.append(f"| {method} | {params:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def wall_table(per_task: dict[str, list[dict]]) -> str:
+    """Median wall seconds of each method's runs per task, and each task's total in hours."""
+    header = ["method"] + [f"{task} wall s" for task in per_task]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, tasks in by_method(per_task).items():
+        cells = [f"{statistics.median(r['wall_s'] for r in mine):.0f}" if mine else "-"
+                 for mine in tasks.values()]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    totals = [f"{sum(r['wall_s'] for r in records) / 3600:.2f} h ({len(records)} runs)"
+              for records in per_task.values()]
+    lines.append("| all runs | " + " | ".join(totals) + " |")
     return "\n".join(lines)
 
 
@@ -76,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     runs = sum(len(r) for r in per_task.values())
     (args.out / "table.md").write_text(
         f"# Table 2 in miniature ({runs} finished runs)\n\nMetric x100, median [min, max] "
-        "over seeds; trained parameters include the task head.\n\n" + text + "\n")
+        "over seeds; trained parameters include the task head (of the first task's size).\n\n"
+        + text + "\n\nWall time per run (median over seeds) and per task (all runs):\n\n"
+        + wall_table(per_task) + "\n")
     for task, records in per_task.items():
         sweep.plot("methods", sweep.summarize(records), records[0]["metric"],
                    args.out / f"{task}.png", title=task)

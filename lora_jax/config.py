@@ -74,8 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 1000
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 2
-    # JAX's persistent compilation cache: 'auto' = .jax_compilation_cache beside the workdir (a
-    # sweep's runs share it), '' = off, else a directory (lora_jax/training/compile_cache.py).
+    # JAX's persistent compilation cache: 'auto' = $JAX_COMPILATION_CACHE_DIR if set, else
+    # .jax_compilation_cache beside the workdir (a sweep's runs share it), '' = off, else a
+    # directory (lora_jax/training/compile_cache.py).
     c.train.compilation_cache = "auto"
 
     c.mesh = ml_collections.ConfigDict()

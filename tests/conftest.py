@@ -2,11 +2,44 @@
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The tests compile far more than they compute: a tiny model's train step takes seconds to compile
+# and milliseconds to run. LLVM's optimisations of the compiled CPU code would save milliseconds
+# and cost about half of each compile, so they are off here (and in every child process, which
+# inherits the environment; `xla_flags` keeps the setting where a test sets its own flags).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(*flags: str) -> str:
+    """XLA_FLAGS for a child process of the tests: `flags` and the suite's fast compilation."""
+    return " ".join([FAST_COMPILE, *flags])
+
+
+os.environ["XLA_FLAGS"] = xla_flags(*os.environ.get("XLA_FLAGS", "").split())
+
+# One persistent compilation cache for the session, in JAX's own variable, which every run's
+# `compilation_cache='auto'` honours: many tests train the same tiny models, and what one compiled
+# the next reads back (the cache keys a program by its HLO, flags and versions, so what runs is
+# the same either way). The threshold is lowered because fast compilation puts many programs
+# under JAX's default of a second.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    SESSION_CACHE = tempfile.mkdtemp(prefix="lora_jax_tests_jit_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = SESSION_CACHE
+else:
+    SESSION_CACHE = None  # the user's own cache: kept
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if SESSION_CACHE:
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, xla_flags
 
 CHILD = r"""
 import json, sys
@@ -68,7 +68,7 @@ print(json.dumps({
 
 @pytest.fixture(scope="module")
 def xl_on_eight_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
            "JAX_PLATFORMS": "cpu"}
     return _on_eight_devices("configs/e2e.py:model=gpt2-xl", dict(n_layer=2, n_embd=256, n_head=4))
 
@@ -82,7 +82,7 @@ def llama_7b_on_eight_devices():
 
 def _on_eight_devices(config: str, small: dict) -> dict:
     """The child's measurement of `config` (a small model of the same kind: `small` fields)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO_ROOT / config), json.dumps(small)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -216,8 +216,9 @@ def test_tiny_methods_sweep_tabulates_method_trained_parameters_and_metric(tmp_p
 @pytest.mark.parametrize("layout", ["run directories", "records directory"])
 def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path, layout):
     """The report reads each run's record.json (an unfinished sweep reports what it has): per
-    method, most parameters first, its trained parameters, per task median [min, max] x100 and the seeds, then the
-    median wall time; a figure per task."""
+    method, most parameters first, its trained parameters, per task median [min, max] x100 and
+    the seeds; then each method's median wall time per task and each task's total; a figure per
+    task."""
     import json
 
     from experiments import table2_report
@@ -239,10 +240,14 @@ def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path
     (tmp_path / "in" / "cola" / "method=lora,seed=0").mkdir(parents=True)  # not finished
     text = table2_report.main([str(tmp_path / "in"), "--out", str(tmp_path / "out")])
     lines = text.splitlines()
-    assert lines[0] == "| method | trained params | sst2 (accuracy) | stsb (pearson) | wall s (median) |"
-    assert lines[2] == "| full | 10,000 | 70.0 [70.0, 70.0] n=1 | - | 10 |"
-    assert lines[3] == "| lora | 100 | 85.0 [80.0, 90.0] n=3 | 55.0 [50.0, 60.0] n=2 | 20 |"
-    assert "(6 finished runs)" in (tmp_path / "out" / "table.md").read_text()
+    assert lines[0] == "| method | trained params | sst2 (accuracy) | stsb (pearson) |"
+    assert lines[2] == "| full | 10,000 | 70.0 [70.0, 70.0] n=1 | - |"
+    assert lines[3] == "| lora | 100 | 85.0 [80.0, 90.0] n=3 | 55.0 [50.0, 60.0] n=2 |"
+    written = (tmp_path / "out" / "table.md").read_text()
+    assert "(6 finished runs)" in written
+    # Walls: full's one run; lora's 10, 20, 30 s on SST-2 (median 20) and 10, 20 on STS-B (15).
+    assert "| full | 10 | - |\n| lora | 20 | 15 |\n" in written
+    assert "| all runs | 0.02 h (4 runs) | 0.01 h (2 runs) |" in written
     assert (tmp_path / "out" / "sst2.png").read_bytes()[:4] == b"\x89PNG"
 
 

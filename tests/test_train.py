@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from lora_jax.training.checkpoint import directory_bytes
 from lora_jax.config import load_config
 from lora_jax.train import train
-from conftest import tiny_config
+from conftest import tiny_config, xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def process_envs(n: int) -> list[dict]:
         port = s.getsockname()[1]
     return [{"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(n),
              "JAX_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu",
-             "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+             "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=1"),
              "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"} for pid in range(n)]
 
 
@@ -111,10 +111,11 @@ def test_tiny_run_writes_logs_checkpoints_and_export(tmp_path):
     assert (tmp_path / "best_adapter" / "adapter_model.safetensors").is_file()
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [6, 8]  # every 2 steps, the last 2 kept
-    # What compiling cost: the train and eval steps at least, XLA's part within the whole, and
-    # the first step after it had compiled.
+    # What compiling cost: the train and eval steps at least (compiled, or read from the tests'
+    # shared persistent cache), XLA's part within the whole, and the first step after it had
+    # compiled.
     [compiled] = records(tmp_path, "compile")
-    assert compiled["step"] == 8 and compiled["programs_compiled"] >= 2
+    assert compiled["step"] == 8 and compiled["programs_compiled"] + compiled["cache_hits"] >= 2
     assert 0 < compiled["xla_compile_s"] <= compiled["compile_s"]
     assert compiled["first_step_s"] > 0
 
@@ -172,7 +173,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
 
 
 def _losses_with_devices(tmp_path, name, devices, mesh_flags):
-    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    env = {"XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}"),
            "JAX_PLATFORMS": "cpu"}
     proc = run_cli(tmp_path / name, *CLI_TINY, "--config.train.max_steps=6", *mesh_flags, env=env)
     out = finish(proc)
@@ -255,16 +256,19 @@ def test_tiny_e2e_language_model_run(tmp_path):
     assert config["task_type"] == "CAUSAL_LM" and config["r"] == 8  # q,v as one rank-2r adapter
 
 
-def test_runs_beside_each_other_share_the_compilation_cache(tmp_path):
+def test_runs_beside_each_other_share_the_compilation_cache(tmp_path, monkeypatch):
     """'auto' puts JAX's persistent cache beside the workdir: a second run of the same shapes
     in a sibling workdir reads its programs from there instead of compiling them; '' writes no
-    cache. (Tiny programs compile in under JAX's 1 s threshold, so the test lowers it.)"""
+    cache; where the user set JAX's own $JAX_COMPILATION_CACHE_DIR, 'auto' uses that. (Tiny
+    programs compile in under JAX's 1 s threshold, so the test lowers it.)"""
     import jax
 
     from lora_jax.training import compile_cache
 
     threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    before = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    monkeypatch.delenv(compile_cache.JAX_VARIABLE, raising=False)
     try:
         config = tiny_config(**{"train.max_steps": 2})
         train(config, tmp_path / "study" / "first")
@@ -277,6 +281,10 @@ def test_runs_beside_each_other_share_the_compilation_cache(tmp_path):
         off = tiny_config(**{"train.max_steps": 2, "train.compilation_cache": ""})
         train(off, tmp_path / "alone" / "run")
         assert [p.name for p in (tmp_path / "alone").iterdir()] == ["run"]
+        monkeypatch.setenv(compile_cache.JAX_VARIABLE, str(tmp_path / "users_cache"))
+        train(config, tmp_path / "elsewhere" / "run")
+        assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == ["run"]
+        assert any((tmp_path / "users_cache").iterdir())
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
-        compile_cache.use("", tmp_path)
+        compile_cache.use(before or "", tmp_path)  # the session's cache again, for what follows

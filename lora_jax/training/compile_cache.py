@@ -1,6 +1,7 @@
 """JAX's persistent compilation cache for runs: a study's runs with the same shapes compile once.
 
-`config.train.compilation_cache` names the directory: 'auto' (the default) is
+`config.train.compilation_cache` names the directory: 'auto' (the default) is JAX's own
+`$JAX_COMPILATION_CACHE_DIR` where the user set it (one cache for every run on the machine), else
 `.jax_compilation_cache` beside the workdir, so every run of a sweep (whose workdirs share a
 parent) reads and writes one cache; '' turns it off; anything else is a path. The trainer points
 JAX at it once the workdir is committed (nothing is written before), which is before the train
@@ -10,6 +11,7 @@ and eval steps compile; programs that compile in under a second are not cached (
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import jax
@@ -17,6 +19,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 AUTO = "auto"
 DIRECTORY_NAME = ".jax_compilation_cache"
+JAX_VARIABLE = "JAX_COMPILATION_CACHE_DIR"  # JAX's own setting, which 'auto' must not override
 
 
 def cache_directory(setting: str, workdir: pathlib.Path) -> pathlib.Path | None:
@@ -24,6 +27,8 @@ def cache_directory(setting: str, workdir: pathlib.Path) -> pathlib.Path | None:
     if not setting:
         return None
     if setting == AUTO:
+        if os.environ.get(JAX_VARIABLE):
+            return pathlib.Path(os.environ[JAX_VARIABLE]).expanduser().resolve()
         return workdir.resolve().parent / DIRECTORY_NAME
     return pathlib.Path(setting).expanduser().resolve()
 
