@@ -21,9 +21,7 @@ from contextlib import closing
 from typing import Any
 
 import jax
-from flax import traverse_util
 import ml_collections
-import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -31,10 +29,12 @@ from ml_collections import config_flags
 from lora_jax.training import compile_cache, evaluation, setup, sharding
 from lora_jax.methods import count_params
 from lora_jax.interop import exports
-from lora_jax.training.checkpoint import Checkpoints, abstract, divergence_error
+from lora_jax.training.checkpoint import Checkpoints, abstract
 from lora_jax.config_checks import check_config
-from lora_jax.errors import Preempted, RunError, WorkdirError
+from lora_jax.errors import Preempted, RunError
 from lora_jax.training.inputs import run_inputs
+from lora_jax.training.loop import (StepEvents, check_same_seed, checkpoint_state, log_losses,
+                                    run_result)
 from lora_jax.training.modeling import run_keys
 from lora_jax.training.preemption import PreemptionNotice
 from lora_jax.training.compile_clock import CompileClock
@@ -103,17 +103,13 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict,
     rng_data = sharding.place(jax.random.key_data(key_train), replicated)
 
     def state(step: int):
-        epoch, index = divmod(step, steps_per_epoch)
-        return {"trainable": trainable, "opt_state": opt_state, "step": np.int64(step),
-                "data": {"epoch": np.int64(epoch), "index": np.int64(index)},
-                "rng": rng_data}
+        return checkpoint_state(trainable, opt_state, step, steps_per_epoch, rng_data)
 
     start = 0
     restored = checkpoints.restore_latest(abstract(state(0)))
     if restored is not None:
         start, saved = restored
-        if not np.array_equal(np.asarray(saved["rng"]), np.asarray(jax.random.key_data(key_train))):
-            raise WorkdirError(f"{workdir} holds a run with another seed; use a new workdir")
+        check_same_seed(saved, key_train, workdir)
         trainable, opt_state = saved["trainable"], saved["opt_state"]
 
     # --- The run starts: from here on the workdir is written ------------------------------------
@@ -138,9 +134,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict,
         host_batch = epoch_cache[epoch][index]
         return host_batch, sharding.global_batch(host_batch, mesh, config.optim.grad_accum)
 
-    # Losses and finiteness flags stay on the device until the loop syncs anyway (a log line, an
-    # evaluation, a checkpoint): then they are fetched, logged and checked, before anything of
-    # this state is evaluated, saved or exported.
+    # Losses and finiteness flags stay on the device until the loop syncs anyway (StepEvents).
     pending: list[tuple[int, jax.Array, jax.Array, int]] = []
     tick = time.perf_counter()
 
@@ -153,12 +147,8 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict,
         fetched = [(s, float(sharding.first_replica(l)), bool(sharding.first_replica(f)))
                    for s, l, f, _ in pending]
         pending = []
-        bad = next((i for i, (_, l, f) in enumerate(fetched) if not (np.isfinite(l) and f)), None)
-        shown = fetched if bad is None else fetched[:bad + 1]
-        log.train([(s, l, float(schedule(s - 1))) for s, l, _ in shown], tokens / elapsed,
-                  total_steps)
-        if bad is not None:
-            raise divergence_error(*fetched[bad], checkpoints)
+        log_losses(log, fetched, lambda s: float(schedule(s)), tokens / elapsed, total_steps,
+                   checkpoints)
 
     upcoming = batch_at(start) if start < total_steps else None
     # closing(): the checkpoint manager and the log are closed however the loop ends.
@@ -174,18 +164,17 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict,
             done = step + 1
             pending.append((done, loss, finite, int(host_batch["attention_mask"].sum())))
             preempted = notice.reached(done)
-            evaluating = done % config.train.eval_every == 0 or done == total_steps
-            checkpointing = checkpoints.should_save(done) or done == total_steps or preempted
-            if done % config.train.log_every == 0 or evaluating or checkpointing:
+            due = StepEvents.at(done, total_steps, config.train, checkpoints, preempted)
+            if due.log:
                 flush()
-            if evaluating:
+            if due.evaluate:
                 metrics = evaluate(trainable)
                 best = log.eval(done, metrics, task.main_metric,
                                 higher_is_better=task.kind != "lm")
                 if run_dir.writer and best["step"] == done:
                     exports.save(workdir / "best_adapter", stack, config.method,
                                 jax.device_get(trainable), frozen=frozen, **run.info)
-            if checkpointing:
+            if due.checkpoint:
                 checkpoints.save(done, state(done), force=True)
             if preempted:
                 raise Preempted(f"SIGTERM at step {done}: checkpointed step {done} in "
@@ -198,9 +187,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict,
         if run_dir.writer:
             exports.save(workdir / "adapter", stack, config.method, jax.device_get(trainable),
                          frozen=frozen, **run.info)
-    flat = traverse_util.flatten_dict(jax.device_get(trainable))
-    return {**final, "best": best, "trained_params": count_params(trainable),
-            "lora_params": sum(int(v.size) for k, v in flat.items() if k[-1] in ("lora_a", "lora_b"))}
+    return run_result(final, best, trainable)
 
 
 def main(argv: list[str]) -> None:

@@ -21,16 +21,16 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from lora_jax.config_checks import check_config
 from lora_jax.errors import Preempted, WorkdirError
 from lora_jax.interop import exports
-from lora_jax.methods import count_params
 from lora_jax.training import compile_cache, evaluation, optim, sharding
-from lora_jax.training.checkpoint import Checkpoints, abstract, divergence_error
+from lora_jax.training.checkpoint import Checkpoints, abstract
 from lora_jax.training.compile_clock import CompileClock
 from lora_jax.training.inputs import run_inputs
+from lora_jax.training.loop import (StepEvents, check_same_seed, checkpoint_state, log_losses,
+                                    run_result)
 from lora_jax.training.members import MemberGroup
 from lora_jax.training.modeling import run_keys
 from lora_jax.training.preemption import PreemptionNotice
@@ -70,11 +70,8 @@ def train_together(configs: Sequence[ml_collections.ConfigDict],
         spe = group.steps_per_epoch
 
         def member_state(i: int, step: int, trainable, opt_state) -> dict:
-            epoch, index = divmod(step, spe)
-            return {"trainable": group.member_trainable(trainable, i),
-                    "opt_state": group.member_opt_state(opt_state, i), "step": np.int64(step),
-                    "data": {"epoch": np.int64(epoch), "index": np.int64(index)},
-                    "rng": rng_data[i]}
+            return checkpoint_state(group.member_trainable(trainable, i),
+                                    group.member_opt_state(opt_state, i), step, spe, rng_data[i])
 
         # --- Resume: every member from its own checkpoint, all at one step -------------------
         restored = [c.restore_latest(abstract(member_state(i, 0, trainable, opt_state)))
@@ -88,9 +85,7 @@ def train_together(configs: Sequence[ml_collections.ConfigDict],
         for i, r in enumerate(restored):
             if r is not None:
                 saved = r[1]
-                if not np.array_equal(np.asarray(saved["rng"]),
-                                      np.asarray(jax.random.key_data(keys[i]))):
-                    raise WorkdirError(f"{dirs[i].path} holds a run with another seed")
+                check_same_seed(saved, keys[i], dirs[i].path)
                 trainable, opt_state = group.with_member(trainable, opt_state, i,
                                                          saved["trainable"], saved["opt_state"])
 
@@ -110,7 +105,6 @@ def train_together(configs: Sequence[ml_collections.ConfigDict],
         total = group.total_steps
         lr_of = [_schedule(c, total) for c in configs]
         best = [log.best() for log in logs]
-        cfg = configs[0].train
         pending: list[tuple[int, Any, Any, list[int]]] = []
         tick = time.perf_counter()
 
@@ -137,14 +131,8 @@ def train_together(configs: Sequence[ml_collections.ConfigDict],
             pending = []
             for i in range(n):
                 rows = [(s, float(l[i]), bool(f[i])) for s, l, f, _ in fetched]
-                bad = next((k for k, (_, l, f) in enumerate(rows)
-                            if not (np.isfinite(l) and f)), None)
-                shown = rows if bad is None else rows[:bad + 1]
                 tokens = sum(t[i] for *_, t in fetched)
-                logs[i].train([(s, l, lr_of[i](s - 1)) for s, l, _ in shown], tokens / elapsed,
-                              total)
-                if bad is not None:
-                    raise divergence_error(*rows[bad], checkpoints[i])
+                log_losses(logs[i], rows, lr_of[i], tokens / elapsed, total, checkpoints[i])
 
         first_step_s = None
         metrics: list[dict] = [{} for _ in range(n)]
@@ -157,18 +145,18 @@ def train_together(configs: Sequence[ml_collections.ConfigDict],
             done = step + 1
             pending.append((done, losses, finite, batch_tokens))
             preempted = notice.reached(done)
-            evaluating = done % cfg.eval_every == 0 or done == total
-            checkpointing = checkpoints[0].should_save(done) or done == total or preempted
-            if done % cfg.log_every == 0 or evaluating or checkpointing:
+            # The members share their train settings (members.groups), so one decides for all.
+            due = StepEvents.at(done, total, configs[0].train, checkpoints[0], preempted)
+            if due.log:
                 flush()
-            if evaluating:
+            if due.evaluate:
                 for i in range(n):
                     metrics[i] = evaluate(i, trainable)
                     best[i] = logs[i].eval(done, metrics[i], group.task.main_metric,
                                            higher_is_better=group.task.kind != "lm")
                     if best[i]["step"] == done:
                         export(i, "best_adapter", trainable)
-            if checkpointing:
+            if due.checkpoint:
                 for i in range(n):
                     checkpoints[i].save(done, member_state(i, done, trainable, opt_state),
                                         force=True)
@@ -183,11 +171,7 @@ def train_together(configs: Sequence[ml_collections.ConfigDict],
                 logs[i].compile(total, {**clock.record(),
                                         "first_step_s": round(first_step_s, 3)})
             export(i, "adapter", trainable)
-            own = group.member_trainable(trainable, i)
-            flat = traverse_util.flatten_dict(own)
-            results.append({**final, "best": best[i], "trained_params": count_params(own),
-                            "lora_params": sum(int(v.size) for k, v in flat.items()
-                                               if k[-1] in ("lora_a", "lora_b"))})
+            results.append(run_result(final, best[i], group.member_trainable(trainable, i)))
         return results
 
 
