@@ -103,7 +103,9 @@ def count_adapter_params(workdir: pathlib.Path) -> tuple[int, int]:
 
 
 def make_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float) -> dict:
-    """The row a finished run contributes: settings, parameter counts, main metric, wall time."""
+    """The row a finished run contributes: settings, parameter counts, main metric, wall time,
+    and every dev metric of the last evaluation (`metrics`: MRPC's F1 beside its accuracy,
+    STS-B's Spearman beside its Pearson, the eval loss)."""
     best = result["best"]
     metric = best["metric"]
     if "trained_params" in result:  # the trainer counts what it trained, whatever the method
@@ -114,7 +116,9 @@ def make_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float) -
             "rank": run["rank"], "seed": run["seed"], "trained_params": trainable,
             "lora_params": lora_params,
             "metric": metric, "final": float(result[metric]), "best": float(best["value"]),
-            "best_step": best["step"], "wall_s": round(wall_s, 3)}
+            "best_step": best["step"], "wall_s": round(wall_s, 3),
+            "metrics": {k: float(v) for k, v in result.items()
+                        if k not in ("best", "trained_params", "lora_params")}}
 
 
 def with_current_fields(record: dict) -> dict:

@@ -8,7 +8,8 @@ ROOT is either the sweep's records directory (ROOT/<task>/<run>.json, `experimen
 
 Writes OUT/table.md: per method, most trained parameters first, their number and per task the
 median [min, max] of the best main metric over seeds, x100, with the number of seeds; then each
-method's median wall time per task and each task's total. And OUT/<task>.png (metric against
+method's median wall time per task and each task's total; then, where the records keep them, the
+tasks' other dev metrics at the last step (MRPC's F1, STS-B's Spearman, the eval loss). And OUT/<task>.png (metric against
 trained parameters, log scale, seeds as error bars).
 """
 
@@ -57,9 +58,7 @@ def table(per_task: dict[str, list[dict]]) -> str:
                 cells.append("-")
                 continue
             params = params or mine[0]["trained_params"]
-            best = [100 * r["best"] for r in mine]
-            cells.append(f"{statistics.median(best):.1f} [{min(best):.1f}, {max(best):.1f}]"
-                         f" n={len(best)}")
+            cells.append(spread([r["best"] for r in mine], 100.0, 1) + f" n={len(mine)}")
         lines.append(f"| {method} | {params:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -75,6 +74,35 @@ def wall_table(per_task: dict[str, list[dict]]) -> str:
     totals = [f"{sum(r['wall_s'] for r in records) / 3600:.2f} h ({len(records)} runs)"
               for records in per_task.values()]
     lines.append("| all runs | " + " | ".join(totals) + " |")
+    return "\n".join(lines)
+
+
+def spread(values: Sequence[float], scale: float, digits: int) -> str:
+    """median [min, max] of `values` times `scale`."""
+    values = [scale * v for v in values]
+    return (f"{statistics.median(values):.{digits}f} "
+            f"[{min(values):.{digits}f}, {max(values):.{digits}f}]")
+
+
+def other_metrics_table(per_task: dict[str, list[dict]]) -> str | None:
+    """Each task's other dev metrics at the last step (MRPC's F1, STS-B's Spearman, the eval
+    loss), median [min, max] over the seeds whose records hold them (`metrics`; records written
+    before it was kept have none); None when no record holds them."""
+    columns = [(task, name) for task, records in per_task.items()
+               for name in dict.fromkeys(k for r in records for k in r.get("metrics", {}))
+               if name != records[0]["metric"]]
+    if not columns:
+        return None
+    header = ["method"] + [f"{task} {name}" for task, name in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, tasks in by_method(per_task).items():
+        cells = []
+        for task, name in columns:
+            values = [r["metrics"][name] for r in tasks[task] if name in r.get("metrics", {})]
+            loss = name.endswith("loss")  # a loss is not a percentage
+            cells.append(spread(values, 1.0 if loss else 100.0, 3 if loss else 1)
+                         + f" n={len(values)}" if values else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -95,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"# Table 2 in miniature ({runs} finished runs)\n\nMetric x100, median [min, max] "
         "over seeds; trained parameters include the task head (of the first task's size).\n\n"
         + text + "\n\nWall time per run (median over seeds) and per task (all runs):\n\n"
-        + wall_table(per_task) + "\n")
+        + wall_table(per_task) + "\n"
+        + (f"\nThe other dev metrics at the last step (x100; losses as they are):\n\n{other}\n"
+           if (other := other_metrics_table(per_task)) else ""))
     for task, records in per_task.items():
         sweep.plot("methods", sweep.summarize(records), records[0]["metric"],
                    args.out / f"{task}.png", title=task)

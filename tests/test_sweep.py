@@ -105,6 +105,9 @@ def test_tiny_sweep_reports_and_skips_finished_runs(tmp_path, capsys):
     assert second == first  # the recorded wall times come back unchanged
     record = json.loads((tmp_path / "rank=1,targets=qv,seed=0" / "record.json").read_text())
     assert record["wall_s"] == first[0]["wall_s"]
+    # Every dev metric of the last evaluation is kept, the main one equal to `final`.
+    assert set(record["metrics"]) == {"loss", "accuracy"}
+    assert record["metrics"]["accuracy"] == record["final"] and record["metrics"]["loss"] > 0
 
 
 def test_records_dir_resumes_a_sweep_whose_run_directories_are_gone(tmp_path, capsys):
@@ -236,7 +239,10 @@ def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path
                     "name": name, "method": method, "targets": "", "rank": 0, "seed": seed,
                     "trained_params": 100 if method == "lora" else 10_000, "lora_params": 0,
                     "metric": metric, "final": best, "best": best, "best_step": 5,
-                    "wall_s": 10.0 * (seed + 1)}))
+                    "wall_s": 10.0 * (seed + 1),
+                    # An older record keeps no `metrics` (STS-B's seed 1 here).
+                    **({"metrics": {metric: best, "spearman": best - 0.1, "loss": 2.0 + seed}}
+                       if task == "stsb" and seed == 0 else {})}))
     (tmp_path / "in" / "cola" / "method=lora,seed=0").mkdir(parents=True)  # not finished
     text = table2_report.main([str(tmp_path / "in"), "--out", str(tmp_path / "out")])
     lines = text.splitlines()
@@ -248,6 +254,10 @@ def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path
     # Walls: full's one run; lora's 10, 20, 30 s on SST-2 (median 20) and 10, 20 on STS-B (15).
     assert "| full | 10 | - |\n| lora | 20 | 15 |\n" in written
     assert "| all runs | 0.02 h (4 runs) | 0.01 h (2 runs) |" in written
+    # The other metrics, from the one record that keeps them: Spearman x100, the loss as it is.
+    assert ("| method | stsb spearman | stsb loss |\n|---|---|---|\n"
+            "| full | - | - |\n| lora | 40.0 [40.0, 40.0] n=1 | 2.000 [2.000, 2.000] n=1 |\n"
+            in written)
     assert (tmp_path / "out" / "sst2.png").read_bytes()[:4] == b"\x89PNG"
 
 
