@@ -79,7 +79,8 @@ def wall_table(per_task: dict[str, list[dict]]) -> str:
 
 def spread(values: Sequence[float], scale: float, digits: int) -> str:
     """median [min, max] of `values` times `scale`."""
-    values = [scale * v for v in values]
+    # + 0.0 turns a rounded -0.0 (a Matthews of -1e-5) into 0.0.
+    values = [round(scale * v, digits) + 0.0 for v in values]
     return (f"{statistics.median(values):.{digits}f} "
             f"[{min(values):.{digits}f}, {max(values):.{digits}f}]")
 

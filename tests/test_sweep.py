@@ -280,3 +280,50 @@ def test_together_sweep_records_equal_the_sequential_sweeps(tmp_path, capsys):
             np.testing.assert_allclose(together[name][key], record[key], atol=1e-5)
     sweep.main(argv)
     assert capsys.readouterr().out.count("skipping") == 2
+
+
+def test_backfill_metrics_fills_only_records_a_rerun_reproduced(tmp_path):
+    """A rerun that equals its record bit for bit gives the record its `metrics` (the record's
+    own wall time stays); a rerun that differs, keeps no metrics, or has no record means
+    nothing at all is written."""
+    from experiments import backfill_metrics
+
+    def record(seed, final, wall_s, metrics=None):
+        return {"name": f"method=lora,seed={seed}", "method": "lora", "targets": "q,v",
+                "rank": 8, "seed": seed, "trained_params": 100, "lora_params": 100,
+                "metric": "accuracy", "final": final, "best": final, "best_step": 5,
+                "wall_s": wall_s, **({"metrics": metrics} if metrics else {})}
+
+    def write(directory, rec):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{rec['name']}.json").write_text(json.dumps(rec, indent=1))
+
+    records, rerun = tmp_path / "records", tmp_path / "rerun"
+    for seed in (0, 1):
+        write(records, record(seed, (0.7, 0.8)[seed], wall_s=100.0))
+    originals = {p.name: p.read_text() for p in records.glob("*.json")}
+
+    f1 = {"accuracy": 0.8, "f1": 0.85, "loss": 0.5}
+    write(rerun, record(1, 0.8, wall_s=50.0, metrics=f1))
+    write(rerun, record(0, 0.7 + 1e-12, wall_s=50.0, metrics=f1))  # not the same run
+    with pytest.raises(ValueError, match=r"seed=0.json: not reproduced \(final: 0.7 !="):
+        backfill_metrics.backfill(rerun, records)
+    assert {p.name: p.read_text() for p in records.glob("*.json")} == originals
+
+    write(rerun, record(0, 0.7, wall_s=50.0))  # the same run, but no metrics kept
+    with pytest.raises(ValueError, match="seed=0.json: the rerun record keeps no metrics"):
+        backfill_metrics.backfill(rerun, records)
+    write(rerun, record(2, 0.9, wall_s=50.0, metrics=f1))  # no record to fill
+    with pytest.raises(ValueError, match="seed=2.json: no such record"):
+        backfill_metrics.backfill(rerun, records)
+    assert {p.name: p.read_text() for p in records.glob("*.json")} == originals
+
+    (rerun / "method=lora,seed=2.json").unlink()
+    write(rerun, record(0, 0.7, wall_s=50.0, metrics={**f1, "accuracy": 0.7}))
+    assert backfill_metrics.backfill(rerun, records) == ["method=lora,seed=0", "method=lora,seed=1"]
+    for seed, accuracy in [(0, 0.7), (1, 0.8)]:
+        filled = json.loads((records / f"method=lora,seed={seed}.json").read_text())
+        assert filled == record(seed, accuracy, wall_s=100.0,
+                                metrics={**f1, "accuracy": accuracy})
+    with pytest.raises(SystemExit, match="backfill_metrics: no rerun records"):
+        backfill_metrics.main([str(tmp_path / "empty"), str(records)])

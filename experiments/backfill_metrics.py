@@ -1,0 +1,75 @@
+"""Give records written before `sweep.make_record` kept every dev metric their `metrics`, from
+a rerun of the same runs, and check on the way that the rerun reproduced each record.
+
+    TASKS=mrpc:300 RECORDS=runs/backfill/records bash experiments/table2.sh runs/backfill
+    python -m experiments.backfill_metrics runs/backfill/records/mrpc experiments/results/table2/records/mrpc
+
+For every rerun record (RERUN/<run>.json) whose run is also in RECORDS: if the rerun's main
+metric, its best value and best step equal the record's exactly (runs are deterministic on one
+machine and software stack), the record gains the rerun's `metrics`; anything else in the
+record, its wall time included, stays as it was. A rerun that does not reproduce its record is
+reported and nothing at all is written, so a partial or mismatched backfill never mixes runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+# What must be equal, bit for bit, for the rerun to count as the same run.
+SAME_RUN = ("name", "method", "seed", "trained_params", "metric", "final", "best", "best_step")
+
+
+def mismatches(record: dict, rerun: dict) -> list[str]:
+    """The SAME_RUN fields in which `rerun` differs from `record`, as 'field: a != b'."""
+    return [f"{k}: {record.get(k)!r} != {rerun.get(k)!r}"
+            for k in SAME_RUN if record.get(k) != rerun.get(k)]
+
+
+def backfill(rerun_dir: pathlib.Path, records_dir: pathlib.Path) -> list[str]:
+    """Write the rerun's `metrics` into the matching records of `records_dir`; return the names
+    of the records that gained them. Raises ValueError, before writing anything, when a rerun
+    has no `metrics`, has no record to fill, or did not reproduce its record."""
+    reruns = sorted(rerun_dir.glob("*.json"))
+    if not reruns:
+        raise ValueError(f"no rerun records (*.json) in {rerun_dir}")
+    updates, problems = [], []
+    for path in reruns:
+        rerun = json.loads(path.read_text())
+        target = records_dir / path.name
+        if not target.exists():
+            problems.append(f"{path.name}: no such record in {records_dir}")
+            continue
+        if "metrics" not in rerun:
+            problems.append(f"{path.name}: the rerun record keeps no metrics")
+            continue
+        record = json.loads(target.read_text())
+        if diff := mismatches(record, rerun):
+            problems.append(f"{path.name}: not reproduced ({'; '.join(diff)})")
+            continue
+        if record.get("metrics", rerun["metrics"]) != rerun["metrics"]:
+            problems.append(f"{path.name}: the record's metrics differ from the rerun's")
+            continue
+        updates.append((target, {**record, "metrics": rerun["metrics"]}))
+    if problems:
+        raise ValueError("nothing written:\n  " + "\n  ".join(problems))
+    for target, record in updates:
+        target.write_text(json.dumps(record, indent=1))  # as the sweep writes it
+    return [target.stem for target, _ in updates]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rerun", type=pathlib.Path, help="the rerun's records of one task")
+    parser.add_argument("records", type=pathlib.Path, help="the records to fill, same task")
+    args = parser.parse_args(argv)
+    try:
+        names = backfill(args.rerun, args.records)
+    except ValueError as e:
+        raise SystemExit(f"backfill_metrics: {e}") from None
+    print(f"{len(names)} records of {args.records} gained their metrics: {', '.join(names)}")
+
+
+if __name__ == "__main__":
+    main()
