@@ -8,7 +8,8 @@ For every rerun record (RERUN/<run>.json) whose run is also in RECORDS: if the r
 metric, its best value and best step equal the record's exactly (runs are deterministic on one
 machine and software stack), the record gains the rerun's `metrics`; anything else in the
 record, its wall time included, stays as it was. A rerun that does not reproduce its record is
-reported and nothing at all is written, so a partial or mismatched backfill never mixes runs.
+reported and nothing at all is written, so a partial or mismatched backfill never mixes runs;
+with --skip-unreproduced such records are named and left as they were, and the rest are filled.
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ def mismatches(record: dict, rerun: dict) -> list[str]:
             for k in SAME_RUN if record.get(k) != rerun.get(k)]
 
 
-def backfill(rerun_dir: pathlib.Path, records_dir: pathlib.Path) -> list[str]:
+def backfill(rerun_dir: pathlib.Path, records_dir: pathlib.Path, *,
+             skip_unreproduced: bool = False) -> tuple[list[str], list[str]]:
     """Write the rerun's `metrics` into the matching records of `records_dir`; return the names
-    of the records that gained them. Raises ValueError, before writing anything, when a rerun
-    has no `metrics`, has no record to fill, or did not reproduce its record."""
+    of the records that gained them and of those left as they were because their rerun did not
+    reproduce them (only with `skip_unreproduced`). Raises ValueError, before writing anything,
+    when a rerun has no `metrics`, has no record to fill, or (unless `skip_unreproduced`) did
+    not reproduce its record."""
     reruns = sorted(rerun_dir.glob("*.json"))
     if not reruns:
         raise ValueError(f"no rerun records (*.json) in {rerun_dir}")
-    updates, problems = [], []
+    updates, problems, skipped = [], [], []
     for path in reruns:
         rerun = json.loads(path.read_text())
         target = records_dir / path.name
@@ -46,7 +50,8 @@ def backfill(rerun_dir: pathlib.Path, records_dir: pathlib.Path) -> list[str]:
             continue
         record = json.loads(target.read_text())
         if diff := mismatches(record, rerun):
-            problems.append(f"{path.name}: not reproduced ({'; '.join(diff)})")
+            (skipped if skip_unreproduced else problems).append(
+                f"{path.stem}: not reproduced ({'; '.join(diff)})")
             continue
         if record.get("metrics", rerun["metrics"]) != rerun["metrics"]:
             problems.append(f"{path.name}: the record's metrics differ from the rerun's")
@@ -56,19 +61,24 @@ def backfill(rerun_dir: pathlib.Path, records_dir: pathlib.Path) -> list[str]:
         raise ValueError("nothing written:\n  " + "\n  ".join(problems))
     for target, record in updates:
         target.write_text(json.dumps(record, indent=1))  # as the sweep writes it
-    return [target.stem for target, _ in updates]
+    return [target.stem for target, _ in updates], skipped
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rerun", type=pathlib.Path, help="the rerun's records of one task")
     parser.add_argument("records", type=pathlib.Path, help="the records to fill, same task")
+    parser.add_argument("--skip-unreproduced", action="store_true",
+                        help="leave records whose rerun differs as they were; fill the rest")
     args = parser.parse_args(argv)
     try:
-        names = backfill(args.rerun, args.records)
+        names, skipped = backfill(args.rerun, args.records,
+                                  skip_unreproduced=args.skip_unreproduced)
     except ValueError as e:
         raise SystemExit(f"backfill_metrics: {e}") from None
     print(f"{len(names)} records of {args.records} gained their metrics: {', '.join(names)}")
+    for line in skipped:
+        print(f"left as it was: {line}")
 
 
 if __name__ == "__main__":

@@ -306,9 +306,17 @@ def test_backfill_metrics_fills_only_records_a_rerun_reproduced(tmp_path):
     f1 = {"accuracy": 0.8, "f1": 0.85, "loss": 0.5}
     write(rerun, record(1, 0.8, wall_s=50.0, metrics=f1))
     write(rerun, record(0, 0.7 + 1e-12, wall_s=50.0, metrics=f1))  # not the same run
-    with pytest.raises(ValueError, match=r"seed=0.json: not reproduced \(final: 0.7 !="):
+    with pytest.raises(ValueError, match=r"seed=0: not reproduced \(final: 0.7 !="):
         backfill_metrics.backfill(rerun, records)
     assert {p.name: p.read_text() for p in records.glob("*.json")} == originals
+    # Asked to, it fills the reproduced record and leaves the other as it was, naming it.
+    partial = tmp_path / "partial"
+    shutil.copytree(records, partial)
+    filled, skipped = backfill_metrics.backfill(rerun, partial, skip_unreproduced=True)
+    assert filled == ["method=lora,seed=1"] and len(skipped) == 1
+    assert skipped[0].startswith("method=lora,seed=0: not reproduced (final: 0.7 != 0.7000")
+    assert (partial / "method=lora,seed=0.json").read_text() == originals["method=lora,seed=0.json"]
+    assert json.loads((partial / "method=lora,seed=1.json").read_text())["metrics"] == f1
 
     write(rerun, record(0, 0.7, wall_s=50.0))  # the same run, but no metrics kept
     with pytest.raises(ValueError, match="seed=0.json: the rerun record keeps no metrics"):
@@ -320,7 +328,8 @@ def test_backfill_metrics_fills_only_records_a_rerun_reproduced(tmp_path):
 
     (rerun / "method=lora,seed=2.json").unlink()
     write(rerun, record(0, 0.7, wall_s=50.0, metrics={**f1, "accuracy": 0.7}))
-    assert backfill_metrics.backfill(rerun, records) == ["method=lora,seed=0", "method=lora,seed=1"]
+    assert backfill_metrics.backfill(rerun, records) == (
+        ["method=lora,seed=0", "method=lora,seed=1"], [])
     for seed, accuracy in [(0, 0.7), (1, 0.8)]:
         filled = json.loads((records / f"method=lora,seed={seed}.json").read_text())
         assert filled == record(seed, accuracy, wall_s=100.0,
