@@ -2,7 +2,7 @@
 a rerun of the same runs, and check on the way that the rerun reproduced each record.
 
     TASKS=mrpc:300 RECORDS=runs/backfill/records bash experiments/table2.sh runs/backfill
-    python -m experiments.backfill_metrics runs/backfill/records/mrpc experiments/results/table2/records/mrpc
+    python -m experiments.backfill_metrics --skip-unreproduced runs/backfill/records/mrpc experiments/results/table2/records/mrpc
 
 For every rerun record (RERUN/<run>.json) whose run is also in RECORDS: if the rerun's main
 metric, its best value and best step equal the record's exactly (runs are deterministic on one
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+
+from experiments.sweep import dump_record
 
 # What must be equal, bit for bit, for the rerun to count as the same run.
 SAME_RUN = ("name", "method", "seed", "trained_params", "metric", "final", "best", "best_step")
@@ -60,7 +62,7 @@ def backfill(rerun_dir: pathlib.Path, records_dir: pathlib.Path, *,
     if problems:
         raise ValueError("nothing written:\n  " + "\n  ".join(problems))
     for target, record in updates:
-        target.write_text(json.dumps(record, indent=1))  # as the sweep writes it
+        target.write_text(dump_record(record))
     return [target.stem for target, _ in updates], skipped
 
 

@@ -121,6 +121,11 @@ def make_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float) -
                         if k not in ("best", "trained_params", "lora_params")}}
 
 
+def dump_record(record: dict) -> str:
+    """A record as every record file holds it (the sweep's and a backfill's alike)."""
+    return json.dumps(record, indent=1)
+
+
 def with_current_fields(record: dict) -> dict:
     """A record written before the methods study (no `method`; `trainable_params`) in today's
     fields, so an old sweep resumes into the same tables."""
@@ -143,7 +148,7 @@ def run_one(base: ml_collections.ConfigDict, run: dict, workdir: pathlib.Path,
         print(f"skipping {run['name']}: finished in {workdir}", flush=True)
         record = with_current_fields(json.loads((workdir / RECORD).read_text()))
         if kept is not None:
-            kept.write_text(json.dumps(record, indent=1))
+            kept.write_text(dump_record(record))
         return record
     from lora_jax.train import train  # jax is imported only when something trains
 
@@ -157,9 +162,9 @@ def write_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float,
                  records: pathlib.Path | None) -> dict:
     """Writes a finished run's record (and its copy in `records`); returns it."""
     record = make_record(run, result, workdir, wall_s)
-    (workdir / RECORD).write_text(json.dumps(record, indent=1))
+    (workdir / RECORD).write_text(dump_record(record))
     if records is not None:
-        (records / f"{run['name']}.json").write_text(json.dumps(record, indent=1))
+        (records / f"{run['name']}.json").write_text(dump_record(record))
     return record
 
 

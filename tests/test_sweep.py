@@ -259,6 +259,8 @@ def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path
             "| full | - | - |\n| lora | 40.0 [40.0, 40.0] n=1 | 2.000 [2.000, 2.000] n=1 |\n"
             in written)
     assert (tmp_path / "out" / "sst2.png").read_bytes()[:4] == b"\x89PNG"
+    # A Matthews of -1e-5 prints as 0.0, not -0.0.
+    assert table2_report.spread([-1e-5, 0.0, 0.5], 100, 1) == "0.0 [0.0, 50.0]"
 
 
 def test_together_sweep_records_equal_the_sequential_sweeps(tmp_path, capsys):
