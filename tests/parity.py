@@ -7,6 +7,7 @@ import torch
 from lora_jax.training import optim
 
 STEPS, LR, WEIGHT_DECAY = 5, 1e-2, 0.01
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default, and lora_jax.training.optim.adamw's
 
 
 def token_batches(vocab: int, n: int, batch: int, seq: int, seed: int):
@@ -23,13 +24,13 @@ def token_batches(vocab: int, n: int, batch: int, seq: int, seed: int):
 
 
 def torch_steps(peft_model, loss_of_batch, batches, trainable=None, lr=LR, optimizer=None,
-                after_step=None):
+                after_step=None, eps=ADAM_EPS):
     """AdamW steps on `trainable` (default: the model's parameters that require a gradient), or
     steps of a given torch `optimizer`; `after_step(i)` runs after step i's update, before the
     gradients are cleared (PEFT's AdaLoRA allocates ranks there)."""
     if trainable is None:
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = optimizer or torch.optim.AdamW(trainable, lr=lr, weight_decay=WEIGHT_DECAY)
+    opt = optimizer or torch.optim.AdamW(trainable, lr=lr, weight_decay=WEIGHT_DECAY, eps=eps)
     peft_model.train()
     losses = []
     for batch in batches:
@@ -43,9 +44,9 @@ def torch_steps(peft_model, loss_of_batch, batches, trainable=None, lr=LR, optim
     return losses
 
 
-def jax_steps(loss_fn, frozen, trainable, batches, lr=LR, tx=None):
-    """The same steps in JAX: AdamW at `lr`, or the optax transformation `tx`."""
-    tx = tx or optim.adamw(lr, weight_decay=WEIGHT_DECAY)
+def jax_steps(loss_fn, frozen, trainable, batches, lr=LR, tx=None, eps=ADAM_EPS):
+    """The same steps in JAX: AdamW at `lr` (and `eps`), or the optax transformation `tx`."""
+    tx = tx or optim.adamw(lr, weight_decay=WEIGHT_DECAY, eps=eps)
     opt_state = tx.init(trainable)
     step = optim.make_train_step(loss_fn, tx)
     losses = []
