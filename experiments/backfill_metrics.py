@@ -19,6 +19,7 @@ import json
 import pathlib
 
 from experiments.sweep import dump_record
+from lora_jax.training import environment
 
 # What must be equal, bit for bit, for the rerun to count as the same run.
 SAME_RUN = ("name", "method", "seed", "trained_params", "metric", "final", "best", "best_step")
@@ -28,6 +29,22 @@ def mismatches(record: dict, rerun: dict) -> list[str]:
     """The SAME_RUN fields in which `rerun` differs from `record`, as 'field: a != b'."""
     return [f"{k}: {record.get(k)!r} != {rerun.get(k)!r}"
             for k in SAME_RUN if record.get(k) != rerun.get(k)]
+
+
+def where_each_ran(record: dict, rerun: dict) -> str:
+    """What a reader needs to judge a mismatch: whether the two ran on the same software and
+    machine (where runs are deterministic, so a mismatch is a change of program) or not (where
+    rounding may differ from the first step)."""
+    if not record.get("environments"):
+        return "the record does not say where it ran"
+    if not rerun.get("environments"):
+        return "the rerun does not say where it ran"
+    recorded, again = record["environments"], rerun["environments"]
+    if recorded == again:
+        return "same software and machine: the program differs"
+    if len(recorded) > 1 or len(again) > 1:
+        return f"resumed across environments: {len(recorded)} then, {len(again)} in the rerun"
+    return "ran elsewhere: " + "; ".join(environment.differences(recorded[0], again[0]))
 
 
 def backfill(rerun_dir: pathlib.Path, records_dir: pathlib.Path, *,
@@ -53,7 +70,7 @@ def backfill(rerun_dir: pathlib.Path, records_dir: pathlib.Path, *,
         record = json.loads(target.read_text())
         if diff := mismatches(record, rerun):
             (skipped if skip_unreproduced else problems).append(
-                f"{path.stem}: not reproduced ({'; '.join(diff)})")
+                f"{path.stem}: not reproduced ({'; '.join(diff)}); {where_each_ran(record, rerun)}")
             continue
         if record.get("metrics", rerun["metrics"]) != rerun["metrics"]:
             problems.append(f"{path.name}: the record's metrics differ from the rerun's")

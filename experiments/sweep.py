@@ -104,8 +104,10 @@ def count_adapter_params(workdir: pathlib.Path) -> tuple[int, int]:
 
 def make_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float) -> dict:
     """The row a finished run contributes: settings, parameter counts, main metric, wall time,
-    and every dev metric of the last evaluation (`metrics`: MRPC's F1 beside its accuracy,
-    STS-B's Spearman beside its Pearson, the eval loss)."""
+    every dev metric of the last evaluation (`metrics`: MRPC's F1 beside its accuracy, STS-B's
+    Spearman beside its Pearson, the eval loss), and where it ran (`environments`: software,
+    devices, CPU; a run is bit-reproducible on the same ones, see
+    lora_jax.training.environment)."""
     best = result["best"]
     metric = best["metric"]
     if "trained_params" in result:  # the trainer counts what it trained, whatever the method
@@ -118,7 +120,8 @@ def make_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float) -
             "metric": metric, "final": float(result[metric]), "best": float(best["value"]),
             "best_step": best["step"], "wall_s": round(wall_s, 3),
             "metrics": {k: float(v) for k, v in result.items()
-                        if k not in ("best", "trained_params", "lora_params")}}
+                        if k not in ("best", "trained_params", "lora_params", "environments")},
+            "environments": result.get("environments", [])}
 
 
 def dump_record(record: dict) -> str:

@@ -187,7 +187,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict,
         if run_dir.writer:
             exports.save(workdir / "adapter", stack, config.method, jax.device_get(trainable),
                          frozen=frozen, **run.info)
-    return run_result(final, best, trainable)
+    return run_result(final, best, trainable, log.environments())
 
 
 def main(argv: list[str]) -> None:

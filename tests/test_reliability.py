@@ -114,6 +114,34 @@ def test_a_non_finite_evaluation_is_never_best(tmp_path):
     lm.close()
 
 
+def test_each_start_records_where_the_run_runs_and_a_resume_elsewhere_is_kept(tmp_path,
+                                                                              monkeypatch):
+    """metrics.jsonl holds an 'environment' record at each start; a run resumed on another
+    machine has two, one from before the checkpoint it resumed from and one after."""
+    from lora_jax.training import environment
+
+    here = environment.describe()
+    assert here["jax"] == jax.__version__ and here["devices"].endswith("cpu") and here["cpu"]
+    log = RunLog(tmp_path, enabled=True)
+    log.start(0)
+    log.train([(s, 1.0, 0.1) for s in range(1, 7)], 100.0, total=10)
+    log.close()
+    assert log.environments() == [here]
+
+    elsewhere = {**here, "cpu_features": "sse4_2 avx avx2 fma"}
+    monkeypatch.setattr(environment, "describe", lambda: elsewhere)
+    for _ in range(2):  # resumed from step 4 twice on the other machine: described once
+        log = RunLog(tmp_path, enabled=True)
+        log.start(4)
+        log.close()
+    assert log.environments() == [here, elsewhere]
+    lines = [json.loads(line) for line in log.metrics_path.read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in lines] == [
+        (0, "environment"), *((s, "train") for s in range(1, 5)), (4, "environment"),
+        (4, "environment")]
+    assert RunLog(tmp_path / "silent", enabled=False).environments() == []  # not process 0
+
+
 def test_losses_and_flags_are_fetched_only_when_the_loop_syncs_anyway(tmp_path, monkeypatch):
     """No host sync per step: device values are read at log, eval and checkpoint steps only."""
     steps_run, fetched_at = [0], []

@@ -10,6 +10,7 @@ import pytest
 
 from experiments import sweep
 from lora_jax.config import load_config
+from lora_jax.training import environment
 
 ABLATIONS = str(pathlib.Path(__file__).resolve().parents[1] / "configs/ablations.py")
 Q, K, V, O = (r"/attention/self/query/kernel", r"/attention/self/key/kernel",
@@ -108,6 +109,8 @@ def test_tiny_sweep_reports_and_skips_finished_runs(tmp_path, capsys):
     # Every dev metric of the last evaluation is kept, the main one equal to `final`.
     assert set(record["metrics"]) == {"loss", "accuracy"}
     assert record["metrics"]["accuracy"] == record["final"] and record["metrics"]["loss"] > 0
+    # And where it ran: this process's software and machine, once (it did not resume elsewhere).
+    assert record["environments"] == [environment.describe()]
 
 
 def test_records_dir_resumes_a_sweep_whose_run_directories_are_gone(tmp_path, capsys):
@@ -317,6 +320,7 @@ def test_backfill_metrics_fills_only_records_a_rerun_reproduced(tmp_path):
     filled, skipped = backfill_metrics.backfill(rerun, partial, skip_unreproduced=True)
     assert filled == ["method=lora,seed=1"] and len(skipped) == 1
     assert skipped[0].startswith("method=lora,seed=0: not reproduced (final: 0.7 != 0.7000")
+    assert skipped[0].endswith("; the record does not say where it ran")
     assert (partial / "method=lora,seed=0.json").read_text() == originals["method=lora,seed=0.json"]
     assert json.loads((partial / "method=lora,seed=1.json").read_text())["metrics"] == f1
 
@@ -338,3 +342,20 @@ def test_backfill_metrics_fills_only_records_a_rerun_reproduced(tmp_path):
                                 metrics={**f1, "accuracy": accuracy})
     with pytest.raises(SystemExit, match="backfill_metrics: no rerun records"):
         backfill_metrics.main([str(tmp_path / "empty"), str(records)])
+
+
+def test_backfill_names_where_an_unreproduced_record_and_its_rerun_ran():
+    """A rerun that differs from its record says whether both ran on the same software and
+    machine (then the program changed) or which of those differed (then rounding may have)."""
+    from experiments.backfill_metrics import where_each_ran
+
+    here = environment.describe()
+    avx2 = {**here, "cpu_features": "sse4_2 avx avx2 fma"}
+    assert where_each_ran({"environments": [here]}, {"environments": [here]}) == (
+        "same software and machine: the program differs")
+    assert where_each_ran({"environments": [avx2]}, {"environments": [here]}) == (
+        f"ran elsewhere: cpu_features: {avx2['cpu_features']!r} != {here['cpu_features']!r}")
+    assert where_each_ran({"environments": [avx2, here]}, {"environments": [here]}) == (
+        "resumed across environments: 2 then, 1 in the rerun")
+    assert where_each_ran({}, {"environments": [here]}) == "the record does not say where it ran"
+    assert where_each_ran({"environments": [here]}, {}) == "the rerun does not say where it ran"

@@ -118,6 +118,11 @@ def test_tiny_run_writes_logs_checkpoints_and_export(tmp_path):
     assert compiled["step"] == 8 and compiled["programs_compiled"] + compiled["cache_hits"] >= 2
     assert 0 < compiled["xla_compile_s"] <= compiled["compile_s"]
     assert compiled["first_step_s"] > 0
+    # Where it ran, once (it started once), and in the result.
+    [where] = records(tmp_path, "environment")
+    assert where["step"] == 0 and where["jax"] and where["cpu_features"] is not None
+    assert result["environments"] == [{k: v for k, v in where.items()
+                                       if k not in ("step", "split")}]
 
 
 def test_checkpoint_holds_only_the_trainable_state(tmp_path):
@@ -155,6 +160,8 @@ def test_sigkill_and_resume_gives_bit_identical_adapters(tmp_path, uninterrupted
 
     assert_same_adapter(uninterrupted_run, interrupted)
     assert [r["step"] for r in records(interrupted)] == list(range(1, INTERRUPT_STEPS + 1))
+    starts = records(interrupted, "environment")  # where each stretch of steps ran
+    assert len(starts) == 2 and starts[0]["step"] == 0 and starts[1]["step"] > 0
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):

@@ -4,7 +4,7 @@ runs trained as one program (`lora_jax.training.together`) alike.
     state = checkpoint_state(trainable, opt_state, step, steps_per_epoch, rng)
     due = StepEvents.at(done, total_steps, config.train, checkpoints, preempted)
     log_losses(log, rows, lr_of, tokens_per_s, total_steps, checkpoints)   # raises on divergence
-    return run_result(final_metrics, best, trainable)
+    return run_result(final_metrics, best, trainable, log.environments())
 """
 
 from __future__ import annotations
@@ -72,10 +72,12 @@ def log_losses(log: RunLog, rows: Sequence[tuple[int, float, bool]],
         raise divergence_error(*rows[bad], checkpoints)
 
 
-def run_result(final: dict[str, float], best: dict, trainable: Any) -> dict[str, Any]:
+def run_result(final: dict[str, float], best: dict, trainable: Any,
+               environments: Sequence[dict] = ()) -> dict[str, Any]:
     """`train`'s result: the final metrics, the best evaluation, the trained parameters and
-    those in low-rank A and B matrices."""
+    those in low-rank A and B matrices, and where the steps ran (`RunLog.environments`)."""
     flat = traverse_util.flatten_dict(jax.device_get(trainable))
     return {**final, "best": best, "trained_params": count_params(trainable),
             "lora_params": sum(int(v.size) for k, v in flat.items()
-                               if k[-1] in ("lora_a", "lora_b"))}
+                               if k[-1] in ("lora_a", "lora_b")),
+            "environments": list(environments)}

@@ -11,6 +11,8 @@ from typing import Any
 
 import tqdm
 
+from lora_jax.training import environment
+
 
 class RunLog:
     """Progress bar, `metrics.jsonl` (one JSON object per line) and TensorBoard events.
@@ -26,8 +28,10 @@ class RunLog:
         self._writer = None
 
     def start(self, step: int) -> None:
-        """Opens the TensorBoard writer; a resumed run (step > 0) first drops the records past
-        `step` (written after the checkpoint it resumes from, and about to be written again)."""
+        """Opens the TensorBoard writer and records where the steps from `step` on run (an
+        'environment' record: `lora_jax.training.environment`); a resumed run (step > 0) first
+        drops the records past `step` (written after the checkpoint it resumes from, and about
+        to be written again)."""
         if not self.enabled:
             return
         if step > 0:
@@ -36,6 +40,18 @@ class RunLog:
         from tensorboardX import SummaryWriter
 
         self._writer = SummaryWriter(str(self.workdir / "tensorboard"))
+        # Each start, not only the first: a run may resume on another machine.
+        self._append({"step": step, "split": "environment", **environment.describe()})
+
+    def environments(self) -> list[dict[str, Any]]:
+        """The distinct environments the run's steps ran in, first first."""
+        found = []
+        for r in self._records() if self.enabled else []:
+            if r["split"] == "environment":
+                described = {k: v for k, v in r.items() if k not in ("step", "split")}
+                if described not in found:
+                    found.append(described)
+        return found
 
     def _records(self) -> list[dict]:
         if not self.metrics_path.exists():

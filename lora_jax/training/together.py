@@ -171,7 +171,8 @@ def train_together(configs: Sequence[ml_collections.ConfigDict],
                 logs[i].compile(total, {**clock.record(),
                                         "first_step_s": round(first_step_s, 3)})
             export(i, "adapter", trainable)
-            results.append(run_result(final, best[i], group.member_trainable(trainable, i)))
+            results.append(run_result(final, best[i], group.member_trainable(trainable, i),
+                                      logs[i].environments()))
         return results
 
 
