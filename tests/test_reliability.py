@@ -115,9 +115,10 @@ def test_a_non_finite_evaluation_is_never_best(tmp_path):
 
 
 def test_each_start_records_where_the_run_runs_and_a_resume_elsewhere_is_kept(tmp_path,
-                                                                              monkeypatch):
+                                                                              monkeypatch, capsys):
     """metrics.jsonl holds an 'environment' record at each start; a run resumed on another
-    machine has two, one from before the checkpoint it resumed from and one after."""
+    machine has two, one from before the checkpoint it resumed from and one after, and says
+    that it resumes elsewhere."""
     from lora_jax.training import environment
 
     here = environment.describe()
@@ -127,6 +128,7 @@ def test_each_start_records_where_the_run_runs_and_a_resume_elsewhere_is_kept(tm
     log.train([(s, 1.0, 0.1) for s in range(1, 7)], 100.0, total=10)
     log.close()
     assert log.environments() == [here]
+    assert "another environment" not in capsys.readouterr().out
 
     elsewhere = {**here, "cpu_features": "sse4_2 avx avx2 fma"}
     monkeypatch.setattr(environment, "describe", lambda: elsewhere)
@@ -135,6 +137,9 @@ def test_each_start_records_where_the_run_runs_and_a_resume_elsewhere_is_kept(tm
         log.start(4)
         log.close()
     assert log.environments() == [here, elsewhere]
+    said = capsys.readouterr().out
+    assert said.count("note: resuming at step 4 on another environment") == 1  # the first time
+    assert f"cpu_features: {here['cpu_features']!r} != 'sse4_2 avx avx2 fma'" in said
     lines = [json.loads(line) for line in log.metrics_path.read_text().splitlines()]
     assert [(r["step"], r["split"]) for r in lines] == [
         (0, "environment"), *((s, "train") for s in range(1, 5)), (4, "environment"),

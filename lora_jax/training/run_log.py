@@ -40,8 +40,15 @@ class RunLog:
         from tensorboardX import SummaryWriter
 
         self._writer = SummaryWriter(str(self.workdir / "tensorboard"))
-        # Each start, not only the first: a run may resume on another machine.
-        self._append({"step": step, "split": "environment", **environment.describe()})
+        # Each start, not only the first: a run may resume on another machine, and is then no
+        # longer bit-identical to an uninterrupted run on either.
+        here = environment.describe()
+        before = self.environments()
+        if before and before[-1] != here:
+            self.info(f"note: resuming at step {step} on another environment than the run's "
+                      "last start; its numbers will not be bit-identical to an uninterrupted "
+                      "run's: " + "; ".join(environment.differences(before[-1], here)))
+        self._append({"step": step, "split": "environment", **here})
 
     def environments(self) -> list[dict[str, Any]]:
         """The distinct environments the run's steps ran in, first first."""
