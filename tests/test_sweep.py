@@ -344,6 +344,46 @@ def test_backfill_metrics_fills_only_records_a_rerun_reproduced(tmp_path):
         backfill_metrics.main([str(tmp_path / "empty"), str(records)])
 
 
+def test_backfill_within_a_tolerance_keeps_the_record_value_and_says_so(tmp_path):
+    """A continuous metric rerun elsewhere differs in its last digits: with `within`, a rerun
+    whose main metric is that close fills the other metrics, the record keeps its own Pearson,
+    and `metrics_rerun` names the difference and where the rerun ran; a rerun farther off, or
+    with another best step, still fills nothing; a tolerance the report would show is refused."""
+    from experiments import backfill_metrics
+
+    here = environment.describe()
+
+    def record(final, best_step=300, **extra):
+        return {"name": "method=lora,seed=0", "method": "lora", "seed": 0,
+                "trained_params": 100, "metric": "pearson", "final": final, "best": final,
+                "best_step": best_step, "wall_s": 200.0, **extra}
+
+    records, rerun = tmp_path / "records", tmp_path / "rerun"
+    records.mkdir(), rerun.mkdir()
+    original = json.dumps(record(0.1706262030189458), indent=1)
+    (records / "method=lora,seed=0.json").write_text(original)
+    metrics = {"pearson": 0.17062630520898878, "spearman": 0.2066, "loss": 2.38}
+    close = record(0.17062630520898878, metrics=metrics, environments=[here])
+
+    for far in (record(0.1708, metrics=metrics), record(0.17062630520898878, 250, metrics=metrics)):
+        (rerun / "method=lora,seed=0.json").write_text(json.dumps(far))
+        with pytest.raises(ValueError, match="not reproduced"):
+            backfill_metrics.backfill(rerun, records, within=1e-4)
+    (rerun / "method=lora,seed=0.json").write_text(json.dumps(close))
+    with pytest.raises(ValueError, match="not reproduced"):  # exact by default
+        backfill_metrics.backfill(rerun, records)
+    with pytest.raises(ValueError, match="within=0.001"):
+        backfill_metrics.backfill(rerun, records, within=1e-3)
+    assert (records / "method=lora,seed=0.json").read_text() == original
+
+    assert backfill_metrics.backfill(rerun, records, within=1e-4) == (["method=lora,seed=0"], [])
+    got = json.loads((records / "method=lora,seed=0.json").read_text())
+    assert got["final"] == got["metrics"]["pearson"] == 0.1706262030189458
+    assert got["metrics"]["spearman"] == 0.2066 and got["wall_s"] == 200.0
+    assert got["metrics_rerun"]["environments"] == [here]
+    assert got["metrics_rerun"]["largest_difference"] == pytest.approx(1.02e-7, rel=0.01)
+
+
 def test_backfill_names_where_an_unreproduced_record_and_its_rerun_ran():
     """A rerun that differs from its record says whether both ran on the same software and
     machine (then the program changed) or which of those differed (then rounding may have)."""
