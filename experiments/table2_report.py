@@ -9,8 +9,9 @@ ROOT is either the sweep's records directory (ROOT/<task>/<run>.json, `experimen
 Writes OUT/table.md: per method, most trained parameters first, their number and per task the
 median [min, max] of the best main metric over seeds, x100, with the number of seeds; then each
 method's median wall time per task and each task's total; then, where the records keep them, the
-tasks' other dev metrics at the last step (MRPC's F1, STS-B's Spearman, the eval loss). And OUT/<task>.png (metric against
-trained parameters, log scale, seeds as error bars).
+tasks' other dev metrics at the last step (MRPC's F1, STS-B's Spearman, the eval loss), saying
+which came from a rerun that matched its record only within a tolerance. And OUT/<task>.png
+(metric against trained parameters, log scale, seeds as error bars).
 """
 
 from __future__ import annotations
@@ -107,6 +108,20 @@ def other_metrics_table(per_task: dict[str, list[dict]]) -> str | None:
     return "\n".join(lines)
 
 
+def rerun_provenance(per_task: dict[str, list[dict]]) -> str | None:
+    """Where other metrics were backfilled from reruns that matched their records' main metric
+    only within a tolerance (`metrics_rerun`, backfill_metrics --within): which tasks, how many
+    records and the largest difference; None when there are none."""
+    lines = []
+    for task, records in per_task.items():
+        if differences := [r["metrics_rerun"]["largest_difference"] for r in records
+                           if "metrics_rerun" in r]:
+            lines.append(f"{task}: {len(differences)} records' other metrics are a rerun's, "
+                         f"whose {records[0]['metric']} differed from the record's by at most "
+                         f"{max(differences):.1e}")
+    return "; ".join(lines) + "." if lines else None
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=pathlib.Path, help="the directory table2.sh wrote")
@@ -126,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         + text + "\n\nWall time per run (median over seeds) and per task (all runs):\n\n"
         + wall_table(per_task) + "\n"
         + (f"\nThe other dev metrics at the last step (x100; losses as they are):\n\n{other}\n"
-           if (other := other_metrics_table(per_task)) else ""))
+           if (other := other_metrics_table(per_task)) else "")
+        + (f"\n{note}\n" if (note := rerun_provenance(per_task)) else ""))
     for task, records in per_task.items():
         sweep.plot("methods", sweep.summarize(records), records[0]["metric"],
                    args.out / f"{task}.png", title=task)

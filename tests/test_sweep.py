@@ -244,7 +244,8 @@ def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path
                     "metric": metric, "final": best, "best": best, "best_step": 5,
                     "wall_s": 10.0 * (seed + 1),
                     # An older record keeps no `metrics` (STS-B's seed 1 here).
-                    **({"metrics": {metric: best, "spearman": best - 0.1, "loss": 2.0 + seed}}
+                    **({"metrics": {metric: best, "spearman": best - 0.1, "loss": 2.0 + seed},
+                        "metrics_rerun": {"largest_difference": 3e-6, "environments": []}}
                        if task == "stsb" and seed == 0 else {})}))
     (tmp_path / "in" / "cola" / "method=lora,seed=0").mkdir(parents=True)  # not finished
     text = table2_report.main([str(tmp_path / "in"), "--out", str(tmp_path / "out")])
@@ -261,6 +262,9 @@ def test_table2_report_tabulates_medians_per_task_from_finished_records(tmp_path
     assert ("| method | stsb spearman | stsb loss |\n|---|---|---|\n"
             "| full | - | - |\n| lora | 40.0 [40.0, 40.0] n=1 | 2.000 [2.000, 2.000] n=1 |\n"
             in written)
+    # ...and says they came from a rerun that matched only within a tolerance.
+    assert ("stsb: 1 records' other metrics are a rerun's, whose pearson differed from the "
+            "record's by at most 3.0e-06." in written)
     assert (tmp_path / "out" / "sst2.png").read_bytes()[:4] == b"\x89PNG"
     # A Matthews of -1e-5 prints as 0.0, not -0.0.
     assert table2_report.spread([-1e-5, 0.0, 0.5], 100, 1) == "0.0 [0.0, 50.0]"
