@@ -33,6 +33,9 @@ from lora_jax.training import environment
 SAME_RUN = ("name", "method", "seed", "trained_params", "metric", "final", "best", "best_step")
 # The values that `within` lets differ: the main metric's.
 METRIC_VALUES = ("final", "best")
+# The report's last digit (x100, one decimal): `within` must stay below it, so that no number
+# the report shows can come from a rerun that differed from its record.
+REPORT_RESOLUTION = 1e-3
 
 
 def mismatches(record: dict, rerun: dict, within: float = 0.0) -> list[str]:
@@ -46,19 +49,14 @@ def mismatches(record: dict, rerun: dict, within: float = 0.0) -> list[str]:
     return [f"{k}: {record.get(k)!r} != {rerun.get(k)!r}" for k in SAME_RUN if not same(k)]
 
 
-def largest_difference(record: dict, rerun: dict) -> float:
-    """How far the rerun's main-metric values are from the record's."""
-    return max(abs(record[k] - rerun[k]) for k in METRIC_VALUES)
-
-
 def filled(record: dict, rerun: dict) -> dict:
-    """`record` with the rerun's metrics; if the rerun was not bit-identical, the record keeps
-    its own main-metric value and names the rerun's difference and environment."""
-    difference = largest_difference(record, rerun)
-    if difference == 0.0:
+    """`record` with the rerun's metrics; if the rerun was not bit-identical (its main metric
+    only within `within`), the record keeps its own main-metric value and names the rerun's
+    difference and environment."""
+    if all(record[k] == rerun[k] for k in METRIC_VALUES):
         return {**record, "metrics": rerun["metrics"]}
     metrics = {**rerun["metrics"], record["metric"]: record["final"]}
-    provenance = {"largest_difference": difference,
+    provenance = {"largest_difference": max(abs(record[k] - rerun[k]) for k in METRIC_VALUES),
                   "environments": rerun.get("environments", [])}
     return {**record, "metrics": metrics, "metrics_rerun": provenance}
 
@@ -87,9 +85,9 @@ def backfill(rerun_dir: pathlib.Path, records_dir: pathlib.Path, *,
     reproduce them (only with `skip_unreproduced`). Raises ValueError, before writing anything,
     when a rerun has no `metrics`, has no record to fill, or (unless `skip_unreproduced`) did
     not reproduce its record (its main metric within `within`, the rest exactly)."""
-    if not 0.0 <= within < 1e-3:
+    if not 0.0 <= within < REPORT_RESOLUTION:
         raise ValueError(f"within={within}: a rerun may differ in the main metric by at least 0 "
-                         "and less than 1e-3 (what the report shows, x100 to one decimal)")
+                         f"and less than {REPORT_RESOLUTION} (the report's last digit)")
     reruns = sorted(rerun_dir.glob("*.json"))
     if not reruns:
         raise ValueError(f"no rerun records (*.json) in {rerun_dir}")
