@@ -422,6 +422,8 @@ def _encoder_family(model_type: str) -> ModelFamily:
         layer_norm=r"(?:^|/)LayerNorm$",
         hidden_size=lambda params: _word_embeddings(params).shape[1],
         vocab_size=lambda params: _word_embeddings(params).shape[0],
+        dropout_fields=("hidden_dropout_prob", "attention_probs_dropout_prob",
+                        "classifier_dropout"),
     )
 
 

@@ -45,6 +45,8 @@ class ModelFamily:
       layer_norm: regex matching the LayerNorm module paths.
       hidden_size: params -> the model width d.
       vocab_size: params -> the rows of the token embedding.
+      dropout_fields: the HF config fields holding the model's dropout rates (a study groups
+        runs by whether the base has dropout: `training.members`).
     """
 
     model_type: str
@@ -64,6 +66,7 @@ class ModelFamily:
     layer_norm: str
     hidden_size: Callable[[Any], int]
     vocab_size: Callable[[Any], int]
+    dropout_fields: tuple[str, ...]
 
     def check_task(self, task: str | None) -> None:
         if task not in self.tasks:

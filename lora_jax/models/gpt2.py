@@ -397,4 +397,5 @@ GPT2 = ModelFamily(
     layer_norm=r"(?:^|/)(?:ln_1|ln_2|ln_f)$",
     hidden_size=lambda params: params["wte"]["embedding"].shape[1],
     vocab_size=lambda params: params["wte"]["embedding"].shape[0],
+    dropout_fields=("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"),
 )

@@ -459,6 +459,7 @@ def _family(model_type: str) -> ModelFamily:
         layer_norm=r"(?:^|/)(?:input_layernorm|post_attention_layernorm|norm)$",
         hidden_size=lambda params: _embedding(params).shape[1],
         vocab_size=lambda params: _embedding(params).shape[0],
+        dropout_fields=("attention_dropout",),
     )
 
 
