@@ -97,8 +97,9 @@ class Together:
 
     def steps(self, start: int, n: int) -> None:
         for step in range(start, start + n):
+            batch, _ = self.group.batch(step)
             self.trainable, self.opt_state, losses, _ = self.group.step(
-                self.trainable, self.opt_state, step)
+                self.trainable, self.opt_state, batch, step)
         jax.block_until_ready(losses)
 
     def bytes_per_member(self) -> int:

@@ -174,9 +174,10 @@ def write_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float,
 def train_groups(base: ml_collections.ConfigDict, runs: Sequence[dict], out: pathlib.Path,
                  records: pathlib.Path | None) -> None:
     """Trains the unfinished runs that can share a program (`members.groups`) as one program
-    per group (`together.train_together`), writing their records; the others are left for
+    per group (`lora_jax.train.train_members`), writing their records; the others are left for
     `run_one`. A member's wall time is its group's divided by its size."""
-    from lora_jax.training import members, together
+    from lora_jax.train import train_members
+    from lora_jax.training import members
 
     def finished(run: dict) -> bool:
         return ((records is not None and (records / f"{run['name']}.json").is_file())
@@ -190,8 +191,8 @@ def train_groups(base: ml_collections.ConfigDict, runs: Sequence[dict], out: pat
         names = ", ".join(pending[i]["name"] for i in group)
         print(f"training together: {names}", flush=True)
         tick = time.perf_counter()
-        results = together.train_together([configs[i] for i in group],
-                                          [out / pending[i]["name"] for i in group])
+        results = train_members([configs[i] for i in group],
+                                [out / pending[i]["name"] for i in group])
         wall_s = (time.perf_counter() - tick) / len(group)
         for i, result in zip(group, results):
             write_record(pending[i], result, out / pending[i]["name"], wall_s, records)

@@ -1,4 +1,4 @@
-"""Config-driven LoRA training: config -> mesh -> state -> jitted step -> eval -> checkpoint.
+"""Config-driven training: config -> mesh -> state -> jitted step -> eval -> checkpoint.
 
     python -m lora_jax.train --config configs/quickstart.py --workdir /tmp/quickstart
     python -m lora_jax.train --config configs/glue.py:task=mrpc,model=minilm \\
@@ -11,13 +11,12 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables) to every process.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import os
 import pathlib
 import sys
-import time
-from contextlib import closing
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -26,24 +25,16 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lora_jax.training import compile_cache, evaluation, setup, sharding
-from lora_jax.methods import count_params
-from lora_jax.interop import exports
-from lora_jax.training.checkpoint import Checkpoints, abstract
 from lora_jax.config_checks import check_config
-from lora_jax.errors import Preempted, RunError
-from lora_jax.training.inputs import run_inputs
-from lora_jax.training.loop import (StepEvents, check_same_seed, checkpoint_state, log_losses,
-                                    run_result)
-from lora_jax.training.modeling import run_keys
-from lora_jax.training.preemption import PreemptionNotice
+from lora_jax.errors import RunError
+from lora_jax.training import loop
 from lora_jax.training.compile_clock import CompileClock
-from lora_jax.training.run_log import RunLog
+from lora_jax.training.inputs import run_inputs
+from lora_jax.training.members import MemberGroup
+from lora_jax.training.program import OneRun
 from lora_jax.training.workdir import Workdir
 
 FLAGS = flags.FLAGS
-
-logger = logging.getLogger(__name__)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -54,140 +45,50 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
     Returns:
       The final evaluation metrics, plus 'best' (the best evaluation seen and its step),
-      'trained_params' (scalars in the trainable tree) and 'lora_params' (those in low-rank A
-      and B matrices, as trained: a fused projection's slice counts its own size).
+      'trained_params' (scalars in the trainable tree), 'lora_params' (those in low-rank
+      matrices, as trained: a fused projection's slice counts its own size) and
+      'environments' (where the steps ran).
 
     Raises:
       ConfigError, WorkdirError, IncompatibleCheckpoint: before anything is written.
       DivergenceError: the loss or the trainable parameters became non-finite.
       Preempted: SIGTERM arrived; the current step was checkpointed first.
     """
-    check_config(config)
-    with Workdir(workdir, jax.process_index()) as run_dir:
-        run_dir.check_config(config)
-        inputs = run_inputs(config)
-        run_dir.check_inputs(inputs)
-        with CompileClock() as clock:
-            return _train(config, run_dir, inputs, clock)
+    return train_members([config], [workdir])[0]
 
 
-def _train(config: ml_collections.ConfigDict, run_dir: Workdir, inputs: dict,
-           clock: CompileClock) -> dict[str, Any]:
-    workdir = run_dir.path
-    log = RunLog(workdir, enabled=run_dir.writer)
-    _, _, key_train = run_keys(config.seed)
+def train_members(configs: Sequence[ml_collections.ConfigDict],
+                  workdirs: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """Trains N >= 1 runs, each writing its own workdir as `train` would; one run is the
+    one-member case. Several runs train as one program (`members.MemberGroup`), so they must be
+    able to share one (`members.groups` splits a study into such groups); they step together,
+    so they evaluate, checkpoint and export at the same steps, and resume from one step.
 
-    # --- Model, methods, mesh, data, optimizer, steps (lora_jax.training.setup) ----------------
-    run = setup.build(config)
-    stack, frozen, trainable, mesh = run.stack, run.frozen, run.trainable, run.mesh
-    log.info(f"{stack.describe()}: {count_params(trainable):,} trained and "
-             f"{count_params(frozen):,} frozen parameters; mesh {dict(mesh.shape)} over "
-             f"{jax.device_count()} devices")
-    training = setup.for_training(run)
-    task, steps_per_epoch, total_steps = training.task, training.steps_per_epoch, \
-        training.total_steps
-    schedule, opt_state = training.schedule, training.opt_state
-    train_step, eval_step = training.train_step, training.eval_step
-    replicated = sharding.replicated(mesh)
-    batch_size = config.data.batch_size
+    Returns:
+      Each member's `train` result, in order.
 
-    def evaluate(trainable) -> dict[str, float]:
-        return evaluation.evaluate(task, eval_step, frozen, trainable, mesh,
-                                   config.data.eval_batch_size)
-
-    # --- Resume ---------------------------------------------------------------------------------
-    checkpoints = Checkpoints(workdir / "checkpoints", config.train.checkpoint_every,
-                              config.train.keep_checkpoints)
-
-    # A global (replicated) array: orbax saves no host-local arrays in a multi-host run.
-    rng_data = sharding.place(jax.random.key_data(key_train), replicated)
-
-    def state(step: int):
-        return checkpoint_state(trainable, opt_state, step, steps_per_epoch, rng_data)
-
-    start = 0
-    restored = checkpoints.restore_latest(abstract(state(0)))
-    if restored is not None:
-        start, saved = restored
-        check_same_seed(saved, key_train, workdir)
-        trainable, opt_state = saved["trainable"], saved["opt_state"]
-
-    # --- The run starts: from here on the workdir is written ------------------------------------
-    run_dir.commit(config, inputs, fresh=start == 0)
-    compile_cache.use(config.train.compilation_cache, workdir)  # before the steps compile
-    checkpoints.start_writing()
-    log.start(start)
-    if start:
-        log.info(f"resumed from step {start} (epoch {int(saved['data']['epoch'])}, "
-                 f"batch {int(saved['data']['index'])})")
-
-    # --- Loop -----------------------------------------------------------------------------------
-    best = log.best()
-    epoch_cache: dict[int, list[dict]] = {}
-
-    def batch_at(step: int) -> tuple[dict, dict]:
-        """(host batch, the same placed on the mesh) of a step: a pure function of seed and step."""
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = task.train_batches(batch_size, config.seed, epoch)
-        host_batch = epoch_cache[epoch][index]
-        return host_batch, sharding.global_batch(host_batch, mesh, config.optim.grad_accum)
-
-    # Losses and finiteness flags stay on the device until the loop syncs anyway (StepEvents).
-    pending: list[tuple[int, jax.Array, jax.Array, int]] = []
-    tick = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal pending, tick
-        if not pending:
-            return
-        elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-        tokens = sum(t for *_, t in pending)
-        fetched = [(s, float(sharding.first_replica(l)), bool(sharding.first_replica(f)))
-                   for s, l, f, _ in pending]
-        pending = []
-        log_losses(log, fetched, lambda s: float(schedule(s)), tokens / elapsed, total_steps,
-                   checkpoints)
-
-    upcoming = batch_at(start) if start < total_steps else None
-    # closing(): the checkpoint manager and the log are closed however the loop ends.
-    with closing(checkpoints), closing(log), PreemptionNotice() as notice:
-        for step in range(start, total_steps):
-            host_batch, batch = upcoming
-            trainable, opt_state, loss, finite = train_step(
-                frozen, trainable, opt_state, batch, jax.random.fold_in(key_train, step))
-            if step == start:  # one wait, for the time to the first step (compiles included)
-                first_step_s = (jax.block_until_ready(loss), clock.since_open())[1]
-            # Dispatch is asynchronous: the next batch is built and copied while this step runs.
-            upcoming = batch_at(step + 1) if step + 1 < total_steps else None
-            done = step + 1
-            pending.append((done, loss, finite, int(host_batch["attention_mask"].sum())))
-            preempted = notice.reached(done)
-            due = StepEvents.at(done, total_steps, config.train, checkpoints, preempted)
-            if due.log:
-                flush()
-            if due.evaluate:
-                metrics = evaluate(trainable)
-                best = log.eval(done, metrics, task.main_metric,
-                                higher_is_better=task.kind != "lm")
-                if run_dir.writer and best["step"] == done:
-                    exports.save(workdir / "best_adapter", stack, config.method,
-                                jax.device_get(trainable), frozen=frozen, **run.info)
-            if due.checkpoint:
-                checkpoints.save(done, state(done), force=True)
-            if preempted:
-                raise Preempted(f"SIGTERM at step {done}: checkpointed step {done} in "
-                                f"{checkpoints.directory}; rerun the same command to resume")
-
-        # --- Export -----------------------------------------------------------------------------
-        final = evaluate(trainable) if start == total_steps else metrics
-        if start < total_steps:
-            log.compile(total_steps, {**clock.record(), "first_step_s": round(first_step_s, 3)})
-        if run_dir.writer:
-            exports.save(workdir / "adapter", stack, config.method, jax.device_get(trainable),
-                         frozen=frozen, **run.info)
-    return run_result(final, best, trainable, log.environments())
+    Raises:
+      ConfigError: a config is invalid, or the configs cannot share a program.
+      WorkdirError: a workdir holds another run, or the members' checkpoints are at other steps.
+      DivergenceError, Preempted: as `train`.
+    """
+    configs, workdirs = list(configs), list(workdirs)
+    if not configs or len(configs) != len(workdirs):
+        raise ValueError(f"{len(configs)} configs for {len(workdirs)} workdirs: give one "
+                         "workdir per config, at least one")
+    for config in configs:
+        check_config(config)
+    with contextlib.ExitStack() as stack:
+        dirs = [stack.enter_context(Workdir(w, jax.process_index())) for w in workdirs]
+        inputs = []
+        for run_dir, config in zip(dirs, configs):
+            run_dir.check_config(config)
+            inputs.append(run_inputs(config))
+            run_dir.check_inputs(inputs[-1])
+        clock = stack.enter_context(CompileClock())
+        program = (OneRun.build(configs[0]) if len(configs) == 1
+                   else MemberGroup.build(configs))
+        return loop.run(program, dirs, inputs, clock)
 
 
 def main(argv: list[str]) -> None:

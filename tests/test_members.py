@@ -82,8 +82,9 @@ def train_together(configs):
     trainable, opt_state = group.trainable, group.opt_state
     together, widths = [], set()
     for step in range(STEPS):
-        widths.add(group.batches(step)["input_ids"].shape[-1])
-        trainable, opt_state, losses, finite = group.step(trainable, opt_state, step)
+        batch, _ = group.batch(step)
+        widths.add(batch["input_ids"].shape[-1])
+        trainable, opt_state, losses, finite = group.step(trainable, opt_state, batch, step)
         assert np.asarray(finite).all()
         together.append(np.asarray(losses))
     return np.stack(together, axis=1), trainable, group, widths
@@ -164,14 +165,13 @@ def adapter_tensors(directory):
 def test_train_together_writes_each_members_workdir_as_its_run(tiny_bert_dir, tmp_path):
     """Two members trained together: each workdir's losses, evaluations, best and final exports
     equal its separate run's; its checkpoint is its run's (the trainer resumes from it)."""
-    from lora_jax.train import train
-    from lora_jax.training.together import train_together
+    from lora_jax.train import train, train_members
 
     configs = [member_config(tiny_bert_dir, 0, 4, 8.0, (Q, V), 1e-3),
                member_config(tiny_bert_dir, 1, 8, 16.0, (Q,), 2e-3)]
     for c in configs:
         c.train.max_steps = 8
-    together = train_together(configs, [tmp_path / "together" / f"m{i}" for i in range(2)])
+    together = train_members(configs, [tmp_path / "together" / f"m{i}" for i in range(2)])
     for i, config in enumerate(configs):
         alone = train(config, tmp_path / "alone" / f"m{i}")
         mine = tmp_path / "together" / f"m{i}"
@@ -205,7 +205,8 @@ def test_train_together_resumes_its_members_after_a_preemption(tiny_bert_dir, tm
     """Stopped at step 4 (as by SIGTERM: every member checkpoints step 4), a rerun resumes all
     members there and ends with the uninterrupted run's adapters, bit for bit."""
     from lora_jax.errors import Preempted
-    from lora_jax.training import together
+    from lora_jax.train import train_members
+    from lora_jax.training import loop
     from lora_jax.training.preemption import PreemptionNotice
 
     configs = [member_config(tiny_bert_dir, 0, 4, 8.0, (Q, V), 1e-3),
@@ -214,19 +215,19 @@ def test_train_together_resumes_its_members_after_a_preemption(tiny_bert_dir, tm
         c.train.max_steps = 8
     whole = [tmp_path / "whole" / f"m{i}" for i in range(2)]
     cut = [tmp_path / "cut" / f"m{i}" for i in range(2)]
-    together.train_together(configs, whole)
+    train_members(configs, whole)
 
     class StopAtStep4(PreemptionNotice):
         def reached(self, step: int) -> bool:
             return step == 4
 
-    monkeypatch.setattr(together, "PreemptionNotice", StopAtStep4)
+    monkeypatch.setattr(loop, "PreemptionNotice", StopAtStep4)
     with pytest.raises(Preempted, match="step 4"):
-        together.train_together(configs, cut)
+        train_members(configs, cut)
     assert all(not (d / "adapter").exists() for d in cut)
     assert all((d / "checkpoints" / "4").is_dir() for d in cut)
     monkeypatch.undo()
-    together.train_together(configs, cut)
+    train_members(configs, cut)
     for w, c in zip(whole, cut):
         got, want = adapter_tensors(c / "adapter"), adapter_tensors(w / "adapter")
         assert got.keys() == want.keys()

@@ -8,8 +8,12 @@ all, reading the frozen tree once:
     group = MemberGroup.build([config_0, config_1, ...])   # each a full training config
     trainable, opt_state = group.trainable, group.opt_state
     for step in range(group.total_steps):
-        trainable, opt_state, losses, finite = group.step(trainable, opt_state, step)
+        batch, _ = group.batch(step)
+        trainable, opt_state, losses, finite = group.step(trainable, opt_state, batch, step)
     adapters_0 = group.member_trainable(trainable, 0)      # as member 0's own run has them
+
+`lora_jax.train.train_members` runs a group through the trainer's one loop
+(`lora_jax.training.loop`), each member writing its own workdir.
 
 What members may differ in, and why each stays exact:
   - seed: each member draws its own adapters, head, dropout masks and data order, as its run
@@ -47,10 +51,12 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lora_jax.errors import ConfigError
+from lora_jax.interop import exports
 from lora_jax.methods import lora
 from lora_jax.methods.base import join
-from lora_jax.training import setup, sharding, steps
+from lora_jax.training import evaluation, optim, setup, sharding, steps
 from lora_jax.training.modeling import run_keys
+from lora_jax.training.program import fetch_stacked
 
 # The config fields in which members of one group may differ (see the module docstring).
 MEMBER_FIELDS = ("seed", "method.lora.rank", "method.lora.alpha", "method.lora.rslora",
@@ -84,10 +90,6 @@ def group_key(config: ml_collections.ConfigDict) -> str | None:
     return json.dumps(shared, sort_keys=True, default=str)
 
 
-DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
-                  "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout")
-
-
 def base_dropout(model: ml_collections.ConfigDict) -> float:
     """The largest dropout rate of the base model a config's `model` section names."""
     import transformers
@@ -101,7 +103,10 @@ def base_dropout(model: ml_collections.ConfigDict) -> float:
     else:
         fields = dict(model.random_init)
         hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
-    return max(float(getattr(hf_config, name, 0.0) or 0.0) for name in DROPOUT_FIELDS)
+    from lora_jax.models import family
+
+    fields = family(hf_config.model_type).dropout_fields
+    return max((float(getattr(hf_config, name, 0.0) or 0.0) for name in fields), default=0.0)
 
 
 def groups(configs: Sequence[ml_collections.ConfigDict]) -> list[list[int]]:
@@ -188,6 +193,8 @@ class MemberGroup:
     _shapes: dict
     _epochs: dict = dataclasses.field(default_factory=dict)
     _own_states: dict = dataclasses.field(default_factory=dict)  # index -> its run's tx state
+    _eval_steps: dict = dataclasses.field(default_factory=dict)
+    _schedules: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def build(cls, configs: Sequence[ml_collections.ConfigDict]) -> "MemberGroup":
@@ -260,9 +267,10 @@ class MemberGroup:
 
     # --- Stepping --------------------------------------------------------------------------------
 
-    def batches(self, step: int) -> dict:
+    def batch(self, step: int) -> tuple[dict, list[int]]:
         """The members' batches of `step`, each as its own run draws it (its seed's order), padded
-        to the longest of them and stacked: [N, accum, micro, length] arrays."""
+        to the longest of them and stacked: [N, accum, micro, length] arrays placed on the mesh;
+        and each member's count of real tokens."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch not in self._epochs:
             self._epochs.clear()
@@ -287,18 +295,55 @@ class MemberGroup:
         host = {k: np.stack([micro_batches(widen(k, b[k])) for b in own]) for k in own[0]}
         batch_spec = sharding.batch_sharding(self.run.mesh).spec
         placed = NamedSharding(self.run.mesh, P(None, *batch_spec))
-        return {k: jax.make_array_from_callback(v.shape, placed, lambda i, v=v: v[i])
-                for k, v in host.items()}
+        return ({k: jax.make_array_from_callback(v.shape, placed, lambda i, v=v: v[i])
+                 for k, v in host.items()}, [int(b["attention_mask"].sum()) for b in own])
 
     def rngs(self, step: int) -> jax.Array:
         """The members' step keys, each as its own run folds it."""
         return jnp.stack([jax.random.fold_in(run_keys(c.seed)[2], step) for c in self.configs])
 
-    def step(self, trainable, opt_state, step: int, batch: dict | None = None):
-        """One optimizer step of every member: (trainable, opt_state, losses, finite);
-        `batch`: `batches(step)`, if the caller has it."""
-        batch = self.batches(step) if batch is None else batch
+    def step(self, trainable, opt_state, batch: dict, step: int):
+        """One optimizer step of every member: (trainable, opt_state, losses [N], finite [N])
+        for `batch(step)`'s batch."""
         return self._train_step(self.frozen, trainable, opt_state, batch, self.rngs(step))
+
+    # --- The loop's program (lora_jax.training.program) ------------------------------------------
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self.run.mesh
+
+    def describe(self) -> None:
+        return None
+
+    fetch = staticmethod(fetch_stacked)
+
+    def member(self, trainable, opt_state, index: int) -> tuple[Any, Any]:
+        """Member `index`'s (trainable, opt_state) as its own run holds them."""
+        return self.member_trainable(trainable, index), self.member_opt_state(opt_state, index)
+
+    def evaluate(self, trainable, index: int) -> dict[str, float]:
+        """Member `index`'s dev metrics, with its own stack and unpadded adapters."""
+        member = self.members[index]
+        if index not in self._eval_steps:  # jitted once per member
+            self._eval_steps[index] = member.eval_step(self.task.kind)
+        return evaluation.evaluate(self.task, self._eval_steps[index], member.frozen,
+                                   self.member_trainable(trainable, index), member.mesh,
+                                   self.configs[index].data.eval_batch_size)
+
+    def export(self, directory, trainable, index: int) -> None:
+        """Writes member `index`'s trained adapters as its own run would."""
+        member = self.members[index]
+        exports.save(directory, member.stack, self.configs[index].method,
+                     self.member_trainable(trainable, index), frozen=member.frozen,
+                     **member.info)
+
+    def learning_rate(self, index: int, step: int) -> float:
+        """Member `index`'s learning rate at `step`, as its run logs it."""
+        if index not in self._schedules:
+            self._schedules[index] = optim.learning_rate_schedule(self.configs[index].optim,
+                                                                  self.total_steps)
+        return float(self._schedules[index](step))
 
     # --- Members' results ------------------------------------------------------------------------
 
