@@ -23,14 +23,15 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lora_jax.methods import lora
-from lora_jax.methods.base import MethodStack, combine, join
+from lora_jax import losses
+from lora_jax.methods import lora, stacked_lora
+from lora_jax.methods.base import MethodStack, combine, join, modules_of
+from lora_jax.training.steps import model_inputs
 
 Params = Mapping[str, Any]
 
@@ -48,6 +49,8 @@ class AdapterSet:
     names: tuple[str, ...]
     stacks: tuple[MethodStack, ...]
     trainables: tuple[dict, ...]
+    # evaluate_all's compiled steps, by (apply_fn, kind of task): traced once per set.
+    _eval_steps: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if not self.names:
@@ -208,34 +211,14 @@ class AdapterSet:
     # --- Mixed batches ---------------------------------------------------------------------------
 
     def stacked(self) -> dict:
-        """The adapters on a leading adapter axis: {'lora': {module: {lora_a, lora_b}}, padded;
-        'scale': {kernel path: [N]}; 'dense': {module: {kernel, bias}} of the trained heads}."""
-        shapes: dict[tuple, tuple] = {}
-        for trainable in self.trainables:
-            for path, leaf in traverse_util.flatten_dict(trainable.get("lora", {})).items():
-                old = shapes.get(path, leaf.shape)
-                shapes[path] = tuple(max(a, b) for a, b in zip(old, leaf.shape))
-        modules = sorted({p[:-1] for p in shapes})
-        out_lora, scales = {}, {}
-        for module in modules:
-            kernel = join(module + ("kernel",))
-            rows = {lora.LORA_A: [], lora.LORA_B: []}
-            scale = []
-            for stack, trainable in zip(self.stacks, self.trainables):
-                own = lora.adapter_modules(trainable).get(module)
-                spec = stack.methods[0].spec
-                for leaf in (lora.LORA_A, lora.LORA_B):
-                    shape = shapes[module + (leaf,)]
-                    if own is None:
-                        rows[leaf].append(np.zeros(shape, np.float32))
-                    else:
-                        value = np.asarray(own[leaf], np.float32)
-                        rows[leaf].append(np.pad(value, [(0, f - h) for f, h in
-                                                         zip(shape, value.shape)]))
-                scale.append(0.0 if own is None else
-                             spec.scale(kernel, own[lora.LORA_A].shape[-2]))
-            out_lora[module] = {k: jnp.asarray(np.stack(v)) for k, v in rows.items()}
-            scales[kernel] = jnp.asarray(scale, jnp.float32)
+        """The adapters on a leading adapter axis (`methods.stacked_lora`): {'lora': {module:
+        {lora_a, lora_b}}, padded; 'scale': {kernel path: [N]}; 'dense': {module: {kernel,
+        bias}} of the trained heads}."""
+        adapters = [t.get("lora", {}) for t in self.trainables]
+        low_rank = modules_of(stacked_lora.stack(adapters, stacked_lora.union_shapes(adapters)))
+        low_rank = {m: low_rank[m] for m in sorted(low_rank)}
+        scales = stacked_lora.stacked_scales([s.methods[0].spec for s in self.stacks], adapters,
+                                             [join(m + ("kernel",)) for m in low_rank])
         heads = sorted({p[:-1] for t in self.trainables
                         for p in traverse_util.flatten_dict(t.get("params", {}))})
         dense = {}
@@ -250,7 +233,7 @@ class AdapterSet:
                                      "which others do: their heads cannot be mixed")
                 leaves[leaf] = jnp.asarray(np.stack([np.asarray(v) for v in values]))
             dense[module] = leaves
-        return {"lora": out_lora, "scale": scales, "dense": dense}
+        return {"lora": low_rank, "scale": scales, "dense": dense}
 
     def apply(self, apply_fn: Callable, frozen: Params, *args, adapter_ids: Any,
               collection: str = "params", stacked: dict | None = None, **kwargs):
@@ -263,7 +246,6 @@ class AdapterSet:
           stacked: `stacked()`, if the caller keeps it (it is rebuilt otherwise).
         """
         stacked = self.stacked() if stacked is None else stacked
-        ids = jnp.asarray(adapter_ids, jnp.int32)
         # The heads' modules must exist for the call: adapter 0's stand in, and are replaced.
         variables = {collection: combine(frozen, {"params": self.trainables[0].get("params", {})})}
         parts = {}
@@ -271,25 +253,8 @@ class AdapterSet:
             spec = stack.methods[0].spec
             for module in stacked["lora"]:
                 parts.setdefault(module, spec.parts_for(join(module + ("kernel",))))
-
-        def hook(next_fun, call_args, call_kwargs, context):
-            module = context.module
-            path = tuple(module.path)
-            if context.method_name != "__call__" or not isinstance(module, nn.Dense) or (
-                    path not in stacked["lora"] and path not in stacked["dense"]):
-                return next_fun(*call_args, **call_kwargs)
-            x = call_args[0] if call_args else call_kwargs["inputs"]
-            y = (next_fun(*call_args, **call_kwargs) if path not in stacked["dense"]
-                 else _per_example_dense(stacked["dense"][path], ids, x))
-            if path in stacked["lora"]:
-                ab = stacked["lora"][path]
-                y = y + _per_example_low_rank(x.astype(y.dtype), ab[lora.LORA_A][ids],
-                                              ab[lora.LORA_B][ids],
-                                              stacked["scale"][join(path + ("kernel",))][ids],
-                                              parts[path]).astype(y.dtype)
-            return y
-
-        with nn.intercept_methods(hook):
+        with stacked_lora.per_example(stacked["lora"], stacked["scale"], parts,
+                                      jnp.asarray(adapter_ids, jnp.int32), stacked["dense"]):
             return apply_fn(variables, *args, **kwargs)
 
 
@@ -325,26 +290,11 @@ def evaluate_all(adapters: AdapterSet, task: Any, apply_fn: Callable, frozen: Pa
       frozen: `adapters.frozen(params)`.
       batch_size: examples per batch (each batch holds N times as many rows).
     """
-    from lora_jax import losses
-    from lora_jax.training import steps
-
     n = len(adapters.names)
+    run = _mixed_eval_step(adapters, apply_fn, task.kind)
     stacked = adapters.stacked()
-
-    @jax.jit
-    def run(frozen, stacked, batch, ids):
-        logits = adapters.apply(apply_fn, frozen, batch["input_ids"], adapter_ids=ids,
-                                stacked=stacked, deterministic=True,
-                                **steps.model_inputs(batch)).logits
-        if task.kind == "regression":
-            per_row = (logits[:, 0].astype(jnp.float32) - batch["labels"]) ** 2
-        else:
-            per_row = losses.cross_entropy(logits, batch["labels"], 0.0)
-        return per_row, losses.predictions(task.kind, logits)
-
-    totals = np.zeros(n)
-    weights = np.zeros(n)
-    preds = [[] for _ in range(n)]
+    totals, weights = np.zeros(n), np.zeros(n)
+    preds: list[list[np.ndarray]] = [[] for _ in range(n)]
     labels = []
     for host in task.eval_batches(batch_size):
         rows = len(host["input_ids"])
@@ -363,28 +313,18 @@ def evaluate_all(adapters: AdapterSet, task: Any, apply_fn: Callable, frozen: Pa
             for i, name in enumerate(adapters.names)}
 
 
-def _rows(v: jax.Array, like: jax.Array) -> jax.Array:
-    """Per-row values [batch, ...] shaped to broadcast against `like` [batch, ..., features]:
-    a scale [batch] as [batch, 1, ..., 1], a bias [batch, d] as [batch, 1, ..., d]."""
-    return v.reshape(v.shape[:1] + (1,) * (like.ndim - v.ndim) + v.shape[1:])
+def _mixed_eval_step(adapters: AdapterSet, apply_fn: Callable, kind: str) -> Callable:
+    """run(frozen, stacked, batch, ids) -> (each row's loss, predictions), jitted once per
+    set, model and kind of task (later calls reuse the compiled program)."""
+    key = (id(apply_fn), kind)
+    if key not in adapters._eval_steps:
+        @jax.jit
+        def run(frozen, stacked, batch, ids):
+            logits = adapters.apply(apply_fn, frozen, batch["input_ids"], adapter_ids=ids,
+                                    stacked=stacked, deterministic=True,
+                                    **model_inputs(batch)).logits
+            per_row, _ = losses.losses_and_weights(kind, logits, batch)
+            return per_row, losses.predictions(kind, logits)
 
-
-def _per_example_dense(leaves: dict, ids: jax.Array, x: jax.Array) -> jax.Array:
-    kernel = leaves["kernel"][ids].astype(x.dtype)  # [batch, d_in, d_out]
-    y = jnp.einsum("b...i,bio->b...o", x, kernel)
-    return y + _rows(leaves["bias"][ids].astype(x.dtype), y)
-
-
-def _per_example_low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
-                          parts: Sequence[bool]) -> jax.Array:
-    """s_b B_b (A_b x_b) for every row b: a, b are the rows' adapters, [batch, (n,) ...]."""
-    a, b = a.astype(x.dtype), b.astype(x.dtype)
-    scale = scale.astype(x.dtype)
-    if len(parts) == 1:
-        h = jnp.einsum("b...i,bri->b...r", x, a)
-        y = jnp.einsum("b...r,bor->b...o", h, b)
-        return _rows(scale, y) * y
-    h = jnp.einsum("b...i,bnri->b...nr", x, a)
-    y = jnp.einsum("b...nr,bnor->b...no", h, b)
-    y = lora.assemble_parts([y[..., j, :] for j in range(y.shape[-2])], parts)
-    return _rows(scale, y) * y
+        adapters._eval_steps[key] = (apply_fn, run)  # apply_fn kept: its id stays its own
+    return adapters._eval_steps[key][1]

@@ -47,17 +47,10 @@ def lm_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
     return jnp.where(weights > 0, targets, 0), weights
 
 
-def loss_sum(kind: str, logits: jax.Array, batch: dict,
-             label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """(sum of losses, weight) for a micro-batch; padding rows and prompt tokens weigh 0.
-
-    Args:
-      kind: 'classification', 'regression' or 'lm'.
-      logits: the model's output.
-      batch: holds 'labels' (GLUE) or 'input_ids' and 'loss_mask' (LM); optionally
-        'example_mask' and 'segment_ids' (see the module docstring).
-      label_smoothing: for classification and LM (the paper uses 0.1 for E2E).
-    """
+def losses_and_weights(kind: str, logits: jax.Array, batch: dict,
+                       label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Each row's loss (each target token's, for an LM) and its weight; padding rows and prompt
+    tokens weigh 0. Arguments as `loss_sum`."""
     if kind == "lm":
         targets, weights = lm_targets(batch)
         losses = cross_entropy(logits[:, :-1], targets, label_smoothing)
@@ -69,7 +62,21 @@ def loss_sum(kind: str, logits: jax.Array, batch: dict,
             losses = cross_entropy(logits, batch["labels"], label_smoothing)
     else:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    weights = weights.astype(jnp.float32)
+    return losses, weights.astype(jnp.float32)
+
+
+def loss_sum(kind: str, logits: jax.Array, batch: dict,
+             label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(sum of losses, weight) for a micro-batch; padding rows and prompt tokens weigh 0.
+
+    Args:
+      kind: 'classification', 'regression' or 'lm'.
+      logits: the model's output.
+      batch: holds 'labels' (GLUE) or 'input_ids' and 'loss_mask' (LM); optionally
+        'example_mask' and 'segment_ids' (see the module docstring).
+      label_smoothing: for classification and LM (the paper uses 0.1 for E2E).
+    """
+    losses, weights = losses_and_weights(kind, logits, batch, label_smoothing)
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 

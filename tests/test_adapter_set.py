@@ -220,6 +220,27 @@ def test_evaluate_all_gives_each_adapter_its_own_evaluation(bert_set):
     assert len({m["loss"] for m in together.values()}) == 3
 
 
+def test_evaluate_all_traces_its_program_once(bert_set):
+    """A second evaluation of the same set reuses the compiled program: the model is traced
+    once however often the set is evaluated (it was traced on every call)."""
+    from lora_jax.adapter_set import evaluate_all
+
+    base, adapters = bert_set
+    task = setup.build(tiny_config(), base_model=base).task(with_train=False)
+    traces = []
+
+    def apply(*args, **kwargs):
+        traces.append(1)
+        return base.model.apply(*args, **kwargs)
+
+    frozen = adapters.frozen(base.params)
+    first = evaluate_all(adapters, task, apply, frozen, 16)
+    after_one = len(traces)
+    second = evaluate_all(adapters, task, apply, frozen, 16)
+    assert after_one >= 1 and len(traces) == after_one
+    assert first == second
+
+
 def test_load_reads_run_workdirs_and_export_directories(bert_set, tmp_path):
     from lora_jax.interop import exports
 

@@ -52,10 +52,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lora_jax.errors import ConfigError
 from lora_jax.interop import exports
-from lora_jax.methods import lora
+from lora_jax.methods import lora, stacked_lora
 from lora_jax.methods.base import join
 from lora_jax.training import evaluation, optim, setup, sharding, steps
-from lora_jax.training.modeling import run_keys
+from lora_jax.training.base_model import run_keys
 from lora_jax.training.program import fetch_stacked
 
 # The config fields in which members of one group may differ (see the module docstring).
@@ -95,11 +95,10 @@ def base_dropout(model: ml_collections.ConfigDict) -> float:
     import transformers
 
     from lora_jax.interop import hub
-    from lora_jax.training.modeling import checkpoint_path
 
     if model.name:
         hf_config = transformers.AutoConfig.from_pretrained(
-            hub.resolve_checkpoint(checkpoint_path(model.name)))
+            hub.resolve_checkpoint(hub.checkpoint_path(model.name)))
     else:
         fields = dict(model.random_init)
         hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -150,21 +149,6 @@ def _union_config(configs: Sequence[ml_collections.ConfigDict]) -> ml_collection
     return union
 
 
-def _padded(own: dict, shapes: dict[tuple, tuple]) -> dict:
-    """A member's LoRA leaves laid out as the group's: zero-padded to the group's rank (A's rows,
-    B's columns: the rank axis is A's -2 and B's -1), and zeros where the member has none."""
-    flat = traverse_util.flatten_dict(own)
-    out = {}
-    for path, shape in shapes.items():
-        if path not in flat:
-            out[path] = jnp.zeros(shape, jnp.float32)
-            continue
-        leaf = flat[path]
-        pad = [(0, full - have) for full, have in zip(shape, leaf.shape)]
-        out[path] = jnp.pad(leaf, pad)
-    return traverse_util.unflatten_dict(out)
-
-
 @dataclasses.dataclass
 class MemberGroup:
     """N LoRA runs of one group (`groups`) as one program.
@@ -210,36 +194,31 @@ class MemberGroup:
                 "these configs cannot train as one program: they must all be plain LoRA and "
                 f"differ only in {', '.join(MEMBER_FIELDS)} (members.groups splits a study)")
         union = _union_config(configs)
-        bases = [setup.base(c) for c in configs]  # the same weights; heads drawn per seed
-        run = setup.build(union, base_model=bases[0])
-        members = [setup.build(c, base_model=b) for c, b in zip(configs, bases)]
+        bases: dict[int, setup.Base] = {}  # one per seed: the same weights, heads per seed
+        for c in configs:
+            if c.seed not in bases:
+                bases[c.seed] = setup.base(c)
+        run = setup.build(union, base_model=bases[configs[0].seed])
+        # Every member's frozen tree is the group's (they freeze the same leaves): one copy.
+        members = [dataclasses.replace(setup.build(c, base_model=bases[c.seed]),
+                                       frozen=run.frozen) for c in configs]
         training = setup.for_training(members[0])
 
-        # The group's adapter layout: every union target at the largest rank.
+        # The group's adapter layout (`methods.stacked_lora`): every union target at the
+        # largest rank; each member's scale per union kernel, 0 where it has no adapter.
         shapes = {p: v.shape for p, v in
                   traverse_util.flatten_dict(run.trainable.get("lora", {})).items()}
-        stacked = []
-        for member in members:
-            own = jax.device_get(member.trainable)
-            tree = dict(own)
-            tree["lora"] = _padded(own.get("lora", {}), shapes)
-            stacked.append(tree)
-
-        opt_states = []
-        for config, tree in zip(configs, stacked):
-            opt_states.append(cls._optimizer(config, training.total_steps, tree).init(tree))
-        # Every member's scale per union kernel: its own s where it has an adapter, else 0.
+        own = [jax.device_get(m.trainable) for m in members]
+        stacked = [{**tree, "lora": stacked_lora.padded(tree.get("lora", {}), shapes)}
+                   for tree in own]
+        opt_states = [cls._optimizer(config, training.total_steps, tree).init(tree)
+                      for config, tree in zip(configs, stacked)]
         kernels = [join(p[:-1] + ("kernel",)) for p in shapes if p[-1] == lora.LORA_A]
-        scales = []
-        for member in members:
-            spec = member.stack.methods[0].spec
-            own = {join(m + ("kernel",)) for m in lora.adapter_modules(member.trainable)}
-            scales.append({k: np.float32(spec.scale(k, spec.rank_for(k)) if k in own else 0.0)
-                           for k in kernels})
-
+        scales = stacked_lora.stacked_scales([m.stack.methods[0].spec for m in members],
+                                             [tree.get("lora", {}) for tree in own], kernels)
         stack_leaves = lambda trees: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)
         frozen = dict(run.frozen)
-        frozen["lora"] = {lora.SCALES: stack_leaves(scales)}
+        frozen["lora"] = {lora.SCALES: scales}
         tx = cls._optimizer(configs[0], training.total_steps, stacked[0])
         train_step = cls._build_step(run, training.task.kind, tx, frozen)
         return cls(configs, run, members, training.task, training.total_steps,
@@ -382,7 +361,7 @@ class MemberGroup:
         """The stacked trees with member `index`'s row replaced by its own run's state (laid out
         as the group's: padded, zeros where it has no adapter): a resumed member."""
         row = dict(jax.device_get(own_trainable))
-        row["lora"] = _padded(row.get("lora", {}), self._shapes)
+        row["lora"] = stacked_lora.padded(row.get("lora", {}), self._shapes)
         trainable = jax.tree_util.tree_map(lambda s, r: s.at[index].set(r), trainable, row)
         own = {jax.tree_util.keystr(k): v for k, v in
                jax.tree_util.tree_flatten_with_path(jax.device_get(own_opt_state))[0]}
