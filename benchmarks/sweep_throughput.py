@@ -22,7 +22,7 @@ import jax
 
 from lora_jax.config import load_config
 from lora_jax.training import members, setup, sharding
-from lora_jax.training.modeling import run_keys
+from lora_jax.training.base_model import run_keys
 
 RANKS = (1, 2, 4, 8, 64)
 SHAPES = {  # hidden size, layers, heads, intermediate size

@@ -220,7 +220,7 @@ def build_jax_step(setting: Setting, config):
 
     from lora_jax.interop import hub
     from lora_jax.training import setup, sharding, steps
-    from lora_jax.training.modeling import DTYPES
+    from lora_jax.training.base_model import DTYPES
     from lora_jax.models import family as model_family
 
     fields = dict(config.model.random_init)
@@ -298,7 +298,7 @@ def bench_layout(setting: Setting, args) -> dict:
 
     from lora_jax.training import sharding
     from lora_jax.data import tasks
-    from lora_jax.data.e2e import gpt2_tokenizer
+    from lora_jax.data import tokenizers
 
     batch, seq = shape(setting, args)
     config = trainer_config(setting, "lora", args.dtype, args.attention or None)
@@ -307,7 +307,7 @@ def bench_layout(setting: Setting, args) -> dict:
     config.data.packing = args.layout == "packed"
     if args.layout == "padded":
         config.data.buckets = (seq,)
-    task = tasks.build_task(config.data, gpt2_tokenizer(), with_train=True)
+    task = tasks.build_task(config.data, tokenizers.load("gpt2"), with_train=True)
     host_batches = task.train_batches(batch, seed=0, epoch=0)[:args.steps]
     step, frozen, trainable, opt_state, mesh = build_jax_step(setting, config)
     placed = [sharding.global_batch(b, mesh) for b in host_batches]

@@ -23,7 +23,7 @@ rows of up to 512 tokens, not examples, so adjust it (and the steps) to keep the
 import ml_collections
 
 from lora_jax.config import (TINY_MODELS, base_config, method_overrides, parse_arg, set_dotted,
-                             share_lora_settings)
+                             share_settings)
 
 MODELS = {"gpt2-medium": "openai-community/gpt2-medium",
           "gpt2-large": "openai-community/gpt2-large",
@@ -77,7 +77,7 @@ def get_config(arg=None):
     c.method.lora.alpha = 32.0
     c.method.lora.dropout = 0.1
     c.method.also_train = ()
-    share_lora_settings(c)
+    share_settings(c)
     c.optim.lr = 2e-4
     c.optim.warmup_steps = 500
     c.optim.weight_decay = 0.01

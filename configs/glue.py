@@ -18,7 +18,7 @@ Choices where the official scripts (microsoft/LoRA examples/NLU) differ from the
 """
 
 from lora_jax.config import (TINY_MODELS, base_config, method_overrides, parse_arg, set_dotted,
-                             share_lora_settings)
+                             share_settings)
 
 # task: (batch, epochs, lr) for base; (batch, epochs, lr, max_len) for large. Paper Table 9.
 BASE = {
@@ -90,7 +90,7 @@ def get_config(arg=None):
     c.method.lora.rank = 8
     c.method.lora.alpha = 16.0 if large else 8.0
     c.method.also_train = (r"^classifier/",)
-    share_lora_settings(c)
+    share_settings(c)
     c.method.pissa.alpha = float(c.method.pissa.rank)
     c.method.vera.targets = c.method.lora.targets
     c.optim.warmup_ratio = 0.06

@@ -31,7 +31,7 @@ blocks in the backward pass (adapters and AdamW stay fp32).
 """
 
 from lora_jax.config import (TINY_MODELS, base_config, method_overrides, parse_arg, set_dotted,
-                             share_lora_settings)
+                             share_settings)
 
 MODELS = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "qwen2-0.5b": "Qwen/Qwen2-0.5B",
           "tinyllama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "tiny": ""}
@@ -76,7 +76,7 @@ def get_config(arg=None):
     c.method.lora.alpha = 32.0
     c.method.lora.dropout = 0.1
     c.method.also_train = ()
-    share_lora_settings(c)
+    share_settings(c)
     c.optim.lr = 3e-4
     c.optim.warmup_steps = 100
     c.optim.weight_decay = 0.0

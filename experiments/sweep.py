@@ -68,7 +68,7 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 def is_finished(workdir: pathlib.Path) -> bool:
     """A run is done once its adapter is exported and its record written (the record comes last)."""
-    from lora_jax.interop import exports
+    from lora_jax import exports
 
     exported = any((workdir / "adapter" / name).is_file()
                    for name in ("adapter_config.json", exports.CONFIG_NAME))
@@ -85,7 +85,7 @@ def count_adapter_params(workdir: pathlib.Path) -> tuple[int, int]:
     from safetensors import safe_open
 
     from lora_jax.analysis.compare import load_adapters
-    from lora_jax.interop import exports
+    from lora_jax import exports
 
     native = workdir / "adapter" / exports.WEIGHTS_NAME
     if native.is_file():

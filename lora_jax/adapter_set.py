@@ -33,6 +33,8 @@ from lora_jax.methods import lora, stacked_lora
 from lora_jax.methods.base import MethodStack, combine, join, modules_of
 from lora_jax.training.steps import model_inputs
 
+LORA = lora.LoRA.name  # LoRA's key in a trainable tree (and its config section's)
+
 Params = Mapping[str, Any]
 
 
@@ -58,7 +60,7 @@ class AdapterSet:
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"adapter names repeat: {self.names}")
         for name, stack, trainable in zip(self.names, self.stacks, self.trainables):
-            if [m.name for m in stack.methods] != ["lora"] or type(stack.methods[0]) is not lora.LoRA:
+            if len(stack.methods) != 1 or type(stack.methods[0]) is not lora.LoRA:
                 raise ValueError(f"adapter {name!r} is {stack.describe()}: an adapter set holds "
                                  "plain LoRA adapters")
             for path in traverse_util.flatten_dict(trainable.get("params", {})):
@@ -80,7 +82,7 @@ class AdapterSet:
         export in adapter/, or an export or PEFT directory), all trained on the base `params`."""
         import pathlib
 
-        from lora_jax.interop import exports
+        from lora_jax import exports
 
         stacks, trainables = [], []
         for name, directory in directories.items():
@@ -204,7 +206,7 @@ class AdapterSet:
                             also_train=tuple("^" + join(p) + "$" for p in
                                              traverse_util.flatten_dict(head)))
         trainable = {"params": jax.device_get(head),
-                     "lora": traverse_util.unflatten_dict(adapters)}
+                     LORA: traverse_util.unflatten_dict(adapters)}
         return AdapterSet(self.names + (new_name,), self.stacks + (stack,),
                           self.trainables + (trainable,))
 
@@ -214,7 +216,7 @@ class AdapterSet:
         """The adapters on a leading adapter axis (`methods.stacked_lora`): {'lora': {module:
         {lora_a, lora_b}}, padded; 'scale': {kernel path: [N]}; 'dense': {module: {kernel,
         bias}} of the trained heads}."""
-        adapters = [t.get("lora", {}) for t in self.trainables]
+        adapters = [t.get(LORA, {}) for t in self.trainables]
         low_rank = modules_of(stacked_lora.stack(adapters, stacked_lora.union_shapes(adapters)))
         low_rank = {m: low_rank[m] for m in sorted(low_rank)}
         scales = stacked_lora.stacked_scales([s.methods[0].spec for s in self.stacks], adapters,
@@ -233,7 +235,7 @@ class AdapterSet:
                                      "which others do: their heads cannot be mixed")
                 leaves[leaf] = jnp.asarray(np.stack([np.asarray(v) for v in values]))
             dense[module] = leaves
-        return {"lora": low_rank, "scale": scales, "dense": dense}
+        return {LORA: low_rank, "scale": scales, "dense": dense}
 
     def apply(self, apply_fn: Callable, frozen: Params, *args, adapter_ids: Any,
               collection: str = "params", stacked: dict | None = None, **kwargs):
@@ -251,9 +253,9 @@ class AdapterSet:
         parts = {}
         for stack in self.stacks:
             spec = stack.methods[0].spec
-            for module in stacked["lora"]:
+            for module in stacked[LORA]:
                 parts.setdefault(module, spec.parts_for(join(module + ("kernel",))))
-        with stacked_lora.per_example(stacked["lora"], stacked["scale"], parts,
+        with stacked_lora.per_example(stacked[LORA], stacked["scale"], parts,
                                       jnp.asarray(adapter_ids, jnp.int32), stacked["dense"]):
             return apply_fn(variables, *args, **kwargs)
 

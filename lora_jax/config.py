@@ -137,15 +137,14 @@ def method_overrides(name: str, lr: float | None = None, **fields: Any) -> dict[
             **{f"method.{name}.{field}": value for field, value in fields.items()}}
 
 
-# The variants whose sections hold LoRA's fields (targets, rank, alpha, dropout, ...).
-LORA_VARIANTS = ("dora", "pissa", "lora_plus")
-
-
-def share_lora_settings(c: ml_collections.ConfigDict) -> None:
-    """Copies `c.method.lora`'s settings into the LoRA variants' sections, so an experiment
-    config that sets up LoRA sets them up alike (a variant's own fields stay)."""
-    for name in LORA_VARIANTS:
-        for field, value in c.method.lora.items():
+def share_settings(c: ml_collections.ConfigDict) -> None:
+    """Copies each method section's settings into the sections of the methods that extend it
+    (`Registration.extends`: LoRA's variants repeat its targets, rank, alpha, ...), so an
+    experiment config that sets up a method sets up its variants alike (their own fields stay)."""
+    for name, registration in methods.METHODS.items():
+        if registration.extends is None:
+            continue
+        for field, value in c.method[registration.extends].items():
             if field in c.method[name]:
                 c.method[name][field] = (value.copy_and_resolve_references()
                                          if isinstance(value, ml_collections.ConfigDict)

@@ -33,14 +33,10 @@ def random_init(value) -> str | None:
     return None
 
 
-# The language-model tasks (model.task None); every other data.task is a GLUE task.
-LM_TASKS = ("e2e", "instruct")
-
-
 def _tasks() -> tuple[str, ...]:
-    from lora_jax.data.glue import TASKS
+    from lora_jax.data.tasks import TASKS  # deferred: the data readers cost an import
 
-    return (*TASKS, *LM_TASKS)
+    return tuple(TASKS)
 
 
 def data_task(value) -> str | None:
@@ -112,19 +108,33 @@ RULES: dict[str, Rule] = {
     "generate.no_repeat_ngram_size": integer(0),
     "generate.max_new_tokens": integer(1),
 }
-# Each method's section: config.method.<name>.<field>, with the rules its file declares.
-RULES.update({f"method.{name}.{field}": rule for name, registration in METHODS.items()
-              for field, rule in registration.rules.items()})
 OPTIONAL_SECTIONS = ("generate",)
 
 
-def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+def method_rules() -> dict[str, Rule]:
+    """Each method's section, config.method.<name>.<field>, with the rules its file declares,
+    for the methods registered now (read at call time, like `config.base_config()`)."""
+    return {f"method.{name}.{field}": rule for name, registration in METHODS.items()
+            for field, rule in registration.rules.items()}
+
+
+RULES.update(method_rules())
+
+
+def rules() -> dict[str, Rule]:
+    """`RULES` with the sections of the methods registered now."""
+    return {**RULES, **method_rules()}
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "",
+            known: dict[str, Rule] | None = None) -> dict[str, Any]:
     """Dotted field name -> value; the pattern tables and random_init count as one field."""
+    known = rules() if known is None else known
     out = {}
     for name, value in config.items():
         dotted = prefix + name
-        if isinstance(value, ml_collections.ConfigDict) and dotted not in RULES:
-            out.update(_leaves(value, dotted + "."))
+        if isinstance(value, ml_collections.ConfigDict) and dotted not in known:
+            out.update(_leaves(value, dotted + ".", known))
         else:
             out[dotted] = value
     return out
@@ -132,32 +142,34 @@ def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, An
 
 def _related(c: ml_collections.ConfigDict, device_count: int) -> list[str]:
     """Problems between fields (each field's own rule has passed)."""
-    from lora_jax.data.glue import TASKS
+    from lora_jax.data.tasks import TASKS
 
     problems = []
-    lm = c.data.task in LM_TASKS
+    entry = TASKS[c.data.task]
+    lm = entry.model_task is None
     if lm and c.model.task is not None:
         problems.append(f"config.model.task = {c.model.task!r}: data.task {c.data.task!r} trains "
                         "a language model, which needs model.task None")
-    if c.data.task == "instruct" and not c.data.path:
-        problems.append(f"config.data.path = {c.data.path!r}: data.task 'instruct' reads its "
-                        "records from data.path, a .json or .jsonl file (with data.source 'hub', "
-                        "a dataset id)")
-    if not lm and c.model.task != "classification":
-        problems.append(f"config.model.task = {c.model.task!r}: GLUE task {c.data.task!r} needs "
-                        "model.task 'classification'")
-    if not lm and c.model.num_labels != TASKS[c.data.task].num_labels:
+    for field, holds in entry.required.items():
+        if not c.data[field]:
+            problems.append(f"config.data.{field} = {c.data[field]!r}: data.task "
+                            f"{c.data.task!r} reads its records from data.{field}, {holds}")
+    if not lm and c.model.task != entry.model_task:
+        problems.append(f"config.model.task = {c.model.task!r}: data.task {c.data.task!r} trains "
+                        f"a {entry.kind} head, which needs model.task {entry.model_task!r}")
+    if not lm and c.model.num_labels != entry.num_labels:
         problems.append(f"config.model.num_labels = {c.model.num_labels}: {c.data.task} has "
-                        f"{TASKS[c.data.task].num_labels} (1 means regression)")
-    inserting = [name for name in c.method.use if name in ("preembed", "prelayer")]
+                        f"{entry.num_labels} (1 means regression)")
+    inserting = [name for name in c.method.use if METHODS[name].inserts_tokens]
     if inserting and not lm:
         problems.append(f"config.method.use = {tuple(c.method.use)!r}: {', '.join(inserting)} "
                         "insert tokens into language-model examples (data.task 'e2e' or "
                         "'instruct'), not "
                         f"{c.data.task}")
     if c.data.packing and not lm:
+        lm_tasks = ", ".join(name for name, e in TASKS.items() if e.model_task is None)
         problems.append(f"config.data.packing = True: packing applies to language-model tasks "
-                        f"(e2e, instruct), not {c.data.task}")
+                        f"({lm_tasks}), not {c.data.task}")
     if c.data.max_len > max(c.data.buckets):
         problems.append(f"config.data.max_len = {c.data.max_len}: must be <= the largest of "
                         f"data.buckets {tuple(c.data.buckets)}")
@@ -201,17 +213,18 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
         import jax
 
         device_count = jax.device_count()
-    leaves = _leaves(config)
+    known = rules()
+    leaves = _leaves(config, known=known)
     problems = []
     for name, value in leaves.items():
-        rule = RULES.get(name)
+        rule = known.get(name)
         if rule is None:
             problems.append(f"config.{name}: no such field (known: see lora_jax/config.py)")
             continue
         problem = rule(value)
         if problem:
             problems.append(f"config.{name} = {value!r}: {problem}")
-    missing = [n for n in RULES if n not in leaves and n.split(".")[0] not in OPTIONAL_SECTIONS]
+    missing = [n for n in known if n not in leaves and n.split(".")[0] not in OPTIONAL_SECTIONS]
     problems += [f"config.{n}: missing (every config starts from base_config())" for n in missing]
     if not problems:
         problems = _related(config, device_count)

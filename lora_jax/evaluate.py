@@ -8,7 +8,9 @@ model, and writes into the workdir:
   - E2E: `predictions[-<split>].txt` (one generated line per MR, in file order; beam search with
     the config's `generate` settings, adapters merged) and `scores[-<split>].json` (BLEU, NIST,
     METEOR, ROUGE-L, CIDEr as the official E2E script computes them).
-  - GLUE: `scores[-dev].json` with the task's dev metrics.
+  - GLUE and instruct: `scores[-dev].json` with the task's dev metrics (an LM's: loss and
+    perplexity).
+The task's registry entry (`lora_jax.data.tasks.TASKS`) says which of the two applies.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from lora_jax.training import evaluation, inputs, setup
+from lora_jax.training import evaluation, fingerprints, setup
 from lora_jax import generate
-from lora_jax.data import e2e
+from lora_jax.data.tasks import task_entry
 from lora_jax.errors import RunError, WorkdirError
 from lora_jax.json_files import read_json_object
-from lora_jax.training.inputs import FILE_NAME
-from lora_jax.metrics.e2e import e2e_scores
+from lora_jax.training.fingerprints import FILE_NAME
 
 FLAGS = flags.FLAGS
 
@@ -66,9 +67,10 @@ def check_inputs(workdir: pathlib.Path, config: ml_collections.ConfigDict, split
         logging.warning("%s has no %s: the base and data cannot be checked", workdir, FILE_NAME)
         return
     recorded = read_json_object(path, what="record of a run's inputs")
-    splits = (split,) if config.data.task == "e2e" else ("dev",)  # GLUE: dev only
-    differences = inputs.differences(recorded, inputs.run_inputs(config, splits=splits),
-                                     only_common_files=True)
+    # A split the task has no public labels for is refused later; dev is what could be read.
+    splits = (split,) if split in task_entry(config.data.task).eval_splits else ("dev",)
+    differences = fingerprints.differences(recorded, fingerprints.run_inputs(config, splits=splits),
+                                           only_common_files=True)
     if differences:
         raise WorkdirError(f"{workdir} was trained on other inputs than these ({path}); its "
                            "scores here would describe neither. Differences:\n  "
@@ -91,16 +93,17 @@ def stop_ids(run: setup.Run) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
-def evaluate_e2e(run: setup.Run, split: str, max_examples: int,
-                 batch_size: int) -> tuple[list[str], dict[str, float]]:
-    """Beam-searches one output per MR of `split`; returns the lines and their E2E scores.
+def evaluate_generation(run: setup.Run, split: str, max_examples: int,
+                        batch_size: int) -> tuple[list[str], dict[str, float]]:
+    """Beam-searches one output per source of `split` (E2E: per MR); returns the lines and their
+    scores (E2E's five), as the task's registry entry (`data.tasks.Generation`) says.
 
     Mergeable methods (LoRA, BitFit, FT) are folded into the weights first (no added latency);
     the others (adapters, prefixes) run kept apart.
     """
     config, tokenizer = run.config, run.tokenizer
-    groups = e2e.group_by_mr(e2e.read_e2e(split, data_dir=config.data.data_dir,
-                                          source=config.data.source))
+    generation = task_entry(config.data.task).generation
+    groups = generation.references(config.data, split)
     if max_examples:
         groups = groups[:max_examples]
     frozen, trainable = jax.device_get((run.frozen, run.trainable))
@@ -111,19 +114,20 @@ def evaluate_e2e(run: setup.Run, split: str, max_examples: int,
         apply_fn, params = (lambda p, *a, **k: adapted(p[0], p[1], *a, **k), (frozen, trainable))
     g = config.generate
     vocab_size = run.vocab_size
-    prompts = [run.stack.prepare_prompt(e2e.encode_prompt(mr, tokenizer), vocab_size)
-               for mr, _ in groups]
+    prompts = [run.stack.prepare_prompt(generation.prompt(source, tokenizer), vocab_size)
+               for source, _ in groups]
     outputs = generate.beam_search(
         apply_fn, params, prompts, num_beams=g.beam_size,
         length_penalty=g.length_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
         max_new_tokens=g.max_new_tokens, eos_ids=(stop := stop_ids(run)),
         pad_id=stop[0], batch_size=batch_size)
     lines = [" ".join(tokenizer.decode(ids, skip_special_tokens=True).split()) for ids in outputs]
-    return lines, e2e_scores([refs for _, refs in groups], lines)
+    return lines, generation.score([refs for _, refs in groups], lines)
 
 
-def evaluate_glue(run: setup.Run, max_examples: int) -> dict[str, float]:
-    """The task's dev metrics, as the trainer computes them."""
+def evaluate_metrics(run: setup.Run, max_examples: int) -> dict[str, float]:
+    """The task's dev metrics (GLUE's, or an LM's loss and perplexity), as the trainer computes
+    them."""
     data = ml_collections.ConfigDict(run.config.data.to_dict())
     if max_examples:
         data.max_eval_examples = max_examples
@@ -143,13 +147,17 @@ def main(argv: list[str]) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(getattr(error, "exit_code", 1))
     suffix = "" if FLAGS.split == "dev" else f"-{FLAGS.split}"
-    if run.config.data.task == "e2e":
-        lines, scores = evaluate_e2e(run, FLAGS.split, FLAGS.max_examples, FLAGS.batch_size)
+    entry = task_entry(run.config.data.task)
+    if FLAGS.split not in entry.eval_splits:
+        raise app.UsageError(f"data.task {run.config.data.task!r} is evaluated on "
+                             f"{', '.join(entry.eval_splits)} (GLUE test labels are not "
+                             "public): use --split dev")
+    if entry.generation is not None:
+        lines, scores = evaluate_generation(run, FLAGS.split, FLAGS.max_examples,
+                                            FLAGS.batch_size)
         (workdir / f"predictions{suffix}.txt").write_text("".join(line + "\n" for line in lines))
     else:
-        if FLAGS.split != "dev":
-            raise app.UsageError("GLUE test labels are not public: use --split dev")
-        scores = evaluate_glue(run, FLAGS.max_examples)
+        scores = evaluate_metrics(run, FLAGS.max_examples)
     scores = {k: float(v) for k, v in scores.items() if np.isscalar(v)}
     (workdir / f"scores{suffix}.json").write_text(json.dumps(scores, indent=2) + "\n")
     print(json.dumps(scores))

@@ -1,4 +1,5 @@
-"""KV-cached greedy and beam search for `GPT2LMHeadModel`, token for token as HF's `generate`.
+"""KV-cached greedy and beam search for our causal language models (`GPT2LMHeadModel` and the
+Llama family's `LlamaForCausalLM`: Llama, Mistral, Qwen2), token for token as HF's `generate`.
 
 The prompts of a batch are left-padded to one width W; positions come from the attention mask, so a
 padded prompt decodes exactly as it would alone. The prompt is run once (prefill) into a cache of
@@ -20,8 +21,8 @@ program).
 
 Both searches return each prompt's continuation without the prompt, without padding, and without
 the stop token that ended it (HF's output is prompt + continuation + that stop token). Positions
-reach prompt length + max_new_tokens - 1, which must stay below the model's n_positions (JAX clamps
-an out-of-range embedding lookup silently).
+reach prompt length + max_new_tokens - 1, which must stay below the model's maximum position
+(GPT-2's n_positions: JAX clamps an out-of-range embedding lookup silently).
 """
 
 import functools
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ApplyFn = Callable[..., object]  # returns a GPT2Output-like object with .logits and .cache
+ApplyFn = Callable[..., object]  # returns .logits and .cache (GPT2Output, LlamaOutput)
 
 # HF's "very large negative" score: marks candidates that may not be chosen, without creating NaNs.
 _NEG = -1.0e9
@@ -59,7 +60,7 @@ def greedy_search(
       params: its first argument, e.g. {"params": params}.
       prompts: token ids per prompt, each non-empty, of any lengths.
       max_new_tokens: tokens to generate at most per prompt.
-      eos_ids: stop token(s), e.g. `data.e2e.STOP_IDS`.
+      eos_ids: stop token(s), e.g. a model family's `stop_ids`.
       pad_id: the token under padding (masked, never in the output); default the first stop id.
       no_repeat_ngram_size: if n > 0, never complete an n-gram already in prompt + continuation.
       batch_size: prompts per jitted call (the last batch is padded to it); None: all at once.

@@ -29,7 +29,7 @@ from lora_jax.config_checks import check_config
 from lora_jax.errors import RunError
 from lora_jax.training import loop
 from lora_jax.training.compile_clock import CompileClock
-from lora_jax.training.inputs import run_inputs
+from lora_jax.training.fingerprints import run_inputs
 from lora_jax.training.members import MemberGroup
 from lora_jax.training.program import OneRun
 from lora_jax.training.workdir import Workdir

@@ -164,7 +164,7 @@ def test_weighted_adapters_match_peft_add_weighted_adapter(combination, roberta_
     import transformers
 
     from lora_jax.interop.hub import load_pretrained
-    from lora_jax.interop.peft_adapters import export_peft
+    from lora_jax.methods.lora_peft import export_peft
     from lora_jax.methods import lora
     from lora_jax.methods.base import MethodStack
 
@@ -242,7 +242,7 @@ def test_evaluate_all_traces_its_program_once(bert_set):
 
 
 def test_load_reads_run_workdirs_and_export_directories(bert_set, tmp_path):
-    from lora_jax.interop import exports
+    from lora_jax import exports
 
     base, adapters = bert_set
     config = tiny_config()

@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import REPO_ROOT, tiny_config
-from lora_jax.interop import peft_adapters
+from lora_jax.methods import lora_peft
 from lora_jax.methods import lora
 from lora_jax.analysis import (amplification, projection_norm, random_gaussian_like,
                                similarity_grid, subspace_similarity)
@@ -236,7 +236,7 @@ def test_fused_export_splits_back_exactly():
     spec, frozen, trainable = split_setup()
     ab = trainable["lora"]["h_0"]["attn"]["c_attn"]
     a, b = np.asarray(ab["lora_a"]), np.asarray(ab["lora_b"])
-    fused_a, fused_b = peft_adapters._fused(a, b, PARTS)  # what export_peft writes
+    fused_a, fused_b = lora_peft._fused(a, b, PARTS)  # what export_peft writes
     back_a, back_b = compare.unfuse(fused_a, fused_b, PARTS)
     np.testing.assert_array_equal(back_a, a)
     np.testing.assert_array_equal(back_b, b)

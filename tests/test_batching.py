@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from lora_jax.data import batching, e2e
+from lora_jax.data import batching, e2e, tokenizers
 from lora_jax.data.batching import bucket_length, encode_glue, epoch_batches, steps_per_epoch
 from lora_jax.data.glue import Example, read_glue
 
@@ -147,7 +147,7 @@ def test_row_longer_than_largest_bucket():
 @pytest.fixture(scope="module")
 def gpt2():
     try:
-        return e2e.gpt2_tokenizer()
+        return tokenizers.load("gpt2")
     except FileNotFoundError as err:
         pytest.skip(str(err))
 

@@ -64,7 +64,7 @@ def test_model_section_reaches_the_model(monkeypatch):
     import jax
 
     from lora_jax.interop import hub
-    from lora_jax.training.modeling import build_model
+    from lora_jax.training.base_model import build_model
 
     xl = load_config(str(CONFIGS / "e2e.py") + ":model=gpt2-xl")
     assert (xl.model.remat, xl.model.dtype, xl.model.param_dtype) == (True, "bfloat16", "bfloat16")

@@ -183,3 +183,43 @@ def test_hub_bad_label(fake_hub):
         read_glue("cola", "train", source="hub")
     examples, report = read_glue_with_report("cola", "train", source="hub", on_malformed="skip")
     assert examples == [Example("ok", None, 1)] and report.skipped_lines == (1,)
+
+
+# --- The task registry ---------------------------------------------------------------------------
+
+def test_every_glue_task_has_its_metrics():
+    from lora_jax.metrics.glue import TASK_METRICS
+
+    assert list(glue.TASKS) == list(TASK_METRICS)
+
+
+def test_the_task_registry_says_how_each_task_is_trained_and_scored(tmp_path):
+    import ml_collections
+
+    from lora_jax.data.tasks import TASKS, task_entry
+
+    assert list(TASKS) == [*glue.TASKS, "e2e", "instruct"]
+    assert [name for name, entry in TASKS.items() if entry.model_task is None] == ["e2e",
+                                                                                   "instruct"]
+    assert (task_entry("stsb").kind, task_entry("stsb").num_labels) == ("regression", 1)
+    assert (task_entry("mnli").model_task, task_entry("mnli").num_labels) == ("classification", 3)
+    assert task_entry("e2e").eval_splits == ("dev", "test") and task_entry("e2e").generation
+    assert task_entry("rte").eval_splits == ("dev",) and task_entry("rte").generation is None
+    assert list(task_entry("instruct").required) == ["path"]
+    with pytest.raises(ValueError, match=r"unknown data.task 'sst'; registered: mnli, .*instruct"):
+        task_entry("sst")
+
+    def data(**fields):
+        return ml_collections.ConfigDict({"source": "files", "data_dir": str(tmp_path), **fields})
+
+    rte = task_entry("rte").inputs(data(task="rte"), ("train", "dev"))
+    assert rte.root == tmp_path and rte.files == [tmp_path / "glue/RTE/train.tsv",
+                                                  tmp_path / "glue/RTE/dev.tsv"]
+    assert task_entry("rte").inputs(data(task="rte", source="hub"), ("dev",)).hub == glue.HUB_ID
+    e2e = task_entry("e2e").inputs(data(task="e2e"), ("test",))
+    assert e2e.files == [tmp_path / "e2e/testset_w_refs.csv"] and e2e.hub is None
+    instruct = task_entry("instruct").inputs(
+        data(task="instruct", path=str(tmp_path / "a/train.jsonl"),
+             eval_path=str(tmp_path / "b/dev.jsonl")), ("train", "dev"))
+    assert instruct.root == tmp_path and instruct.files == [tmp_path / "a/train.jsonl",
+                                                            tmp_path / "b/dev.jsonl"]

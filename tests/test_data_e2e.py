@@ -5,8 +5,9 @@ import re
 
 import pytest
 
-from lora_jax.data import e2e
-from lora_jax.data.e2e import encode_e2e, encode_prompt, format_mr, group_by_mr, read_e2e
+from lora_jax.data import e2e, tokenizers
+from lora_jax.data.e2e import encode_e2e, encode_prompt, format_mr, read_e2e
+from lora_jax.metrics.e2e import group_by_mr
 
 # SOURCES.md: CSV records and distinct MRs.
 COUNTS = {"train": (42_061, 4_862), "dev": (4_672, 547), "test": (4_693, 630)}
@@ -75,7 +76,7 @@ def test_format_mr_rejects_other_text(bad):
 @pytest.fixture(scope="module")
 def tokenizer():
     try:
-        return e2e.gpt2_tokenizer()  # $LORA_JAX_DATA_DIR or ../shared/data
+        return tokenizers.load("gpt2")  # $LORA_JAX_DATA_DIR or ../shared/data
     except FileNotFoundError as err:
         pytest.skip(str(err))
 
@@ -83,7 +84,7 @@ def tokenizer():
 def test_gpt2_tokenizer(tokenizer, tmp_path):
     assert len(tokenizer) == 50_257 and tokenizer.eos_token_id == 50_256
     with pytest.raises(FileNotFoundError, match="LORA_JAX_DATA_DIR"):
-        e2e.gpt2_tokenizer(tmp_path)
+        tokenizers.load("gpt2", data_dir=tmp_path)
 
 
 def test_encode_e2e_format(tokenizer):
@@ -157,3 +158,13 @@ def test_errors(tmp_path):
         read_e2e("dev", data_dir=tmp_path)
     path.write_bytes(b'mr,ref\r\n"name[A]","A is\r\nhere."\r\n')
     assert read_e2e("dev", data_dir=tmp_path) == [("name[A]", "A is\r\nhere.")]
+
+
+def test_tokenizers_by_the_name_a_config_gives(tmp_path):
+    # A family's data-dir tokenizer ('gpt2') is found under the data dir, not on the hub.
+    assert tokenizers.directory("gpt2", data_dir=tmp_path) == tmp_path / "tokenizers" / "gpt2"
+    # Any other name is a checkpoint's: a directory (or a hub id, or a packaged short name).
+    assert tokenizers.directory(str(tmp_path)) == tmp_path
+    assert tokenizers.directory(None, checkpoint=tmp_path) == tmp_path
+    with pytest.raises(ValueError, match="needs config.model.tokenizer"):
+        tokenizers.directory(None)

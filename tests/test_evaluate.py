@@ -61,7 +61,7 @@ def test_a_methods_export_evaluates_as_the_trainer_did(tmp_path, method, export_
     exported as a LoRA on the original one), VeRA (shared projections in the frozen tree) and
     AdaLoRA (its optimizer rule and loss term in the trainer's step) on GLUE: evaluate rebuilds
     the same function from the export."""
-    from lora_jax.evaluate import evaluate_glue, load_run
+    from lora_jax.evaluate import evaluate_metrics, load_run
 
     overrides = {"method.use": (method,), "train.max_steps": 4}
     if method == "vera":
@@ -70,7 +70,7 @@ def test_a_methods_export_evaluates_as_the_trainer_did(tmp_path, method, export_
         overrides.update({"method.adalora.init_rank": 4, "method.adalora.target_rank": 2})
     result = train(tiny_config(**overrides), tmp_path)
     assert (tmp_path / "adapter" / export_file).is_file()
-    scores = evaluate_glue(load_run(tmp_path), max_examples=0)
+    scores = evaluate_metrics(load_run(tmp_path), max_examples=0)
     assert scores["accuracy"] == pytest.approx(result["accuracy"], abs=1e-9)
     assert scores["loss"] == pytest.approx(result["loss"], rel=1e-5)
 
@@ -78,7 +78,7 @@ def test_a_methods_export_evaluates_as_the_trainer_did(tmp_path, method, export_
 @pytest.mark.slow  # ~25 s; PreEmbed's decoding is also tested in tests/test_prefix.py
 def test_e2e_decodes_a_prefix_method_kept_apart(tmp_path):
     """PreEmbed on E2E: the prompts get the virtual tokens, the model runs the method apart."""
-    from lora_jax.evaluate import evaluate_e2e, load_run
+    from lora_jax.evaluate import evaluate_generation, load_run
 
     c = load_config(str(REPO / "configs/e2e.py") + ":model=tiny,method=preembed")
     c.data.max_train_examples, c.data.max_eval_examples = 32, 8
@@ -88,7 +88,7 @@ def test_e2e_decodes_a_prefix_method_kept_apart(tmp_path):
     train(c, tmp_path)
     run = load_run(tmp_path)
     assert not run.stack.mergeable
-    lines, scores = evaluate_e2e(run, "dev", max_examples=2, batch_size=2)
+    lines, scores = evaluate_generation(run, "dev", max_examples=2, batch_size=2)
     assert len(lines) == 2 and set(scores) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
 
 

@@ -9,7 +9,7 @@ from lora_jax.methods import lora
 from lora_jax.errors import FileFormatError
 from lora_jax.evaluate import load_run
 from lora_jax.interop.hub import load_pretrained
-from lora_jax.interop.peft_adapters import export_peft, load_peft
+from lora_jax.methods.lora_peft import export_peft, load_peft
 from lora_jax.train import train
 from conftest import tiny_config
 from test_reliability import save_tiny_bert

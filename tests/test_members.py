@@ -8,7 +8,7 @@ from flax import traverse_util
 from conftest import tiny_config
 from lora_jax.errors import ConfigError
 from lora_jax.training import members, setup, sharding
-from lora_jax.training.modeling import run_keys
+from lora_jax.training.base_model import run_keys
 
 STEPS = 20
 Q, K, V, O = (r"/attention/self/query/kernel", r"/attention/self/key/kernel",
@@ -48,6 +48,35 @@ def member_config(base_dir, seed, rank, alpha, targets, lr, rslora=False):
         "model.name": str(base_dir), "model.tokenizer": "minilm", "seed": seed,
         "method.lora.rank": rank, "method.lora.alpha": alpha, "method.lora.targets": targets,
         "method.lora.rslora": rslora, "optim.lr": lr, "train.max_steps": STEPS})
+
+
+def test_a_group_reads_its_checkpoint_once_and_draws_each_members_head(tmp_path, monkeypatch):
+    """A base without a classifier: each member's head is drawn from its own seed, as its own
+    run draws it, while the checkpoint is read once for the whole group."""
+    import torch
+    import transformers
+
+    from lora_jax.interop import hub
+
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bare")
+    configs = [member_config(tmp_path / "bare", seed, 4, 8.0, (Q, V), 1e-3) for seed in range(3)]
+    reads, read = [], hub.load_state_dict
+    monkeypatch.setattr(hub, "load_state_dict", lambda d: (reads.append(d), read(d))[1])
+    group = members.MemberGroup.build(configs)
+    assert len(reads) == 1
+    heads = []
+    for i, config in enumerate(configs):
+        got = traverse_util.flatten_dict(group.member_trainable(group.trainable, i)["params"])
+        want = traverse_util.flatten_dict(jax.device_get(setup.build(config).trainable["params"]))
+        assert got.keys() == want.keys() and any("classifier" in p for p in want)
+        assert all(np.array_equal(got[p], want[p]) for p in want), f"member {i}"
+        heads.append(np.concatenate([np.ravel(v) for v in want.values()]))
+    assert not np.array_equal(heads[0], heads[1])  # the seeds drew other heads
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from lora_jax.interop import hub
 from lora_jax import methods
 from lora_jax.config import TINY_MODELS, base_config
 from lora_jax.methods import NotMergeable
-from lora_jax.interop import exports
+from lora_jax import exports
 from lora_jax.models import family as model_family
 
 GPT2_SIZES = {"medium": dict(n_layer=24, n_embd=1024, n_head=16),

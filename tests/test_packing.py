@@ -12,7 +12,7 @@ from lora_jax import losses
 from lora_jax.training import steps
 from lora_jax.data import tasks
 from lora_jax.config import load_config
-from lora_jax.data import batching, e2e
+from lora_jax.data import batching, e2e, tokenizers
 from lora_jax.data.packing import pack_examples, packed_batches
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.train import train
@@ -25,7 +25,7 @@ EOS = e2e.EOS_ID
 @pytest.fixture(scope="module")
 def tokenizer():
     try:
-        return e2e.gpt2_tokenizer()
+        return tokenizers.load("gpt2")
     except FileNotFoundError as err:
         pytest.skip(str(err))
 

@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from lora_jax.methods import lora
 from lora_jax.interop.hub import hf_module_name, load_pretrained
-from lora_jax.interop.peft_adapters import export_peft, load_peft
+from lora_jax.methods.lora_peft import export_peft, load_peft
 
 ATOL = 1e-4
 GPT2_SPECS = {

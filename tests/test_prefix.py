@@ -14,7 +14,7 @@ from lora_jax import generate, methods
 from lora_jax.config import base_config
 from lora_jax.data import batching
 from lora_jax.data.packing import pack_examples, packed_batches
-from lora_jax.interop import exports
+from lora_jax import exports
 from lora_jax.interop.hub import load_pretrained
 from lora_jax.models import family as model_family
 from lora_jax.models.gpt2 import lm_loss

@@ -21,7 +21,7 @@ import transformers
 from flax import traverse_util
 
 from lora_jax import methods
-from lora_jax.interop import exports
+from lora_jax import exports
 from lora_jax.interop.hub import load_pretrained
 from lora_jax.methods import adalora, dora, lora, lora_plus, pissa, vera
 from lora_jax.models import family as model_family

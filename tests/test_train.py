@@ -218,7 +218,7 @@ def test_trained_adapter_export_loads_in_peft_with_the_same_logits(tmp_path):
     from lora_jax.methods import lora
     from lora_jax.config import TINY_MODELS
     from lora_jax.interop.hub import load_pretrained
-    from lora_jax.interop.peft_adapters import load_peft
+    from lora_jax.methods.lora_peft import load_peft
 
     fields = {k: v for k, v in TINY_MODELS["bert"].items() if k != "model_type"}
     torch.manual_seed(0)

@@ -44,14 +44,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lora_jax.interop import peft_adapters
-from lora_jax.methods import lora
+from lora_jax.methods import lora, lora_peft
 from lora_jax.analysis.amplification import amplification
 from lora_jax.analysis.subspace import Side, random_gaussian_like, similarity_grid
 from lora_jax.config import load_config
+from lora_jax.models import fused_part_names
 from lora_jax.training import setup
-
-PART_NAMES = "qkv"  # a fused projection in three parts is GPT-2's c_attn
-
 
 @dataclasses.dataclass(frozen=True)
 class AdaptedMatrix:
@@ -100,8 +98,9 @@ def adapted_matrices(spec: lora.LoraSpec, frozen: Mapping, trainable: Mapping,
         export back into parts; default: `spec.split_outputs`.
 
     Returns:
-      Name -> AdaptedMatrix, in tree order; names are module paths, with '[q]', '[v]' (or
-      '[<part index>]' for other than three parts) appended for parts of a split output.
+      Name -> AdaptedMatrix, in tree order; names are module paths, with the part's name as
+      the family declares it ('[q]', '[v]' for GPT-2's c_attn; else '[<part index>]') appended
+      for parts of a split output.
     """
     splitter = lora.LoraSpec(targets=(), split_outputs=dict(
         spec.split_outputs if split_outputs is None else split_outputs))
@@ -119,8 +118,9 @@ def adapted_matrices(spec: lora.LoraSpec, frozen: Mapping, trainable: Mapping,
         if a.ndim == 2:
             a, b = unfuse(a, b, parts)
         d_part = kernel.shape[1] // len(parts)
+        names = fused_part_names("/".join(module))  # GPT-2's c_attn: 'qkv'
         for p, j in lora.adapted_slots(parts):
-            label = PART_NAMES[p] if len(parts) == len(PART_NAMES) else str(p)
+            label = names[p] if len(parts) == len(names) else str(p)
             w = kernel[:, p * d_part:(p + 1) * d_part].T
             matrices[f"{'/'.join(module)}[{label}]"] = AdaptedMatrix(a[j], b[j], scale, w)
     return matrices
@@ -171,8 +171,8 @@ def load_adapters(sources: Sequence[str | pathlib.Path], base: str | None = None
             bases[key] = setup.base(config)  # the trainer's own base model, from the same seed
         b = bases[key]
         params = b.params
-        spec, trainable = peft_adapters.load_peft(adapter, params, model_type=b.info["model_type"],
-                                                  task=b.info["task"])
+        spec, trainable = lora_peft.load_peft(adapter, params, model_type=b.info["model_type"],
+                                              task=b.info["task"])
         loaded.append(adapted_matrices(spec, params, trainable, split_outputs))
     return loaded
 
@@ -208,13 +208,14 @@ def initial_adapters(run: str | pathlib.Path) -> dict[str, AdaptedMatrix]:
 def lora_section(config: ml_collections.ConfigDict, whole: bool = False):
     """The LoRA settings of a run's config (config.method.lora; config.lora in runs from before
     the method seam); `whole`: the whole config.method section, as the trainer builds it."""
+    name = lora.LoRA.name  # LoRA's section of config.method
     if "method" in config:
-        return config.method if whole else config.method.lora
-    legacy = ml_collections.ConfigDict({"use": ("lora",), "also_train": config.lora.also_train,
-                                        "lora": {k: v for k, v in config.lora.items()
-                                                 if k != "also_train"}})
-    legacy.lora.bias = "none"
-    return legacy if whole else legacy.lora
+        return config.method if whole else config.method[name]
+    legacy = ml_collections.ConfigDict({"use": (name,), "also_train": config.lora.also_train,
+                                        name: {k: v for k, v in config.lora.items()
+                                               if k != "also_train"}})
+    legacy[name].bias = "none"
+    return legacy if whole else legacy[name]
 
 
 def movement_from_init(final: Mapping[str, AdaptedMatrix], initial: Mapping[str, AdaptedMatrix]

@@ -23,6 +23,6 @@ def data_dir() -> pathlib.Path:
 
 def resolve(root: str | os.PathLike | None) -> pathlib.Path:
     """The data root a run reads: `root` when given (a config's data.data_dir), else
-    `data_dir()`. Every reader and the run's input record (`lora_jax.training.inputs`) go through here,
-    so the config field and the environment variable name the data alike."""
+    `data_dir()`. Every reader and the run's input record (`lora_jax.training.fingerprints`) go
+    through here, so the config field and the environment variable name the data alike."""
     return pathlib.Path(root).expanduser().absolute() if root is not None else data_dir()

@@ -1,8 +1,8 @@
 """The E2E NLG Challenge data, and GPT-2 encoding in the LoRA paper's format.
 
     pairs = read_e2e("train")                  # [(mr, ref), ...], 42,061 pairs
-    refs = group_by_mr(read_e2e("test"))       # [(mr, [ref, ...]), ...], 630 MRs
-    rows = encode_e2e(pairs, gpt2_tokenizer(), max_len=512)  # input_ids + loss_mask
+    refs = group_by_mr(read_e2e("test"))       # [(mr, [ref, ...]), ...], 630 MRs (metrics.e2e)
+    rows = encode_e2e(pairs, tokenizers.load("gpt2"), max_len=512)  # input_ids + loss_mask
 
 The training format follows microsoft/LoRA `examples/NLG` (README.md, create_datasets.sh,
 src/format_converting_e2e.py, src/gpt2_beam.py at commits 3732c24d / c18b175e; src/gpt2_encode.py,
@@ -30,7 +30,7 @@ from __future__ import annotations
 import csv
 import pathlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 from lora_jax.data import resolve as resolve_data_dir
@@ -39,8 +39,7 @@ FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.c
 HUB_ID = "e2e_nlg"
 _HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 
-EOS_ID = 50256  # GPT-2 <|endoftext|>
-STOP_IDS = (EOS_ID, 628)  # microsoft/LoRA's beam search stops on <|endoftext|> or '\n\n'
+EOS_ID = 50256  # GPT-2 <|endoftext|>, which the format puts after the MR and the reference
 
 # microsoft/LoRA's (Li & Liang's) names for the E2E slots; the other slots keep theirs.
 _SLOT_NAMES = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}
@@ -104,26 +103,6 @@ def split_path(split: str, data_dir: str | pathlib.Path | None = None) -> pathli
     return resolve_data_dir(data_dir) / "e2e" / FILES[split]
 
 
-def tokenizer_dir(data_dir: str | pathlib.Path | None = None) -> pathlib.Path:
-    """Where GPT-2's BPE files are: <data_dir>/tokenizers/gpt2."""
-    return resolve_data_dir(data_dir) / "tokenizers" / "gpt2"
-
-
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
-
-
-def group_by_mr(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
-    """References grouped per MR, MRs in order of first appearance (multi-reference evaluation).
-
-    Example:
-      group_by_mr([("a", "x"), ("b", "y"), ("a", "z")]) == [("a", ["x", "z"]), ("b", ["y"])]
-    """
-    groups: dict[str, list[str]] = {}
-    for mr, ref in pairs:
-        groups.setdefault(mr, []).append(ref)
-    return list(groups.items())
-
-
 def format_mr(mr: str) -> str:
     """An official MR in microsoft/LoRA's text form.
 
@@ -150,7 +129,7 @@ def encode_prompt(mr: str, tokenizer) -> list[int]:
 
     Args:
       mr: an official MR ('name[...], eatType[...]').
-      tokenizer: the GPT-2 tokenizer (`gpt2_tokenizer()`).
+      tokenizer: the GPT-2 tokenizer (`data.tokenizers.load("gpt2")`).
     """
     return tokenizer(format_mr(mr), add_special_tokens=False)["input_ids"] + [_eos_id(tokenizer)]
 
@@ -164,7 +143,7 @@ def encode_e2e(pairs: Sequence[tuple[str, str]], tokenizer, max_len: int) -> lis
 
     Args:
       pairs: (mr, ref) pairs from `read_e2e`.
-      tokenizer: the GPT-2 tokenizer (`gpt2_tokenizer()`).
+      tokenizer: the GPT-2 tokenizer (`data.tokenizers.load("gpt2")`).
       max_len: rows longer than this lose their tail, as in the repo (E2E rows are under 128
         GPT-2 tokens, so at the paper's 512 nothing is cut).
 
@@ -192,29 +171,6 @@ def encode_e2e(pairs: Sequence[tuple[str, str]], tokenizer, max_len: int) -> lis
     return rows
 
 
-def gpt2_tokenizer(data_dir: str | pathlib.Path | None = None):
-    """GPT-2's byte-level BPE tokenizer from `<data_dir>/tokenizers/gpt2/{vocab.json,merges.txt}`.
-
-    Raises:
-      FileNotFoundError: the tokenizer files are missing.
-      RuntimeError: the loaded tokenizer does not encode as GPT-2 does.
-    """
-    import transformers
-
-    path = tokenizer_dir(data_dir)
-    for name in TOKENIZER_FILES:
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found; set LORA_JAX_DATA_DIR to the "
-                                    "folder that holds tokenizers/gpt2/")
-    # from_pretrained on the folder works across transformers versions; the constructor does
-    # not: transformers 5 renamed vocab_file/merges_file to vocab/merges and silently builds an
-    # empty tokenizer from the old keywords. Hence also the check below.
-    tokenizer = transformers.GPT2TokenizerFast.from_pretrained(str(path), local_files_only=True)
-    if tokenizer("Hello world")["input_ids"] != [15496, 995] or tokenizer.eos_token_id != EOS_ID:
-        raise RuntimeError(f"the tokenizer loaded from {path} does not encode as GPT-2")
-    return tokenizer
-
-
 def _tokenize_value(value: str) -> str:
     # The repo's MR values are tokenized; among E2E's values only prices change:
     # '£20-25' -> '£ 20 - 25', 'less than £20' -> 'less than £ 20'.
@@ -224,5 +180,6 @@ def _tokenize_value(value: str) -> str:
 
 def _eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; use gpt2_tokenizer()")
+        raise ValueError("the tokenizer has no EOS token; E2E is encoded with GPT-2's "
+                         "(model.tokenizer 'gpt2')")
     return tokenizer.eos_token_id

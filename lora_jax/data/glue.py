@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Literal, NamedTuple
 
 from lora_jax.data import resolve as resolve_data_dir
+from lora_jax.metrics.glue import task_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ class TaskSpec:
       label_names: readable class names, indexed by class id (HF `ClassLabel` names).
       hub_columns: the hub dataset's (text_a, text_b) columns; its label column is 'label'.
       hub_splits: split -> hub split name.
-      metrics: the task's GLUE metrics (names in `lora_jax.metrics.glue`), the one the LoRA
-        paper reports first.
     """
 
     name: str
@@ -64,7 +63,6 @@ class TaskSpec:
     label_names: tuple[str, ...]
     hub_columns: tuple[str, str | None]
     hub_splits: Mapping[str, str]
-    metrics: tuple[str, ...]
 
     @property
     def num_labels(self) -> int:
@@ -74,6 +72,12 @@ class TaskSpec:
     @property
     def is_regression(self) -> bool:
         return not self.file_labels
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Its GLUE metrics, the one the LoRA paper reports first (GLUE's definition, kept with
+        the metrics: `lora_jax.metrics.glue.TASK_METRICS`)."""
+        return task_metrics(self.name)
 
 
 _SPLITS = {"train": "train.tsv", "dev": "dev.tsv"}
@@ -93,20 +97,18 @@ TASKS: Mapping[str, TaskSpec] = {
             hub_columns=("premise", "hypothesis"),
             hub_splits={"train": "train", "dev": "validation_matched",
                         "dev_mismatched": "validation_mismatched"},
-            metrics=("accuracy",),
         ),
         TaskSpec(
             name="sst2", dirname="SST-2", files=_SPLITS,
             columns=None, text_a="sentence", text_b=None, label="label",
             file_labels=("0", "1"), label_names=("negative", "positive"),
-            hub_columns=("sentence", None), hub_splits=_HUB_SPLITS, metrics=("accuracy",),
+            hub_columns=("sentence", None), hub_splits=_HUB_SPLITS,
         ),
         TaskSpec(
             name="mrpc", dirname="MRPC", files=_SPLITS,
             columns=None, text_a="#1 String", text_b="#2 String", label="Quality",
             file_labels=("0", "1"), label_names=("not_equivalent", "equivalent"),
             hub_columns=("sentence1", "sentence2"), hub_splits=_HUB_SPLITS,
-            metrics=("accuracy", "f1"),
         ),
         TaskSpec(
             name="cola", dirname="CoLA", files=_SPLITS,
@@ -115,35 +117,32 @@ TASKS: Mapping[str, TaskSpec] = {
             text_a="sentence", text_b=None, label="label",
             file_labels=("0", "1"), label_names=("unacceptable", "acceptable"),
             hub_columns=("sentence", None), hub_splits=_HUB_SPLITS,
-            metrics=("matthews_corrcoef",),
         ),
         TaskSpec(
             name="qnli", dirname="QNLI", files=_SPLITS,
             columns=None, text_a="question", text_b="sentence", label="label",
             file_labels=("entailment", "not_entailment"),
             label_names=("entailment", "not_entailment"),
-            hub_columns=("question", "sentence"), hub_splits=_HUB_SPLITS, metrics=("accuracy",),
+            hub_columns=("question", "sentence"), hub_splits=_HUB_SPLITS,
         ),
         TaskSpec(
             name="qqp", dirname="QQP", files=_SPLITS,
             columns=None, text_a="question1", text_b="question2", label="is_duplicate",
             file_labels=("0", "1"), label_names=("not_duplicate", "duplicate"),
             hub_columns=("question1", "question2"), hub_splits=_HUB_SPLITS,
-            metrics=("accuracy", "f1"),
         ),
         TaskSpec(
             name="rte", dirname="RTE", files=_SPLITS,
             columns=None, text_a="sentence1", text_b="sentence2", label="label",
             file_labels=("entailment", "not_entailment"),
             label_names=("entailment", "not_entailment"),
-            hub_columns=("sentence1", "sentence2"), hub_splits=_HUB_SPLITS, metrics=("accuracy",),
+            hub_columns=("sentence1", "sentence2"), hub_splits=_HUB_SPLITS,
         ),
         TaskSpec(
             name="stsb", dirname="STS-B", files=_SPLITS,
             columns=None, text_a="sentence1", text_b="sentence2", label="score",
             file_labels=(), label_names=(),
             hub_columns=("sentence1", "sentence2"), hub_splits=_HUB_SPLITS,
-            metrics=("pearson", "spearman"),
         ),
     ]
 }

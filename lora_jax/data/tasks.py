@@ -3,18 +3,31 @@
 GLUE tasks are sequence classification (or regression for STS-B) on an encoder; E2E is language
 modelling on GPT-2 with the loss on the reference tokens only; 'instruct' is language modelling
 on instruction data (data/instruct.py) with the loss on the response tokens only.
+
+`TASKS` is the registry: data.task -> `TaskEntry` (how to build it, its loss kind and labels,
+the files it reads, how `evaluate` scores it). The trainer, `evaluate`, the config checks and a
+run's input record ask the entry instead of branching on the task's name:
+
+    entry = task_entry(config.data.task)
+    entry.model_task                        # None: a language model; else 'classification'
+    task = entry.build(config.data, tokenizer, True)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from lora_jax.data import batching, e2e, glue, instruct, packing
+from lora_jax.data import resolve as resolve_data_dir
 from lora_jax.errors import ConfigError
+from lora_jax.metrics import e2e as e2e_metrics
 from lora_jax.metrics import glue as glue_metrics
 
 
@@ -76,11 +89,7 @@ def build_task(data_config: Any, tokenizer: Any, with_train: bool = True) -> Tas
 
     `with_train=False` (evaluation) leaves the training split unencoded: `Task.train` is empty.
     """
-    if data_config.task == "e2e":
-        return _e2e_task(data_config, tokenizer, with_train)
-    if data_config.task == "instruct":
-        return _instruct_task(data_config, tokenizer, with_train)
-    return _glue_task(data_config, tokenizer, with_train)
+    return task_entry(data_config.task).build(data_config, tokenizer, with_train)
 
 
 def _limit(examples: list, n: int | None) -> list:
@@ -153,3 +162,133 @@ def _glue_task(cfg: Any, tokenizer: Any, with_train: bool) -> Task:
     return Task(cfg.task, kind, num_labels, split("train", cfg.max_train_examples),
                 split("dev", cfg.max_eval_examples), tokenizer.pad_token_id, tuple(cfg.buckets),
                 glue_metrics.main_metric(cfg.task))
+
+
+# --- The registry ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The files a task reads for some splits, or the hub dataset it names instead.
+
+    Attributes:
+      root: the folder the files are recorded under (None for a hub dataset).
+      files: the files, absolute.
+      hub: the hub dataset(s) read instead of files, or None.
+      missing: the message when files are absent; '{}' takes their list.
+    """
+
+    root: pathlib.Path | None
+    files: list[pathlib.Path]
+    hub: str | None = None
+    missing: str = "{}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """How `evaluate` scores a task by generating text: one output per source, decoded from its
+    prompt, against all of that source's references.
+
+    Attributes:
+      references: (data config, split) -> [(source, [reference, ...]), ...] in file order.
+      prompt: (source, tokenizer) -> the prompt's token ids.
+      score: (references per source, outputs) -> {metric: value}.
+    """
+
+    references: Callable[[Any, str], list[tuple[str, list[str]]]]
+    prompt: Callable[[str, Any], list[int]]
+    score: Callable[[Sequence[Sequence[str]], Sequence[str]], dict[str, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskEntry:
+    """What the rest of lora_jax knows about one data.task.
+
+    Attributes:
+      kind: the loss: 'classification', 'regression' or 'lm'.
+      num_labels: the head's outputs (1: regression); None for a language model.
+      build: (data config, tokenizer, with_train) -> `Task`.
+      inputs: (data config, splits) -> the `Inputs` a run reads (fingerprinted in inputs.json).
+      eval_splits: the splits `evaluate` can score (their labels are public).
+      generation: how `evaluate` scores generated text; None: the trainer's dev metrics.
+      required: data fields the task needs set -> what they hold.
+    """
+
+    kind: str
+    num_labels: int | None
+    build: Callable[[Any, Any, bool], Task]
+    inputs: Callable[[Any, Sequence[str]], Inputs]
+    eval_splits: tuple[str, ...] = ("dev",)
+    generation: Generation | None = None
+    required: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def model_task(self) -> str | None:
+        """The model.task it trains: None (the language model) or 'classification'."""
+        return None if self.kind == "lm" else "classification"
+
+
+_DATA_DIR_HINT = ("data files not found: {}; set LORA_JAX_DATA_DIR or config.data.data_dir to "
+                  "the folder that holds glue/ and e2e/")
+
+
+def _glue_inputs(data: Any, splits: Sequence[str]) -> Inputs:
+    if data.source == "hub":  # named, not fingerprinted: they are not files here
+        return Inputs(None, [], hub=glue.HUB_ID)
+    root = resolve_data_dir(data.data_dir)
+    return Inputs(root, [glue.split_path(data.task, s, root) for s in splits],
+                  missing=_DATA_DIR_HINT)
+
+
+def _e2e_inputs(data: Any, splits: Sequence[str]) -> Inputs:
+    if data.source == "hub":
+        return Inputs(None, [], hub=e2e.HUB_ID)
+    root = resolve_data_dir(data.data_dir)
+    return Inputs(root, [e2e.split_path(s, root) for s in splits], missing=_DATA_DIR_HINT)
+
+
+def _instruct_inputs(data: Any, splits: Sequence[str]) -> Inputs:
+    """The instruction files (data.path, and data.eval_path when evaluation has its own), under
+    the folder that holds them all; they are named by path, not found under the data dir."""
+    names = [data.path] if "train" in splits or not data.get("eval_path") else []
+    if data.get("eval_path") and "dev" in splits:
+        names.append(data.eval_path)
+    if data.source == "hub":
+        return Inputs(None, [], hub=", ".join(names))
+    files = [pathlib.Path(n).expanduser().absolute() for n in names]
+    return Inputs(pathlib.Path(os.path.commonpath([f.parent for f in files])), files,
+                  missing="instruction files not found: {} (config.data.path, "
+                          "config.data.eval_path)")
+
+
+def _e2e_references(data: Any, split: str) -> list[tuple[str, list[str]]]:
+    return e2e_metrics.group_by_mr(e2e.read_e2e(split, data_dir=data.data_dir,
+                                                source=data.source))
+
+
+def _glue_entry(spec: glue.TaskSpec) -> TaskEntry:
+    return TaskEntry(kind="regression" if spec.is_regression else "classification",
+                     num_labels=spec.num_labels, build=_glue_task, inputs=_glue_inputs)
+
+
+TASKS: dict[str, TaskEntry] = {
+    **{name: _glue_entry(spec) for name, spec in glue.TASKS.items()},
+    "e2e": TaskEntry(kind="lm", num_labels=None, build=_e2e_task, inputs=_e2e_inputs,
+                     eval_splits=("dev", "test"),
+                     generation=Generation(references=_e2e_references, prompt=e2e.encode_prompt,
+                                           score=e2e_metrics.e2e_scores)),
+    "instruct": TaskEntry(kind="lm", num_labels=None, build=_instruct_task,
+                          inputs=_instruct_inputs,
+                          required={"path": "a .json or .jsonl file (with data.source 'hub', a "
+                                            "dataset id)"}),
+}
+
+
+def task_entry(name: str) -> TaskEntry:
+    """The registry's entry for a data.task.
+
+    Raises:
+      ValueError: an unknown task (the message lists the registered ones).
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown data.task {name!r}; registered: {', '.join(TASKS)}")
+    return TASKS[name]

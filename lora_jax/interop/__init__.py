@@ -1,2 +1,3 @@
-"""Files shared with the Hugging Face world: checkpoints in (hub.py), PEFT adapters out and in
-(peft_adapters.py), and trained methods on disk in PEFT's format or lora_jax's (exports.py)."""
+"""Files shared with the Hugging Face world, whatever the method: checkpoints in (hub.py) and PEFT
+adapter directories (peft_adapters.py). Each method maps itself onto them in its own file under
+lora_jax/methods; lora_jax/exports.py saves and reads a trained stack through that mapping."""

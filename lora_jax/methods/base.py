@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import pathlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -74,10 +75,14 @@ class Method:
     Class attributes:
       name: the registry name, also the key of the method's added parameters in `trainable`.
       mergeable: whether `merge` folds the method into plain weights.
+      low_rank_leaves: names of its low-rank factor leaves (counted by `low_rank_params`).
     """
 
     name: ClassVar[str] = "method"
     mergeable: ClassVar[bool] = False
+    # The leaves of its added tree that are low-rank factors (LoRA's A and B), which results
+    # tables count apart from everything trained (`MethodStack.low_rank_params`).
+    low_rank_leaves: ClassVar[tuple[str, ...]] = ()
 
     def trains(self, params: Params) -> set[Path]:
         """Base leaves trained in full (they leave the frozen tree)."""
@@ -280,6 +285,15 @@ class MethodStack:
                     lambda a, b: a * b, scales, own)
         return scales
 
+    def low_rank_params(self, trainable: Params) -> int:
+        """Scalars of `trainable` in the methods' low-rank factors (`Method.low_rank_leaves`:
+        LoRA's A and B), the count results tables give apart from all trained parameters."""
+        total = 0
+        for method in self.methods:
+            own = traverse_util.flatten_dict(trainable.get(method.name, {}))
+            total += sum(int(v.size) for k, v in own.items() if k[-1] in method.low_rank_leaves)
+        return total
+
     def regularizer(self, trainable: Params) -> jax.Array | float:
         """The methods' terms added to the training loss."""
         return sum((m.regularizer(trainable.get(m.name, {})) for m in self.methods), 0.0)
@@ -362,16 +376,59 @@ def count_params(tree: Params) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
 
 
+class PeftCodec:
+    """A method's mapping onto PEFT's adapter directories, which `lora_jax.exports` uses for a
+    stack of that method alone (its `Registration.peft` names it).
+
+    Class attributes:
+      peft_types: the `peft_type`s of adapter_config.json it reads ('LORA', 'VERA', ...).
+      needs_frozen: `save` needs the stack's frozen tree (base norms, buffers).
+    """
+
+    peft_types: ClassVar[tuple[str, ...]] = ()
+    needs_frozen: ClassVar[bool] = False
+
+    def claims(self, config: Mapping[str, Any]) -> bool:
+        """Whether it reads an adapter config of one of its `peft_types` (several methods may
+        share a type: PEFT's LoRA config holds DoRA and PiSSA too)."""
+        return True
+
+    def writes(self, method: Method, trainable: Params) -> bool:
+        """Whether PEFT's format holds `method` with this trainable tree (else lora_jax's own
+        format is written)."""
+        return True
+
+    def save(self, directory: pathlib.Path, method: Method, trainable: Params,
+             frozen: Params | None, *, model_type: str, task: str | None,
+             base_model_name_or_path: str | None) -> pathlib.Path:
+        """Writes the trained `method` as a PEFT adapter directory; returns it."""
+        raise NotImplementedError
+
+    def load(self, directory: pathlib.Path, params: Params, family: Any,
+             task: str | None) -> tuple[Method, dict]:
+        """(method, trainable tree) of a PEFT adapter directory, for the base `params`."""
+        raise NotImplementedError
+
+
 @dataclasses.dataclass(frozen=True)
 class Registration:
-    """How a config builds a method: its config section, each field's rule, the builder.
+    """How a config builds a method: its config section, each field's rule, the builder, and
+    what the rest of the package may ask of the method without building it.
 
     Attributes:
       defaults: () -> the section `config.method.<name>` (every field, with its default).
       rules: field -> rule (`lora_jax.config_rules`), checked before a run starts.
       build: (section, model family) -> the Method.
+      peft: () -> its `PeftCodec` (None: saved in lora_jax's own format). A function, so that
+        a codec in a file beside the method's may import that file.
+      extends: the registered method whose section's fields this one's section repeats (a LoRA
+        variant's targets, rank, ...): `config.share_settings` copies them across.
+      inserts_tokens: it inserts tokens into language-model examples (needs an LM task).
     """
 
     defaults: Callable[[], Any]
     rules: Mapping[str, Callable[[Any], str | None]]
     build: Callable[[Any, Any], Method]
+    peft: Callable[[], PeftCodec] | None = None
+    extends: str | None = None
+    inserts_tokens: bool = False

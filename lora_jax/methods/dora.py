@@ -30,14 +30,17 @@ for split outputs, (n, d_part). Merging gives the plain kernel g * (W0 + s (B A)
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
-from lora_jax.methods import lora
-from lora_jax.methods.base import Params, Registration, fold_into_kernels, join
+from lora_jax.methods import lora, lora_peft
+from lora_jax.methods.base import (Method, Params, Registration, fold_into_kernels, join,
+                                   modules_of)
 
 MAGNITUDE = "magnitude"
 
@@ -123,4 +126,50 @@ def _build(c: Any, family: Any) -> DoRA:
     return DoRA(lora.spec_from_config(c), bias=c.bias)
 
 
-REGISTRATION = Registration(lora.REGISTRATION.defaults, lora.REGISTRATION.rules, _build)
+# --- In PEFT's format: a LoRA adapter with `use_dora` and the magnitudes ----------------------
+
+def peft_magnitudes(method: DoRA, adapters: Params, frozen: Params) -> dict:
+    """Module path -> DoRA magnitude over all outputs; an un-adapted part of a split output gets
+    ||W0|| of its columns, i.e. its factor is 1 (see the module docstring)."""
+    flat = traverse_util.flatten_dict(frozen)
+    out = {}
+    for module, adapter in modules_of(adapters).items():
+        parts = method.spec.parts_for(join(module + ("kernel",)))
+        magnitude = np.asarray(adapter[MAGNITUDE], np.float32)
+        if len(parts) > 1:
+            kernel = jax.device_get(flat[module + ("kernel",)])
+            norms = np.split(np.asarray(column_norms(kernel)), len(parts))
+            for p, j in lora.adapted_slots(parts):
+                norms[p] = magnitude[j]
+            magnitude = np.concatenate(norms)
+        out[module] = magnitude
+    return out
+
+
+class DoraPeft(lora_peft.LoraPeft):
+    """DoRA as PEFT keeps it: a LoRA adapter with `use_dora` and each module's magnitude."""
+
+    needs_frozen = True  # the base norms of split outputs' un-adapted parts
+
+    def claims(self, config: dict) -> bool:
+        return bool(config.get("use_dora"))
+
+    def save(self, directory: pathlib.Path, method: Method, trainable: Params,
+             frozen: Params | None, **info: Any) -> pathlib.Path:
+        adapters = trainable[method.name]
+        return lora_peft.write_lora(directory, method.spec, adapters, trainable.get("params", {}),
+                                    magnitudes=peft_magnitudes(method, adapters, frozen), **info)
+
+    def load(self, directory: pathlib.Path, params: Params, family: Any,
+             task: str | None) -> tuple[Method, dict]:
+        config, spec, adapters, full = lora_peft.read_lora(directory, params, family.model_type,
+                                                           task, magnitude=MAGNITUDE)
+        if lora_peft.init_weights(config).startswith("pissa"):
+            raise ValueError(f"{directory}: DoRA with PiSSA initialisation is not supported")
+        method = DoRA(spec)
+        return method, {"params": full, method.name: adapters}
+
+
+PEFT = DoraPeft()
+REGISTRATION = Registration(lora.REGISTRATION.defaults, lora.REGISTRATION.rules, _build,
+                            peft=lambda: PEFT, extends=lora.LoRA.name)

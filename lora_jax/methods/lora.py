@@ -39,8 +39,9 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax import config_rules as rules
-from lora_jax.methods.base import (Method, Registration, combine, count_params,
-                                   fold_into_kernels, intercept_dense, join, matching, modules_of)
+from lora_jax.methods.base import (Method, MethodStack, PeftCodec, Registration, combine,
+                                   count_params, fold_into_kernels, intercept_dense, join,
+                                   matching, modules_of)
 
 Params = Mapping[str, Any]
 Path = tuple[str, ...]
@@ -211,27 +212,21 @@ def _also_trained(spec: LoraSpec, params: Params) -> set[Path]:
 
 
 def split(spec: LoraSpec, params: Params, key: jax.Array) -> tuple[dict, dict]:
-    """Splits `params` into (frozen, trainable).
+    """Splits `params` into (frozen, trainable): those of the one-method `MethodStack` of
+    `LoRA(spec)`, which a training run with LoRA alone makes too.
 
     frozen holds W0 and everything not trained, in the dtype it came in (bf16 is
-    fine); trainable is {'lora': adapters from `init`, 'params': the `also_train`
-    parameters}, always float32.
+    fine); trainable is {'lora': adapters from `init` (none: no key), 'params': the
+    `also_train` parameters}, always float32.
     The two trees share no leaf, so an optimizer over `trainable` keeps state
     only for what is trained.
     """
-    flat = traverse_util.flatten_dict(params)
-    full = _also_trained(spec, params)
-    adapters = init(spec, params, key) if spec.targets else {}
-    frozen = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in full})
-    # Trained leaves live in float32 even when W0 is held in bf16: small updates would vanish.
-    extra = {p: jnp.asarray(flat[p], jnp.float32) for p in full}
-    extra = traverse_util.unflatten_dict(extra) if extra else {}
-    return frozen, {"lora": adapters, "params": extra}
+    return MethodStack((LoRA(spec),)).split(params, key)
 
 
 def adapter_modules(trainable: Params) -> dict[Path, dict]:
-    """Module path -> {'lora_a', 'lora_b'}."""
-    return modules_of(trainable.get("lora", {}))
+    """Module path -> {'lora_a', 'lora_b'}, for a trainable tree of LoRA alone."""
+    return modules_of(trainable.get(LoRA.name, {}))
 
 
 def check_compatible(spec: LoraSpec, frozen: Params, trainable: Params) -> None:
@@ -240,8 +235,13 @@ def check_compatible(spec: LoraSpec, frozen: Params, trainable: Params) -> None:
     The message names the parameter and both shapes, e.g. adapters trained on
     GPT-2 small applied to GPT-2 medium.
     """
+    check_adapters(spec, frozen, trainable.get(LoRA.name, {}))
+
+
+def check_adapters(spec: LoraSpec, frozen: Params, adapters: Params) -> None:
+    """`check_compatible` for a method's own adapters (`trainable[method.name]`)."""
     flat = traverse_util.flatten_dict(frozen)
-    for module, ab in adapter_modules(trainable).items():
+    for module, ab in modules_of(adapters).items():
         path = join(module + ("kernel",))
         kernel = flat.get(module + ("kernel",))
         if kernel is None:
@@ -361,18 +361,25 @@ def merged_delta(spec: LoraSpec, path: str, ab: dict, dtype) -> jax.Array:
 
 
 def apply_deltas(spec: LoraSpec, params: Params, trainable: Params, sign: float) -> dict:
-    """`params` with sign * s (B A)^T added to every adapted kernel."""
+    """`params` with sign * s (B A)^T added to every adapted kernel of LoRA's `trainable`."""
+    return fold_adapters(spec, params, trainable.get(LoRA.name, {}), sign)
+
+
+def fold_adapters(spec: LoraSpec, params: Params, adapters: Params, sign: float) -> dict:
+    """`params` with sign * s (B A)^T added to the kernel of every module in `adapters` (a
+    method's own tree: {module: {'lora_a', 'lora_b', ...}})."""
     return fold_into_kernels(
-        params, trainable.get("lora", {}),
+        params, adapters,
         lambda module, ab, _: sign * merged_delta(spec, join(module + ("kernel",)), ab,
                                                   jnp.float32))
 
 
 def merge(spec: LoraSpec, frozen: Params, trainable: Params) -> dict:
     """Plain params with W = W0 + s B A folded in: the base model, unchanged,
-    then computes the adapted function with no added latency."""
+    then computes the adapted function with no added latency (the one-method stack's
+    `merge`)."""
     check_compatible(spec, frozen, trainable)
-    return apply_deltas(spec, combine(frozen, trainable), trainable, +1.0)
+    return MethodStack((LoRA(spec),)).merge(frozen, trainable)
 
 
 def unmerge(spec: LoraSpec, merged: Params, trainable: Params) -> dict:
@@ -403,6 +410,7 @@ class LoRA(Method):
 
     name = "lora"
     mergeable = True
+    low_rank_leaves = (LORA_A, LORA_B)
 
     spec: LoraSpec
     bias: str = "none"
@@ -436,11 +444,11 @@ class LoRA(Method):
         scales = (buffers or {}).get(SCALES)
         output = self.output if scales is None else functools.partial(_scaled_output, self.spec,
                                                                       scales)
-        return intercept_dense(adapter_modules({"lora": added}), rng, self.spec.dropout,
-                               output, self.name, self.strict)
+        return intercept_dense(modules_of(added), rng, self.spec.dropout, output, self.name,
+                               self.strict)
 
     def merge(self, params: Params, added: Params, buffers: Params | None = None) -> dict:
-        return apply_deltas(self.spec, params, {"lora": added}, +1.0)
+        return fold_adapters(self.spec, params, added, +1.0)
 
     def describe(self) -> str:
         bias = "" if self.bias == "none" else f", bias={self.bias}"
@@ -478,6 +486,13 @@ def _output_parts(value) -> str | None:
     return None if any(value) else "must adapt at least one part (a True)"
 
 
+def peft_codec() -> PeftCodec:
+    """LoRA's PEFT mapping (`lora_peft`, beside this file, which builds on it)."""
+    from lora_jax.methods import lora_peft  # deferred: lora_peft imports this module
+
+    return lora_peft.PEFT
+
+
 REGISTRATION = Registration(
     _defaults,
     {"targets": rules.regexes, "rank": rules.integer(1), "alpha": rules.number(0, low_open=True),
@@ -485,4 +500,4 @@ REGISTRATION = Registration(
      "rslora": rules.boolean, "rank_pattern": rules.pattern_table(rules.integer(1)),
      "alpha_pattern": rules.pattern_table(rules.number(0, low_open=True)),
      "split_outputs": rules.pattern_table(_output_parts), "bias": rules.one_of(*BIAS_OPTIONS)},
-    lambda c, family: LoRA(spec_from_config(c), bias=c.bias))
+    lambda c, family: LoRA(spec_from_config(c), bias=c.bias), peft=peft_codec)

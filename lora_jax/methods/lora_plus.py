@@ -59,6 +59,8 @@ def _build(c: Any, family: Any) -> LoraPlus:
                     peft_groups=c.peft_groups)
 
 
+# Saved as LoRA (in PEFT's format): what was trained is a LoRA.
 REGISTRATION = Registration(
     _defaults, {**lora.REGISTRATION.rules, "lr_ratio": rules.number(0, low_open=True),
-                "peft_groups": rules.boolean}, _build)
+                "peft_groups": rules.boolean}, _build, peft=lora.REGISTRATION.peft,
+    extends=lora.LoRA.name)

@@ -18,7 +18,7 @@ Saving: the trained W_res + s B A is, on the original base, the plain LoRA
 
 which is PEFT's conversion (`save_pretrained(path_initial_model_for_weight_conversion=...)`):
 the export is that rank-2r LoRA adapter, so a user keeps the original base and loads it as any
-LoRA (`interop.peft_adapters.export_peft`). A PEFT adapter saved without the conversion
+LoRA (`lora_peft.export_peft`; `PissaPeft` below). A PEFT adapter saved without the conversion
 (init_lora_weights 'pissa') is read as PiSSA, its residual re-derived from the base.
 
 Split outputs (GPT-2's fused c_attn on q and v) take each adapted part's own SVD.
@@ -27,6 +27,7 @@ Split outputs (GPT-2's fused c_attn on q and v) take each adapted part's own SVD
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any
 
 import jax
@@ -35,8 +36,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from lora_jax.methods import lora
-from lora_jax.methods.base import Params, Registration
+from lora_jax.methods import lora, lora_peft
+from lora_jax.methods.base import Method, Params, Registration, modules_of
 
 
 def principal_factors(kernel: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
@@ -77,7 +78,7 @@ class PiSSA(lora.LoRA):
 
     def base(self, params: Params, buffers: Params) -> dict:
         """W_res = W0 - s (B0 A0)^T in every adapted kernel (the rest unchanged)."""
-        return lora.apply_deltas(self.spec, params, {"lora": buffers["initial"]}, -1.0)
+        return lora.fold_adapters(self.spec, params, buffers["initial"], -1.0)
 
     def buffers(self, params: Params) -> dict:
         """The initial A0, B0 (from the original W0): the residual base is derived from them,
@@ -100,9 +101,9 @@ def as_lora(spec: lora.LoraSpec, initial: Params, adapters: Params) -> tuple[lor
     if spec.rslora and (spec.rank_pattern or spec.alpha_pattern):
         raise ValueError("PiSSA's conversion to LoRA does not support rank or alpha patterns "
                          "together with rslora")
-    initial = lora.adapter_modules({"lora": initial})
+    initial = modules_of(initial)
     flat = {}
-    for module, ab in lora.adapter_modules({"lora": adapters}).items():
+    for module, ab in modules_of(adapters).items():
         a0, b0 = np.asarray(initial[module][lora.LORA_A]), np.asarray(initial[module][lora.LORA_B])
         a, b = np.asarray(ab[lora.LORA_A]), np.asarray(ab[lora.LORA_B])
         flat[module + (lora.LORA_A,)] = jnp.asarray(np.concatenate([a, a0], axis=-2))
@@ -128,5 +129,40 @@ def _build(c: Any, family: Any) -> PiSSA:
     return PiSSA(lora.spec_from_config(c), bias=c.bias)
 
 
+class PissaPeft(lora_peft.LoraPeft):
+    """PiSSA in PEFT's LoRA format: saved converted (`as_lora`), so the export is a plain LoRA on
+    the original base; read from an adapter saved unconverted (init_lora_weights 'pissa'), its
+    residual base re-derived from the params by `MethodStack.frozen`."""
+
+    needs_frozen = True  # the initial adapters, for the conversion
+
+    def claims(self, config: dict) -> bool:
+        return lora_peft.init_weights(config).startswith("pissa") and not config.get("use_dora")
+
+    def save(self, directory: pathlib.Path, method: Method, trainable: Params,
+             frozen: Params | None, **info: Any) -> pathlib.Path:
+        spec, adapters = as_lora(method.spec, jax.device_get(frozen[method.name]["initial"]),
+                                 jax.device_get(trainable[method.name]))
+        return lora_peft.write_lora(directory, spec, adapters, trainable.get("params", {}),
+                                    **info)
+
+    def load(self, directory: pathlib.Path, params: Params, family: Any,
+             task: str | None) -> tuple[Method, dict]:
+        """Raises ValueError also for PEFT's randomised SVD ('pissa_niter_k'), whose residual
+        cannot be re-derived here."""
+        config, spec, adapters, full = lora_peft.read_lora(directory, params, family.model_type,
+                                                           task)
+        init = lora_peft.init_weights(config)
+        if init.startswith("pissa_niter"):
+            raise ValueError(f"{directory}: PiSSA with PEFT's randomised SVD ({init!r}) draws "
+                             "from torch's generator, so its residual base cannot be re-derived; "
+                             "save it from PEFT with path_initial_model_for_weight_conversion (a "
+                             "plain LoRA)")
+        method = PiSSA(spec)
+        return method, {"params": full, method.name: adapters}
+
+
+PEFT = PissaPeft()
 REGISTRATION = Registration(
-    _defaults, {k: v for k, v in lora.REGISTRATION.rules.items() if k != "init"}, _build)
+    _defaults, {k: v for k, v in lora.REGISTRATION.rules.items() if k != "init"}, _build,
+    peft=lambda: PEFT, extends=lora.LoRA.name)

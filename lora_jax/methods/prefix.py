@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import pathlib
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -36,10 +37,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import traverse_util
 
 from lora_jax import config_rules as rules
-from lora_jax.methods.base import Method, Params, Registration
+from lora_jax.errors import FileFormatError
+from lora_jax.interop import hub
+from lora_jax.interop import peft_adapters as pa
+from lora_jax.json_files import read_json_object
+from lora_jax.methods.base import Method, Params, PeftCodec, Registration
+from lora_jax.models import family as model_family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +165,82 @@ def _registration(name: str, layers: bool) -> Registration:
         return VirtualTokens(name=name, prefix=c.prefix, infix=c.infix, layers=layers,
                              family=family)
 
-    return Registration(defaults, {"prefix": rules.integer(0), "infix": rules.integer(0)}, build)
+    # PEFT's prompt tuning is PreEmbed's special case; PreLayer has no PEFT twin.
+    codec = None if layers else PromptTuning(name)
+    return Registration(defaults, {"prefix": rules.integer(0), "infix": rules.integer(0)}, build,
+                        peft=None if codec is None else lambda: codec, inserts_tokens=True)
+
+
+# --- In PEFT's format: prompt tuning --------------------------------------------------------------
+
+PROMPT_KEY = "prompt_embeddings"  # PEFT's key for prompt tuning's virtual-token embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTuning(PeftCodec):
+    """PreEmbed with prefix tokens only, nothing else trained: PEFT's prompt tuning, which
+    `peft.PeftModel.from_pretrained` loads (`PeftModel` prepends the embeddings to the input's).
+
+    Attributes:
+      name: the registered method a prompt-tuning adapter is read as.
+    """
+
+    name: str
+    peft_types = ("PROMPT_TUNING",)
+
+    def writes(self, method: Method, trainable: Params) -> bool:
+        return (not method.layers and method.infix == 0
+                and not jax.tree_util.tree_leaves(trainable.get("params", {})))
+
+    def save(self, directory: pathlib.Path, method: Method, trainable: Params,
+             frozen: Params | None, *, model_type: str, task: str | None,
+             base_model_name_or_path: str | None = None) -> pathlib.Path:
+        family = model_family(model_type)
+        family.check_task(task)
+        embeddings = np.asarray(jax.device_get(trainable[method.name]["embeddings"]), np.float32)
+        config = {"peft_type": "PROMPT_TUNING", "task_type": family.peft_task_types[task],
+                  "num_virtual_tokens": int(embeddings.shape[0]),
+                  "token_dim": int(embeddings.shape[1]), "num_transformer_submodules": 1,
+                  "prompt_tuning_init": "RANDOM",
+                  "base_model_name_or_path": base_model_name_or_path, "inference_mode": True}
+        return pa.write_adapter_dir(pathlib.Path(directory), config, {PROMPT_KEY: embeddings},
+                                    metadata={"format": "pt"})
+
+    def load(self, directory: pathlib.Path, params: Params, family: Any,
+             task: str | None) -> tuple[Method, dict]:
+        """Raises FileFormatError: embeddings of another width than the model's."""
+        embeddings = read_prompt_tuning(directory)
+        if embeddings.shape[1] != family.hidden_size(params):
+            raise FileFormatError(f"{directory}: prompt embeddings of width {embeddings.shape[1]}"
+                                  f" for a model of width {family.hidden_size(params)}")
+        method = VirtualTokens(name=self.name, prefix=embeddings.shape[0], infix=0,
+                               family=family)
+        return method, {"params": {}, method.name: {"embeddings": jnp.asarray(embeddings)}}
+
+
+def read_prompt_tuning(directory: pathlib.Path) -> np.ndarray:
+    """The (num_virtual_tokens, token_dim) embeddings of a PEFT prompt-tuning adapter.
+
+    Raises:
+      FileFormatError: not a prompt-tuning adapter, or its tensor disagrees with its config.
+    """
+    config = read_json_object(directory / pa.CONFIG_NAME, what="PEFT adapter config",
+                              required=("peft_type", "num_virtual_tokens"))
+    if config["peft_type"] != "PROMPT_TUNING":
+        raise FileFormatError(f"{directory / pa.CONFIG_NAME}: peft_type {config['peft_type']!r}, "
+                              "not 'PROMPT_TUNING'")
+    tensors = hub.read_safetensors(directory / pa.WEIGHTS_NAME)
+    if set(tensors) != {PROMPT_KEY}:
+        raise FileFormatError(f"{directory / pa.WEIGHTS_NAME} holds {sorted(tensors)}; a prompt-"
+                              f"tuning adapter holds {PROMPT_KEY!r} alone")
+    embeddings = np.asarray(tensors[PROMPT_KEY], np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[0] != config["num_virtual_tokens"]:
+        raise FileFormatError(f"{directory / pa.WEIGHTS_NAME}: {PROMPT_KEY} is {embeddings.shape}, "
+                              f"but the config has {config['num_virtual_tokens']} virtual tokens")
+    if not np.isfinite(embeddings).all():
+        raise FileFormatError(f"{directory / pa.WEIGHTS_NAME} holds non-finite values")
+    return embeddings
+
 
 
 PREEMBED = _registration("preembed", layers=False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from typing import Any
 
 import jax
@@ -33,8 +34,11 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax import config_rules as rules
+from lora_jax.errors import FileFormatError
+from lora_jax.interop import hub
+from lora_jax.interop import peft_adapters as pa
 from lora_jax.methods import lora
-from lora_jax.methods.base import (Method, Params, Registration, fold_into_kernels,
+from lora_jax.methods.base import (Method, Params, PeftCodec, Registration, fold_into_kernels,
                                    intercept_dense, modules_of)
 
 LAMBDA_B, LAMBDA_D = "lambda_b", "lambda_d"
@@ -135,9 +139,97 @@ def _defaults() -> ml_collections.ConfigDict:
     return c
 
 
+# --- In PEFT's format ----------------------------------------------------------------------------
+# PEFT's VeRA state dict, adapter name removed as `save_pretrained` writes it:
+#
+#     base_model.vera_A                                           (r, d_in_max)   shared
+#     base_model.vera_B                                           (d_out_max, r)  shared
+#     base_model.model.transformer.h.0.attn.c_attn.vera_lambda_b  (d_out,)
+#     base_model.model.transformer.h.0.attn.c_attn.vera_lambda_d  (r,)
+#     base_model.model.classifier.out_proj.weight                 a `modules_to_save` tensor
+
+PEFT_SHARED = {SHARED_A: "base_model.vera_A", SHARED_B: "base_model.vera_B"}
+PEFT_VECTORS = {LAMBDA_B: "vera_lambda_b", LAMBDA_D: "vera_lambda_d"}
+
+
+class VeraPeft(PeftCodec):
+    """VeRA as a PEFT VeRA adapter, its shared projections stored (`save_projection`)."""
+
+    peft_types = ("VERA",)
+    needs_frozen = True  # the shared projections are the method's buffers
+
+    def save(self, directory: pathlib.Path, method: Method, trainable: Params,
+             frozen: Params | None, *, model_type: str, task: str | None,
+             base_model_name_or_path: str | None = None) -> pathlib.Path:
+        """Writes `trainable` ({'vera': per-module vectors, 'params': leaves trained in full})
+        with the shared A and B of the frozen tree."""
+        buffers = frozen[method.name]
+        root = pa.hf_root(model_type, task)
+        tensors = {key: np.asarray(jax.device_get(buffers[name]), np.float32)[
+            (slice(0, method.rank), slice(None)) if name == SHARED_A else
+            (slice(None), slice(0, method.rank))] for name, key in PEFT_SHARED.items()}
+        targets = []
+        for module, own in modules_of(trainable[method.name]).items():
+            name = root + hub.hf_module_name("/".join(module))
+            targets.append(name)
+            for leaf, key in PEFT_VECTORS.items():
+                tensors[f"{pa.PREFIX}{name}.{key}"] = np.asarray(jax.device_get(own[leaf]),
+                                                             np.float32)
+        saved, full = pa.modules_to_save(trainable.get("params", {}), model_type, task)
+        tensors.update(full)
+        config = {
+            **pa.config_fields("VERA", model_type, task, base_model_name_or_path, saved),
+            "r": method.rank,
+            "target_modules": sorted(targets), "projection_prng_key": method.projection_seed,
+            "save_projection": True, "vera_dropout": method.dropout, "d_initial": method.d_initial,
+            "init_weights": True,
+        }
+        return pa.write_adapter_dir(pathlib.Path(directory), config, tensors,
+                                    metadata={"format": "pt"})
+
+    def load(self, directory: pathlib.Path, params: Params, family: Any,
+             task: str | None) -> tuple[Method, dict]:
+        """(VeRA with the file's projections, trainable tree) for `params`.
+
+        Raises:
+          FileFormatError: no stored projections, or a tensor of the wrong shape (named).
+          ValueError: a module `params` lacks, or an unsupported PEFT feature.
+        """
+        model_type = family.model_type
+        config, tensors = pa.read_adapter(directory, peft_types=("VERA",))
+        if not config.get("save_projection", True) or PEFT_SHARED[SHARED_A] not in tensors:
+            raise FileFormatError(
+                f"{directory}: the VeRA projections are not stored (save_projection=false); PEFT "
+                "re-draws them with torch's generator, which lora_jax cannot replay. Save the "
+                "adapter from PEFT with save_projection=True")
+        rank = config["r"]
+        shared = {name: tensors.pop(key) for name, key in PEFT_SHARED.items()}
+        vectors, full = pa.module_tensors(directory, tensors, params, model_type, task,
+                                          {v: k for k, v in PEFT_VECTORS.items()})
+        flat = traverse_util.flatten_dict(params)
+        for path, value in vectors.items():
+            d_out = flat[path[:-1] + ("kernel",)].shape[1]
+            want = (d_out,) if path[-1] == LAMBDA_B else (rank,)
+            if value.shape != want:
+                raise FileFormatError(f"{directory / pa.WEIGHTS_NAME}: {'/'.join(path)} is "
+                                      f"{value.shape}, expected {want}")
+        modules = sorted({p[:-1] for p in vectors})
+        method = VeRA(tuple(pa.exact_pattern(m + ("kernel",), "$") for m in modules),
+                      rank=rank, d_initial=float(config.get("d_initial", 0.1)),
+                      dropout=float(config.get("vera_dropout") or 0.0),
+                      projection_seed=int(config.get("projection_prng_key", 0)),
+                      projections=(shared[SHARED_A], shared[SHARED_B]))
+        method.buffers(params)  # checks the projections fit every module
+        trainable = {"params": pa.float32_tree(full), method.name: traverse_util.unflatten_dict(
+            {p: jnp.asarray(v, jnp.float32) for p, v in vectors.items()})}
+        return method, trainable
+
+
+PEFT = VeraPeft()
 REGISTRATION = Registration(
     _defaults,
     {"targets": rules.regexes, "rank": rules.integer(1), "d_initial": rules.number(-math.inf),
      "dropout": rules.number(0, 1, high_open=True), "projection_seed": rules.integer(0)},
     lambda c, family: VeRA(tuple(c.targets), rank=c.rank, d_initial=c.d_initial,
-                           dropout=c.dropout, projection_seed=c.projection_seed))
+                           dropout=c.dropout, projection_seed=c.projection_seed),
+    peft=lambda: PEFT)

@@ -28,14 +28,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
-from lora_jax.data.e2e import group_by_mr
 from lora_jax.metrics.mteval import corpus_bleu, corpus_nist
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
@@ -156,6 +155,18 @@ def read_references(path: str | os.PathLike) -> list[list[str]]:
     if len(groups) == 1:  # no separators: the official script reads this as single-reference
         groups = [[ref] for ref in groups[0]]
     return groups
+
+
+def group_by_mr(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """References grouped per MR, MRs in order of first appearance (multi-reference evaluation).
+
+    Example:
+      group_by_mr([("a", "x"), ("b", "y"), ("a", "z")]) == [("a", ["x", "z"]), ("b", ["y"])]
+    """
+    groups: dict[str, list[str]] = {}
+    for mr, ref in pairs:
+        groups.setdefault(mr, []).append(ref)
+    return list(groups.items())
 
 
 def read_hypotheses(path: str | os.PathLike) -> list[str]:

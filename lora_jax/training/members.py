@@ -51,12 +51,14 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lora_jax.errors import ConfigError
-from lora_jax.interop import exports
-from lora_jax.methods import lora, stacked_lora
+from lora_jax import exports
+from lora_jax.methods import MethodStack, lora, stacked_lora
 from lora_jax.methods.base import join
 from lora_jax.training import evaluation, optim, setup, sharding, steps
 from lora_jax.training.base_model import run_keys
 from lora_jax.training.program import fetch_stacked
+
+LORA = lora.LoRA.name  # LoRA's key in a trainable tree (and its config section's)
 
 # The config fields in which members of one group may differ (see the module docstring).
 MEMBER_FIELDS = ("seed", "method.lora.rank", "method.lora.alpha", "method.lora.rslora",
@@ -67,7 +69,7 @@ def group_key(config: ml_collections.ConfigDict) -> str | None:
     """What a config must share with the others of its group, as text; None: it can only run
     alone (a method other than plain LoRA, per-pattern ranks, packing)."""
     cfg = config.method
-    if tuple(cfg.use) != ("lora",) or cfg.lora.rank_pattern or cfg.lora.alpha_pattern \
+    if tuple(cfg.use) != (LORA,) or cfg.lora.rank_pattern or cfg.lora.alpha_pattern \
             or config.data.get("packing", False):
         return None
     shared = copy.deepcopy(config.to_dict())
@@ -194,11 +196,11 @@ class MemberGroup:
                 "these configs cannot train as one program: they must all be plain LoRA and "
                 f"differ only in {', '.join(MEMBER_FIELDS)} (members.groups splits a study)")
         union = _union_config(configs)
-        bases: dict[int, setup.Base] = {}  # one per seed: the same weights, heads per seed
-        for c in configs:
-            if c.seed not in bases:
-                bases[c.seed] = setup.base(c)
-        run = setup.build(union, base_model=bases[configs[0].seed])
+        # The checkpoint is read once; each member's seed draws its own fresh heads.
+        loaded = setup.base(configs[0])
+        bases = {c.seed: setup.reseeded(loaded, c) for c in configs[1:]}
+        bases[configs[0].seed] = loaded
+        run = setup.build(union, base_model=loaded)
         # Every member's frozen tree is the group's (they freeze the same leaves): one copy.
         members = [dataclasses.replace(setup.build(c, base_model=bases[c.seed]),
                                        frozen=run.frozen) for c in configs]
@@ -207,18 +209,18 @@ class MemberGroup:
         # The group's adapter layout (`methods.stacked_lora`): every union target at the
         # largest rank; each member's scale per union kernel, 0 where it has no adapter.
         shapes = {p: v.shape for p, v in
-                  traverse_util.flatten_dict(run.trainable.get("lora", {})).items()}
+                  traverse_util.flatten_dict(run.trainable.get(LORA, {})).items()}
         own = [jax.device_get(m.trainable) for m in members]
-        stacked = [{**tree, "lora": stacked_lora.padded(tree.get("lora", {}), shapes)}
+        stacked = [{**tree, LORA: stacked_lora.padded(tree.get(LORA, {}), shapes)}
                    for tree in own]
         opt_states = [cls._optimizer(config, training.total_steps, tree).init(tree)
                       for config, tree in zip(configs, stacked)]
         kernels = [join(p[:-1] + ("kernel",)) for p in shapes if p[-1] == lora.LORA_A]
         scales = stacked_lora.stacked_scales([m.stack.methods[0].spec for m in members],
-                                             [tree.get("lora", {}) for tree in own], kernels)
+                                             [tree.get(LORA, {}) for tree in own], kernels)
         stack_leaves = lambda trees: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)
         frozen = dict(run.frozen)
-        frozen["lora"] = {lora.SCALES: scales}
+        frozen[LORA] = {lora.SCALES: scales}
         tx = cls._optimizer(configs[0], training.total_steps, stacked[0])
         train_step = cls._build_step(run, training.task.kind, tx, frozen)
         return cls(configs, run, members, training.task, training.total_steps,
@@ -240,7 +242,7 @@ class MemberGroup:
         the frozen weights are shared (not mapped), the members' scales are."""
         one = steps.build_train_step(run.forward, kind, tx, run.mesh,
                                      run.config.optim.label_smoothing, jit=False)
-        frozen_axes = {k: (0 if k == "lora" else None) for k in frozen}
+        frozen_axes = {k: (0 if k == LORA else None) for k in frozen}
         many = jax.vmap(one, in_axes=(frozen_axes, 0, 0, 0, 0))
         return jax.jit(many, donate_argnums=(1, 2))
 
@@ -301,6 +303,10 @@ class MemberGroup:
         """Member `index`'s (trainable, opt_state) as its own run holds them."""
         return self.member_trainable(trainable, index), self.member_opt_state(opt_state, index)
 
+    def stack(self, index: int) -> MethodStack:
+        """Member `index`'s methods (LoRA at its own rank and targets)."""
+        return self.members[index].stack
+
     def evaluate(self, trainable, index: int) -> dict[str, float]:
         """Member `index`'s dev metrics, with its own stack and unpadded adapters."""
         member = self.members[index]
@@ -331,11 +337,11 @@ class MemberGroup:
         own rank."""
         mine = jax.tree_util.tree_map(lambda x: np.asarray(x[index]), jax.device_get(trainable))
         own = jax.device_get(self.members[index].trainable)
-        flat_own = traverse_util.flatten_dict(own.get("lora", {}))
-        flat = traverse_util.flatten_dict(mine.get("lora", {}))
+        flat_own = traverse_util.flatten_dict(own.get(LORA, {}))
+        flat = traverse_util.flatten_dict(mine.get(LORA, {}))
         cut = {p: flat[p][tuple(slice(0, n) for n in v.shape)] for p, v in flat_own.items()}
         out = dict(mine)
-        out["lora"] = traverse_util.unflatten_dict(cut) if cut else {}
+        out[LORA] = traverse_util.unflatten_dict(cut) if cut else {}
         return out
 
     def own_optimizer(self, index: int):
@@ -361,7 +367,7 @@ class MemberGroup:
         """The stacked trees with member `index`'s row replaced by its own run's state (laid out
         as the group's: padded, zeros where it has no adapter): a resumed member."""
         row = dict(jax.device_get(own_trainable))
-        row["lora"] = stacked_lora.padded(row.get("lora", {}), self._shapes)
+        row[LORA] = stacked_lora.padded(row.get(LORA, {}), self._shapes)
         trainable = jax.tree_util.tree_map(lambda s, r: s.at[index].set(r), trainable, row)
         own = {jax.tree_util.keystr(k): v for k, v in
                jax.tree_util.tree_flatten_with_path(jax.device_get(own_opt_state))[0]}
@@ -382,9 +388,9 @@ class MemberGroup:
         """Member `index`'s LoRA leaves outside its own adapters (padding and untargeted
         kernels): each must stay exactly zero."""
         mine = traverse_util.flatten_dict(jax.tree_util.tree_map(
-            lambda x: np.asarray(x[index]), jax.device_get(trainable)).get("lora", {}))
+            lambda x: np.asarray(x[index]), jax.device_get(trainable)).get(LORA, {}))
         own = traverse_util.flatten_dict(jax.device_get(self.members[index].trainable)
-                                         .get("lora", {}))
+                                         .get(LORA, {}))
         out = {}
         for path, leaf in mine.items():
             mask = np.ones(leaf.shape, bool)

