@@ -6,6 +6,7 @@
                             attention_mask=mask)          # each row through its own adapter
     merged = adapters.merge(params, "sst2")             # W0 + s B A, for plain inference
     merged = adapters.switch(merged, "sst2", "mrpc")    # - s B A + s' B' A' (PEFT's seed idea)
+    merged.merged                                       # ('mrpc',): what the params hold
 
 A mixed batch is PEFT's `adapter_names`: every example names its adapter, and gets exactly what
 that adapter gives alone. The adapters may differ in rank, alpha, targets and trained heads
@@ -25,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 import numpy as np
 from flax import traverse_util
 
@@ -36,6 +38,28 @@ from lora_jax.training.steps import model_inputs
 LORA = lora.LoRA.name  # LoRA's key in a trainable tree (and its config section's)
 
 Params = Mapping[str, Any]
+
+
+class MergedParams(dict):
+    """Params with adapters merged into them, naming those adapters (`merged`), so that merging
+    one twice, or unmerging or switching from one that is not in them, raises. Otherwise the
+    params dict itself: `model.apply({"params": merged}, ...)` takes it and JAX maps over it
+    (a pytree whose record travels with it, e.g. through `jax.device_put` or `jax.jit`)."""
+
+    def __init__(self, params: Params, merged: Sequence[str] = ()):
+        super().__init__(params)
+        self.merged = tuple(merged)
+
+    def __repr__(self) -> str:
+        return f"MergedParams(merged={list(self.merged)}, keys={list(self)})"
+
+
+jax.tree_util.register_pytree_with_keys(
+    MergedParams,
+    lambda m: ([(jax.tree_util.DictKey(k), m[k]) for k in sorted(m)], (tuple(sorted(m)),
+                                                                        m.merged)),
+    lambda aux, values: MergedParams(dict(zip(aux[0], values)), aux[1]),
+    lambda m: ([m[k] for k in sorted(m)], (tuple(sorted(m)), m.merged)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,29 +133,56 @@ class AdapterSet:
         flat = traverse_util.flatten_dict(params)
         return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in trained})
 
-    def merge(self, params: Params, name: str) -> dict:
+    def merge(self, params: Params, name: str) -> "MergedParams":
         """`params` (the base, heads included or not) with adapter `name` folded in and its
-        heads in place: a plain model that runs as the adapted one."""
+        heads in place: a plain model that runs as the adapted one, recording what it holds.
+
+        Raises:
+          ValueError: `params` already hold a merged adapter (merging again would add an
+            update twice; `switch` moves from one adapter to another).
+        """
+        if isinstance(params, MergedParams) and params.merged:
+            raise ValueError(f"these params already hold adapter(s) {list(params.merged)} merged: "
+                             f"merging {name!r} on top would add to them; use switch(params, "
+                             f"{params.merged[-1]!r}, {name!r}) or unmerge first")
         i = self.index(name)
         stack, trainable = self.stacks[i], self.trainables[i]
-        return stack.merge(stack.frozen(params, trainable), trainable)
+        return MergedParams(stack.merge(stack.frozen(params, trainable), trainable), (name,))
 
-    def unmerge(self, merged: Params, name: str) -> dict:
-        """`merged` with adapter `name`'s low-rank update taken out again (its heads stay)."""
+    def unmerge(self, merged: "MergedParams", name: str) -> dict:
+        """`merged` with adapter `name`'s low-rank update taken out again (its heads stay).
+
+        Raises:
+          ValueError: `merged` does not hold `name` (or carries no record of what it holds).
+        """
+        self._check_holds(merged, name)
         i = self.index(name)
         spec = self.stacks[i].methods[0].spec
         return lora.apply_deltas(spec, merged, self.trainables[i], -1.0)
 
-    def switch(self, merged: Params, current: str, new: str) -> dict:
+    def switch(self, merged: "MergedParams", current: str, new: str) -> "MergedParams":
         """A model merged with `current` turned into one merged with `new`: subtract s B A, add
-        s' B' A', and put `new`'s heads in place."""
+        s' B' A', and put `new`'s heads in place.
+
+        Raises:
+          ValueError: `merged` does not hold `current`.
+        """
         base = self.unmerge(merged, current)
         j = self.index(new)
         spec = self.stacks[j].methods[0].spec
         flat = traverse_util.flatten_dict(lora.apply_deltas(spec, base, self.trainables[j], +1.0))
         for path, value in traverse_util.flatten_dict(self.trainables[j].get("params", {})).items():
             flat[path] = jnp.asarray(value, flat[path].dtype)
-        return traverse_util.unflatten_dict(flat)
+        return MergedParams(traverse_util.unflatten_dict(flat), (new,))
+
+    def _check_holds(self, merged: Params, name: str) -> None:
+        if not isinstance(merged, MergedParams):
+            raise ValueError(f"these params carry no record of what is merged in them; pass "
+                             f"merge's result, or declare it: MergedParams(params, ({name!r},))")
+        if name not in merged.merged:
+            raise ValueError(f"adapter {name!r} is not merged into these params (they hold "
+                             f"{list(merged.merged) or 'none'}): taking it out would give "
+                             "another model")
 
     # --- Weighted combinations -------------------------------------------------------------------
 
@@ -237,16 +288,44 @@ class AdapterSet:
             dense[module] = leaves
         return {LORA: low_rank, "scale": scales, "dense": dense}
 
+    def checked_ids(self, adapter_ids: Any, check_traced: bool = False) -> jax.Array:
+        """`adapter_ids` as int32, each checked to index an adapter: concrete ids at once (a
+        ValueError); traced ids, with `check_traced`, by a `checkify` check (run the caller
+        under `checked`: a plain jit cannot hold one)."""
+        n = len(self.names)
+        if isinstance(adapter_ids, jax.core.Tracer):
+            ids = jnp.asarray(adapter_ids, jnp.int32)
+            if check_traced:
+                checkify.check(jnp.all((ids >= 0) & (ids < n)),
+                               f"adapter ids must be in [0, {n}) for a set of {n} adapters")
+            return ids
+        host = np.asarray(adapter_ids)
+        if host.size and not np.issubdtype(host.dtype, np.integer):
+            raise ValueError(f"adapter ids must be integers, got {host.dtype}")
+        bad = sorted({int(i) for i in host.ravel() if not 0 <= i < n})
+        if bad:
+            raise ValueError(f"adapter ids {bad} are out of range: the set holds {n} adapters "
+                             f"{list(self.names)}, ids 0..{n - 1}")
+        return jnp.asarray(host, jnp.int32)
+
     def apply(self, apply_fn: Callable, frozen: Params, *args, adapter_ids: Any,
-              collection: str = "params", stacked: dict | None = None, **kwargs):
+              collection: str = "params", stacked: dict | None = None, check_ids: bool = False,
+              **kwargs):
         """apply_fn run on a batch whose row b goes through adapter adapter_ids[b].
 
         Args:
           apply_fn: e.g. `model.apply`, called as apply_fn({collection: params}, *args, **kwargs).
           frozen: `frozen(params)` (or the base params whole).
-          adapter_ids: [batch] ints, indexes into `names`.
+          adapter_ids: [batch] ints, indexes into `names`. Concrete ids are checked. Traced ids
+            (inside the caller's `jax.jit`) are not by default, and an out-of-range one is
+            clamped, as any gather under jit clamps: pass `check_ids=True` and run the
+            function under `checked` to have them raise instead.
           stacked: `stacked()`, if the caller keeps it (it is rebuilt otherwise).
+
+        Raises:
+          ValueError: a concrete adapter id outside [0, len(names)).
         """
+        ids = self.checked_ids(adapter_ids, check_ids)
         stacked = self.stacked() if stacked is None else stacked
         # The heads' modules must exist for the call: adapter 0's stand in, and are replaced.
         variables = {collection: combine(frozen, {"params": self.trainables[0].get("params", {})})}
@@ -255,9 +334,26 @@ class AdapterSet:
             spec = stack.methods[0].spec
             for module in stacked[LORA]:
                 parts.setdefault(module, spec.parts_for(join(module + ("kernel",))))
-        with stacked_lora.per_example(stacked[LORA], stacked["scale"], parts,
-                                      jnp.asarray(adapter_ids, jnp.int32), stacked["dense"]):
+        with stacked_lora.per_example(stacked[LORA], stacked["scale"], parts, ids,
+                                      stacked["dense"]):
             return apply_fn(variables, *args, **kwargs)
+
+
+def checked(fn: Callable) -> Callable:
+    """`fn` (e.g. a jitted function calling `AdapterSet.apply(..., check_ids=True)` with traced
+    ids) run under `checkify`, so that an out-of-range adapter id raises (a JaxRuntimeError
+    naming the set's size) instead of being clamped; one comparison per row.
+
+        run = checked(jax.jit(lambda ids: adapters.apply(
+            model.apply, frozen, x, adapter_ids=ids, check_ids=True).logits))
+    """
+
+    def run(*args, **kwargs):
+        error, out = checkify.checkify(fn)(*args, **kwargs)
+        error.throw()
+        return out
+
+    return run
 
 
 def decoding_apply(adapters: AdapterSet, apply_fn: Callable) -> Callable:

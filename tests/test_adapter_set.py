@@ -114,6 +114,36 @@ def test_an_adapter_set_refuses_what_it_cannot_mix(bert_set):
         adapters.merge(base.params, "nope")
 
 
+def test_merged_params_know_what_they_hold(bert_set):
+    """Merging an adapter twice (its update added twice) and unmerging or switching from an
+    adapter that is not merged (a third model) raise; a right switch records the new one."""
+    from lora_jax.adapter_set import MergedParams
+
+    base, adapters = bert_set
+    merged = adapters.merge(base.params, "a")
+    assert isinstance(merged, MergedParams) and merged.merged == ("a",)
+    with pytest.raises(ValueError, match=r"already hold adapter\(s\) \['a'\] merged"):
+        adapters.merge(merged, "a")
+    with pytest.raises(ValueError, match="already hold"):
+        adapters.merge(merged, "b")
+    with pytest.raises(ValueError, match=r"adapter 'b' is not merged into these params \(they "
+                                         r"hold \['a'\]\)"):
+        adapters.switch(merged, "b", "c")
+    with pytest.raises(ValueError, match="'c' is not merged"):
+        adapters.unmerge(merged, "c")
+    with pytest.raises(ValueError, match="no record of what is merged"):
+        adapters.unmerge(dict(merged), "a")
+    switched = adapters.switch(merged, "a", "b")
+    assert switched.merged == ("b",)
+    # The record travels through JAX: a jitted identity keeps it.
+    assert jax.jit(lambda p: p)(switched).merged == ("b",)
+    # Declared by hand (e.g. params read back from disk), it is checked the same way.
+    by_hand = adapters.unmerge(MergedParams(dict(merged), ("a",)), "a")
+    for x, y in zip(jax.tree_util.tree_leaves(by_hand),
+                    jax.tree_util.tree_leaves(adapters.unmerge(merged, "a"))):
+        np.testing.assert_array_equal(x, y)
+
+
 def kernels(params, adapters) -> dict:
     """The kernels no adapter trains in full (the heads are replaced, not merged)."""
     heads = {p for t in adapters.trainables for p in traverse_util.flatten_dict(t["params"])}
@@ -218,6 +248,40 @@ def test_evaluate_all_gives_each_adapter_its_own_evaluation(bert_set):
         assert together[name]["accuracy"] == alone["accuracy"]
         np.testing.assert_allclose(together[name]["loss"], alone["loss"], rtol=1e-5)
     assert len({m["loss"] for m in together.values()}) == 3
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 3, 1, 0, 2], [0, -1, 1, 1, 0, 2]])
+def test_an_adapter_id_out_of_range_is_refused(bert_set, ids):
+    """A set of three: id 3 or -1 names no adapter (it was clamped to the last one)."""
+    base, adapters = bert_set
+    x, mask = batch(1000)
+    bad = [i for i in ids if not 0 <= i < 3]
+    with pytest.raises(ValueError, match=rf"adapter ids \[{bad[0]}\] are out of range: the set "
+                                         r"holds 3 adapters"):
+        adapters.apply(base.model.apply, adapters.frozen(base.params), x, attention_mask=mask,
+                       adapter_ids=ids)
+
+
+def test_traced_adapter_ids_are_checked_under_checked(bert_set):
+    """Under jit the ids are traced: `checked` with check_ids=True raises for an out-of-range
+    one and computes the same logits as the unchecked call for valid ones."""
+    import jax
+    from jax.experimental import checkify
+
+    from lora_jax.adapter_set import checked
+
+    base, adapters = bert_set
+    x, mask = batch(1000)
+    frozen = adapters.frozen(base.params)
+    run = checked(jax.jit(lambda ids: adapters.apply(
+        base.model.apply, frozen, x, attention_mask=mask, adapter_ids=ids,
+        check_ids=True).logits))
+    good = jnp.array([0, 1, 2, 2, 1, 0])
+    want = adapters.apply(base.model.apply, frozen, x, attention_mask=mask,
+                          adapter_ids=good).logits
+    np.testing.assert_allclose(run(good), want, atol=1e-6)
+    with pytest.raises(checkify.JaxRuntimeError, match=r"adapter ids must be in \[0, 3\)"):
+        run(jnp.array([0, 1, 5, 2, 1, 0]))
 
 
 def test_evaluate_all_traces_its_program_once(bert_set):
