@@ -146,6 +146,39 @@ def test_a_missing_file_or_another_suffix(tmp_path):
         instruct.read_instructions(csv)
 
 
+def test_a_byte_that_is_not_utf8_names_file_and_record(tmp_path):
+    """A Latin-1 byte in record 2 of a .json file and on line 2 of a .jsonl file: the error
+    names the file and the record (it was a bare UnicodeDecodeError with a byte offset)."""
+    data = [json.dumps(r) for r in records(3)]
+    bad = data[1].replace("number 1", "num\xe9ro 1").encode("latin-1")
+    assert b"\xe9" in bad
+    (tmp_path / "a.json").write_bytes(b"[\n" + data[0].encode() + b",\n" + bad + b",\n"
+                                      + data[2].encode() + b"\n]\n")
+    with pytest.raises(FileFormatError, match=rf"{tmp_path / 'a.json'}:3:\d+: byte 0xe9 is not "
+                                              r"UTF-8 \(record 2\)"):
+        instruct.read_instructions(tmp_path / "a.json")
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join([data[0].encode(), bad, data[2].encode()]))
+    with pytest.raises(FileFormatError, match=rf"{tmp_path / 'a.jsonl'}: line 2: byte 0xe9 at "
+                                              r"column \d+ is not UTF-8"):
+        instruct.read_instructions(tmp_path / "a.jsonl")
+    kept = instruct.read_instructions(tmp_path / "a.jsonl", on_malformed="skip")
+    assert [r["instruction"] for r in kept] == [records(3)[0]["instruction"],
+                                                records(3)[2]["instruction"]]
+
+
+def test_a_directory_as_the_instruction_file_says_it_is_a_directory(tmp_path, data_dir):
+    """data.path naming a directory (here one called train.json): not "not found"."""
+    from lora_jax.training import fingerprints
+
+    folder = tmp_path / "train.json"
+    folder.mkdir()
+    with pytest.raises(FileFormatError, match=rf"{folder} is a directory"):
+        instruct.read_instructions(folder)
+    with pytest.raises(FileNotFoundError, match=rf"{folder} is a directory, where a data file "
+                                                r"is expected"):
+        fingerprints.data_inputs(instruct_config(folder, data_dir).data)
+
+
 def test_the_hub_source_reads_through_datasets(monkeypatch):
     # Offline stand-in for `datasets`: what load_dataset was asked for, and rows as it yields.
     import sys

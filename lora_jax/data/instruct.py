@@ -263,15 +263,18 @@ class _Malformed(Exception):
 
 def _file_items(path: pathlib.Path) -> tuple[str, str, Iterable[tuple[int, Any]]]:
     """(name, unit, (number, parsed object or _Malformed) pairs) of a local file."""
+    if path.is_dir():
+        raise FileFormatError(f"{path} is a directory; an instruction file is one .json or "
+                              ".jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"instruction file {path} not found")
     if path.suffix not in SUFFIXES:
         raise FileFormatError(f"{path}: expected a .json file (a JSON array of objects) or a "
                               f".jsonl file (one object per line), got suffix {path.suffix!r}")
-    # utf-8-sig: a file saved with a byte-order mark reads as without.
-    text = path.read_text(encoding="utf-8-sig")
+    raw = path.read_bytes()
     if path.suffix == ".jsonl":
-        return str(path), "line", _jsonl_items(text)
+        return str(path), "line", _jsonl_items(raw)
+    text = _decoded(path, raw)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -284,10 +287,38 @@ def _file_items(path: pathlib.Path) -> tuple[str, str, Iterable[tuple[int, Any]]
     return str(path), "record", enumerate(data, start=1)
 
 
-def _jsonl_items(text: str) -> Iterator[tuple[int, Any]]:
-    # split('\n'), not splitlines(): JSON strings may hold U+2028 and other characters that
+def _decoded(path: pathlib.Path, raw: bytes) -> str:
+    """A .json file's text; a byte that is not UTF-8 is named by line, column and the record
+    it falls in (the file is read again with it replaced, to find which record holds it)."""
+    try:
+        # utf-8-sig: a file saved with a byte-order mark reads as without.
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        where = ""
+        try:
+            records = json.loads(raw.decode("utf-8-sig", errors="replace"))
+            hits = [i for i, r in enumerate(records, start=1)
+                    if "\ufffd" in json.dumps(r, ensure_ascii=False)]
+            where = f" (record {hits[0]})" if hits and isinstance(records, list) else ""
+        except (json.JSONDecodeError, TypeError):
+            pass
+        raise FileFormatError(f"{path}:{line}:{column}: byte 0x{raw[err.start]:02x} is not "
+                              f"UTF-8{where}; save the file as UTF-8") from None
+
+
+def _jsonl_items(raw: bytes) -> Iterator[tuple[int, Any]]:
+    # split on b'\n', not splitlines(): JSON strings may hold U+2028 and other characters that
     # splitlines() takes for line ends, which would cut a record and shift the line numbers.
-    for number, line in enumerate(text.split("\n"), start=1):
+    # Lines are decoded one by one, so a line that is not UTF-8 is one malformed record.
+    for number, data in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line = data.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            yield number, _Malformed(f"byte 0x{data[err.start]:02x} at column {err.start + 1} "
+                                     "is not UTF-8; save the file as UTF-8")
+            continue
         if not line.strip():
             continue
         try:

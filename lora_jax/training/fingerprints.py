@@ -51,6 +51,10 @@ def data_inputs(data: ml_collections.ConfigDict, splits=TRAIN_SPLITS) -> dict[st
     inputs = tasks.task_entry(data.task).inputs(data, splits)
     if inputs.hub is not None:
         return {"hub": inputs.hub, "files": {}}
+    folders = [str(f) for f in inputs.files if f.is_dir()]
+    if folders:  # "not found" would be wrong: the path exists, as a directory
+        raise FileNotFoundError(f"{', '.join(folders)} is a directory, where a data file is "
+                                "expected")
     missing = [str(f) for f in inputs.files if not f.is_file()]
     if missing:
         raise FileNotFoundError(inputs.missing.format(", ".join(missing)))
