@@ -31,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax import losses
+from lora_jax.errors import FileFormatError
 from lora_jax.methods import lora, stacked_lora
 from lora_jax.methods.base import MethodStack, combine, join, modules_of
 from lora_jax.training.steps import model_inputs
@@ -113,7 +114,11 @@ class AdapterSet:
             directory = pathlib.Path(directory)
             if (directory / "adapter").is_dir():  # a run's workdir: its final export
                 directory = directory / "adapter"
-            stack, trainable = exports.load(directory, params, family, task)
+            try:
+                stack, trainable = exports.load(directory, params, family, task)
+            except (ValueError, FileFormatError) as error:
+                raise type(error)(f"adapter {name!r} ({directory}) does not fit this base: "
+                                  f"{error}") from None
             stacks.append(stack)
             trainables.append(jax.device_get(trainable))
         return cls(tuple(directories), tuple(stacks), tuple(trainables))

@@ -326,6 +326,13 @@ def test_load_reads_run_workdirs_and_export_directories(bert_set, tmp_path):
             np.testing.assert_allclose(got[path], want[path], atol=1e-6, err_msg=str(path))
     with pytest.raises(FileNotFoundError):
         AdapterSet.load({"x": tmp_path / "nothing"}, base.params, base.family, base.info["task"])
+    # On a base of another width the error names the adapter and its directory, and what
+    # does not fit (its head here).
+    wider = setup.base(tiny_config(**{"model.random_init.hidden_size": 48,
+                                      "model.random_init.intermediate_size": 96}))
+    with pytest.raises(Exception, match=rf"adapter 'b' \({places['b']}\) does not fit this "
+                                        r"base: .*classifier"):
+        AdapterSet.load({"b": places["b"]}, wider.params, wider.family, wider.info["task"])
 
 
 @pytest.mark.parametrize("beams", [1, 3])
