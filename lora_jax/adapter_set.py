@@ -102,9 +102,10 @@ class AdapterSet:
 
     @classmethod
     def load(cls, directories: Mapping[str, str | os.PathLike], params: Params, family: Any,
-             task: str | None) -> "AdapterSet":
+             task: str | None, base_record: dict | None = None) -> "AdapterSet":
         """The adapters exported in `directories` (name -> a run's workdir, which holds its
-        export in adapter/, or an export or PEFT directory), all trained on the base `params`."""
+        export in adapter/, or an export or PEFT directory), all trained on the base `params`
+        (`base_record`: its fingerprint; an export recording another base warns, naming both)."""
         import pathlib
 
         from lora_jax import exports
@@ -115,7 +116,8 @@ class AdapterSet:
             if (directory / "adapter").is_dir():  # a run's workdir: its final export
                 directory = directory / "adapter"
             try:
-                stack, trainable = exports.load(directory, params, family, task)
+                stack, trainable = exports.load(directory, params, family, task,
+                                                base_record=base_record)
             except (ValueError, FileFormatError) as error:
                 raise type(error)(f"adapter {name!r} ({directory}) does not fit this base: "
                                   f"{error}") from None

@@ -40,3 +40,8 @@ class Preempted(RunError):
 
 class FileFormatError(RunError, ValueError):
     """A file exists but cannot be read as what it should be (the message names the file)."""
+
+
+class OtherBase(RunError, ValueError):
+    """Trained adapters loaded on another base than they were trained on (the message names
+    both, by their checkpoint files' fingerprints)."""

@@ -46,35 +46,38 @@ def load_run(workdir: pathlib.Path, split: str = "dev") -> setup.Run:
     if not path.is_file():
         raise FileNotFoundError(f"{workdir} has no config.json: is it a lora_jax.train workdir?")
     config = ml_collections.ConfigDict(read_json_object(path, what="run config"))
-    check_inputs(workdir, config, split)
+    current = check_inputs(workdir, config, split)
     adapter = workdir / "adapter"
     if not adapter.is_dir():
         raise FileNotFoundError(f"{adapter} does not exist: the run has not finished training")
     devices = jax.device_count()
     if any(n != -1 and devices % n for n in (config.mesh.data, config.mesh.fsdp)):
         config.mesh.data, config.mesh.fsdp = -1, 1  # trained on another machine: split the batch
-    return setup.build(config, export=adapter)
+    return setup.build(config, export=adapter, base_record=current["base"])
 
 
-def check_inputs(workdir: pathlib.Path, config: ml_collections.ConfigDict, split: str) -> None:
-    """Refuses to evaluate on another base, tokenizer or data than the run trained on.
+def check_inputs(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+                 split: str) -> dict:
+    """Refuses to evaluate on another base, tokenizer or data than the run trained on; returns
+    the record of what evaluation reads (`fingerprints.run_inputs`).
 
     Compared: every base and tokenizer file, and the data files both read (the E2E test split is
     new to evaluation). A run from before inputs were recorded is evaluated with a warning.
     """
     path = workdir / FILE_NAME
-    if not path.is_file():
-        logging.warning("%s has no %s: the base and data cannot be checked", workdir, FILE_NAME)
-        return
-    recorded = read_json_object(path, what="record of a run's inputs")
     # A split the task has no public labels for is refused later; dev is what could be read.
     splits = (split,) if split in task_entry(config.data.task).eval_splits else ("dev",)
-    differences = fingerprints.differences(recorded, fingerprints.run_inputs(config, splits=splits),
-                                           only_common_files=True)
+    current = fingerprints.run_inputs(config, splits=splits)
+    if not path.is_file():
+        logging.warning("%s has no %s: the base and data cannot be checked", workdir, FILE_NAME)
+        return current
+    recorded = read_json_object(path, what="record of a run's inputs")
+    differences = fingerprints.differences(recorded, current, only_common_files=True)
     if differences:
         raise WorkdirError(f"{workdir} was trained on other inputs than these ({path}); its "
                            "scores here would describe neither. Differences:\n  "
                            + "\n  ".join(differences))
+    return current
 
 
 def stop_ids(run: setup.Run) -> tuple[int, ...]:

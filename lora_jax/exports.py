@@ -21,8 +21,10 @@ building its recorded method config and checking every tensor's path and shape a
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import warnings
 from typing import Any
 
 import jax
@@ -30,7 +32,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from lora_jax.errors import FileFormatError
+from lora_jax.errors import FileFormatError, OtherBase
 from lora_jax.interop import peft_adapters
 from lora_jax.interop.hub import read_safetensors
 from lora_jax.json_files import read_json_object
@@ -64,12 +66,16 @@ def _writer(stack: base.MethodStack) -> tuple[base.Method | None, base.PeftCodec
 
 def save(directory: str | os.PathLike, stack: base.MethodStack, method_config: Any,
          trainable: dict, *, model_type: str, task: str | None,
-         base_model_name_or_path: str | None = None, frozen: dict | None = None) -> pathlib.Path:
+         base_model_name_or_path: str | None = None, frozen: dict | None = None,
+         base_record: dict | None = None) -> pathlib.Path:
     """Writes a trained stack (see the module docstring); replaces an earlier export there.
 
     Args:
       frozen: the stack's frozen tree; a codec that says so needs it (DoRA's base norms on split
         outputs, PiSSA's initial adapters, VeRA's shared projections).
+      base_record: the fingerprint of the base the stack was trained on (a run's
+        `inputs.json` 'base' entry: its checkpoint files' sizes and SHA-256), written beside
+        the adapters as base_model.json, so that `load` can tell another base.
 
     Raises:
       FileExistsError: `directory` holds files an export does not write (nothing is changed).
@@ -79,22 +85,73 @@ def save(directory: str | os.PathLike, stack: base.MethodStack, method_config: A
     if codec is not None and codec.needs_frozen and frozen is None:
         raise ValueError(f"exporting {method.name} needs the stack's frozen tree (frozen=...)")
     if codec is not None and codec.writes(method, trainable):
-        return codec.save(pathlib.Path(directory), method, trainable, frozen,
-                          model_type=model_type, task=task,
-                          base_model_name_or_path=base_model_name_or_path)
+        written = codec.save(pathlib.Path(directory), method, trainable, frozen,
+                             model_type=model_type, task=task,
+                             base_model_name_or_path=base_model_name_or_path)
+        return _record_base(written, base_record)
     section = (method_config.to_dict() if isinstance(method_config, ml_collections.ConfigDict)
                else dict(method_config))
     record = {"format": FORMAT, "method": section, "model_type": model_type, "task": task,
               "base_model_name_or_path": base_model_name_or_path}
     tensors = {base.join(p): np.ascontiguousarray(np.asarray(v, np.float32))
                for p, v in traverse_util.flatten_dict(jax.device_get(trainable)).items()}
-    return peft_adapters.write_adapter_dir(pathlib.Path(directory), record, tensors,
-                                           config_name=CONFIG_NAME, weights_name=WEIGHTS_NAME)
+    written = peft_adapters.write_adapter_dir(pathlib.Path(directory), record, tensors,
+                                              config_name=CONFIG_NAME, weights_name=WEIGHTS_NAME)
+    return _record_base(written, base_record)
 
 
-def load(directory: str | os.PathLike, params: dict, family: Any,
-         task: str | None) -> tuple[base.MethodStack, dict]:
+def _record_base(directory: pathlib.Path, record: dict | None) -> pathlib.Path:
+    """Writes the base's fingerprint beside a fresh export (atomically: a reader sees the whole
+    file or none; the export's directory was just swapped in, without an older record)."""
+    if record is not None:
+        path = directory / peft_adapters.BASE_RECORD_NAME
+        staging = path.with_name(path.name + ".tmp")
+        staging.write_text(json.dumps({"base": record}, indent=2, sort_keys=True) + "\n")
+        staging.replace(path)
+    return directory
+
+
+def base_differences(recorded: dict, current: dict) -> list[str]:
+    """What differs between two base fingerprints, a line each (empty: the same base). The same
+    files in another directory are the same base."""
+    lines = []
+    if bool(recorded.get("random_init")) != bool(current.get("random_init")):
+        kind = lambda r: "random weights" if r.get("random_init") else "a checkpoint"
+        lines.append(f"trained on {kind(recorded)}, loaded on {kind(current)}")
+    old, new = recorded.get("files", {}), current.get("files", {})
+    for name in sorted(old.keys() | new.keys()):
+        if old.get(name) != new.get(name):
+            show = lambda e: "absent" if e is None else f"sha256 {e['sha256'][:12]}"
+            lines.append(f"{name}: trained on {show(old.get(name))} in {recorded.get('dir')}, "
+                         f"loaded on {show(new.get(name))} in {current.get('dir')}")
+    return lines
+
+
+def check_base(directory: pathlib.Path, current: dict | None, strict: bool) -> None:
+    """Compares an export's recorded base with `current` (a fingerprint of the base it is
+    loaded on): another base warns, or with `strict` raises. No record, or no `current`:
+    nothing to compare (exports from before the record existed load as they did)."""
+    path = directory / peft_adapters.BASE_RECORD_NAME
+    if current is None or not path.is_file():
+        return
+    recorded = read_json_object(path, what="record of an export's base",
+                                required=("base",))["base"]
+    differences = base_differences(recorded, current)
+    if differences:
+        message = (f"{directory} holds adapters trained on another base than this one; its "
+                   "outputs here would belong to neither:\n  " + "\n  ".join(differences))
+        if strict:
+            raise OtherBase(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def load(directory: str | os.PathLike, params: dict, family: Any, task: str | None, *,
+         base_record: dict | None = None,
+         strict_base: bool = False) -> tuple[base.MethodStack, dict]:
     """(stack, trainable) of an export, for the base `params` it was trained on.
+
+    `base_record`: the fingerprint of the base `params` come from (`save`'s); where the export
+    records another base, a warning names both, or with `strict_base` an `OtherBase` error.
 
     A PEFT directory gives the method whose codec claims its config (LoRA, DoRA, PiSSA, VeRA,
     AdaLoRA, prompt tuning); a lora_jax one the stack its recorded method config builds. The
@@ -106,6 +163,7 @@ def load(directory: str | os.PathLike, params: dict, family: Any,
       FileFormatError: a tensor missing, extra or of another shape than the stack has.
     """
     directory = pathlib.Path(directory)
+    check_base(directory, base_record, strict_base)
     config = peft_adapters.adapter_config(directory)
     if config is not None:
         peft_type = config.get("peft_type")

@@ -107,3 +107,61 @@ def test_stop_ids_are_gpt2s_own_or_else_the_tokenizers_eos():
     assert stop_ids(llama3) == (128001, 128009)
     with pytest.raises(ValueError, match="eos_token_id"):
         stop_ids(SimpleNamespace(family=FAMILIES["qwen2"], tokenizer=SimpleNamespace()))
+
+
+def save_bert(directory, seed: int):
+    """A random 2-layer BERT classifier saved with transformers: two seeds give two bases of
+    the same shapes and other weights."""
+    import torch
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(seed)
+    transformers.BertForSequenceClassification(config).save_pretrained(directory)
+    return directory
+
+
+def test_an_export_knows_its_base_and_is_refused_on_another(tmp_path):
+    """Adapters trained on base 0, put in a run on base 1 (same shapes, other weights): the
+    export's base record names both bases; evaluate refuses, exports.load and AdapterSet.load
+    warn. (Nothing recorded the base before: they loaded silently.)"""
+    import shutil
+    import warnings
+
+    from lora_jax import evaluate, exports
+    from lora_jax.adapter_set import AdapterSet
+    from lora_jax.errors import OtherBase
+    from lora_jax.training import fingerprints, setup
+
+    runs = []
+    for seed in (0, 1):
+        config = tiny_config(**{"model.name": str(save_bert(tmp_path / f"base{seed}", seed)),
+                                "model.tokenizer": "minilm", "train.max_steps": 2})
+        train(config, tmp_path / f"run{seed}")
+        runs.append((config, tmp_path / f"run{seed}"))
+    (config0, run0), (config1, run1) = runs
+    inputs = json.loads((run0 / "inputs.json").read_text())
+    for export in ("adapter", "best_adapter"):
+        record = json.loads((run0 / export / "base_model.json").read_text())
+        assert record == {"base": inputs["base"]}
+    evaluate.load_run(run1)  # its own adapters: fine
+    shutil.rmtree(run1 / "adapter")
+    shutil.copytree(run0 / "adapter", run1 / "adapter")
+    with pytest.raises(OtherBase, match=r"trained on another base.*\n.*model.safetensors: "
+                                        r"trained on sha256 \w+ in .*base0, loaded on sha256 "
+                                        r"\w+ in .*base1"):
+        evaluate.load_run(run1)
+    base1 = setup.base(config1)
+    record1 = fingerprints.base_inputs(config1.model)
+    with pytest.warns(UserWarning, match="trained on another base"):
+        exports.load(run0 / "adapter", base1.params, base1.family, base1.info["task"],
+                     base_record=record1)
+    with pytest.warns(UserWarning, match="trained on another base"):
+        AdapterSet.load({"a": run0}, base1.params, base1.family, base1.info["task"],
+                        base_record=record1)
+    with warnings.catch_warnings():  # on its own base: no warning
+        warnings.simplefilter("error")
+        exports.load(run0 / "adapter", setup.base(config0).params, base1.family,
+                     base1.info["task"], base_record=fingerprints.base_inputs(config0.model))

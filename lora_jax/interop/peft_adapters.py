@@ -40,9 +40,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."  # before every module's tensors
-# PEFT features that change the adapted function beyond W0 + s B A; refused on load.
+# PEFT features that change the adapted function beyond W0 + s B A; refused on load. Among them
+# every LoRA variant of PEFT's (its LoraConfig fields marked `is_lora_variant`; KaSA also
+# truncates the base weight) but DoRA, which a caller allows.
 _UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "target_parameters",
-                "trainable_token_indices", "alora_invocation_tokens", "use_bdlora")
+                "trainable_token_indices", "alora_invocation_tokens", "use_bdlora",
+                "arrow_config", "kasa_config", "monteclora_config", "velora_config", "use_qalora")
 
 
 def hf_root(model_type: str, task: str | None) -> str:
@@ -106,7 +109,11 @@ def modules_to_save(trained: dict, model_type: str, task: str | None) -> tuple[l
 
 # What an export directory may hold from an earlier export (PEFT's files or lora_jax's own): it
 # is replaced whole; anything else there is the user's and stops the export.
-EXPORT_NAMES = {CONFIG_NAME, WEIGHTS_NAME, "method_config.json", "method_params.safetensors"}
+# Beside either format: the fingerprint of the base the adapters were trained on (lora_jax's;
+# PEFT ignores files it does not know).
+BASE_RECORD_NAME = "base_model.json"
+EXPORT_NAMES = {CONFIG_NAME, WEIGHTS_NAME, "method_config.json", "method_params.safetensors",
+                BASE_RECORD_NAME}
 
 
 def write_adapter_dir(directory: pathlib.Path, config: dict, tensors: dict, *,
@@ -216,16 +223,23 @@ def read_adapter(directory: pathlib.Path, *, peft_types: tuple[str, ...] = ("LOR
     return config, tensors
 
 
-def _full_tensor(key: str, value: np.ndarray, path: tuple[str, ...], flat: dict,
-                 model_type: str) -> np.ndarray:
-    """A `modules_to_save` tensor in our layout, checked against the base parameter."""
-    if path[-1] == "kernel" and model_family(model_type).transposed_kernels:
-        value = value.T  # torch Linear stores (d_out, d_in); GPT-2's Conv1D does not
-    if value.shape != tuple(flat[path].shape):
-        raise ValueError(f"adapter tensor {key!r} has shape {value.shape} (after transposing "
-                         f"Linear weights) but {'/'.join(path)} in params has "
-                         f"{tuple(flat[path].shape)}")
-    return value
+def _full_tensor(directory: pathlib.Path, key: str, value: np.ndarray, path: tuple[str, ...],
+                 flat: dict, model_type: str) -> np.ndarray:
+    """A `modules_to_save` tensor in our layout, checked against the base parameter.
+
+    Raises:
+      FileFormatError: another shape than the base's (both in the file's layout), e.g. a head
+        trained for another number of labels.
+    """
+    # torch Linear stores (d_out, d_in); GPT-2's Conv1D stores the kernel as we do.
+    transposed = path[-1] == "kernel" and model_family(model_type).transposed_kernels
+    expected = tuple(flat[path].shape)[::-1] if transposed else tuple(flat[path].shape)
+    if value.shape != expected:
+        raise FileFormatError(
+            f"{directory / WEIGHTS_NAME}: tensor {key!r} has shape {value.shape}, but this "
+            f"{model_type} model's {'/'.join(path)} needs {expected} (an adapter saved on another "
+            "base, or a head for another number of labels)")
+    return value.T if transposed else value
 
 
 def float32_tree(flat: dict) -> dict:
@@ -260,7 +274,8 @@ def sort_tensors(directory: pathlib.Path, tensors: dict, flat: dict, model_type:
             names[module] = match["module"]
             found.setdefault(module, {})[match["leaf"]] = value
         elif key != name and not match and name in leaves:
-            full[leaves[name]] = _full_tensor(key, value, leaves[name], flat, model_type)
+            full[leaves[name]] = _full_tensor(directory, key, value, leaves[name], flat,
+                                              model_type)
         else:
             module = match["module"] if match else name.rpartition(".")[0]
             known = [root + hub.hf_module_name("/".join(p[:-1])) for p in flat if p[-1] == "kernel"]
@@ -307,8 +322,39 @@ def module_tensors(directory: pathlib.Path, tensors: dict, params: dict, model_t
         else:
             rest[key] = value
     _, _, full = sort_tensors(directory, rest, flat, model_type, root)
+    check_saved_modules(directory, tensors, flat, model_type)
     whole_modules(full, flat)
     return found, full
+
+
+def check_saved_modules(directory: pathlib.Path, tensors: dict, flat: dict,
+                        model_type: str) -> None:
+    """Refuses an adapter whose config's `modules_to_save` names a module of this model that
+    has no tensor in the file (a partial copy): the base's module, e.g. an untrained head, would
+    stand in for the trained one. PEFT matches an entry to every module whose name ends with it;
+    entries matching no module here (PEFT's own 'score' beside 'classifier' on SEQ_CLS) are
+    ignored, as PEFT ignores them.
+
+    Args:
+      tensors: the file's tensors, by their keys in it.
+      flat: the base params, flattened.
+
+    Raises:
+      FileFormatError: naming the weights file, the module and the entry that names it.
+    """
+    entries = (adapter_config(directory) or {}).get("modules_to_save") or []
+    entries = [entries] if isinstance(entries, str) else [str(e) for e in entries]
+    names = {key.removeprefix(PREFIX) for key in tensors}
+    for module in sorted({path[:i] for path in flat for i in range(1, len(path))}):
+        spellings = hub.hf_module_names(module, model_type)
+        matched = [(e, s) for e in entries for s in spellings if s.endswith(e)]
+        if matched and not any(n.startswith(s + ".") for s in spellings for n in names):
+            entry, name = matched[0]
+            raise FileFormatError(
+                f"{directory / WEIGHTS_NAME} has no tensors of module {name!r}, which "
+                f"{CONFIG_NAME} saves whole (modules_to_save {entry!r}): the file is incomplete, "
+                "and the base's untrained module would stand in for it; copy the adapter again "
+                "from where it was saved")
 
 
 def whole_modules(full: dict, flat: dict) -> list[tuple[str, ...]]:

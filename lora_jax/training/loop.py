@@ -112,6 +112,7 @@ class Loop:
         self.pending: list[tuple[int, Any, Any, list[int]]] = []
         self.tick = time.perf_counter()
         self.best: list[dict] = []  # each member's best evaluation so far
+        self.inputs: list[dict] = []  # each member's record of what it reads (its base's)
         self.first_step_s: float | None = None
 
     def state(self, index: int, step: int) -> dict:
@@ -142,7 +143,7 @@ class Loop:
 
     def begin(self, inputs: Sequence[dict], start: int, cleanup: contextlib.ExitStack) -> None:
         """From here on the workdirs are written: records committed, writers opened."""
-        configs = self.program.configs
+        configs, self.inputs = self.program.configs, list(inputs)
         for run_dir, config, own in zip(self.dirs, configs, inputs):
             run_dir.commit(config, own, fresh=start == 0)
         compile_cache.use(configs[0].train.compilation_cache, self.dirs[0].path)  # before compiles
@@ -177,7 +178,8 @@ class Loop:
             self.best[i] = log.eval(done, metrics[-1], task.main_metric,
                                     higher_is_better=task.kind != "lm")
             if self.dirs[i].writer and self.best[i]["step"] == done:
-                self.program.export(self.dirs[i].path / "best_adapter", self.trainable, i)
+                self.program.export(self.dirs[i].path / "best_adapter", self.trainable, i,
+                                    self.inputs[i]["base"])
         return metrics
 
     def steps(self, start: int, clock: CompileClock) -> list[dict[str, float]]:
@@ -239,7 +241,7 @@ def run(program: Program, dirs: Sequence[Workdir], inputs: Sequence[dict],
             if start < total:
                 log.compile(total, {**clock.record(), "first_step_s": round(loop.first_step_s, 3)})
             if dirs[i].writer:
-                program.export(dirs[i].path / "adapter", loop.trainable, i)
+                program.export(dirs[i].path / "adapter", loop.trainable, i, inputs[i]["base"])
             own, _ = program.member(loop.trainable, loop.opt_state, i)
             results.append(run_result(final, loop.best[i], own, program.stack(i),
                                       log.environments()))

@@ -316,12 +316,12 @@ class MemberGroup:
                                    self.member_trainable(trainable, index), member.mesh,
                                    self.configs[index].data.eval_batch_size)
 
-    def export(self, directory, trainable, index: int) -> None:
+    def export(self, directory, trainable, index: int, base_record: dict | None) -> None:
         """Writes member `index`'s trained adapters as its own run would."""
         member = self.members[index]
         exports.save(directory, member.stack, self.configs[index].method,
                      self.member_trainable(trainable, index), frozen=member.frozen,
-                     **member.info)
+                     base_record=base_record, **member.info)
 
     def learning_rate(self, index: int, step: int) -> float:
         """Member `index`'s learning rate at `step`, as its run logs it."""

@@ -69,8 +69,9 @@ class Program(Protocol):
     def evaluate(self, trainable, index: int) -> dict[str, float]:
         """Member `index`'s dev metrics."""
 
-    def export(self, directory, trainable, index: int) -> None:
-        """Writes member `index`'s trained methods (`exports.save`)."""
+    def export(self, directory, trainable, index: int, base_record: dict | None) -> None:
+        """Writes member `index`'s trained methods (`exports.save`), with the fingerprint of
+        the base they were trained on."""
 
     def learning_rate(self, index: int, step: int) -> float:
         """Member `index`'s learning rate at `step`, for its log."""
@@ -137,9 +138,10 @@ class OneRun:
         return evaluation.evaluate(self.task, self.training.eval_step, self.run.frozen, trainable,
                                    self.mesh, self.run.config.data.eval_batch_size)
 
-    def export(self, directory, trainable, index: int) -> None:
+    def export(self, directory, trainable, index: int, base_record: dict | None) -> None:
         exports.save(directory, self.run.stack, self.run.config.method,
-                     jax.device_get(trainable), frozen=self.run.frozen, **self.run.info)
+                     jax.device_get(trainable), frozen=self.run.frozen, base_record=base_record,
+                     **self.run.info)
 
     def learning_rate(self, index: int, step: int) -> float:
         return float(self.training.schedule(step))
