@@ -7,6 +7,7 @@ tensor changes the logits; tolerances are fixed (1e-4 on whole-model logits).
 import json
 import pathlib
 import pickle
+import typing
 
 import jax
 import numpy as np
@@ -17,9 +18,12 @@ import torch
 import transformers
 from flax import traverse_util
 
+from lora_jax import exports
+from lora_jax.errors import FileFormatError
 from lora_jax.methods import lora
 from lora_jax.interop.hub import hf_module_name, load_pretrained
 from lora_jax.methods.lora_peft import export_peft, load_peft
+from lora_jax.models import family as model_family
 
 ATOL = 1e-4
 GPT2_SPECS = {
@@ -364,3 +368,165 @@ def test_export_refuses_gpt2_tied_embedding(gpt2_export, tmp_path):
     with pytest.raises(ValueError, match="tied to the LM head"):
         export_peft(tmp_path / "wte", spec, trainable, model_type="gpt2", task=None)
     assert not (tmp_path / "wte").exists()
+
+
+# --- init_lora_weights, modules to save, heads ---------------------------------------------------
+
+# Every value of PEFT's `init_lora_weights` (its LoraConfig's Literal, plus 'lora_ga', which PEFT
+# accepts beside it), with what lora_jax does with an adapter saved that way: 'loads' (gives
+# PEFT's logits on the same base) or 'refused' (names the config file, the value and a remedy).
+INIT_VALUES = {
+    True: "loads", False: "loads", "gaussian": "loads", "eva": "loads", "orthogonal": "loads",
+    "mica": "loads", "olora": "loads", "pissa": "loads",
+    "pissa_niter_4": "refused", "corda": "refused", "loftq": "refused", "lora_ga": "refused",
+}
+# PEFT cannot start these without calibration data or a quantisation setup: their configs are
+# written by hand (a plain save with the value set).
+_HAND_WRITTEN = ("corda", "loftq")
+
+
+def test_init_values_cover_peft():
+    """A value a newer PEFT adds fails here until it is classified (lora_peft refuses it until
+    then, as a value it does not know)."""
+    def values(hint):
+        args = typing.get_args(hint)
+        return [v for a in args for v in (values(a) if typing.get_args(a) else [a])]
+
+    hint = typing.get_type_hints(peft.LoraConfig)["init_lora_weights"]
+    known = {str(v).lower() for v in INIT_VALUES} | {"pissa_niter_[number of iters]"}
+    assert {str(v).lower() for v in values(hint) if v is not bool} <= known
+
+
+ROBERTA_LORA = dict(task_type=peft.TaskType.SEQ_CLS, target_modules=["query", "value"])
+
+
+def _save_peft_lora(hf_class, base_dir, out, init, **config):
+    """A PEFT LoRA adapter (rank 4, alpha 8) started with `init`, A, B and any head perturbed so
+    they matter; returns PEFT's own model loaded back from the file (None: hand-written)."""
+    value = True if init in _HAND_WRITTEN else init
+    torch.manual_seed(1)
+    peft_model = peft.get_peft_model(hf_class.from_pretrained(base_dir), peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=value, **config))
+    _perturb_torch_adapters(peft_model, 2)
+    peft_model.save_pretrained(out)
+    if init in _HAND_WRITTEN:
+        _set_init(out, init)
+        return None
+    return _peft_model(hf_class, base_dir, out)
+
+
+def _set_init(adapter, init) -> None:
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": init}))
+
+
+def _exported_logits(adapter, params, model, family, task, ids, mask) -> np.ndarray:
+    """Logits of `adapter` read by `exports.load`, as `AdapterSet.load` and `evaluate` read it."""
+    stack, trainable = exports.load(adapter, params, model_family(family), task)
+    apply = stack.adapt(model.apply)
+    return np.asarray(apply(stack.frozen(params, trainable), trainable, ids,
+                            attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("init", list(INIT_VALUES), ids=str)
+def test_every_init_lora_weights_loads_as_peft_or_is_refused(init, roberta_dir, tmp_path,
+                                                             padded_batch):
+    out = tmp_path / "adapter"
+    peft_model = _save_peft_lora(transformers.RobertaForSequenceClassification, roberta_dir, out,
+                                 init, **ROBERTA_LORA)
+    model, params, _ = load_pretrained(roberta_dir, task="classification", num_labels=3)
+    ids, mask = padded_batch(101, pad_id=1)
+    if INIT_VALUES[init] == "refused":
+        for load in (lambda: exports.load(out, params, model_family("roberta"), "classification"),
+                     lambda: load_peft(out, params, model_type="roberta", task="classification")):
+            with pytest.raises(FileFormatError) as error:
+                load()
+            message = str(error.value)
+            assert message.startswith(f"{out}/adapter_config.json: init_lora_weights {init!r}")
+            assert "\n" not in message and ("path_initial_model_for_weight_conversion" in message
+                                            or "merge_and_unload" in message)
+        return
+    ours = _exported_logits(out, params, model, "roberta", "classification", ids, mask)
+    np.testing.assert_allclose(ours, _torch_logits(peft_model, ids, mask), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", ["roberta", "gpt2"])
+def test_olora_adapter_gives_peft_logits(family, roberta_dir, gpt2_dir, tmp_path, padded_batch):
+    """OLoRA trains against W0 - s Q_r R_r (QR of the weight as torch stores it): read as PEFT's
+    conversion, a rank-2r LoRA on W0, it gives PEFT's logits, by `exports.load` and `load_peft`
+    alike. GPT-2's Conv1D stores (d_in, d_out), which PEFT factors as is; only its square c_proj
+    fits A's shape there."""
+    out = tmp_path / "adapter"
+    if family == "roberta":
+        peft_model = _save_peft_lora(
+            transformers.RobertaForSequenceClassification, roberta_dir, out, "olora",
+            alpha_pattern={"layer.1.attention.self.value": 5},
+            rank_pattern={"layer.0.attention.self.query": 2}, **ROBERTA_LORA)
+        model, params, _ = load_pretrained(roberta_dir, task="classification", num_labels=3)
+        task, ids, mask = "classification", *padded_batch(101, pad_id=1)
+    else:
+        peft_model = _save_peft_lora(transformers.GPT2LMHeadModel, gpt2_dir, out, "olora",
+                                     target_modules=["attn.c_proj"], fan_in_fan_out=True)
+        model, params, _ = load_pretrained(gpt2_dir)
+        task, ids, mask = None, *padded_batch(97)
+    theirs = _torch_logits(peft_model, ids, mask)
+    real = mask == 1 if task is None else np.s_[:]  # an LM's padded positions do not count
+    ours = _exported_logits(out, params, model, family, task, ids, mask)
+    np.testing.assert_allclose(ours[real], theirs[real], rtol=0, atol=ATOL)
+    spec, trainable = load_peft(out, params, model_type=family, task=task)
+    as_lora = lora.adapt(model.apply, spec)(params, trainable, ids, attention_mask=mask).logits
+    np.testing.assert_allclose(np.asarray(as_lora)[real], theirs[real], rtol=0, atol=ATOL)
+    _set_init(out, True)  # the same tensors as a LoRA on W0: far from PEFT's function
+    plain = _exported_logits(out, params, model, family, task, ids, mask)
+    assert np.abs(plain - theirs)[real].max() > 100 * ATOL
+
+
+def test_dora_olora_adapter_gives_peft_logits(roberta_dir, tmp_path, padded_batch):
+    """DoRA normalises W_res + s B A = W0 + s' B' A', so the conversion carries over."""
+    out = tmp_path / "adapter"
+    peft_model = _save_peft_lora(transformers.RobertaForSequenceClassification, roberta_dir, out,
+                                 "olora", use_dora=True, **ROBERTA_LORA)
+    model, params, _ = load_pretrained(roberta_dir, task="classification", num_labels=3)
+    ids, mask = padded_batch(101, pad_id=1)
+    ours = _exported_logits(out, params, model, "roberta", "classification", ids, mask)
+    np.testing.assert_allclose(ours, _torch_logits(peft_model, ids, mask), rtol=0, atol=ATOL)
+
+
+def test_a_module_to_save_without_tensors_is_refused(roberta_dir, tmp_path):
+    """PEFT's SEQ_CLS save lists 'classifier' and 'score' in modules_to_save; a copy that lost the
+    classifier's tensors would run on the base's untrained head (PEFT raises as well). 'score',
+    which names no module of RoBERTa, stays ignored."""
+    out = tmp_path / "adapter"
+    _save_peft_lora(transformers.RobertaForSequenceClassification, roberta_dir, out, True,
+                    **ROBERTA_LORA)
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == [
+        "classifier", "score"]
+    _, params, _ = load_pretrained(roberta_dir, task="classification", num_labels=3)
+    load_peft(out, params, model_type="roberta", task="classification")  # 'score' is ignored
+    weights = out / "adapter_model.safetensors"
+    tensors = safetensors.numpy.load_file(weights)
+    safetensors.numpy.save_file({k: v for k, v in tensors.items() if ".classifier." not in k},
+                                weights, metadata={"format": "pt"})
+    message = rf"^{weights} has no tensors of module 'classifier', .*modules_to_save 'classifier'"
+    with pytest.raises(FileFormatError, match=message):
+        load_peft(out, params, model_type="roberta", task="classification")
+    with pytest.raises(FileFormatError, match=message):
+        exports.load(out, params, model_family("roberta"), "classification")
+
+
+def test_a_head_of_another_size_names_file_tensor_and_shapes(roberta_dir, tmp_path):
+    _, params, _ = load_pretrained(roberta_dir, task="classification", num_labels=3)
+    _, trainable = lora.split(ROBERTA_SPEC, params, jax.random.key(0))
+    out = export_peft(tmp_path / "adapter", ROBERTA_SPEC, trainable, model_type="roberta",
+                      task="classification")
+    weights = out / "adapter_model.safetensors"
+    tensors = safetensors.numpy.load_file(weights)
+    key = "base_model.model.classifier.out_proj.weight"
+    assert tensors[key].shape == (3, 32)
+    tensors[key] = np.ones((5, 32), np.float32)  # a head for 5 labels
+    safetensors.numpy.save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(FileFormatError) as error:
+        load_peft(out, params, model_type="roberta", task="classification")
+    assert str(error.value).startswith(f"{weights}: tensor {key!r} has shape (5, 32), but this "
+                                       "roberta model's classifier/out_proj/kernel needs (3, 32)")
+    assert "\n" not in str(error.value)

@@ -328,14 +328,21 @@ def _init_params(model: nn.Module, rng: jax.Array) -> dict:
     return model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
+def hf_module_names(module: tuple[str, ...], model_type: str) -> list[str]:
+    """Candidate HF names for one of our modules, the preferred spelling first: as named, under
+    the family's base-model prefix, and without it."""
+    name = hf_module_name("/".join(module))
+    base = model_family(model_type).base_prefix + "."
+    names = [name, base + name]
+    if name.startswith(base):  # our task model, a base-model checkpoint
+        names.append(name.removeprefix(base))
+    return names
+
+
 def hf_keys(path: tuple[str, ...], model_type: str) -> list[str]:
     """Candidate HF keys for one of our leaves, the preferred spelling first."""
-    module = hf_module_name("/".join(path[:-1]))
-    base = model_family(model_type).base_prefix + "."
-    modules = [module, base + module]
-    if module.startswith(base):  # our task model, a base-model checkpoint
-        modules.append(module.removeprefix(base))
-    return [f"{m}.{leaf}" for m in modules for leaf in LEAF_NAMES[path[-1]]]
+    return [f"{m}.{leaf}" for m in hf_module_names(path[:-1], model_type)
+            for leaf in LEAF_NAMES[path[-1]]]
 
 
 def missing_leaves(model: nn.Module, checkpoint_dir: str | os.PathLike) -> list[tuple[str, ...]]:

@@ -30,7 +30,28 @@ from lora_jax.interop import hub
 from lora_jax.interop import peft_adapters as pa
 from lora_jax.methods import lora
 from lora_jax.methods.base import Method, Params, PeftCodec, modules_of
+from lora_jax.models import family as model_family
 
+# PEFT's `init_lora_weights` values (lower-cased) that choose only A's and B's starting values:
+# PEFT's load leaves the base as it is, so the adapter is a plain LoRA on W0. (MiCA also freezes B
+# in training; its forward is LoRA's.)
+PLAIN_INITS = ("true", "false", "none", "gaussian", "eva", "orthogonal", "mica")  # None: as False
+# Values whose start moved the base weight, and that are re-derived from it on load: OLoRA here
+# (`olora_start`), PiSSA by its own codec (`methods.pissa`).
+REDERIVED_INITS = ("olora", "pissa")
+# Values whose moved base cannot be re-derived from the base and the file: value (a prefix for
+# 'pissa_niter_') -> why, and what to do instead.
+_CONVERT = ("save it from PEFT with save_pretrained(..., path_initial_model_for_weight_conversion="
+            "...), which writes it as a plain LoRA on the original base")
+REFUSED_INITS = {
+    "pissa_niter_": ("PiSSA's randomised SVD draws from torch's generator", _CONVERT),
+    "corda": ("CorDA's start depends on the covariance of calibration data, not in the file",
+              _CONVERT),
+    "lora_ga": ("LoRA-GA's start depends on gradients of training data, not in the file",
+                _CONVERT),
+    "loftq": ("LoftQ trained against the quantised base, not the base given here",
+              "merge it in PEFT (merge_and_unload) and load the merged model as the base"),
+}
 # PEFT's names of a module's LoRA tensors -> ours while reading ('M': DoRA's magnitude).
 _LEAVES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "M"}
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<leaf>lora_[AB]\.weight|lora_magnitude_vector)$")
@@ -178,7 +199,10 @@ def load_peft(
     saved on HF's task model also fits our bare encoder and vice versa. Every module is an exact
     target with its rank read from its tensors and its alpha from PEFT's `alpha_pattern` rules.
     Other tensors (`modules_to_save`, e.g. the classifier head) go to `trainable['params']`, each
-    module whole: a leaf missing from the file keeps its value in `params`, as in PEFT.
+    module whole: a leaf missing from the file keeps its value in `params`, as in PEFT (a module
+    with no tensor there is refused). An adapter whose PEFT start moved the base
+    (`init_lora_weights`) is read as the same function on `params` where that can be re-derived
+    (OLoRA), else refused; see `checked_init`.
 
     Args:
       directory: holds adapter_config.json and adapter_model.safetensors (pickles are refused).
@@ -193,7 +217,10 @@ def load_peft(
     Raises:
       FileNotFoundError: the directory or a file is missing, or the weights are a pickle.
       ValueError: peft_type is not 'LORA'; an unsupported PEFT feature; a tensor whose module is not
-        in `params` (named); a shape that does not fit the base (parameter and both shapes named).
+        in `params` (named); a shape that does not fit the base (parameter and both shapes named);
+        a PiSSA adapter (`lora_jax.exports.load` reads it).
+      FileFormatError (a ValueError): an `init_lora_weights` whose moved base cannot be
+        re-derived; a module to save with no tensor in the file, or one of another shape.
     """
     directory = pathlib.Path(directory)
     config, spec, adapters, full = read_lora(directory, params, model_type, task)
@@ -206,20 +233,103 @@ def load_peft(
 
 
 def init_weights(config: dict) -> str:
-    """PEFT's `init_lora_weights` of a LoRA config, lower-cased ('true', 'pissa', ...)."""
-    return str(config.get("init_lora_weights")).lower()
+    """PEFT's `init_lora_weights` of a LoRA config, lower-cased ('true', 'pissa', ...); absent
+    (configs of PEFT before the field) it is PEFT's default, True."""
+    return str(config.get("init_lora_weights", True)).lower()
+
+
+def checked_init(directory: pathlib.Path, config: dict) -> str:
+    """`init_weights(config)`, where lora_jax reads an adapter started that way: one of
+    PLAIN_INITS or REDERIVED_INITS (see README, "Reliability").
+
+    Raises:
+      FileFormatError: a start that moved the base weight in a way the base and the file cannot
+        reproduce (REFUSED_INITS), or a value lora_jax does not know; the message names
+        adapter_config.json, the value and what to do.
+    """
+    init = init_weights(config)
+    if init in PLAIN_INITS or init in REDERIVED_INITS:
+        return init
+    value = config.get("init_lora_weights")
+    why, remedy = next(
+        (entry for prefix, entry in REFUSED_INITS.items() if init.startswith(prefix)),
+        ("lora_jax does not know whether that start moves the base weight", _CONVERT))
+    raise FileFormatError(
+        f"{directory / pa.CONFIG_NAME}: init_lora_weights {value!r} trains the adapter against "
+        f"a base PEFT moved at its start, which cannot be re-derived here ({why}); {remedy}")
+
+
+def olora_start(kernel: Any, rank: int, transposed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's OLoRA start of one kernel (d_in, d_out), as float32 (A0 (r, d_in), B0 (d_out, r)):
+    the start moved the kernel by -s (B0 A0)^T, where PEFT subtracts s Q_r R_r from the weight
+    as torch stores it (QR in float32 there, float64 here).
+
+    Args:
+      transposed: torch stores the weight as the kernel's transpose (a Linear). Otherwise (GPT-2's
+        Conv1D) it stores the kernel itself, and PEFT factors that: its Q_r R_r then lies in the
+        kernel's orientation, so PEFT's model differs from the base at step 0 and only square
+        kernels fit A's shape. The adapter was trained on that function, so it is reproduced.
+    """
+    stored = np.asarray(kernel, np.float64)
+    q, r = np.linalg.qr(stored.T if transposed else stored)
+    # Q_r R_r projects the weight on its first r columns' span: the same whatever signs QR picks.
+    q, r = q[:, :rank].astype(np.float32), r[:rank].astype(np.float32)
+    return (r, q) if transposed else (q.T, r.T)
+
+
+def _olora_as_lora(adapters: dict, ranks: dict, alphas: dict, flat: dict, model_type: str,
+                   rslora: bool) -> tuple[dict, dict, dict]:
+    """(adapters, ranks, alphas) of PEFT's conversion of OLoRA adapters (module path + leaf ->
+    tensor) to LoRA on the original base: W_res + s B A = W0 + s' B' A' with A' = [A; A0],
+    B' = [B, -B0] (`olora_start`), rank 2r and alpha doubled so that s' = s (rslora: times
+    sqrt(2))."""
+    transposed = model_family(model_type).transposed_kernels
+    factor = math.sqrt(2.0) if rslora else 2.0
+    converted = dict(adapters)
+    for module, rank in ranks.items():
+        a0, b0 = olora_start(flat[module + ("kernel",)], rank, transposed)
+        a, b = module + (lora.LORA_A,), module + (lora.LORA_B,)
+        converted[a] = np.concatenate([adapters[a], a0], axis=0)
+        converted[b] = np.concatenate([adapters[b], -b0], axis=1)
+    return (converted, {m: 2 * r for m, r in ranks.items()},
+            {m: factor * x for m, x in alphas.items()})
 
 
 def read_lora(directory: pathlib.Path, params: dict, model_type: str, task: str | None,
               magnitude: str | None = None) -> tuple[dict, lora.LoraSpec, dict, dict]:
     """(config, spec, adapters {module: {'lora_a', 'lora_b'}}, leaves trained in full) of a PEFT
     LoRA directory, float32. `magnitude`: the leaf to hold DoRA's magnitudes (`use_dora`
-    allowed); None refuses them."""
+    allowed); None refuses them.
+
+    Its `init_lora_weights` is checked (`checked_init`). An OLoRA adapter, trained against the
+    base PEFT moved at its start, comes back as PEFT's conversion of it: a LoRA of rank 2r on
+    `params` itself giving the same function (`_olora_as_lora`); a PiSSA adapter as it is in the
+    file (`methods.pissa` re-derives its base).
+    """
     root = pa.hf_root(model_type, task)
     config, tensors = pa.read_adapter(directory, allowed=("use_dora",) if magnitude else ())
+    init = checked_init(directory, config)
     flat = traverse_util.flatten_dict(params)
     found, names, full = pa.sort_tensors(directory, tensors, flat, model_type, root, _KEY)
+    pa.check_saved_modules(directory, tensors, flat, model_type)
+    adapters, ranks, alphas = _module_adapters(directory, config, found, names, flat, magnitude)
+    owners = pa.whole_modules(full, flat)
+    spec = _spec(config, ranks, alphas, owners)
+    try:
+        lora.check_adapters(spec, params, traverse_util.unflatten_dict(adapters))
+    except ValueError as error:
+        raise ValueError(f"PEFT adapter {directory} does not fit these params: {error}") from None
+    if init == "olora":
+        adapters, ranks, alphas = _olora_as_lora(adapters, ranks, alphas, flat, model_type,
+                                                 spec.rslora)
+        spec = _spec(config, ranks, alphas, owners)
+    return config, spec, pa.float32_tree(adapters), pa.float32_tree(full)
 
+
+def _module_adapters(directory: pathlib.Path, config: dict, found: dict, names: dict,
+                     flat: dict, magnitude: str | None) -> tuple[dict, dict, dict]:
+    """(module path + leaf -> tensor, module -> rank, module -> alpha) of the LoRA tensors
+    `pa.sort_tensors` found, in the order of `flat`, each module's tensors checked."""
     adapters, ranks, alphas = {}, {}, {}
     order = {path[:-1]: i for i, path in enumerate(flat)}
     dora = bool(config.get("use_dora"))
@@ -241,12 +351,16 @@ def read_lora(directory: pathlib.Path, params: dict, model_type: str, task: str 
         ranks[module] = a.shape[0]
         alphas[module] = _pattern_value(config.get("alpha_pattern") or {}, names[module],
                                         config["lora_alpha"])
-    owners = pa.whole_modules(full, flat)
+    return adapters, ranks, alphas
 
+
+def _spec(config: dict, ranks: dict, alphas: dict, owners: list) -> lora.LoraSpec:
+    """The LoraSpec of per-module ranks and alphas: each module an exact target, the most
+    common rank and alpha the defaults; `owners` (modules to save) trained in full."""
     rank = pa.most_common(ranks, config["r"])
     alpha = pa.most_common(alphas, config["lora_alpha"])
     kernel = {m: pa.exact_pattern(m + ("kernel",), "$") for m in ranks}
-    spec = lora.LoraSpec(
+    return lora.LoraSpec(
         targets=tuple(kernel.values()),
         rank=rank,
         alpha=float(alpha),
@@ -256,12 +370,6 @@ def read_lora(directory: pathlib.Path, params: dict, model_type: str, task: str 
         alpha_pattern={kernel[m]: float(x) for m, x in alphas.items() if x != alpha},
         also_train=tuple(pa.exact_pattern(m, "/") for m in owners),
     )
-    adapters, full = pa.float32_tree(adapters), pa.float32_tree(full)
-    try:
-        lora.check_adapters(spec, params, adapters)
-    except ValueError as error:
-        raise ValueError(f"PEFT adapter {directory} does not fit these params: {error}") from None
-    return config, spec, adapters, full
 
 
 class LoraPeft(PeftCodec):
