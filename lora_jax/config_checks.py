@@ -6,6 +6,9 @@ one `ConfigError` listing every bad value with what would be allowed:
 
     config.train.eval_every = 0: must be an integer >= 1
     config.model.dtype = 'float16': must be one of 'float32', 'bfloat16'
+
+What only the model can judge (a method's targets against its kernels, ranks against their
+sizes) `check_against_base` checks once the base is built, still before anything is written.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import ml_collections
 from lora_jax.config_rules import (Rule, boolean, buckets, integer, number, one_of, regexes,
                                    text)
 from lora_jax.errors import ConfigError
-from lora_jax.methods import METHODS
+from lora_jax.methods import METHODS, MethodStack
+from lora_jax.methods.base import CONFLICTS, SettingError
 
 
 # --- Rules of this config's own fields --------------------------------------------------------
@@ -118,12 +122,15 @@ def method_rules() -> dict[str, Rule]:
             for field, rule in registration.rules.items()}
 
 
+# This config's own fields: `rules()` adds the methods registered when it is called, not those
+# registered when this module was imported (a method registered for a while, as a test does).
+_OWN_RULES = dict(RULES)
 RULES.update(method_rules())
 
 
 def rules() -> dict[str, Rule]:
-    """`RULES` with the sections of the methods registered now."""
-    return {**RULES, **method_rules()}
+    """`RULES` with the sections of the methods registered now (and of those alone)."""
+    return {**_OWN_RULES, **method_rules()}
 
 
 def _leaves(config: ml_collections.ConfigDict, prefix: str = "",
@@ -195,7 +202,86 @@ def _related(c: ml_collections.ConfigDict, device_count: int) -> list[str]:
         if c.mesh[axis] != -1 and device_count % c.mesh[axis]:
             problems.append(f"config.mesh.{axis} = {c.mesh[axis]}: must divide the "
                             f"{device_count} devices")
+    return problems + _methods_together(c.method)
+
+
+def _methods_together(c: ml_collections.ConfigDict) -> list[str]:
+    """Problems between the fields of each used method's section (`Registration.related`) and
+    between the methods of the stack (`base.CONFLICTS`: pairs that would merge into another
+    function than the one they train)."""
+    use = tuple(c.use)
+    problems = []
+    for name in use:
+        if METHODS[name].related is not None:
+            problems += [f"config.method.{name}.{p}" for p in METHODS[name].related(c[name])]
+    for i, first in enumerate(use):
+        for second in use[i + 1:]:
+            for a, b in ((first, second), (second, first)):
+                why = CONFLICTS.get((METHODS[a].kernels, METHODS[b].kernels))
+                if why:
+                    problems.append(f"config.method.use = {use!r}: {a} and {b} cannot run "
+                                    f"together: {why.format(first=a, second=b)}")
+                    break
     return problems
+
+
+def _shown(value: Any) -> Any:
+    """A config value as one line shows it (a pattern table as a dict)."""
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
+def refusal(config: ml_collections.ConfigDict, error: SettingError) -> ConfigError:
+    """The ConfigError naming config.method.<error.method>.<error.field>, the field behind a
+    method's `SettingError`, in `check_config`'s form."""
+    return _invalid([_setting_line(config, error.method, error)])
+
+
+def _setting_line(config: ml_collections.ConfigDict, method: str | None,
+                  error: SettingError) -> str:
+    """'config.method.<method>.<field> = value: message' (method None: a field of
+    config.method itself, such as also_train)."""
+    section = config.method if method is None else config.method[method]
+    dotted = "method." + ("" if method is None else f"{method}.") + error.field
+    if error.field not in section:  # a method's own name for what its section sets otherwise
+        return f"config.{dotted}: {error}"
+    return f"config.{dotted} = {_shown(section[error.field])!r}: {error}"
+
+
+def _invalid(problems: list[str]) -> ConfigError:
+    return ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def check_against_base(config: ml_collections.ConfigDict, params: Any, family: Any) -> None:
+    """Raises a `ConfigError` naming each method setting the base model does not allow: what
+    `check_config` cannot judge before the model is loaded (a target matching none of its
+    kernels, a rank over a kernel's size, AdapterDrop dropping every block). The trainer calls
+    it once the base is built, before anything is written.
+
+    Each method is built and splits `params` in shapes only (`jax.eval_shape`, nothing
+    computed), so the methods' own checks decide: each raises a `SettingError` naming its field.
+
+    Args:
+      config: a training config that `check_config` passed.
+      params: the base model's parameters (arrays or ShapeDtypeStructs).
+      family: its model family.
+    """
+    import jax  # deferred, as in check_config
+
+    problems = []
+    also_train = tuple(config.method.also_train)
+    try:
+        MethodStack((), also_train).trained_in_full(params)
+    except SettingError as error:
+        problems.append(_setting_line(config, None, error))
+        also_train = ()
+    for name in config.method.use:
+        try:
+            stack = MethodStack((METHODS[name].build(config.method[name], family),), also_train)
+            jax.eval_shape(stack.split, params, jax.random.key(0))
+        except SettingError as error:
+            problems.append(_setting_line(config, name, error))
+    if problems:
+        raise _invalid(problems)
 
 
 def check_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
@@ -229,4 +315,4 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
     if not problems:
         problems = _related(config, device_count)
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise _invalid(problems)

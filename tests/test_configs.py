@@ -1,10 +1,13 @@
 """Every experiment config loads, carries the paper's numbers, and rejects bad arguments."""
 
+import functools
+import importlib.util
 import pathlib
 
 import pytest
 
 from lora_jax.config import load_config
+from lora_jax.methods import METHODS
 from lora_jax.data.glue import TASKS
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -83,3 +86,82 @@ def test_model_section_reaches_the_model(monkeypatch):
     with pytest.raises(StopIteration):
         build_model(c.model, jax.random.key(0))
     assert seen["attention_implementation"] == "cudnn" and seen["remat"] is True
+
+
+# --- Every method from every config: refused by the checks, or built -----------------------------
+
+def config_module(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The experiment configs with a METHODS table (their `method=` argument), each with its entries.
+TABLES = {path.stem: list(module.METHODS) for path in sorted(CONFIGS.glob("*.py"))
+          if hasattr(module := config_module(path), "METHODS")}
+
+
+@functools.cache
+def tiny_base(config_file: str):
+    """(params as shapes, family) of the config file's model=tiny, a random-weight model."""
+    import jax
+    import jax.numpy as jnp
+    import transformers
+
+    from lora_jax.interop import hub
+    from lora_jax.models import family as model_family
+
+    c = load_config(f"{CONFIGS}/{config_file}.py:model=tiny")
+    fields = dict(c.model.random_init)
+    hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model = hub.model_from_hf_config(hf_config, task=c.model.task,
+                                     num_labels=c.model.num_labels if c.model.task else None)
+    params = jax.eval_shape(lambda k: model.init(k, jnp.ones((1, 8), jnp.int32))["params"],
+                            jax.random.key(0))
+    return params, model_family(hf_config.model_type)
+
+
+def build_as_the_trainer(config_file: str, config) -> None:
+    """What the trainer does with a command-line config (locked) up to its first step's state:
+    the config checks, those against the base, the methods built and split (in shapes); the
+    config is unchanged after."""
+    import jax
+
+    from lora_jax import methods
+    from lora_jax.config_checks import check_against_base, check_config
+    from lora_jax.data.tasks import TASKS
+
+    for field in TASKS[config.data.task].required:  # a file the user names (--config.data.path)
+        config.data[field] = "records.json"
+    config.lock()
+    before = config.to_json_best_effort()
+    check_config(config, device_count=1)
+    params, family = tiny_base(config_file)
+    check_against_base(config, params, family)
+    stack = methods.build(config.method, family)
+    jax.eval_shape(stack.split, params, jax.random.key(0))
+    assert config.to_json_best_effort() == before
+
+
+@pytest.mark.parametrize("config_file, method",
+                         [(f, m) for f, entries in TABLES.items() for m in entries])
+def test_each_documented_method_setting_builds_from_a_locked_config(config_file, method):
+    """Issue 27's PiSSA from the command line: builders read configs, never set a field."""
+    build_as_the_trainer(config_file, load_config(f"{CONFIGS}/{config_file}.py:model=tiny,"
+                                                  f"method={method}"))
+
+
+@pytest.mark.parametrize("config_file", sorted(TABLES))
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_in_every_config_is_refused_by_the_checks_or_builds(config_file, name):
+    """A method's builder meets no value it refuses: the config checks have named it first
+    (a ConfigError, one line per field), e.g. AdaLoRA's default targets on GPT-2."""
+    from lora_jax.errors import ConfigError
+
+    config = load_config(f"{CONFIGS}/{config_file}.py:model=tiny")
+    config.method.use = (name,)
+    try:
+        build_as_the_trainer(config_file, config)
+    except ConfigError as error:
+        assert str(error).startswith("invalid config:\n  config."), str(error)

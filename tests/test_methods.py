@@ -1,6 +1,8 @@
 """The method seam: parameter counts against the paper's formulas and Table 3's figures, what each
 method trains, identity at step 0, merging, composition, saving and loading."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from lora_jax.config import TINY_MODELS, base_config
 from lora_jax.methods import NotMergeable
 from lora_jax import exports
 from lora_jax.models import family as model_family
+from conftest import tiny_config
 
 GPT2_SIZES = {"medium": dict(n_layer=24, n_embd=1024, n_head=16),
               "large": dict(n_layer=36, n_embd=1280, n_head=20)}
@@ -217,6 +220,50 @@ def test_methods_compose_and_the_stack_names_them(tiny):
                                model.apply({"params": params}, ids).logits, atol=1e-6)
     with pytest.raises(ValueError, match="distinct names"):
         methods.MethodStack((stack.methods[0], stack.methods[0]))
+
+
+def _mergeable(name: str) -> bool:
+    return methods.METHODS[name].build(tiny_section("bert", name)[name],
+                                       model_family("bert")).mergeable
+
+
+MERGEABLE = [name for name in methods.METHODS if _mergeable(name)]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    fields = dict(TINY_MODELS["bert"])
+    model = model_of(fields.pop("model_type"), task="classification", **fields)
+    return model, model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+
+
+@pytest.mark.parametrize("first, second", list(itertools.permutations(MERGEABLE, 2)))
+def test_every_composable_pair_merges_into_the_function_it_trains(tiny_bert, first, second):
+    """method.use=(first, second), both on the same kernels where both adapt kernels: either
+    the config checks refuse the pair, naming both, or its merged model computes what the
+    stack computes, after a random move of everything trained."""
+    from lora_jax.config_checks import check_config
+    from lora_jax.errors import ConfigError
+
+    config = tiny_config()
+    config.method = tiny_section("bert", first, second)
+    try:
+        check_config(config, device_count=1)
+    except ConfigError as error:
+        assert f"{first} and {second} cannot run together" in str(error) or \
+            f"{second} and {first} cannot run together" in str(error), str(error)
+        return
+    model, params = tiny_bert
+    stack = methods.build(config.method, model_family("bert"))
+    frozen, trainable = stack.split(params, jax.random.key(1))
+    leaves, tree = jax.tree_util.tree_flatten(trainable)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    moved = jax.tree_util.tree_unflatten(
+        tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    ids = jnp.array([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    adapted = stack.adapt(model.apply)(frozen, moved, ids).logits
+    merged = model.apply({"params": stack.merge(frozen, moved)}, ids).logits
+    np.testing.assert_allclose(merged, adapted, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["adapter_h", "bitfit", "lora", "dora", "pissa", "vera",

@@ -324,6 +324,52 @@ def test_bad_values_are_named_before_the_workdir_is_touched(tmp_path, field, val
     assert not workdir.exists()
 
 
+# Method settings a builder used to refuse with a traceback, after the config checks passed
+# (issue 27, finding 7): the tiny BERT has 2 blocks and kernels of 32 x 32 (64 in the FFN).
+@pytest.mark.parametrize("overrides, field, allowed", [
+    ({"method.use": ("dora",), "method.dora.targets": ("no_such",)}, "method.dora.targets",
+     "'no_such' matches no kernel; the kernels are bert/encoder/layer_*/attention/"),
+    ({"method.use": ("adalora",), "method.adalora.target_rank": 16}, "method.adalora.target_rank",
+     "must be <= init_rank (12)"),
+    ({"method.use": ("adalora",), "method.adalora.init_rank": 40},
+     "method.adalora.init_rank", "exceeds min(d_in, d_out) = 32"),
+    ({"method.use": ("adalora",), "method.adalora.tinit": 8}, "method.adalora.tinit",
+     "needs tinit < total_step - tfinal, got tinit=8, tfinal=0, total_step=8"),
+    ({"method.use": ("adapter_d",), "method.adapter_d.drop_lowest": 2},
+     "method.adapter_d.drop_lowest", "drop all 2 blocks"),
+    ({"method.use": ("adapter_d",), "method.adapter_d.drop_layers": (1,)},
+     "method.adapter_d.drop_layers", "drop_lowest=1 and drop_layers=(1,) drop all 2 blocks"),
+    ({"method.use": ("adapter_d",), "method.adapter_d.drop_layers": (5,)},
+     "method.adapter_d.drop_layers", "block indices must be < 2"),
+    ({"method.use": ("top_layers",), "method.top_layers.count": 3}, "method.top_layers.count",
+     "must be in [1, 2]"),
+    ({"method.lora.rank": 40}, "method.lora.rank", "must be in [1, min(d_in, d_out)] = [1, 32]"),
+    ({"method.lora.rank_pattern": {"query": 40}}, "method.lora.rank_pattern", "[1, 32]"),
+    ({"method.also_train": ("no_such",)}, "method.also_train", "'no_such' matches no parameter"),
+    ({"method.use": ("pissa",), "method.also_train": ("classifier", "query")},
+     "method.pissa.targets", "trained in full"),
+    ({"method.use": ("pissa",), "method.pissa.rslora": True,
+      "method.pissa.alpha_pattern": {"query": 4.0}}, "method.pissa.rslora",
+     "set rslora False or clear them"),
+], ids=["dora-targets", "adalora-target_rank", "adalora-init_rank", "adalora-tinit",
+        "adapter_d-drop_lowest", "adapter_d-every-block", "adapter_d-no-such-block",
+        "top_layers-count", "lora-rank", "lora-rank_pattern", "also_train", "pissa-also_train",
+        "pissa-rslora"])
+def test_method_settings_the_model_refuses_are_named_before_anything_is_written(
+        tmp_path, overrides, field, allowed):
+    workdir = tmp_path / "parent" / "run"
+    with pytest.raises(ConfigError) as error:
+        train(tiny_config(**overrides), workdir)
+    lines = str(error.value).splitlines()
+    value = tiny_config(**overrides)
+    for part in field.split("."):
+        value = value[part]
+    value = value.to_dict() if hasattr(value, "to_dict") else value
+    assert lines[0] == "invalid config:" and len(lines) == 2, lines
+    assert lines[1].startswith(f"  config.{field} = {value!r}: ") and allowed in lines[1], lines
+    assert not (tmp_path / "parent").exists()
+
+
 def test_related_fields_are_checked_together():
     with pytest.raises(ConfigError, match="model.num_labels = 2: stsb has 1"):
         config_checks.check_config(tiny_config(**{"data.task": "stsb"}), device_count=1)
@@ -428,6 +474,22 @@ def test_a_misspelt_field_prints_one_suggestion_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert 'Did you mean "lr" instead of "lrr"?' in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_method_setting_the_model_refuses_prints_one_error_without_a_traceback(tmp_path):
+    """DoRA targets matching no kernel passed the config checks and died building (issue 27)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_jax.train", "--config",
+         str(REPO_ROOT / "configs/glue.py") + ":task=sst2,model=tiny,method=dora", "--workdir",
+         str(tmp_path / "run"), "--config.method.dora.targets=('no_such',)"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: invalid config:"], proc.stderr
+    assert "  config.method.dora.targets = ('no_such',): LoRA target pattern 'no_such' matches " \
+           "no kernel" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -288,6 +288,24 @@ def test_pissa_matches_peft(case, tmp_path):
                                    _torch_kernel(case, layer.base_layer), atol=1e-5)
 
 
+def test_pissa_trains_from_the_command_line(tmp_path):
+    """The README's setting, configs/glue.py:method=pissa, through the trainer's command line,
+    whose config is locked: PiSSA's builder once set a field on it and died (issue 27)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+    from test_train import CLI_TINY
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_jax.train", "--config",
+         str(REPO_ROOT / "configs/glue.py") + ":task=sst2,model=tiny,method=pissa",
+         "--workdir", str(tmp_path / "run"), *CLI_TINY, "--config.train.max_steps=1"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
 def test_pissa_export_is_a_lora_on_the_original_base(tmp_path):
     """The export is PEFT's conversion: a rank-2r plain LoRA that, on the untouched base, gives
     the trained function; read back it is a LoRA (not PiSSA) on the original weights."""

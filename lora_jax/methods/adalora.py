@@ -52,8 +52,8 @@ from flax import traverse_util
 
 from lora_jax import config_rules as rules
 from lora_jax.methods import lora
-from lora_jax.methods.base import (Method, Params, Path, PeftCodec, Registration,
-                                   fold_into_kernels, intercept_dense, modules_of)
+from lora_jax.methods.base import (ADDS, Method, Params, Path, PeftCodec, Registration,
+                                   SettingError, fold_into_kernels, intercept_dense, modules_of)
 
 LORA_A, LORA_E, LORA_B = "lora_a", "lora_e", "lora_b"
 ORTH_FORMS = ("paper", "code")
@@ -113,8 +113,8 @@ class AdaLoRA(Method):
         for path, k in zip(paths, jax.random.split(key, len(paths))):
             d_in, d_out = flat[tuple(path.split("/"))].shape
             if self.init_rank > min(d_in, d_out):
-                raise ValueError(f"AdaLoRA init_rank {self.init_rank} exceeds min(d_in, d_out) "
-                                 f"= {min(d_in, d_out)} of {path}")
+                raise SettingError("init_rank", f"AdaLoRA init_rank {self.init_rank} exceeds "
+                                   f"min(d_in, d_out) = {min(d_in, d_out)} of {path}")
             ka, kb = jax.random.split(k)
             module = tuple(path.split("/")[:-1])
             added[module + (LORA_A,)] = 0.02 * jax.random.normal(ka, (self.init_rank, d_in))
@@ -185,11 +185,12 @@ def rank_allocation(method: AdaLoRA, tx: optax.GradientTransformation,
     """`tx` followed by AdaLoRA's rank allocation on `trainable[method.name]` (module docstring).
 
     Raises:
-      ValueError: a schedule with no room (tinit >= T - tfinal), as PEFT refuses.
+      SettingError: a schedule with no room (tinit >= T - tfinal), as PEFT refuses.
     """
     if method.tinit >= total_step - method.tfinal:
-        raise ValueError(f"AdaLoRA needs tinit < total_step - tfinal, got tinit={method.tinit}, "
-                         f"tfinal={method.tfinal}, total_step={total_step}")
+        raise SettingError("tinit", f"AdaLoRA needs tinit < total_step - tfinal, got tinit="
+                           f"{method.tinit}, tfinal={method.tfinal}, total_step={total_step} "
+                           "(the run's steps where its total_step is 0)", method.name)
     name, final = method.name, total_step - method.tfinal
     # (budgets, recompute) per step, built once on the host, not in every trace of the step.
     schedule = functools.lru_cache(maxsize=None)(method.schedule)
@@ -267,6 +268,13 @@ def _defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def _related(c: Any) -> list[str]:
+    if c.target_rank > c.init_rank:
+        return [f"target_rank = {c.target_rank}: must be <= init_rank ({c.init_rank}), the rank "
+                "every module starts from"]
+    return []
+
+
 def peft_codec() -> PeftCodec:
     """AdaLoRA's PEFT mapping (`adalora_peft`, beside this file, which builds on it)."""
     from lora_jax.methods import adalora_peft  # deferred: adalora_peft imports this module
@@ -288,4 +296,4 @@ REGISTRATION = Registration(
                               tinit=c.tinit, tfinal=c.tfinal, delta_t=c.delta_t, beta1=c.beta1,
                               beta2=c.beta2, orth_reg_weight=c.orth_reg_weight,
                               orth_form=c.orth_form, total_step=c.total_step),
-    peft=peft_codec)
+    peft=peft_codec, kernels=ADDS, related=_related)

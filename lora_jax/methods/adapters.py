@@ -44,7 +44,7 @@ import ml_collections
 from flax import traverse_util
 
 from lora_jax import config_rules as rules
-from lora_jax.methods.base import Method, Params, Path, Registration, join
+from lora_jax.methods.base import Method, Params, Path, Registration, SettingError, join
 from lora_jax.models.layers import activation, layer_norm_apply
 
 DOWN_INIT_STD = 0.02
@@ -85,13 +85,21 @@ class Adapters(Method):
                              f"(it has {sorted(self.family.sublayers)})")
 
     def sites(self, params: Params) -> list[Path]:
-        """The module paths whose output gets an adapter, block by block."""
+        """The module paths whose output gets an adapter, block by block.
+
+        Raises:
+          SettingError: drop_layers names a block the model lacks, or every block is dropped.
+        """
         blocks = self.family.blocks(params)
-        if self.drop_lowest >= len(blocks) or any(i >= len(blocks) for i in self.drop_layers):
-            raise ValueError(f"{self.name}: drop_lowest={self.drop_lowest} and drop_layers="
-                             f"{self.drop_layers} must leave adapters in some of the "
-                             f"{len(blocks)} blocks")
+        if any(i >= len(blocks) for i in self.drop_layers):
+            raise SettingError("drop_layers", f"{self.name}: block indices must be < "
+                               f"{len(blocks)}, the model's blocks")
         dropped = set(range(self.drop_lowest)) | set(self.drop_layers)
+        if len(dropped & set(range(len(blocks)))) == len(blocks):
+            field = "drop_lowest" if self.drop_lowest >= len(blocks) else "drop_layers"
+            raise SettingError(field, f"{self.name}: drop_lowest={self.drop_lowest} and "
+                               f"drop_layers={self.drop_layers} drop all {len(blocks)} blocks; "
+                               "they must leave adapters in some")
         sites = []
         for i, block in enumerate(blocks):
             if i in dropped:

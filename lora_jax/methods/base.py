@@ -50,22 +50,43 @@ class NotMergeable(ValueError):
     """The method adds computation that no plain weight matrix can hold (adapters, prefixes)."""
 
 
+class SettingError(ValueError):
+    """A method's setting that the model it runs on does not allow (a target matching none of
+    its kernels, a rank over a kernel's size, more blocks dropped than it has).
+
+    Attributes:
+      field: the setting's field in the method's config section ('targets', 'rank', ...), so the
+        config checks can name `config.method.<name>.<field>` (`config_checks.check_against_base`).
+      method: the registered method, where the raiser knows it and the catcher may not.
+    """
+
+    def __init__(self, field: str, message: str, method: str | None = None):
+        super().__init__(message)
+        self.field = field
+        self.method = method
+
+
 def join(path: Path) -> str:
     return "/".join(path)
+
+
+def listing(paths: Sequence[str]) -> str:
+    """'/'-joined paths in one line, each block's copy once (block indices starred: 'h_*/attn'),
+    so that a message lists what exists however deep the model is."""
+    return ", ".join(dict.fromkeys(re.sub(r"_\d+(?=/)", "_*", p) for p in paths)) or "(none)"
 
 
 def matching(params: Params, pattern: str, what: str) -> set[Path]:
     """The leaf paths of `params` that `pattern` finds (re.search on '/'-joined paths).
 
     Raises:
-      ValueError: nothing matches; the message lists the modules that exist.
+      SettingError: nothing matches (field `what`); the message lists the modules that exist.
     """
     flat = traverse_util.flatten_dict(params)
     hits = {p for p in flat if re.search(pattern, join(p))}
     if not hits:
-        listing = "\n  ".join(sorted({join(p[:-1]) for p in flat}))
-        raise ValueError(f"{what} pattern {pattern!r} matches no parameter. Modules are:\n  "
-                         f"{listing}")
+        raise SettingError(what, f"{what} pattern {pattern!r} matches no parameter; the modules "
+                           f"are {listing(sorted({join(p[:-1]) for p in flat}))}")
     return hits
 
 
@@ -331,7 +352,9 @@ class MethodStack:
         return all(m.mergeable for m in self.methods)
 
     def merge(self, frozen: Params, trainable: Params) -> dict:
-        """Plain params computing the adapted function with the unchanged model.
+        """Plain params computing the adapted function with the unchanged model (to 1e-5 in
+        float32 for every pair of mergeable methods that the config checks let compose: the
+        pairs in `CONFLICTS` would merge into another function, so configs refuse them).
 
         Raises:
           NotMergeable: a method that cannot merge (named).
@@ -424,6 +447,11 @@ class Registration:
       extends: the registered method whose section's fields this one's section repeats (a LoRA
         variant's targets, rank, ...): `config.share_settings` copies them across.
       inserts_tokens: it inserts tokens into language-model examples (needs an LM task).
+      kernels: how it changes the base's Dense kernels (`ADDS`, `RESCALES`, `RESIDUAL`,
+        `TRAINS`; None: not at all), which decides what it composes with (`CONFLICTS`).
+      related: section -> problems between its own fields ('field = value: what is allowed'),
+        checked with the config once each field's rule has passed (AdaLoRA's target_rank <=
+        init_rank), so that its builder meets no value it refuses.
     """
 
     defaults: Callable[[], Any]
@@ -432,3 +460,25 @@ class Registration:
     peft: Callable[[], PeftCodec] | None = None
     extends: str | None = None
     inserts_tokens: bool = False
+    kernels: str | None = None
+    related: Callable[[Any], list[str]] | None = None
+
+
+# How a method changes the Dense kernels it targets (`Registration.kernels`). A stack must merge
+# into the function it trains; `CONFLICTS` lists the pairs for which it would not.
+ADDS = "adds"  # a term added to the layer's output, whatever its kernel (LoRA): terms commute
+RESCALES = "rescales"  # a term that depends on the kernel (DoRA scales W0 + B A by its norm)
+RESIDUAL = "residual"  # adds, and trains against a residual of the kernel it derives (PiSSA)
+TRAINS = "trains"  # trains the kernels themselves in full (FT)
+
+# (effect, effect of another method in the stack) -> why the two cannot run together.
+CONFLICTS = {
+    (RESCALES, effect): "{first} scales each kernel it adapts by the norm of W0 plus its own "
+                        "update; {second}'s update of a kernel both adapt would be outside that "
+                        "norm in training and inside it once merged, so the merged model would "
+                        "compute another function than the one trained"
+    for effect in (ADDS, RESCALES, RESIDUAL)
+} | {
+    (RESIDUAL, TRAINS): "{first} trains against a residual it derives from the kernels it "
+                        "adapts, which must stay frozen, and {second} trains them in full",
+}

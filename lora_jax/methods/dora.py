@@ -39,8 +39,8 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax.methods import lora, lora_peft
-from lora_jax.methods.base import (Method, Params, Registration, fold_into_kernels, join,
-                                   modules_of)
+from lora_jax.methods.base import (RESCALES, Method, Params, Registration, fold_into_kernels,
+                                   join, modules_of)
 
 MAGNITUDE = "magnitude"
 
@@ -172,4 +172,4 @@ class DoraPeft(lora_peft.LoraPeft):
 
 PEFT = DoraPeft()
 REGISTRATION = Registration(lora.REGISTRATION.defaults, lora.REGISTRATION.rules, _build,
-                            peft=lambda: PEFT, extends=lora.LoRA.name)
+                            peft=lambda: PEFT, extends=lora.LoRA.name, kernels=RESCALES)

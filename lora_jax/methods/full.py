@@ -17,7 +17,7 @@ import ml_collections
 from flax import traverse_util
 
 from lora_jax.config_rules import integer
-from lora_jax.methods.base import Method, Params, Path, Registration
+from lora_jax.methods.base import TRAINS, Method, Params, Path, Registration, SettingError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,8 @@ class TopLayers(Method):
         index = {p: self.layer_index("/".join(p[:-1])) for p in flat}
         blocks = sorted({i for i in index.values() if i is not None})
         if not 1 <= self.count <= len(blocks):
-            raise ValueError(f"top_layers count={self.count}: the model has {len(blocks)} blocks")
+            raise SettingError("count", f"top_layers count={self.count}: must be in [1, "
+                               f"{len(blocks)}], the model's blocks")
         top = set(blocks[-self.count:])
         return {p for p, i in index.items() if i in top}
 
@@ -78,7 +79,8 @@ def _top_layers_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"count": 2})
 
 
-FULL = Registration(_no_fields, {}, lambda c, family: FullFineTuning())
+FULL = Registration(_no_fields, {}, lambda c, family: FullFineTuning(), kernels=TRAINS)
 TOP_LAYERS = Registration(_top_layers_defaults, {"count": integer(1)},
-                          lambda c, family: TopLayers(c.count, family.layer_index))
+                          lambda c, family: TopLayers(c.count, family.layer_index),
+                          kernels=TRAINS)
 BITFIT = Registration(_no_fields, {}, lambda c, family: BitFit())

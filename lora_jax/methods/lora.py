@@ -39,9 +39,9 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax import config_rules as rules
-from lora_jax.methods.base import (Method, MethodStack, PeftCodec, Registration, combine,
-                                   count_params, fold_into_kernels, intercept_dense, join,
-                                   matching, modules_of)
+from lora_jax.methods.base import (ADDS, Method, MethodStack, PeftCodec, Registration,
+                                   SettingError, combine, count_params, fold_into_kernels,
+                                   intercept_dense, join, listing, matching, modules_of)
 
 Params = Mapping[str, Any]
 Path = tuple[str, ...]
@@ -133,7 +133,7 @@ def target_kernels(spec: LoraSpec, params: Params) -> list[str]:
     """The '/'-joined paths of the kernels `spec` adapts, in tree order.
 
     Raises:
-      ValueError: if a target pattern matches no 2-D kernel; the message lists
+      SettingError: a target pattern matches no 2-D kernel; the message lists
         the kernel paths that exist.
     """
     return matching_kernels(spec.targets, params, "LoRA")
@@ -143,32 +143,35 @@ def matching_kernels(patterns: Sequence[str], params: Params, what: str) -> list
     """The '/'-joined paths of the 2-D kernels any of `patterns` finds, in tree order.
 
     Raises:
-      ValueError: a pattern matches no kernel (named, with the kernel paths that exist).
+      SettingError: a pattern matches no kernel (named, with the kernel paths that exist).
     """
     kernels = _kernel_paths(params)
     for pattern in patterns:
         if not any(re.search(pattern, k) for k in kernels):
-            listing = "\n  ".join(kernels) or "(none)"
-            raise ValueError(
-                f"{what} target pattern {pattern!r} matches no kernel. Kernel paths are:\n  "
-                f"{listing}"
-            )
+            raise SettingError("targets", f"{what} target pattern {pattern!r} matches no kernel; "
+                               f"the kernels are {listing(kernels)}")
     return [k for k in kernels if any(re.search(p, k) for p in patterns)]
 
 
 def adapter_shapes(spec: LoraSpec, path: str, kernel_shape: tuple[int, int]):
-    """Shapes of A and B for one kernel; slices are stacked on a leading axis."""
+    """Shapes of A and B for one kernel; slices are stacked on a leading axis.
+
+    Raises:
+      SettingError: the rank exceeds the kernel's (part's) size, or the split does not divide it.
+    """
     d_in, d_out = kernel_shape
     parts = spec.parts_for(path)
     if d_out % len(parts):
-        raise ValueError(
-            f"split_outputs gives {len(parts)} parts for {path!r}, "
+        raise SettingError(
+            "split_outputs", f"split_outputs gives {len(parts)} parts for {path!r}, "
             f"but its output size {d_out} is not divisible by {len(parts)}"
         )
     d_part = d_out // len(parts)
     rank = spec.rank_for(path)
     if not 0 < rank <= min(d_in, d_part):
-        raise ValueError(
+        patterned = _first_match(spec.rank_pattern, path, None) is not None
+        raise SettingError(
+            "rank_pattern" if patterned else "rank",
             f"LoRA rank {rank} for {path!r} must be in [1, min(d_in, d_out)] = "
             f"[1, {min(d_in, d_part)}] (kernel {kernel_shape}, {len(parts)} output parts)"
         )
@@ -472,10 +475,12 @@ def _defaults() -> ml_collections.ConfigDict:
     return c
 
 
-def spec_from_config(c: Any) -> LoraSpec:
-    """The LoraSpec a `config.method.lora` section describes."""
+def spec_from_config(c: Any, init: str | None = None) -> LoraSpec:
+    """The LoraSpec a `config.method.lora` section describes (read, never changed). `init`: A's
+    initialisation, for a variant's section that has no such field (PiSSA's SVD sets A and B)."""
     return LoraSpec(
-        targets=tuple(c.targets), rank=c.rank, alpha=c.alpha, dropout=c.dropout, init=c.init,
+        targets=tuple(c.targets), rank=c.rank, alpha=c.alpha, dropout=c.dropout,
+        init=c.init if init is None else init,
         rslora=c.rslora, rank_pattern=dict(c.rank_pattern), alpha_pattern=dict(c.alpha_pattern),
         split_outputs={k: tuple(v) for k, v in c.split_outputs.items()})
 
@@ -500,4 +505,4 @@ REGISTRATION = Registration(
      "rslora": rules.boolean, "rank_pattern": rules.pattern_table(rules.integer(1)),
      "alpha_pattern": rules.pattern_table(rules.number(0, low_open=True)),
      "split_outputs": rules.pattern_table(_output_parts), "bias": rules.one_of(*BIAS_OPTIONS)},
-    lambda c, family: LoRA(spec_from_config(c), bias=c.bias), peft=peft_codec)
+    lambda c, family: LoRA(spec_from_config(c), bias=c.bias), peft=peft_codec, kernels=ADDS)

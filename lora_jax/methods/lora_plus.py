@@ -63,4 +63,4 @@ def _build(c: Any, family: Any) -> LoraPlus:
 REGISTRATION = Registration(
     _defaults, {**lora.REGISTRATION.rules, "lr_ratio": rules.number(0, low_open=True),
                 "peft_groups": rules.boolean}, _build, peft=lora.REGISTRATION.peft,
-    extends=lora.LoRA.name)
+    extends=lora.LoRA.name, kernels=lora.REGISTRATION.kernels)

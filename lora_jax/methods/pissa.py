@@ -37,7 +37,8 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax.methods import lora, lora_peft
-from lora_jax.methods.base import Method, Params, Registration, modules_of
+from lora_jax.methods.base import (RESIDUAL, Method, Params, Registration, SettingError, join,
+                                   modules_of)
 
 
 def principal_factors(kernel: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
@@ -77,7 +78,18 @@ class PiSSA(lora.LoRA):
         return traverse_util.unflatten_dict(adapters)
 
     def base(self, params: Params, buffers: Params) -> dict:
-        """W_res = W0 - s (B0 A0)^T in every adapted kernel (the rest unchanged)."""
+        """W_res = W0 - s (B0 A0)^T in every adapted kernel (the rest unchanged).
+
+        Raises:
+          SettingError: an adapted kernel is trained in full (not in the frozen `params`).
+        """
+        flat = traverse_util.flatten_dict(params)
+        trained = [join(m + ("kernel",)) for m in modules_of(buffers["initial"])
+                   if m + ("kernel",) not in flat]
+        if trained:
+            raise SettingError("targets", f"{', '.join(trained)} are trained in full (by "
+                               "method.also_train or another method), but PiSSA's residual "
+                               "base needs them frozen")
         return lora.fold_adapters(self.spec, params, buffers["initial"], -1.0)
 
     def buffers(self, params: Params) -> dict:
@@ -124,9 +136,16 @@ def _defaults() -> ml_collections.ConfigDict:
 
 
 def _build(c: Any, family: Any) -> PiSSA:
-    c = c.copy_and_resolve_references()
-    c.init = "kaiming"  # unused
-    return PiSSA(lora.spec_from_config(c), bias=c.bias)
+    # The SVD sets A and B, so the section has no `init`; the spec's is never used.
+    return PiSSA(lora.spec_from_config(c, init="kaiming"), bias=c.bias)
+
+
+def _related(c: Any) -> list[str]:
+    """What `as_lora` would refuse when the trained run is exported, said before it starts."""
+    if c.rslora and (c.rank_pattern or c.alpha_pattern):
+        return ["rslora = True: PiSSA is exported as a rank-2r LoRA, whose scale under rslora "
+                "cannot follow rank_pattern or alpha_pattern; set rslora False or clear them"]
+    return []
 
 
 class PissaPeft(lora_peft.LoraPeft):
@@ -165,4 +184,4 @@ class PissaPeft(lora_peft.LoraPeft):
 PEFT = PissaPeft()
 REGISTRATION = Registration(
     _defaults, {k: v for k, v in lora.REGISTRATION.rules.items() if k != "init"}, _build,
-    peft=lambda: PEFT, extends=lora.LoRA.name)
+    peft=lambda: PEFT, extends=lora.LoRA.name, kernels=RESIDUAL, related=_related)

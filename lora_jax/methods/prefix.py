@@ -165,10 +165,16 @@ def _registration(name: str, layers: bool) -> Registration:
         return VirtualTokens(name=name, prefix=c.prefix, infix=c.infix, layers=layers,
                              family=family)
 
+    def related(c: Any) -> list[str]:
+        if c.prefix + c.infix == 0:
+            return ["infix = 0: with prefix 0 no token is inserted; prefix + infix must be >= 1"]
+        return []
+
     # PEFT's prompt tuning is PreEmbed's special case; PreLayer has no PEFT twin.
     codec = None if layers else PromptTuning(name)
     return Registration(defaults, {"prefix": rules.integer(0), "infix": rules.integer(0)}, build,
-                        peft=None if codec is None else lambda: codec, inserts_tokens=True)
+                        peft=None if codec is None else lambda: codec, inserts_tokens=True,
+                        related=related)
 
 
 # --- In PEFT's format: prompt tuning --------------------------------------------------------------

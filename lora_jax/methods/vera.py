@@ -38,8 +38,8 @@ from lora_jax.errors import FileFormatError
 from lora_jax.interop import hub
 from lora_jax.interop import peft_adapters as pa
 from lora_jax.methods import lora
-from lora_jax.methods.base import (Method, Params, PeftCodec, Registration, fold_into_kernels,
-                                   intercept_dense, modules_of)
+from lora_jax.methods.base import (ADDS, Method, Params, PeftCodec, Registration,
+                                   fold_into_kernels, intercept_dense, modules_of)
 
 LAMBDA_B, LAMBDA_D = "lambda_b", "lambda_d"
 SHARED_A, SHARED_B = "vera_a", "vera_b"
@@ -232,4 +232,4 @@ REGISTRATION = Registration(
      "dropout": rules.number(0, 1, high_open=True), "projection_seed": rules.integer(0)},
     lambda c, family: VeRA(tuple(c.targets), rank=c.rank, d_initial=c.d_initial,
                            dropout=c.dropout, projection_seed=c.projection_seed),
-    peft=lambda: PEFT)
+    peft=lambda: PEFT, kernels=ADDS)

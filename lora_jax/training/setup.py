@@ -23,11 +23,12 @@ from flax import traverse_util
 from lora_jax import methods
 from lora_jax.training import optim, sharding, steps
 from lora_jax.data import tasks
+from lora_jax.config_checks import check_against_base, refusal
 from lora_jax.errors import ConfigError
 from lora_jax.interop import hub
 from lora_jax.methods import MethodStack
 from lora_jax import exports
-from lora_jax.methods.base import combine
+from lora_jax.methods.base import SettingError, combine
 from lora_jax.training.base_model import build_model, run_keys
 from lora_jax.models import ModelFamily
 from lora_jax.models import family as model_family
@@ -103,7 +104,7 @@ def reseeded(base_model: Base, config: ml_collections.ConfigDict) -> Base:
 
 
 def build(config: ml_collections.ConfigDict, *, base_model: Base | None = None,
-          export: str | os.PathLike | None = None) -> Run:
+          export: str | os.PathLike | None = None, base_record: dict | None = None) -> Run:
     """The run a config describes, on a ('data', 'fsdp') mesh.
 
     Args:
@@ -111,13 +112,17 @@ def build(config: ml_collections.ConfigDict, *, base_model: Base | None = None,
       base_model: the base model, if the caller built it (benchmarks draw weights their way).
       export: a trained run's exported directory: its methods and trained values instead of a
         fresh split (see `lora_jax.exports.load`).
+      base_record: with `export`, the fingerprint of this base (`fingerprints.base_inputs`):
+        an export that records another base is refused (`OtherBase`).
     """
     b = base(config) if base_model is None else base_model
     if export is None:
+        check_against_base(config, b.params, b.family)  # targets, ranks: named, not a traceback
         stack = methods.build(config.method, b.family)
         frozen, trainable = stack.split(b.params, run_keys(config.seed)[1])
     else:
-        stack, trainable = exports.load(export, b.params, b.family, b.info["task"])
+        stack, trainable = exports.load(export, b.params, b.family, b.info["task"],
+                                        base_record=base_record, strict_base=True)
         frozen = stack.frozen(b.params, trainable)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     frozen = sharding.place(frozen, sharding.frozen_shardings(frozen, mesh))
@@ -158,7 +163,8 @@ def for_training(run: Run) -> Training:
     """The task data, schedule, optimizer state and jitted steps of `run`.
 
     Raises:
-      ConfigError: the batch size leaves not one batch of training data.
+      ConfigError: the batch size leaves not one batch of training data, or a method's
+        schedule does not fit the run's length (AdaLoRA's tinit, tfinal).
     """
     config = run.config
     task = run.task()
@@ -169,8 +175,11 @@ def for_training(run: Run) -> Training:
         raise ConfigError(f"config.data.batch_size = {batch_size}: {len(task.train)} training "
                           f"examples{rows} make no batch of that size")
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
-    tx, schedule = optimizer(config.optim, total_steps,
-                             run.stack.update_scales(run.trainable), run.stack)
+    try:
+        tx, schedule = optimizer(config.optim, total_steps,
+                                 run.stack.update_scales(run.trainable), run.stack)
+    except SettingError as error:  # the run's length is known only now that the data are
+        raise refusal(config, error) from None
     opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(run.mesh))(run.trainable)
     train_step = steps.build_train_step(run.forward, task.kind, tx, run.mesh,
                                         config.optim.label_smoothing, run.stack.regularizer)
