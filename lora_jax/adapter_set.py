@@ -33,34 +33,12 @@ from flax import traverse_util
 from lora_jax import losses
 from lora_jax.errors import FileFormatError
 from lora_jax.methods import lora, stacked_lora
-from lora_jax.methods.base import MethodStack, combine, join, modules_of
+from lora_jax.methods.base import MergedParams, MethodStack, combine, join, modules_of
 from lora_jax.training.steps import model_inputs
 
 LORA = lora.LoRA.name  # LoRA's key in a trainable tree (and its config section's)
 
 Params = Mapping[str, Any]
-
-
-class MergedParams(dict):
-    """Params with adapters merged into them, naming those adapters (`merged`), so that merging
-    one twice, or unmerging or switching from one that is not in them, raises. Otherwise the
-    params dict itself: `model.apply({"params": merged}, ...)` takes it and JAX maps over it
-    (a pytree whose record travels with it, e.g. through `jax.device_put` or `jax.jit`)."""
-
-    def __init__(self, params: Params, merged: Sequence[str] = ()):
-        super().__init__(params)
-        self.merged = tuple(merged)
-
-    def __repr__(self) -> str:
-        return f"MergedParams(merged={list(self.merged)}, keys={list(self)})"
-
-
-jax.tree_util.register_pytree_with_keys(
-    MergedParams,
-    lambda m: ([(jax.tree_util.DictKey(k), m[k]) for k in sorted(m)], (tuple(sorted(m)),
-                                                                        m.merged)),
-    lambda aux, values: MergedParams(dict(zip(aux[0], values)), aux[1]),
-    lambda m: ([m[k] for k in sorted(m)], (tuple(sorted(m)), m.merged)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,6 +66,31 @@ class SettingError(ValueError):
         self.method = method
 
 
+class MergedParams(dict):
+    """Params with trained methods merged into them, naming what is merged (`merged`: the
+    stack's description, or an adapter set's adapter names), so that merging again into them,
+    or taking out what is not in them, raises. Otherwise the params dict itself:
+    `model.apply({"params": merged}, ...)` takes it and JAX maps over it (a pytree whose record
+    travels with it, e.g. through `jax.device_put` or `jax.jit`; being part of the tree's
+    structure, it must match for `tree_map` over two merged models: `dict(merged)` drops it).
+    `AdapterSet.merge` returns it; `MethodStack.merge` refuses to merge into it."""
+
+    def __init__(self, params: Params, merged: Sequence[str] = ()):
+        super().__init__(params)
+        self.merged = tuple(merged)
+
+    def __repr__(self) -> str:
+        return f"MergedParams(merged={list(self.merged)}, keys={list(self)})"
+
+
+jax.tree_util.register_pytree_with_keys(
+    MergedParams,
+    lambda m: ([(jax.tree_util.DictKey(k), m[k]) for k in sorted(m)], (tuple(sorted(m)),
+                                                                        m.merged)),
+    lambda aux, values: MergedParams(dict(zip(aux[0], values)), aux[1]),
+    lambda m: ([m[k] for k in sorted(m)], (tuple(sorted(m)), m.merged)))
+
+
 def join(path: Path) -> str:
     return "/".join(path)
 
@@ -358,7 +383,13 @@ class MethodStack:
 
         Raises:
           NotMergeable: a method that cannot merge (named).
+          ValueError: `frozen` already has methods merged in (`MergedParams`, as
+            `AdapterSet.merge` returns): merging into them would add the updates twice.
         """
+        if isinstance(frozen, MergedParams) and frozen.merged:
+            raise ValueError(f"these params already have {list(frozen.merged)} merged in them: "
+                             "merging into them would add the updates again; merge into the "
+                             "frozen base (or unmerge first)")
         frozen, buffers = self._base_and_buffers(frozen)
         params = combine(frozen, trainable)
         for method in self.methods:
