@@ -126,6 +126,8 @@ def test_merged_params_know_what_they_hold(bert_set):
         adapters.merge(merged, "a")
     with pytest.raises(ValueError, match="already hold"):
         adapters.merge(merged, "b")
+    with pytest.raises(ValueError, match=r"already have \['a'\] merged in them"):
+        adapters.stacks[0].merge(merged, adapters.trainables[0])  # the stack's own merge too
     with pytest.raises(ValueError, match=r"adapter 'b' is not merged into these params \(they "
                                          r"hold \['a'\]\)"):
         adapters.switch(merged, "b", "c")
