@@ -249,3 +249,34 @@ def test_no_function_is_longer_than_a_screen():
                 if lines >= LONGEST_FUNCTION:
                     long.append(f"{name}:{node.lineno} {node.name}: {lines} lines")
     assert not long, "\n".join(long)
+
+
+COPIED_BLOCK = 11  # lines: a block this long repeated is a second copy of one mechanism
+
+
+def copied_blocks(package: pathlib.Path) -> list[str]:
+    """Where a run of COPIED_BLOCK identical lines (stripped; blank lines and comments left
+    out) appears a second time in the modules under `package`."""
+    seen: dict[tuple[str, ...], tuple[str, int, int]] = {}  # window -> (file, index, line)
+    copies = []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if line.strip() and not line.strip().startswith("#")]
+        for i in range(len(lines) - COPIED_BLOCK + 1):
+            window = tuple(text for _, text in lines[i:i + COPIED_BLOCK])
+            first = seen.setdefault(window, (name, i, lines[i][0]))
+            # A repeat in another file, or further on in the same one (not an overlap).
+            if first[0] != name or i - first[1] >= COPIED_BLOCK:
+                copies.append(f"{name}:{lines[i][0]} repeats {first[0]}:{first[2]}")
+    return copies
+
+
+def test_no_block_of_code_is_copied(tmp_path):
+    """One mechanism, one place: no block of more than 10 lines is written twice (and the
+    check finds a planted copy of the loop's `run`)."""
+    assert not copied_blocks(PACKAGE), "\n".join(copied_blocks(PACKAGE))
+    source = (PACKAGE / "training" / "loop.py").read_text()
+    (tmp_path / "loop.py").write_text(source)
+    (tmp_path / "copy.py").write_text(source[source.index("def run("):])
+    assert copied_blocks(tmp_path)

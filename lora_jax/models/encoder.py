@@ -35,6 +35,15 @@ _REQUIRED_HF_VALUES = {
 }
 
 
+# The Hugging Face config's fields that our config takes over unchanged.
+_HF_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
+    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+    "pad_token_id", "num_labels", "initializer_range",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """BERT/RoBERTa hyperparameters, named as in `transformers.BertConfig`.
@@ -96,24 +105,7 @@ class EncoderConfig:
                 raise ValueError(f"an encoder with {name}={value!r} is not supported")
         if getattr(hf_config, "problem_type", None) == "multi_label_classification":
             raise ValueError("problem_type 'multi_label_classification' is not supported")
-        values = dict(
-            model_type=hf_config.model_type,
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            num_hidden_layers=hf_config.num_hidden_layers,
-            num_attention_heads=hf_config.num_attention_heads,
-            intermediate_size=hf_config.intermediate_size,
-            max_position_embeddings=hf_config.max_position_embeddings,
-            type_vocab_size=hf_config.type_vocab_size,
-            layer_norm_eps=hf_config.layer_norm_eps,
-            hidden_act=hf_config.hidden_act,
-            hidden_dropout_prob=hf_config.hidden_dropout_prob,
-            attention_probs_dropout_prob=hf_config.attention_probs_dropout_prob,
-            classifier_dropout=hf_config.classifier_dropout,
-            pad_token_id=hf_config.pad_token_id,
-            num_labels=hf_config.num_labels,
-            initializer_range=hf_config.initializer_range,
-        )
+        values = {name: getattr(hf_config, name) for name in _HF_FIELDS}
         return cls(**(values | overrides))
 
 
@@ -271,15 +263,9 @@ class EncoderModel(nn.Module):
     config: EncoderConfig
 
     @nn.compact
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        deterministic: bool = True,
-        output_hidden_states: bool = False,
-    ) -> EncoderOutput:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
+                 deterministic: bool = True, output_hidden_states: bool = False) -> EncoderOutput:
         """Contextual token representations.
 
         Args:
@@ -337,15 +323,10 @@ class EncoderForSequenceClassification(nn.Module):
     config: EncoderConfig
 
     @nn.compact
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        deterministic: bool = True,
-        output_hidden_states: bool = False,
-    ) -> ClassifierOutput:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
+                 deterministic: bool = True, output_hidden_states: bool = False,
+                 ) -> ClassifierOutput:
         """Sequence logits; arguments as `EncoderModel.__call__`.
 
         Returns:

@@ -33,6 +33,13 @@ _REQUIRED_HF_VALUES = {
 }
 
 
+# The Hugging Face config's fields that our config takes over unchanged.
+_HF_FIELDS = (
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+    "layer_norm_epsilon", "embd_pdrop", "attn_pdrop", "resid_pdrop", "initializer_range",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
     """GPT-2 hyperparameters, named as in `transformers.GPT2Config`.
@@ -82,21 +89,12 @@ class GPT2Config:
         for name, required in _REQUIRED_HF_VALUES.items():
             if getattr(hf_config, name, required) != required:
                 raise ValueError(f"GPT-2 with {name}={getattr(hf_config, name)!r} is not supported")
-        values = dict(
-            vocab_size=hf_config.vocab_size,
-            n_positions=hf_config.n_positions,
-            n_embd=hf_config.n_embd,
-            n_layer=hf_config.n_layer,
-            n_head=hf_config.n_head,
-            n_inner=hf_config.n_inner,
-            activation_function=hf_config.activation_function,
-            layer_norm_epsilon=hf_config.layer_norm_epsilon,
-            embd_pdrop=hf_config.embd_pdrop,
-            attn_pdrop=hf_config.attn_pdrop,
-            resid_pdrop=hf_config.resid_pdrop,
-            initializer_range=hf_config.initializer_range,
-        )
+        values = {name: getattr(hf_config, name) for name in _HF_FIELDS}
         return cls(**(values | overrides))
+
+
+# One layer's cached (keys, values) in incremental decoding: what a block reads and returns.
+LayerKV = tuple[jax.Array, jax.Array]
 
 
 class KVCache(NamedTuple):
@@ -154,14 +152,9 @@ class GPT2Attention(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        mask: jax.Array | None,
-        deterministic: bool,
-        kv: tuple[jax.Array, jax.Array] | None = None,
-        index: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool,
+                 kv: LayerKV | None = None, index: jax.Array | None = None,
+                 ) -> tuple[jax.Array, LayerKV | None]:
         """Returns (output, updated (keys, values) or None). With `kv`, `mask` is the whole
         [B, 1, T, S] attention pattern over the cache slots (causality included)."""
         cfg = self.config
@@ -207,14 +200,9 @@ class GPT2Block(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        mask: jax.Array | None,
-        deterministic: bool,
-        kv: tuple[jax.Array, jax.Array] | None = None,
-        index: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool,
+                 kv: LayerKV | None = None, index: jax.Array | None = None,
+                 ) -> tuple[jax.Array, LayerKV | None]:
         cfg = self.config
         y, kv = GPT2Attention(cfg, name="attn")(
             _layer_norm(cfg, "ln_1")(x), mask, deterministic, kv, index
@@ -235,16 +223,10 @@ class GPT2LMHeadModel(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        deterministic: bool = True,
-        output_hidden_states: bool = False,
-        cache: KVCache | int | None = None,
-        segment_ids: jax.Array | None = None,
-    ) -> GPT2Output:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None, deterministic: bool = True,
+                 output_hidden_states: bool = False, cache: KVCache | int | None = None,
+                 segment_ids: jax.Array | None = None) -> GPT2Output:
         """Next-token logits.
 
         Args:

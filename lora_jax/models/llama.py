@@ -394,16 +394,10 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        deterministic: bool = True,
-        output_hidden_states: bool = False,
-        cache: KVCache | int | None = None,
-        segment_ids: jax.Array | None = None,
-    ) -> LlamaOutput:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None, deterministic: bool = True,
+                 output_hidden_states: bool = False, cache: KVCache | int | None = None,
+                 segment_ids: jax.Array | None = None) -> LlamaOutput:
         cfg = self.config
         if isinstance(cache, int):
             cache = init_cache(cfg, input_ids.shape[0], cache)
