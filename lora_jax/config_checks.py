@@ -1,6 +1,6 @@
 """Every config field's allowed values, checked before a run touches its workdir.
 
-`check_config` runs each field's rule from `RULES` (one entry per field of
+`check_config` runs each field's rule from `rules()` (one entry per field of
 `config.base_config()`, a test keeps them in step) and the rules that relate fields, and raises
 one `ConfigError` listing every bad value with what would be allowed:
 
@@ -122,15 +122,10 @@ def method_rules() -> dict[str, Rule]:
             for field, rule in registration.rules.items()}
 
 
-# This config's own fields: `rules()` adds the methods registered when it is called, not those
-# registered when this module was imported (a method registered for a while, as a test does).
-_OWN_RULES = dict(RULES)
-RULES.update(method_rules())
-
-
 def rules() -> dict[str, Rule]:
-    """`RULES` with the sections of the methods registered now (and of those alone)."""
-    return {**_OWN_RULES, **method_rules()}
+    """Every field's rule: `RULES` (the config's own fields) and the sections of the methods
+    registered now (not when this module was imported: a test registers one for a while)."""
+    return {**RULES, **method_rules()}
 
 
 def _leaves(config: ml_collections.ConfigDict, prefix: str = "",

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from lora_jax.data import e2e, tokenizers
+from lora_jax.data import tokenizers
 from lora_jax.data.e2e import encode_e2e, encode_prompt, format_mr, read_e2e
 from lora_jax.metrics.e2e import group_by_mr
 

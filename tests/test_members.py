@@ -7,6 +7,7 @@ from flax import traverse_util
 
 from conftest import tiny_config
 from lora_jax.errors import ConfigError
+from lora_jax.models import FAMILIES
 from lora_jax.training import members, setup, sharding
 from lora_jax.training.base_model import run_keys
 
@@ -77,6 +78,20 @@ def test_a_group_reads_its_checkpoint_once_and_draws_each_members_head(tmp_path,
         assert all(np.array_equal(got[p], want[p]) for p in want), f"member {i}"
         heads.append(np.concatenate([np.ravel(v) for v in want.values()]))
     assert not np.array_equal(heads[0], heads[1])  # the seeds drew other heads
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_familys_dropout_counts_when_runs_are_grouped(model_type):
+    """Each family names its HF dropout fields; a base with dropout in any of them has dropout
+    (a Llama's attention_dropout counted as none before: only BERT's and GPT-2's were known)."""
+    fields = FAMILIES[model_type].dropout_fields
+    assert fields
+    for field in fields:
+        model = tiny_config().model
+        with model.unlocked():
+            model.name = ""
+            model.random_init = {"model_type": model_type, field: 0.25}
+        assert members.base_dropout(model) == 0.25, field
 
 
 @pytest.fixture(scope="module")

@@ -385,7 +385,7 @@ def test_every_config_field_has_a_rule_and_the_shipped_configs_pass():
     names = set(config_checks._leaves(base_config()))
     e2e = load_config(str(REPO_ROOT / "configs/e2e.py") + ":model=tiny")
     names |= set(config_checks._leaves(e2e))
-    assert names == set(config_checks.RULES)
+    assert names == set(config_checks.rules())
     for arg in ("configs/glue.py:task=stsb,model=roberta-large", "configs/e2e.py:model=gpt2-xl",
                 "configs/quickstart.py", "configs/glue.py:task=rte,model=minilm"):
         config_checks.check_config(load_config(str(REPO_ROOT / arg)), device_count=1)
@@ -465,12 +465,17 @@ def test_sigterm_checkpoints_the_current_step_and_the_resume_is_bit_identical(
 
 # --- 6. Errors that name the file (the command line part; the readers are in test_file_errors) --
 
-def test_a_misspelt_field_prints_one_suggestion_without_a_traceback(tmp_path):
-    proc = subprocess.run(
+def train_cli_once(workdir, config_args: str, *flags, timeout: int = 300):
+    """The trainer's command line on configs/glue.py:<config_args>, run to its end."""
+    return subprocess.run(
         [sys.executable, "-m", "lora_jax.train", "--config",
-         str(REPO_ROOT / "configs/glue.py") + ":task=sst2,model=tiny", "--workdir",
-         str(tmp_path / "run"), "--config.optim.lrr=0.1"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+         str(REPO_ROOT / "configs/glue.py") + ":" + config_args, "--workdir", str(workdir),
+         *flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_misspelt_field_prints_one_suggestion_without_a_traceback(tmp_path):
+    proc = train_cli_once(tmp_path / "run", "task=sst2,model=tiny", "--config.optim.lrr=0.1",
+                          timeout=120)
     assert proc.returncode == 2
     assert 'Did you mean "lr" instead of "lrr"?' in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3
@@ -479,11 +484,8 @@ def test_a_misspelt_field_prints_one_suggestion_without_a_traceback(tmp_path):
 
 def test_a_method_setting_the_model_refuses_prints_one_error_without_a_traceback(tmp_path):
     """DoRA targets matching no kernel passed the config checks and died building (issue 27)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "lora_jax.train", "--config",
-         str(REPO_ROOT / "configs/glue.py") + ":task=sst2,model=tiny,method=dora", "--workdir",
-         str(tmp_path / "run"), "--config.method.dora.targets=('no_such',)"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    proc = train_cli_once(tmp_path / "run", "task=sst2,model=tiny,method=dora",
+                          "--config.method.dora.targets=('no_such',)")
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

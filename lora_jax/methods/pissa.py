@@ -167,16 +167,9 @@ class PissaPeft(lora_peft.LoraPeft):
 
     def load(self, directory: pathlib.Path, params: Params, family: Any,
              task: str | None) -> tuple[Method, dict]:
-        """Raises ValueError also for PEFT's randomised SVD ('pissa_niter_k'), whose residual
-        cannot be re-derived here."""
-        config, spec, adapters, full = lora_peft.read_lora(directory, params, family.model_type,
-                                                           task)
-        init = lora_peft.init_weights(config)
-        if init.startswith("pissa_niter"):
-            raise ValueError(f"{directory}: PiSSA with PEFT's randomised SVD ({init!r}) draws "
-                             "from torch's generator, so its residual base cannot be re-derived; "
-                             "save it from PEFT with path_initial_model_for_weight_conversion (a "
-                             "plain LoRA)")
+        """(`read_lora` refuses PEFT's randomised SVD, 'pissa_niter_k', whose residual cannot
+        be re-derived here.)"""
+        _, spec, adapters, full = lora_peft.read_lora(directory, params, family.model_type, task)
         method = PiSSA(spec)
         return method, {"params": full, method.name: adapters}
 

@@ -181,6 +181,7 @@ class MemberGroup:
     _own_states: dict = dataclasses.field(default_factory=dict)  # index -> its run's tx state
     _eval_steps: dict = dataclasses.field(default_factory=dict)
     _schedules: dict = dataclasses.field(default_factory=dict)
+    _keys: list = dataclasses.field(default_factory=list)
 
     @classmethod
     def build(cls, configs: Sequence[ml_collections.ConfigDict]) -> "MemberGroup":
@@ -281,7 +282,9 @@ class MemberGroup:
 
     def rngs(self, step: int) -> jax.Array:
         """The members' step keys, each as its own run folds it."""
-        return jnp.stack([jax.random.fold_in(run_keys(c.seed)[2], step) for c in self.configs])
+        if not self._keys:  # the members' training keys, derived once
+            self._keys.extend(run_keys(c.seed)[2] for c in self.configs)
+        return jnp.stack([jax.random.fold_in(key, step) for key in self._keys])
 
     def step(self, trainable, opt_state, batch: dict, step: int):
         """One optimizer step of every member: (trainable, opt_state, losses [N], finite [N])

@@ -153,10 +153,4 @@ def fetch_stacked(losses, finite) -> list[tuple[float, bool]]:
     return [(float(l), bool(f)) for l, f in zip(losses, finite)]
 
 
-def tokens_per_member(batch: dict) -> list[int]:
-    """Real tokens of each member's batch in a stacked [N, accum, micro, length] batch."""
-    mask = np.asarray(batch["attention_mask"])
-    return [int(x) for x in mask.sum(axis=tuple(range(1, mask.ndim)))]
-
-
-__all__ = ["OneRun", "Program", "fetch_stacked", "tokens_per_member"]
+__all__ = ["OneRun", "Program", "fetch_stacked"]
