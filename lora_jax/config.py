@@ -24,6 +24,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tokenizer = ml_collections.FieldReference(None, field_type=str)  # None: the checkpoint's
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.model.param_dtype = "float32"  # how the frozen weights are held
+    # How the Dense kernels inside the blocks are held (embeddings, norms, LM head and heads stay
+    # in param_dtype): 'none', 'int8' (per-channel absmax), 'nf4' (QLoRA's 4-bit NormalFloat,
+    # blocks of 64) or 'gguf' (a GGUF checkpoint's own blocks). README "Quantized base and GGUF".
+    c.model.quantize = "none"
+    c.model.double_quant = False  # nf4: QLoRA's double quantization of the block scales
     c.model.remat = False  # GPT-2: recompute blocks in the backward pass (long rows, deep models)
     # None (XLA) or 'cudnn': jax.nn.dot_product_attention's fused GPU kernel (bf16 compute).
     c.model.attention_implementation = ml_collections.FieldReference(None, field_type=str)

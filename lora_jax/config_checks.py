@@ -68,6 +68,8 @@ RULES: dict[str, Rule] = {
     "model.tokenizer": text(optional=True),
     "model.dtype": one_of(*DTYPE_NAMES),
     "model.param_dtype": one_of(*DTYPE_NAMES),
+    "model.quantize": one_of("none", "int8", "nf4", "gguf"),
+    "model.double_quant": boolean,
     "model.remat": boolean,
     "model.attention_implementation": one_of(None, "cudnn"),
     "method.use": method_names,
@@ -142,6 +144,32 @@ def _leaves(config: ml_collections.ConfigDict, prefix: str = "",
     return out
 
 
+def _quantize_problems(model: ml_collections.ConfigDict) -> list[str]:
+    """What `model.quantize` and `model.double_quant` do not allow with the other model fields."""
+    problems = []
+    quantize = model.get("quantize", "none")  # .get: configs saved before the field existed
+    if quantize != "none" and not model.name:
+        problems.append(f"config.model.quantize = {quantize!r}: quantization applies to a loaded "
+                        "checkpoint, and model.name is '' (random weights)")
+    elif quantize == "gguf" and not _names_gguf(model.name):
+        problems.append(f"config.model.quantize = 'gguf': it keeps a GGUF file's own blocks, and "
+                        f"model.name {model.name!r} is not a GGUF file (use 'nf4' or 'int8')")
+    if model.get("double_quant", False) and quantize != "nf4":
+        problems.append(f"config.model.double_quant = True: it quantizes nf4's block scales, and "
+                        f"model.quantize is {quantize!r}")
+    return problems
+
+
+def _names_gguf(name: str) -> bool:
+    """Whether a model name is a GGUF file, directly or as a packaged short name."""
+    from lora_jax.interop import hub  # deferred: config checks stay light to import
+
+    try:
+        return hub.is_gguf(hub.checkpoint_path(name))
+    except FileNotFoundError:  # a packaged checkpoint not installed: loading says so
+        return hub.is_gguf(name)
+
+
 def _related(c: ml_collections.ConfigDict, device_count: int) -> list[str]:
     """Problems between fields (each field's own rule has passed)."""
     from lora_jax.data.tasks import TASKS
@@ -175,6 +203,7 @@ def _related(c: ml_collections.ConfigDict, device_count: int) -> list[str]:
     if c.data.max_len > max(c.data.buckets):
         problems.append(f"config.data.max_len = {c.data.max_len}: must be <= the largest of "
                         f"data.buckets {tuple(c.data.buckets)}")
+    problems += _quantize_problems(c.model)
     if not c.model.name and c.model.tokenizer is None:
         problems.append("config.model.tokenizer = None: a randomly initialised model "
                         "(model.name '') needs a tokenizer name")
@@ -246,6 +275,35 @@ def _invalid(problems: list[str]) -> ConfigError:
     return ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
+def _trained_quantized(config: ml_collections.ConfigDict, params: Any, family: Any) -> list[str]:
+    """A line per method that would train in full a leaf of a module whose kernel is held
+    quantized (full fine-tuning, FT^TopK, BitFit's biases): a quantized kernel cannot take an
+    update, and QLoRA's recipe keeps those modules frozen whole."""
+    from flax import traverse_util
+
+    from lora_jax.quant.kernels import is_quantized
+
+    flat = traverse_util.flatten_dict(params)
+    quantized = {p[:-1] for p, leaf in flat.items() if is_quantized(leaf)}
+    if not quantized:
+        return []
+    problems = []
+    for name in config.method.use:
+        try:
+            method = METHODS[name].build(config.method[name], family)
+            trained = MethodStack((method,)).trained_in_full(params)
+        except SettingError:
+            continue  # reported by the check of the method's own settings
+        hit = sorted("/".join(p) for p in trained if p[:-1] in quantized)
+        if hit:
+            problems.append(
+                f"config.model.quantize = {config.model.quantize!r}: method {name!r} trains "
+                f"{len(hit)} leaves of quantized modules in full (e.g. {hit[0]}); quantized "
+                "kernels stay frozen: use model.quantize 'none', or a method that adds to the "
+                "frozen weights (lora, dora, adapters, ...)")
+    return problems
+
+
 def check_against_base(config: ml_collections.ConfigDict, params: Any, family: Any) -> None:
     """Raises a `ConfigError` naming each method setting the base model does not allow: what
     `check_config` cannot judge before the model is loaded (a target matching none of its
@@ -262,7 +320,9 @@ def check_against_base(config: ml_collections.ConfigDict, params: Any, family: A
     """
     import jax  # deferred, as in check_config
 
-    problems = []
+    problems = _trained_quantized(config, params, family)
+    if problems:  # before the methods split a quantized kernel they cannot hold
+        raise _invalid(problems)
     also_train = tuple(config.method.also_train)
     try:
         MethodStack((), also_train).trained_in_full(params)

@@ -81,6 +81,15 @@ def read_e2e(
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; set LORA_JAX_DATA_DIR to the folder that "
                                 f"holds e2e/{FILES[split]}")
+    return read_pairs(path)
+
+
+def read_pairs(path: pathlib.Path) -> list[tuple[str, str]]:
+    """The (mr, ref) rows of one E2E CSV file (header 'mr,ref').
+
+    Raises:
+      ValueError: a malformed row or header (named by file and line).
+    """
     pairs = []
     # newline='': the csv module then handles the CRLF line ends and the quoted references
     # that span lines; a record's line number is where it ends.

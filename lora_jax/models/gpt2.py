@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from lora_jax.losses import mean_loss
 from lora_jax.models.family import DataDirTokenizer, ModelFamily
+from lora_jax.models import layers
 from lora_jax.models.layers import activation, dot_product_attention, layer_norm
 
 # HF GPT-2 options whose non-default values this implementation does not reproduce.
@@ -132,8 +133,8 @@ class GPT2Output(NamedTuple):
     cache: KVCache | None = None  # the updated cache, when one was passed
 
 
-def _dense(cfg: GPT2Config, features: int, name: str) -> nn.Dense:
-    return nn.Dense(
+def _dense(cfg: GPT2Config, features: int, name: str) -> layers.Dense:
+    return layers.Dense(
         features,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,

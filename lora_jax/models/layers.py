@@ -1,4 +1,4 @@
-"""Building blocks shared by the models: activations, layer norm, RMSNorm, attention.
+"""Building blocks shared by the models: Dense, activations, layer norm, RMSNorm, attention.
 
 Nothing here owns parameters except through plain Flax layers, so module paths stay exactly those of
 the models that use them.
@@ -11,6 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from lora_jax.quant import kernels as quant
 
 # Hugging Face `hidden_act` / `activation_function` names. 'gelu' is the exact (erf) form; the
 # others are the tanh approximation under their several historical names.
@@ -40,6 +42,38 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name not in _ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` (same fields, parameters and computation) that also runs over a frozen kernel
+    held quantized (`quant.QuantizedKernel`), dequantizing it inside the matmul.
+
+    The models build every projection from it, so a quantized base needs nothing else: methods
+    intercept `__call__` as they do any `nn.Dense`'s (this class is one) and add to its output.
+    The body is nn.Dense's own, written out rather than calling it, because calling the parent's
+    `__call__` would pass the methods' interception a second time.
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        stored = (self.get_variable("params", "kernel")
+                  if self.has_variable("params", "kernel") else None)
+        if quant.is_quantized(stored):
+            kernel = None  # never materialised here: `quant.matmul` dequantizes per call
+        else:
+            kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
+                                self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        if kernel is None:
+            y = quant.matmul(inputs, stored, self.precision)
+        else:
+            y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                                    precision=self.precision)
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
 
 
 def layer_norm(epsilon: float, dtype, param_dtype, name: str) -> nn.LayerNorm:

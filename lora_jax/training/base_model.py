@@ -22,7 +22,7 @@ def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None):
     Fields: name (checkpoint: 'minilm', a directory or a hub id; empty for random init),
     random_init (HF config fields including model_type, used when name is empty), task (None for
     the LM, 'classification' otherwise), num_labels, tokenizer, dtype, param_dtype, remat,
-    attention_implementation.
+    attention_implementation, quantize, double_quant.
     """
     # .get: a run's config.json from before the field existed has no remat.
     dtypes = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
@@ -32,7 +32,8 @@ def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None):
     if cfg.name:
         checkpoint = hub.checkpoint_path(cfg.name)
         model, params, hf_config = hub.load_pretrained(checkpoint, task=cfg.task,
-                                                       num_labels=num_labels, rng=key, **dtypes)
+                                                       num_labels=num_labels, rng=key,
+                                                       quantize=quantize_option(cfg), **dtypes)
     else:
         checkpoint = None
         fields = dict(cfg.random_init)
@@ -43,6 +44,13 @@ def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None):
     info = {"model_type": hf_config.model_type, "task": cfg.task,
             "base_model_name_or_path": str(cfg.name) if cfg.name else None}
     return model, params, tokenizer, info
+
+
+def quantize_option(cfg: Any) -> str:
+    """`hub.load_pretrained`'s quantize for a config's model section (.get: configs saved
+    before the fields existed)."""
+    quantize = cfg.get("quantize", "none")
+    return "nf4-nested" if quantize == "nf4" and cfg.get("double_quant", False) else quantize
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:

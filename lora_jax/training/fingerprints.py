@@ -66,6 +66,8 @@ def base_inputs(model: ml_collections.ConfigDict) -> dict[str, Any]:
     if not model.name:
         return {"random_init": True, "files": {}}
     directory = hub.resolve_checkpoint(hub.checkpoint_path(model.name))
+    if hub.is_gguf(directory):  # one file: weights, config and tokenizer
+        return _record(directory.parent, [directory])
     files = [*hub.weight_files(directory), directory / "config.json"]
     return _record(directory, [f for f in files if f.is_file()])
 
@@ -74,6 +76,8 @@ def tokenizer_inputs(model: ml_collections.ConfigDict, data_dir: str | None) -> 
     """The tokenizer files (a data-dir tokenizer's, e.g. GPT-2's BPE files, or a checkpoint's)."""
     # `or`: an empty model.tokenizer has always meant the checkpoint's here.
     directory = tokenizers.directory(model.tokenizer or None, model.name, data_dir)
+    if hub.is_gguf(directory):
+        return _record(directory.parent, [directory])
     return _record(directory, [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()])
 
 
