@@ -468,7 +468,7 @@ def test_unsupported_architecture_is_named(tmp_path):
                       {"token_embd.weight": (np.zeros((8, 32), np.float32), "F32")})
     with pytest.raises(FileFormatError,
                        match=rf"{path} holds a GGUF model of architecture 'mamba'.*supported: "
-                             "llama, qwen2, gpt2"):
+                             "gpt2, llama, qwen2"):
         open_gguf(path)
 
 
