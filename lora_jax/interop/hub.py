@@ -330,6 +330,7 @@ def load_pretrained(
     remat: bool = False,
     attention_implementation: str | None = None,
     quantize: str = "none",
+    unquantized: tuple[str, ...] = (),
 ) -> tuple[nn.Module, dict, Any]:
     """Loads a Hugging Face checkpoint (safetensors) or a GGUF file as a Flax model and params.
 
@@ -348,6 +349,8 @@ def load_pretrained(
       quantize: how the Dense kernels inside the blocks are held (`quantized_leaf`): 'none',
         'int8', 'nf4', 'nf4-nested' (nf4 with double quantization) or 'gguf' (a GGUF file's own
         blocks).
+      unquantized: patterns (`re.search` in '/'-joined leaf paths) of kernels loaded as they are
+        whatever `quantize` says (a method's targets that it quantizes itself: LoftQ).
 
     Returns:
       (model, params, the transformers config).
@@ -360,7 +363,8 @@ def load_pretrained(
             state.checkpoint.hf_config, task=task, num_labels=num_labels, dtype=dtype,
             param_dtype=param_dtype, remat=remat,
             attention_implementation=attention_implementation)
-        params = params_from_state_dict(model, state, rng=rng, quantize=quantize)
+        params = params_from_state_dict(model, state, rng=rng, quantize=quantize,
+                                        unquantized=unquantized)
         return model, params, state.checkpoint.hf_config
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json (and needs it with the weights)")
@@ -375,7 +379,7 @@ def load_pretrained(
         remat=remat, attention_implementation=attention_implementation,
     )
     params = params_from_state_dict(model, load_state_dict(directory), rng=rng,
-                                    quantize=quantize)
+                                    quantize=quantize, unquantized=unquantized)
     return model, params, hf_config
 
 
@@ -421,7 +425,7 @@ def quantized_leaf(path: tuple[str, ...], key: str, state: Mapping, model_type: 
 
 def params_from_state_dict(
     model: nn.Module, state_dict: Mapping[str, np.ndarray], *, rng: jax.Array | None = None,
-    quantize: str = "none",
+    quantize: str = "none", unquantized: tuple[str, ...] = (),
 ) -> dict:
     """Our params for `model`, taken from a Hugging Face state dict.
 
@@ -434,7 +438,7 @@ def params_from_state_dict(
       model: one of our models.
       state_dict: HF key -> array, e.g. from `load_state_dict`.
       rng: PRNG key for missing heads; default `jax.random.key(0)`.
-      quantize: see `load_pretrained`.
+      quantize, unquantized: see `load_pretrained`.
 
     Returns:
       The 'params' collection, a nested dict.
@@ -449,8 +453,9 @@ def params_from_state_dict(
         if key is None:
             missing.append(path)
             continue
-        quantized = quantized_leaf(path, key, state_dict, model_type, quantize,
-                                   shape.dtype)
+        kept_as_is = any(re.search(p, "/".join(path)) for p in unquantized)
+        quantized = None if kept_as_is else quantized_leaf(path, key, state_dict, model_type,
+                                                           quantize, shape.dtype)
         if quantized is not None:
             if quantized.shape != shape.shape:
                 raise ValueError(f"checkpoint tensor {key!r} holds a kernel of shape "

@@ -487,6 +487,9 @@ class Registration:
       related: section -> problems between its own fields ('field = value: what is allowed'),
         checked with the config once each field's rule has passed (AdaLoRA's target_rank <=
         init_rank), so that its builder meets no value it refuses.
+      reads_original_kernels: it reads the original weights of its targets (section's
+        `targets`) and holds them in its own form (LoftQ quantizes them itself): a run loads
+        them unquantized whatever model.quantize says.
     """
 
     defaults: Callable[[], Any]
@@ -497,6 +500,7 @@ class Registration:
     inserts_tokens: bool = False
     kernels: str | None = None
     related: Callable[[Any], list[str]] | None = None
+    reads_original_kernels: bool = False
 
 
 # How a method changes the Dense kernels it targets (`Registration.kernels`). A stack must merge

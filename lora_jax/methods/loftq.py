@@ -31,14 +31,34 @@ the paper's algorithm has no scale and PEFT applies none (huggingface/peft#1982)
 Q + scale * B A, not from ~W. Here the factors are divided by sqrt(scale) each (as PEFT's PiSSA
 divides S by the scale), so Q + scale * B A ~ W for any alpha; scale = 1 is PEFT's behaviour
 exactly, and the alternation itself is unchanged by the scale.
+
+As a method (`LoftQ`, next to PiSSA): LoRA whose targeted kernels are replaced in the frozen tree
+by Q_T, held quantized in `bits` (4: nf4, 8: int8), and whose adapters start at A_T, B_T. It
+needs each target's original W: a run with model.quantize other than 'none' loads LoftQ's targets
+unquantized (`Registration.reads_original_kernels`) and LoftQ quantizes them itself, one kernel
+at a time on the host, before anything is placed on the device (the other kernels follow
+model.quantize). Q_T is a deterministic function of W, so a resumed run derives the same base.
+Its trained adapters are saved in lora_jax's own format: on the original base W, Q_T + s B A is
+not a LoRA (W - Q_T is not low-rank), so there is no PEFT LoRA adapter to write (PEFT's LoftQ
+users save the quantized base with it; `lora_peft` refuses PEFT's 'loftq' adapters likewise).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import traverse_util
+
+from lora_jax import config_rules as rules
+from lora_jax.methods import lora
+from lora_jax.methods.base import RESIDUAL, Params, Registration, SettingError, join
+from lora_jax.quant import kernels as quant
 
 Quantize = Callable[[np.ndarray], dict[str, np.ndarray]]
 Dequantize = Callable[[Mapping[str, Any], tuple[int, int]], Any]
@@ -88,3 +108,82 @@ def loftq_factors(w: np.ndarray, rank: int, iterations: int, quantize: Quantize,
             target = w - left @ right
     root = np.float32(np.sqrt(scale))
     return parts, right / root, left / root
+
+
+FORMATS = {4: "nf4", 8: "int8"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoftQ(lora.LoRA):
+    """LoRA over LoftQ's quantized base (see the module docstring)."""
+
+    name = "loftq"
+    mergeable = True
+    bits: int = 4
+    iterations: int = 1
+
+    def _decompose(self, params: Params) -> dict[str, tuple[Any, np.ndarray, np.ndarray]]:
+        """Kernel path -> (Q_T as a QuantizedKernel, A, B) for every targeted kernel."""
+        flat = traverse_util.flatten_dict(params)
+        fmt = quant.FORMATS[FORMATS[self.bits]]
+        out = {}
+        for path in lora.target_kernels(self.spec, params):
+            kernel = flat[tuple(path.split("/"))]
+            if quant.is_quantized(kernel):
+                raise SettingError("targets", f"LoftQ needs the original weight of {path}, which "
+                                   "was loaded quantized; load it unquantized (the trainer does)")
+            if self.spec.parts_for(path) != (True,):
+                raise SettingError("split_outputs", f"LoftQ quantizes whole kernels; {path} is "
+                                   "split into parts")
+            a_shape, b_shape = lora.adapter_shapes(self.spec, path, kernel.shape)
+            if isinstance(kernel, jax.core.Tracer):
+                # Under jax.eval_shape (the config checks) only the shapes matter.
+                parts = fmt.quantize(np.zeros(kernel.shape[::-1], np.float32))
+                a, b = np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)
+            else:
+                parts, a, b = loftq_factors(np.asarray(kernel, np.float32).T, a_shape[0],
+                                            self.iterations, fmt.quantize, fmt.dequantize,
+                                            self.spec.scale(path, a_shape[0]))
+            stored = quant.QuantizedKernel({k: jnp.asarray(v) for k, v in parts.items()},
+                                           FORMATS[self.bits], tuple(kernel.shape), kernel.dtype)
+            out[path] = (stored, a, b)
+        return out
+
+    def init(self, params: Params, key: jax.Array) -> dict:
+        adapters = {}
+        for path, (_, a, b) in self._decompose(params).items():
+            module = tuple(path.split("/")[:-1])
+            adapters[module + (lora.LORA_A,)] = jnp.asarray(a)
+            adapters[module + (lora.LORA_B,)] = jnp.asarray(b)
+        return traverse_util.unflatten_dict(adapters)
+
+    def base(self, params: Params, buffers: Params) -> dict:
+        """Every targeted kernel replaced by its Q_T (the rest unchanged)."""
+        flat = traverse_util.flatten_dict(params)
+        for path, (stored, _, _) in self._decompose(params).items():
+            flat[tuple(path.split("/"))] = stored
+        return traverse_util.unflatten_dict(flat)
+
+    def describe(self) -> str:
+        return (f"loftq({self.bits}-bit, T={self.iterations})"
+                + super().describe().removeprefix("lora"))
+
+
+def _defaults() -> ml_collections.ConfigDict:
+    c = lora.REGISTRATION.defaults()
+    del c["init"]  # the alternation sets A and B
+    c.bits = 4  # Q_T's format: 4 = nf4 (PEFT's and the paper's), 8 = int8
+    c.iterations = 1  # T, the paper's alternating steps (PEFT's loftq_iter, default 1)
+    return c
+
+
+def _build(c: Any, family: Any) -> LoftQ:
+    return LoftQ(lora.spec_from_config(c, init="kaiming"), bias=c.bias, bits=c.bits,
+                 iterations=c.iterations)
+
+
+REGISTRATION = Registration(
+    _defaults,
+    {**{k: v for k, v in lora.REGISTRATION.rules.items() if k != "init"},
+     "bits": rules.one_of(*FORMATS), "iterations": rules.integer(1)},
+    _build, extends=lora.LoRA.name, kernels=RESIDUAL, reads_original_kernels=True)

@@ -15,14 +15,16 @@ from lora_jax.interop import hub
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None):
+def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None,
+                unquantized: tuple[str, ...] = ()):
     """(model, params, tokenizer, export info) for a config's `model` section (`data_dir`: the
     config's data.data_dir, where GPT-2's tokenizer files are).
 
     Fields: name (checkpoint: 'minilm', a directory or a hub id; empty for random init),
     random_init (HF config fields including model_type, used when name is empty), task (None for
     the LM, 'classification' otherwise), num_labels, tokenizer, dtype, param_dtype, remat,
-    attention_implementation, quantize, double_quant.
+    attention_implementation, quantize, double_quant. `unquantized`: kernel patterns loaded as
+    they are whatever quantize says (`hub.load_pretrained`).
     """
     # .get: a run's config.json from before the field existed has no remat.
     dtypes = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
@@ -33,7 +35,8 @@ def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None):
         checkpoint = hub.checkpoint_path(cfg.name)
         model, params, hf_config = hub.load_pretrained(checkpoint, task=cfg.task,
                                                        num_labels=num_labels, rng=key,
-                                                       quantize=quantize_option(cfg), **dtypes)
+                                                       quantize=quantize_option(cfg),
+                                                       unquantized=unquantized, **dtypes)
     else:
         checkpoint = None
         fields = dict(cfg.random_init)

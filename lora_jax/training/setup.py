@@ -83,8 +83,17 @@ class Run:
 def base(config: ml_collections.ConfigDict) -> Base:
     """The base model the config names (random weights are drawn from its seed)."""
     key_init, _, _ = run_keys(config.seed)
-    model, params, tokenizer, info = build_model(config.model, key_init, config.data.data_dir)
+    model, params, tokenizer, info = build_model(config.model, key_init, config.data.data_dir,
+                                                 unquantized=original_kernels(config))
     return Base(model, params, tokenizer, model_family(info["model_type"]), info)
+
+
+def original_kernels(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The target patterns of the methods that read their targets' original weights (LoftQ):
+    loaded unquantized whatever model.quantize says."""
+    return tuple(pattern for name in config.method.use
+                 if methods.METHODS[name].reads_original_kernels
+                 for pattern in config.method[name].targets)
 
 
 def reseeded(base_model: Base, config: ml_collections.ConfigDict) -> Base:
