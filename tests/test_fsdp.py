@@ -43,6 +43,17 @@ frozen, trainable = frozen_tree(config, abstract=True)
 held = sharding.bytes_per_device(frozen, sharding.frozen_shardings(frozen, mesh))
 total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(frozen))
 
+# The same frozen tree with the block kernels at nf4 (config.model.quantize='nf4'), in shapes.
+from flax import traverse_util
+from lora_jax.quant import kernels as quant
+fam = family(config.model.random_init.model_type)
+flat = traverse_util.flatten_dict(frozen)
+nf4_tree = traverse_util.unflatten_dict({
+    p: quant.abstract(v, "nf4") if p[-1] == "kernel" and fam.layer_index("/".join(p[:-1])) is not None
+    else v for p, v in flat.items()})
+nf4_held = sharding.bytes_per_device(nf4_tree, sharding.frozen_shardings(nf4_tree, mesh))
+nf4_total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(nf4_tree))
+
 # A smaller GPT-2 placed for real: what the devices hold equals the count from the shardings.
 config.model.random_init.update(json.loads(sys.argv[2]))
 small, _ = frozen_tree(config, abstract=False)
@@ -57,6 +68,7 @@ counted = sharding.bytes_per_device(small, shardings)
 print(json.dumps({
     "mesh": dict(mesh.shape), "devices": len(held), "total": int(total),
     "per_device": sorted(int(b) for b in held.values()),
+    "nf4_total": int(nf4_total), "nf4_per_device": sorted(int(b) for b in nf4_held.values()),
     "frozen_params": int(sum(x.size for x in jax.tree_util.tree_leaves(frozen))),
     "trainable_params": int(sum(x.size for x in jax.tree_util.tree_leaves(trainable))),
     "small_actual": sorted((str(d), int(b)) for d, b in actual.items()),
@@ -120,6 +132,22 @@ def test_llama2_7b_lora_config_shards_its_bf16_weights_8x(llama_7b_on_eight_devi
     assert largest - smallest < 0.001 * largest
     assert 7.99 < r["total"] / largest <= 8.0  # only the RMSNorm scales stay replicated
     assert r["small_actual"] == r["small_counted"]
+
+
+def test_llama2_7b_frozen_weights_at_nf4_on_one_device_and_on_eight(llama_7b_on_eight_devices):
+    """The README's nf4 column: the block kernels at nf4 (4 bits plus a float32 absmax per 64),
+    embeddings, norms and the LM head in bf16. 6.48B of the 6.74B parameters are block kernels:
+    at 0.5625 bytes each that is 3.39 GiB, plus 0.49 GiB of bf16 (embedding, head, norms):
+    3.88 GiB on one device, against 12.55 GiB in bf16; over 8 devices about 0.49 GiB each."""
+    r = llama_7b_on_eight_devices
+    gib = 2**30
+    kernels = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    bf16_rest = 2 * (r["frozen_params"] - kernels)
+    assert r["nf4_total"] == kernels // 2 + 4 * kernels // 64 + bf16_rest
+    assert 3.85 * gib < r["nf4_total"] < 3.9 * gib
+    assert r["nf4_total"] < 0.31 * r["total"]
+    largest = r["nf4_per_device"][-1]
+    assert 7.99 < r["nf4_total"] / largest <= 8.0 and largest < 0.5 * gib
 
 
 def test_the_count_from_shardings_is_what_devices_hold(xl_on_eight_devices):

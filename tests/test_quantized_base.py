@@ -137,7 +137,8 @@ def test_a_train_step_keeps_no_dequantized_copy_between_forward_and_backward(lla
     assert not saved, f"dequantized kernels kept for the backward pass: {saved}"
 
 
-@pytest.mark.parametrize("method", ["dora", "vera", "adalora", "adapter_h", "prelayer"])
+@pytest.mark.parametrize("method", ["dora", "pissa", "vera", "adalora", "adapter_h",
+                                    "prelayer"])
 def test_methods_that_read_w0_run_over_a_quantized_base(llama_dir, method, padded_batch):
     """Each such method trains over the nf4 base exactly as over its dequantized weights."""
     model, params, _ = hub.load_pretrained(llama_dir, quantize="nf4")
@@ -226,3 +227,15 @@ def test_quantize_options_that_cannot_apply_are_refused(llama_dir, fields, messa
 def test_quantize_gguf_of_a_safetensors_checkpoint_is_refused_by_the_loader(llama_dir):
     with pytest.raises(ValueError, match="not a GGUF file"):
         hub.load_pretrained(llama_dir, quantize="gguf")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(64, 96), (33, 7), (1024, 520)])
+def test_abstract_kernels_have_the_shapes_quantize_stores(fmt, shape):
+    """What the 7B plan counts (`quant.abstract`) is what `quantize` stores."""
+    w = np.random.default_rng(0).normal(size=shape[::-1]).astype(np.float32)
+    real = quant.quantize(w, fmt)
+    shapes = quant.abstract(jax.ShapeDtypeStruct(shape, jnp.bfloat16), fmt)
+    assert shapes.shape == real.shape == shape and shapes.format == real.format
+    assert {k: (v.shape, v.dtype) for k, v in shapes.parts.items()} == {
+        k: (v.shape, v.dtype) for k, v in real.parts.items()}

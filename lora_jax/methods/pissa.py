@@ -39,6 +39,7 @@ from flax import traverse_util
 from lora_jax.methods import lora, lora_peft
 from lora_jax.methods.base import (RESIDUAL, Method, Params, Registration, SettingError, join,
                                    modules_of)
+from lora_jax.quant import kernels as quant
 
 
 def principal_factors(kernel: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
@@ -61,7 +62,9 @@ class PiSSA(lora.LoRA):
         flat = traverse_util.flatten_dict(params)
         adapters = {}
         for path in lora.target_kernels(self.spec, params):
-            kernel = flat[tuple(path.split("/"))]
+            # Over a quantized base, the SVD of the dequantized kernel (its residual is then held
+            # in the param dtype: W0 - s B0 A0 is not on the quantization grid).
+            kernel = quant.value(flat[tuple(path.split("/"))])
             a_shape, _ = lora.adapter_shapes(self.spec, path, kernel.shape)
             rank, parts = a_shape[-2], self.spec.parts_for(path)
             scale = self.spec.scale(path, rank)

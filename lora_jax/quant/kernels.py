@@ -126,6 +126,31 @@ def kept(blocks: np.ndarray, kind: str, shape: tuple[int, int],
     return QuantizedKernel({"blocks": jnp.asarray(blocks)}, f"gguf-{kind}", (d_in, d_out), dtype)
 
 
+def _stored_shapes(fmt: str, d_out: int, d_in: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """name -> (shape, dtype) of the parts `fmt` stores for a (d_out, d_in) weight."""
+    n = d_out * d_in
+    blocks = -(-n // 64)
+    if fmt == "int8":
+        return {"codes": ((d_out, d_in), np.int8), "scale": ((d_out,), np.float32)}
+    if fmt == "nf4":
+        return {"codes": ((-(-n // 2),), np.uint8), "absmax": ((blocks,), np.float32)}
+    if fmt == "nf4-nested":
+        return {"codes": ((-(-n // 2),), np.uint8), "absmax_codes": ((blocks,), np.uint8),
+                "absmax_scale": ((-(-blocks // nf4.NESTED_BLOCKSIZE),), np.float32),
+                "absmax_offset": ((), np.float32)}
+    raise ValueError(f"no stored shapes for format {fmt!r}")
+
+
+def abstract(kernel: jax.ShapeDtypeStruct, fmt: str) -> QuantizedKernel:
+    """The `QuantizedKernel` `quantize` would make of a (d_in, d_out) kernel, in shapes only
+    (`jax.ShapeDtypeStruct` parts): what a model too large to load here would hold (the 7B plan).
+    tests/test_quantized_base.py checks these shapes against `quantize`'s."""
+    d_in, d_out = kernel.shape
+    parts = {name: jax.ShapeDtypeStruct(shape, dtype)
+             for name, (shape, dtype) in _stored_shapes(fmt, d_out, d_in).items()}
+    return QuantizedKernel(parts, fmt, (d_in, d_out), kernel.dtype)
+
+
 def is_quantized(leaf: Any) -> bool:
     return isinstance(leaf, QuantizedKernel)
 
