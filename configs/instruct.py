@@ -44,7 +44,7 @@ MODELS = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "qwen2-0.5b": "Qwen/Qwen2-0.5
 SMOLLM2 = {"model.quantize": "nf4", "data.max_len": 128, "data.batch_size": 8,
            "data.eval_batch_size": 16, "optim.grad_accum": 1, "optim.warmup_steps": 10,
            "data.max_eval_examples": 64, "train.max_steps": 100, "train.eval_every": 50,
-           "train.checkpoint_every": 50}
+           "train.checkpoint_every": 50, "train.eval_at_start": True}
 # LoRA's successors in LoRA's setting (its targets, rank, alpha, dropout and lr), as in
 # configs/glue.py and configs/e2e.py.
 METHODS = {

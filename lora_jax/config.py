@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_steps = 0  # > 0 overrides epochs
     c.train.log_every = 50
     c.train.eval_every = 1000
+    c.train.eval_at_start = False  # also evaluate at step 0: the base model's (or init's) score
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 2
     # JAX's persistent compilation cache: 'auto' = $JAX_COMPILATION_CACHE_DIR if set, else

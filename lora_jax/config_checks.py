@@ -103,6 +103,7 @@ RULES: dict[str, Rule] = {
     "train.max_steps": integer(0),
     "train.log_every": integer(1),
     "train.eval_every": integer(1),
+    "train.eval_at_start": boolean,
     "train.checkpoint_every": integer(1),
     "train.keep_checkpoints": integer(0),
     "train.compilation_cache": text(),  # 0: keep all, as 0 means 'all' elsewhere

@@ -15,7 +15,7 @@ from lora_jax import config_checks
 from lora_jax.config import base_config, load_config, set_dotted
 from lora_jax.errors import ConfigError
 from lora_jax.interop import hub
-from lora_jax.methods import METHODS, MethodStack, lora
+from lora_jax.methods import METHODS, MethodStack, count_params, lora
 from lora_jax.methods.lora_peft import export_peft
 from lora_jax.models import lm_loss
 from lora_jax.quant import kernels as quant
@@ -58,6 +58,7 @@ def test_loading_quantizes_the_block_kernels_only(llama_dir, fmt):
     block_kernels = sorted("/".join(p) for p in full_flat
                            if p[-1] == "kernel" and "/layers_" in "/".join(p))
     assert quantized_paths(params) == block_kernels and len(block_kernels) == 14
+    assert count_params(params) == count_params(full)  # weights held, not stored parts
     for path, leaf in flat.items():
         if not quant.is_quantized(leaf):
             np.testing.assert_array_equal(leaf, full_flat[path])
@@ -239,3 +240,32 @@ def test_abstract_kernels_have_the_shapes_quantize_stores(fmt, shape):
     assert shapes.shape == real.shape == shape and shapes.format == real.format
     assert {k: (v.shape, v.dtype) for k, v in shapes.parts.items()} == {
         k: (v.shape, v.dtype) for k, v in real.parts.items()}
+
+
+def test_the_compiled_step_never_holds_the_dequantized_kernels_together(tmp_path):
+    """XLA's memory analysis of a LoRA gradient: over the nf4 base the step's temporaries exceed
+    the fp32 base's by about one kernel's transient (each dequantized as its matmul needs it),
+    not by the block kernels' fp32 size (XLA:CPU hoisted every dequantization to the start
+    before `quant.matmul` tied each to its data)."""
+    save_hf(HF_CLASSES["llama"][0](**(BASE | dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2))), tmp_path)
+    spec = lora.LoraSpec(targets=tuple(ATTENTION), rank=4, alpha=8.0)
+    ids = jnp.ones((2, 16), jnp.int32)
+    temp, kernel_bytes = {}, 0
+    for fmt in ("none", "nf4"):
+        model, params, _ = hub.load_pretrained(tmp_path, quantize=fmt)
+        frozen, trainable = lora.split(spec, params, jax.random.key(0))
+        apply = lora.adapt(model.apply, spec)
+
+        def loss(trainable, frozen):
+            return lm_loss(apply(frozen, trainable, ids).logits, ids, jnp.ones_like(ids))
+
+        compiled = jax.jit(jax.grad(loss)).lower(trainable, frozen).compile()
+        temp[fmt] = compiled.memory_analysis().temp_size_in_bytes
+        if fmt == "nf4":
+            kernel_bytes = sum(4 * leaf.size for leaf in traverse_util.flatten_dict(
+                frozen).values() if quant.is_quantized(leaf))
+    largest = 4 * 256 * 512
+    assert kernel_bytes > 20 * largest
+    assert temp["nf4"] - temp["none"] < 3 * largest, (temp, kernel_bytes)

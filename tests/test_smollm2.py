@@ -119,3 +119,25 @@ def test_a_quantized_base_decodes(path, ours, fmt):
                                            eos_ids=tokenizer.eos_token_id)[0]
         assert decoded == reference
     assert "Eagle" in tokenizer.decode(decoded)
+
+
+def test_e2e_rows_and_prompts_go_through_the_chat_template(ours, data_dir):
+    """configs/e2e.py:model=smollm2-135m: each row is the chat prompt (the MR as the user turn)
+    then the reference and <|im_end|>, the loss on those only; the generation prompt is that
+    row's prompt. GPT-2's rows keep microsoft/LoRA's format (tests/test_data_e2e.py)."""
+    from lora_jax.config import load_config
+    from lora_jax.data import e2e, tasks
+
+    _, _, tokenizer = ours
+    c = load_config("configs/e2e.py:model=smollm2-135m")
+    c.data.data_dir, c.data.max_train_examples, c.data.max_eval_examples = str(data_dir), 3, 2
+    task = tasks.build_task(c.data, tokenizer)
+    mr, ref = e2e.read_e2e("train", data_dir=data_dir)[0]
+    row = task.train[0]
+    prompt = tasks.task_entry("e2e").generation.prompt(mr, tokenizer)
+    n = len(prompt)
+    assert row["input_ids"][:n] == prompt and set(row["loss_mask"][:n]) == {0}
+    assert tokenizer.decode(row["input_ids"][n:]) == ref + "<|im_end|>"
+    assert set(row["loss_mask"][n:]) == {1}
+    assert mr in tokenizer.decode(prompt) and tokenizer.decode(prompt).endswith(
+        "<|im_start|>assistant\n")

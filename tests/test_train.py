@@ -125,6 +125,15 @@ def test_tiny_run_writes_logs_checkpoints_and_export(tmp_path):
                                        if k not in ("step", "split")}]
 
 
+def test_eval_at_start_scores_the_starting_model_first(tmp_path):
+    """train.eval_at_start: an evaluation at step 0, before any update (LoRA's B is 0 there: the
+    base model with its fresh head), then the usual ones; training moves the score."""
+    train(tiny_config(**{"train.eval_at_start": True, "train.max_steps": 4}), tmp_path)
+    evals = records(tmp_path, "eval")
+    assert [r["step"] for r in evals] == [0, 4]
+    assert evals[0]["loss"] != evals[1]["loss"]
+
+
 def test_checkpoint_holds_only_the_trainable_state(tmp_path):
     train(tiny_config(), tmp_path)
     export = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))

@@ -200,7 +200,7 @@ def resolve_template(template: Template, tokenizer: Any) -> str:
     """
     if template not in ("auto", "alpaca", "chat"):
         raise ValueError(f"template must be 'auto', 'alpaca' or 'chat', got {template!r}")
-    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    has_chat = has_chat_template(tokenizer)
     if template == "chat" and not has_chat:
         raise ConfigError("template 'chat' (data.template) needs a tokenizer with a chat "
                           "template, and tokenizer.chat_template is unset; use 'alpaca' or 'auto'")
@@ -256,6 +256,20 @@ def encode_instructions(records: Sequence[Mapping[str, str]], tokenizer: Any, ma
         raise ConfigError(f"every one of the {len(records)} instruction records has a prompt of "
                           f"max_len={max_len} tokens or more; raise data.max_len")
     return rows
+
+
+def prompt_ids(record: Mapping[str, str], tokenizer: Any, template: Template = "auto"
+               ) -> list[int]:
+    """A record's prompt as `encode_instructions` starts its row (the tokens a model trained on
+    those rows is given to generate the response)."""
+    kind = resolve_template(template, tokenizer)
+    [(prompt, _)] = (_alpaca_ids if kind == "alpaca" else _chat_ids)([record], tokenizer)
+    bos = _bos_to_add(tokenizer)
+    return [bos, *prompt] if bos is not None and prompt[:1] != [bos] else prompt
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 # --- Reading ----------------------------------------------------------------------------------
@@ -392,9 +406,12 @@ def _chat_ids(records: Sequence[Mapping[str, str]], tokenizer: Any
                 "response cannot be told apart by position; use data.template='alpaca'. "
                 f"Prompt: {prompt_text!r}; conversation: {full_text!r}")
         response = full[len(prompt):]
-        # Most templates end the assistant turn with the EOS; where one does not, the EOS is
-        # added so that every response teaches the model to stop.
-        if response[-1:] != [eos]:
+        # Most templates end the assistant turn with the EOS (what follows it, e.g. ChatML's
+        # newline, belongs to no turn and is cut); where one does not, the EOS is added so that
+        # every response teaches the model to stop.
+        if eos in response:
+            response = response[:response.index(eos) + 1]
+        else:
             response.append(eos)
         pairs.append((prompt, response))
     return pairs

@@ -101,12 +101,29 @@ def _e2e_task(cfg: Any, tokenizer: Any, with_train: bool) -> Task:
     def split(name: str, limit: int | None) -> list[dict]:
         if name == "train" and not with_train:
             return []
-        pairs = e2e.read_e2e(name, data_dir=cfg.data_dir, source=cfg.source)
-        return e2e.encode_e2e(_limit(pairs, limit), tokenizer, cfg.max_len)
+        pairs = _limit(e2e.read_e2e(name, data_dir=cfg.data_dir, source=cfg.source), limit)
+        if instruct.has_chat_template(tokenizer):
+            return instruct.encode_instructions([_mr_record(mr, ref) for mr, ref in pairs],
+                                                tokenizer, cfg.max_len, "chat")
+        return e2e.encode_e2e(pairs, tokenizer, cfg.max_len)
 
     return Task("e2e", "lm", None, split("train", cfg.max_train_examples),
                 split("dev", cfg.max_eval_examples), tokenizer.eos_token_id, tuple(cfg.buckets),
                 "loss", packing=_packing(cfg), max_len=cfg.max_len)
+
+
+def _mr_record(mr: str, ref: str = "") -> dict[str, str]:
+    """An E2E pair as an instruction record: the MR (as the file writes it) is the instruction.
+    A model with a chat template (SmolLM2-Instruct) reads and writes E2E through it; GPT-2 has
+    none and keeps microsoft/LoRA's format (`e2e.encode_e2e`)."""
+    return {"instruction": mr, "input": "", "output": ref}
+
+
+def _e2e_prompt(mr: str, tokenizer: Any) -> list[int]:
+    """The generation prompt of an MR, in the format the task's rows were written in."""
+    if instruct.has_chat_template(tokenizer):
+        return instruct.prompt_ids(_mr_record(mr), tokenizer, "chat")
+    return e2e.encode_prompt(mr, tokenizer)
 
 
 def _instruct_splits(cfg: Any) -> tuple[list, list]:
@@ -274,7 +291,7 @@ TASKS: dict[str, TaskEntry] = {
     **{name: _glue_entry(spec) for name, spec in glue.TASKS.items()},
     "e2e": TaskEntry(kind="lm", num_labels=None, build=_e2e_task, inputs=_e2e_inputs,
                      eval_splits=("dev", "test"),
-                     generation=Generation(references=_e2e_references, prompt=e2e.encode_prompt,
+                     generation=Generation(references=_e2e_references, prompt=_e2e_prompt,
                                            score=e2e_metrics.e2e_scores)),
     "instruct": TaskEntry(kind="lm", num_labels=None, build=_instruct_task,
                           inputs=_instruct_inputs,

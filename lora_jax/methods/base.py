@@ -430,8 +430,9 @@ def frozen_part(params: Params, trainable: Params) -> dict:
 
 
 def count_params(tree: Params) -> int:
-    """Number of scalars in a pytree (of arrays or ShapeDtypeStructs)."""
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+    """Number of scalars in a pytree (of arrays or ShapeDtypeStructs); a quantized kernel counts
+    the weights it holds, not its stored parts."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree, is_leaf=quant.is_quantized))
 
 
 class PeftCodec:

