@@ -8,7 +8,8 @@ Each case runs in its own process, so that its peak RSS is its own. Per case:
   xla_temp, xla_args   the compiled train step's memory (XLA's memory analysis: temporaries,
                  and arguments, which include the frozen tree);
   peak_rss       the process's peak resident memory, loading included;
-  first_step_s   from the start of loading to the end of the first step (compilation included);
+  first_step_s   from the start of loading to the end of the first step (compilation included;
+                 PEFT's from a safetensors copy written once beforehand, `convert`);
   step_s         median seconds per step after warm-up; tokens_s = batch * seq / step_s.
 
     .venv/bin/python benchmarks/quantized_base.py                     # every case, 5 steps
@@ -28,7 +29,9 @@ import time
 import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CASES = ("none", "int8", "nf4", "gguf", "peft-bnb")
+# A case is model.quantize, optionally '+bf16': the rest of the frozen tree (embeddings, norms)
+# in bfloat16 (model.param_dtype), as QLoRA keeps what it does not quantize; compute stays fp32.
+CASES = ("none", "int8", "nf4", "gguf", "nf4+bf16", "peft-bnb")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -54,7 +57,10 @@ def ours(fmt: str, args) -> dict:
     from lora_jax.training import setup, sharding, steps
 
     config = load_config(f"{REPO}/configs/instruct.py:model=smollm2-135m")
+    fmt, _, rest = fmt.partition("+")
     config.model.quantize = fmt
+    if rest == "bf16":
+        config.model.param_dtype = "bfloat16"
     config.method.lora.targets = tuple(f"/{t}/kernel" for t in TARGETS)
     config.method.lora.dropout = 0.0  # as the PEFT case: no dropout masks in either
     run = setup.build(config)
@@ -85,31 +91,40 @@ def ours(fmt: str, args) -> dict:
                 run.frozen, is_leaf=quant.is_quantized)), "peak_rss": peak_rss()}
 
 
-def peft_bnb(args) -> dict:
-    """PEFT's LoRA over transformers' model of the same file, loaded in 4 bits by bitsandbytes
-    (nf4, as QLoRA), AdamW, the same batch and targets."""
-    start = time.perf_counter()
-    import tempfile
-
-    import peft
+def convert(args) -> dict:
+    """SmolLM2 as a safetensors checkpoint in `args.hf_dir`, written once (as a user converts a
+    GGUF file once: transformers neither quantizes a GGUF model it loads nor saves it)."""
     import torch
     import transformers
 
     from lora_jax.interop import hub
 
-    torch.set_num_threads(args.threads)
-    path = hub.checkpoint_path("smollm2-135m")
-    with tempfile.TemporaryDirectory() as directory:
-        # transformers does not quantize a GGUF file it loads; save it once as safetensors (as
-        # a user would), then load that in 4 bits.
-        model = transformers.AutoModelForCausalLM.from_pretrained(
+    directory = pathlib.Path(args.hf_dir)
+    if not (directory / "model.safetensors").is_file():
+        path = hub.checkpoint_path("smollm2-135m")
+        gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):  # the GGUF loading's, not a format to keep
+            del config.quantization_config
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(gguf_model.state_dict())
         model.save_pretrained(directory)
-        del model
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, quantization_config=transformers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=torch.float32))
+    return {"hf_dir": str(directory)}
+
+
+def peft_bnb(args) -> dict:
+    """PEFT's LoRA over transformers' model of the same weights (`convert`), loaded in 4 bits
+    by bitsandbytes (nf4, as QLoRA), AdamW, the same batch and targets."""
+    start = time.perf_counter()
+    import peft
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        args.hf_dir, dtype=torch.float32, quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0,
                                                        target_modules=list(TARGETS),
                                                        task_type="CAUSAL_LM"))
@@ -122,7 +137,7 @@ def peft_bnb(args) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
         times.append(time.perf_counter() - t)
         if i == 0:
             first_step_s = time.perf_counter() - start
@@ -143,7 +158,7 @@ def versions() -> str:
 def spawn(case: str, args) -> dict | None:
     cmd = [sys.executable, __file__, "--one", case, "--batch", str(args.batch), "--seq",
            str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--hf-dir", args.hf_dir]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         print(f"[{case}] failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -157,7 +172,7 @@ def report(results: dict, args) -> None:
     print("| base | frozen bytes | vs fp32 | XLA temp | peak RSS | first step | s/step | "
           "tokens/s | vs PEFT+bnb |")
     print("|---|---|---|---|---|---|---|---|---|")
-    fp32 = results.get("none", {}).get("frozen_bytes")
+    fp32 = results["none"]["frozen_bytes"] if results.get("none") else None
     peft_tps = (args.batch * args.seq / results["peft-bnb"]["step_s"]
                 if results.get("peft-bnb") else None)
     for case, r in results.items():
@@ -165,13 +180,13 @@ def report(results: dict, args) -> None:
             print(f"| {case} | failed |")
             continue
         tps = args.batch * args.seq / r["step_s"]
-        print(f"| {case} | {r['frozen_bytes'] / 2**20:.1f} MiB | "
-              f"{r['frozen_bytes'] / fp32:.3f}x | " if fp32 else f"| {case} | "
-              f"{r['frozen_bytes'] / 2**20:.1f} MiB | - | ", end="")
-        temp = f"{r['xla_temp'] / 2**20:.0f} MiB" if "xla_temp" in r else "-"
-        print(f"{temp} | {r['peak_rss'] / 2**30:.2f} GiB | {r['first_step_s']:.1f} s | "
-              f"{r['step_s']:.2f} | {tps:.0f} | "
-              f"{tps / peft_tps:.2f}x |" if peft_tps else "- |")
+        cells = [case, f"{r['frozen_bytes'] / 2**20:.1f} MiB",
+                 f"{r['frozen_bytes'] / fp32:.3f}x" if fp32 else "-",
+                 f"{r['xla_temp'] / 2**20:.0f} MiB" if "xla_temp" in r else "-",
+                 f"{r['peak_rss'] / 2**30:.2f} GiB", f"{r['first_step_s']:.1f} s",
+                 f"{r['step_s']:.2f}", f"{tps:.0f}",
+                 f"{tps / peft_tps:.2f}x" if peft_tps else "-"]
+        print("| " + " | ".join(cells) + " |")
     print(json.dumps(results))
 
 
@@ -184,14 +199,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one", default="")
+    parser.add_argument("--hf-dir", default="/tmp/lora_jax_smollm2_safetensors",
+                        help="where the PEFT case's safetensors copy of SmolLM2 is written once")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(peft_bnb(args) if args.one == "peft-bnb" else ours(args.one, args)))
+        one = {"peft-bnb": peft_bnb, "convert": convert}.get(args.one)
+        print(json.dumps(one(args) if one else ours(args.one, args)))
         return
     cases = args.cases.split(",")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
+    if "peft-bnb" in cases:
+        spawn("convert", args)
     report({case: spawn(case, args) for case in cases}, args)
 
 

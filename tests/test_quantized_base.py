@@ -269,3 +269,24 @@ def test_the_compiled_step_never_holds_the_dequantized_kernels_together(tmp_path
     largest = 4 * 256 * 512
     assert kernel_bytes > 20 * largest
     assert temp["nf4"] - temp["none"] < 3 * largest, (temp, kernel_bytes)
+
+
+def test_gpt2s_conv1d_kernels_quantize_in_their_torch_layout(tmp_path, padded_batch):
+    """GPT-2 stores its kernels as we do, (d_in, d_out): quantized as W = kernel^T like every
+    family's, its model over nf4 computes what it computes over the dequantized kernels."""
+    from conftest import save_tiny_hf_gpt2
+
+    save_tiny_hf_gpt2(tmp_path)
+    model, params, _ = hub.load_pretrained(tmp_path, quantize="nf4")
+    _, full, _ = hub.load_pretrained(tmp_path)
+    flat, full_flat = traverse_util.flatten_dict(params), traverse_util.flatten_dict(full)
+    assert quantized_paths(params) == sorted(
+        "/".join(p) for p in full_flat if p[-1] == "kernel")  # every kernel is in a block
+    for path in quantized_paths(params):
+        key = tuple(path.split("/"))
+        w = np.asarray(full_flat[key]).T
+        np.testing.assert_array_equal(
+            flat[key].parts["absmax"], quant.FORMATS["nf4"].quantize(w)["absmax"])
+    ids, mask = padded_batch(97)
+    forward = jax.jit(lambda p: model.apply({"params": p}, ids, mask).logits)
+    np.testing.assert_allclose(forward(params), forward(dequantized(params)), rtol=0, atol=1e-5)

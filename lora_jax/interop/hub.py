@@ -7,7 +7,6 @@ mapping serves loading here and adapter export later.
 
 import contextlib
 import functools
-import importlib
 import importlib.util
 import logging
 import os
