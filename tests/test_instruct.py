@@ -140,10 +140,25 @@ def test_a_file_without_valid_records_is_an_error(tmp_path):
 def test_a_missing_file_or_another_suffix(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.jsonl")):
         instruct.read_instructions(tmp_path / "nope.jsonl")
+    tsv = tmp_path / "data.tsv"
+    tsv.write_text("instruction\toutput\n")
+    with pytest.raises(FileFormatError, match=r"expected a \.json file .* got suffix '\.tsv'"):
+        instruct.read_instructions(tsv)
+    # A .csv is read as an E2E NLG file (mr,ref), and another CSV is refused naming its header.
     csv = tmp_path / "data.csv"
     csv.write_text("instruction,output\n")
-    with pytest.raises(FileFormatError, match=r"expected a \.json file .* got suffix '\.csv'"):
+    with pytest.raises(FileFormatError, match=r"data\.csv:1: expected the header 'mr,ref'"):
         instruct.read_instructions(csv)
+
+
+def test_an_e2e_csv_reads_as_instructions(data_dir):
+    """Each row: the MR as the instruction, the reference as the output, in file order."""
+    from lora_jax.data import e2e
+
+    records = instruct.read_instructions(data_dir / "e2e" / "devset.csv")
+    pairs = e2e.read_e2e("dev", data_dir=data_dir)
+    assert [(r["instruction"], r["input"], r["output"]) for r in records] == [
+        (mr, "", ref) for mr, ref in pairs]
 
 
 def test_a_byte_that_is_not_utf8_names_file_and_record(tmp_path):

@@ -145,16 +145,23 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def load_state_dict(checkpoint: str | os.PathLike) -> "Tensors":
-    """Every tensor of a checkpoint, by HF key, each read when it is asked for.
+def load_state_dict(checkpoint: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint, read at once (what `tensors` reads one at a time).
+
+    Returns:
+      HF key -> array (bfloat16 tensors come back as ml_dtypes bfloat16 arrays; a GGUF file's
+      quantized tensors dequantized to float32).
+    """
+    found = tensors(checkpoint)
+    return {key: found[key] for key in found}
+
+
+def tensors(checkpoint: str | os.PathLike) -> "Tensors":
+    """A checkpoint's tensors by HF key, each read when it is asked for.
 
     Args:
       checkpoint: a Hugging Face checkpoint directory (`model.safetensors` or the shards of
         `model.safetensors.index.json`) or a GGUF file.
-
-    Returns:
-      HF key -> array (bfloat16 tensors come back as ml_dtypes bfloat16 arrays; a GGUF file's
-      quantized tensors dequantized to float32, its own blocks through `Tensors.stored`).
 
     Raises:
       FileNotFoundError: no safetensors weights (pickle files are named, and not opened), or a
@@ -357,7 +364,7 @@ def load_pretrained(
     directory = resolve_checkpoint(name_or_path)
     check_quantize(quantize, directory)
     if is_gguf(directory):
-        state = load_state_dict(directory)
+        state = tensors(directory)
         model = model_from_hf_config(
             state.checkpoint.hf_config, task=task, num_labels=num_labels, dtype=dtype,
             param_dtype=param_dtype, remat=remat,
@@ -377,7 +384,7 @@ def load_pretrained(
         hf_config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype,
         remat=remat, attention_implementation=attention_implementation,
     )
-    params = params_from_state_dict(model, load_state_dict(directory), rng=rng,
+    params = params_from_state_dict(model, tensors(directory), rng=rng,
                                     quantize=quantize, unquantized=unquantized)
     return model, params, hf_config
 
@@ -508,7 +515,7 @@ def hf_keys(path: tuple[str, ...], model_type: str) -> list[str]:
 def missing_leaves(model: nn.Module, checkpoint_dir: str | os.PathLike) -> list[tuple[str, ...]]:
     """The leaves of `model`'s params that the checkpoint lacks: the heads `load_pretrained`
     draws from its rng. Reads only the weight files' headers."""
-    keys = set(load_state_dict(checkpoint_dir))
+    keys = set(tensors(checkpoint_dir))  # the files' headers (a GGUF file's tensor table)
     shapes = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
     model_type = model.config.model_type
     return [p for p in traverse_util.flatten_dict(shapes)
