@@ -77,12 +77,20 @@ def test_logits_equal_transformers_gguf_model(ours, theirs):
     np.testing.assert_allclose(logits[real], reference[real], rtol=0, atol=1e-5 * scale)
 
 
-def test_greedy_decoding_equals_transformers_generate(ours, theirs):
-    """20 greedy tokens, token for token."""
+@pytest.fixture(scope="module")
+def greedy(ours):
+    """(prompt, our 20 greedy tokens) over the full-precision base."""
     model, params, tokenizer = ours
     prompt = _chat(tokenizer, QUESTION)
-    ours_ids = generate.greedy_search(model.apply, {"params": params}, [prompt],
-                                      max_new_tokens=MAX_NEW, eos_ids=tokenizer.eos_token_id)[0]
+    return prompt, generate.greedy_search(model.apply, {"params": params}, [prompt],
+                                          max_new_tokens=MAX_NEW,
+                                          eos_ids=tokenizer.eos_token_id)[0]
+
+
+def test_greedy_decoding_equals_transformers_generate(ours, theirs, greedy):
+    """20 greedy tokens, token for token."""
+    _, _, tokenizer = ours
+    prompt, ours_ids = greedy
     with torch.no_grad():
         out = theirs.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False,
                               num_beams=1, eos_token_id=tokenizer.eos_token_id,
@@ -94,18 +102,20 @@ def test_greedy_decoding_equals_transformers_generate(ours, theirs):
     assert "Eagle" in tokenizer.decode(ours_ids)
 
 
-@pytest.mark.parametrize("fmt", ["gguf", "nf4"])
-def test_a_quantized_base_decodes(path, ours, fmt):
+@pytest.mark.parametrize("fmt", ["gguf", pytest.param("nf4", marks=pytest.mark.slow)])
+def test_a_quantized_base_decodes(path, ours, greedy, fmt):
     """Held in the file's Q4_1 blocks, the base computes the dequantized model's logits (to
-    summation order) and decodes its greedy text; at nf4 (requantized from those values) it
-    still writes about the Eagle. Neither holds a full-precision block kernel."""
+    summation order) and decodes its greedy text; at nf4 (requantized from those values: slow,
+    the nf4 path is checked on tiny models in tests/test_quantized_base.py and trained on here
+    in the README's run) it still writes about the Eagle. Neither holds a full-precision block
+    kernel."""
     model, params, tokenizer = ours
     _, quantized, _ = hub.load_pretrained(path, quantize=fmt)
     kernels = [leaf for leaf in jax.tree_util.tree_leaves(quantized, is_leaf=quant.is_quantized)
                if quant.is_quantized(leaf)]
     assert len(kernels) == 30 * 7
     assert quant.frozen_bytes(quantized) < 0.4 * quant.frozen_bytes(params)
-    prompt = _chat(tokenizer, QUESTION)
+    prompt, reference = greedy
     decoded = generate.greedy_search(model.apply, {"params": quantized}, [prompt],
                                      max_new_tokens=MAX_NEW, eos_ids=tokenizer.eos_token_id)[0]
     if fmt == "gguf":
@@ -114,9 +124,6 @@ def test_a_quantized_base_decodes(path, ours, fmt):
         full = np.asarray(apply({"params": params}, ids, mask).logits)[mask == 1]
         kept = np.asarray(apply({"params": quantized}, ids, mask).logits)[mask == 1]
         np.testing.assert_allclose(kept, full, rtol=0, atol=1e-5 * np.abs(full).max())
-        reference = generate.greedy_search(model.apply, {"params": params}, [prompt],
-                                           max_new_tokens=MAX_NEW,
-                                           eos_ids=tokenizer.eos_token_id)[0]
         assert decoded == reference
     assert "Eagle" in tokenizer.decode(decoded)
 
