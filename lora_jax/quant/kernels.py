@@ -172,10 +172,9 @@ def matmul(x: jax.Array, kernel: QuantizedKernel, precision: Any = None) -> jax.
     The frozen kernel takes no gradient, so the backward pass needs only dx = dy W, for which
     it dequantizes W again (bitsandbytes' 4-bit matmul does the same) instead of keeping the
     forward's full-precision copy as a residual: only the stored parts live between the two.
-    Each dequantization is tied to the data it multiplies (x forward, dy backward) by an
-    optimization barrier, so that XLA cannot hoist all of them to the start of the pass and
-    hold every dequantized kernel at once: one kernel's transient at a time, as the matmul
-    needs it.
+    Each dequantization is tied to the data it multiplies (x forward, dy backward), so that XLA
+    cannot hoist all of them to the start of the pass and hold every dequantized kernel at once:
+    one kernel's transient at a time, as the matmul needs it.
     """
     return _quantized_matmul(kernel.format, kernel.shape, precision, x, kernel.parts)
 
