@@ -23,6 +23,7 @@ from lora_jax.config_rules import (Rule, boolean, buckets, integer, number, one_
 from lora_jax.errors import ConfigError
 from lora_jax.methods import METHODS, MethodStack
 from lora_jax.methods.base import CONFLICTS, SettingError
+from lora_jax.quant.kernels import QUANTIZE_OPTIONS
 
 
 # --- Rules of this config's own fields --------------------------------------------------------
@@ -68,7 +69,7 @@ RULES: dict[str, Rule] = {
     "model.tokenizer": text(optional=True),
     "model.dtype": one_of(*DTYPE_NAMES),
     "model.param_dtype": one_of(*DTYPE_NAMES),
-    "model.quantize": one_of("none", "int8", "nf4", "gguf"),
+    "model.quantize": one_of(*QUANTIZE_OPTIONS),
     "model.double_quant": boolean,
     "model.remat": boolean,
     "model.attention_implementation": one_of(None, "cudnn"),

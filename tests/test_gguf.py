@@ -485,3 +485,16 @@ def test_missing_tokenizer_is_named(tmp_path):
     assert not checkpoint.has_tokenizer and checkpoint.chat_template is None
     with pytest.raises(FileFormatError, match=rf"{path} has no tokenizer in its metadata"):
         checkpoint.tokenizer()
+
+
+def test_a_file_is_read_once_until_it_changes(tmp_path):
+    """A run asks for the same file for its weights, tokenizer and heads: it is read once; a
+    file rewritten in place is read again."""
+    path, _ = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    first = open_gguf(path)
+    assert open_gguf(str(path)) is first
+    import os
+
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert open_gguf(path) is not first

@@ -122,12 +122,24 @@ class GgufCheckpoint:
 def open_gguf(path: str | os.PathLike) -> GgufCheckpoint:
     """Reads a GGUF file's config, tokenizer metadata and tensor table (tensor data stays mapped).
 
+    A run asks for one file several times (weights, tokenizer, the heads it lacks) and reading
+    SmolLM2's table and config takes seconds: the last few files read are kept, by path, size
+    and modification time, so a changed file is read again.
+
     Raises:
       FileNotFoundError: no such file.
       FileFormatError: not a GGUF file, truncated or damaged, an unsupported architecture, a tensor
         of an unsupported kind, or tensors that do not fit the config (each message names the file).
     """
     path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    stat = path.stat()
+    return _open(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open(path: pathlib.Path, size: int, mtime_ns: int) -> GgufCheckpoint:
     reader = _reader(path)
     file_architecture = _file_architecture(reader, path)
     hf_config = _hf_config(reader, path)

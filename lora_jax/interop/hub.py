@@ -389,14 +389,11 @@ def load_pretrained(
     return model, params, hf_config
 
 
-QUANTIZE = ("none", "int8", "nf4", "nf4-nested", "gguf")
-
-
 def check_quantize(quantize: str, checkpoint: str | os.PathLike | None) -> None:
     """Raises ValueError for a `quantize` value we do not have, or 'gguf' for a checkpoint that
     is not a GGUF file (it has no blocks to keep)."""
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if quantize not in quant.LOAD_OPTIONS:
+        raise ValueError(f"quantize must be one of {quant.LOAD_OPTIONS}, got {quantize!r}")
     if quantize == "gguf" and (checkpoint is None or not is_gguf(checkpoint)):
         raise ValueError(f"quantize='gguf' keeps a GGUF file's own blocks, and {checkpoint} is "
                          "not a GGUF file: use 'nf4' or 'int8' to quantize it")

@@ -40,8 +40,10 @@ from flax import struct
 
 from lora_jax.quant import gguf_blocks, int8, nf4
 
-# config.model.quantize values, 'none' first.
+# config.model.quantize values, 'none' first; `LOAD_OPTIONS` adds what loading is asked for when
+# model.double_quant is set ('nf4-nested').
 QUANTIZE_OPTIONS = ("none", "int8", "nf4", "gguf")
+LOAD_OPTIONS = (*QUANTIZE_OPTIONS, "nf4-nested")
 
 
 @dataclasses.dataclass(frozen=True)
