@@ -72,6 +72,7 @@ RULES: dict[str, Rule] = {
     "model.quantize": one_of(*QUANTIZE_OPTIONS),
     "model.double_quant": boolean,
     "model.remat": boolean,
+    "model.scan_layers": boolean,
     "model.attention_implementation": one_of(None, "cudnn"),
     "method.use": method_names,
     "method.also_train": regexes,

@@ -300,6 +300,7 @@ def model_from_hf_config(
     param_dtype: Any = jnp.float32,
     remat: bool = False,
     attention_implementation: str | None = None,
+    scan_layers: bool = False,
 ) -> nn.Module:
     """Our Flax model for a transformers config (weights not included).
 
@@ -311,6 +312,8 @@ def model_from_hf_config(
       dtype: compute dtype.
       param_dtype: parameter dtype.
       remat: recompute GPT-2 blocks in the backward pass (saves activation memory).
+      scan_layers: run the blocks as one `nn.scan`, compiled once (Llama family; the params
+        keep their per-block paths: `models.scan`).
       attention_implementation: None (XLA) or 'cudnn' (the fused GPU kernel, bf16/fp16; used
         where attention dropout is off, e.g. in evaluation or with attn_pdrop 0).
 
@@ -322,7 +325,8 @@ def model_from_hf_config(
     if num_labels is not None and task != "classification":
         raise ValueError("num_labels applies only to task='classification'")
     return family.build(hf_config, task, num_labels, dtype=dtype, param_dtype=param_dtype,
-                        remat=remat, attention_implementation=attention_implementation)
+                        remat=remat, scan_layers=scan_layers,
+                        attention_implementation=attention_implementation)
 
 
 def load_pretrained(
@@ -335,6 +339,7 @@ def load_pretrained(
     rng: jax.Array | None = None,
     remat: bool = False,
     attention_implementation: str | None = None,
+    scan_layers: bool = False,
     quantize: str = "none",
     unquantized: tuple[str, ...] = (),
 ) -> tuple[nn.Module, dict, Any]:
@@ -351,7 +356,7 @@ def load_pretrained(
       dtype: compute dtype.
       param_dtype: the params are cast to it.
       rng: initialises a head the checkpoint lacks; default `jax.random.key(0)`.
-      remat, attention_implementation: see `model_from_hf_config`.
+      remat, attention_implementation, scan_layers: see `model_from_hf_config`.
       quantize: how the Dense kernels inside the blocks are held (`quantized_leaf`): 'none',
         'int8', 'nf4', 'nf4-nested' (nf4 with double quantization) or 'gguf' (a GGUF file's own
         blocks).
@@ -367,7 +372,7 @@ def load_pretrained(
         state = tensors(directory)
         model = model_from_hf_config(
             state.checkpoint.hf_config, task=task, num_labels=num_labels, dtype=dtype,
-            param_dtype=param_dtype, remat=remat,
+            param_dtype=param_dtype, remat=remat, scan_layers=scan_layers,
             attention_implementation=attention_implementation)
         params = params_from_state_dict(model, state, rng=rng, quantize=quantize,
                                         unquantized=unquantized)
@@ -383,6 +388,7 @@ def load_pretrained(
     model = model_from_hf_config(
         hf_config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype,
         remat=remat, attention_implementation=attention_implementation,
+        scan_layers=scan_layers,
     )
     params = params_from_state_dict(model, tensors(directory), rng=rng,
                                     quantize=quantize, unquantized=unquantized)

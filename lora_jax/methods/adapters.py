@@ -45,6 +45,7 @@ from flax import traverse_util
 
 from lora_jax import config_rules as rules
 from lora_jax.methods.base import Method, Params, Path, Registration, SettingError, join
+from lora_jax.models import scan
 from lora_jax.models.layers import activation, layer_norm_apply
 
 DOWN_INIT_STD = 0.02
@@ -135,15 +136,20 @@ class Adapters(Method):
         weights = _site_weights(added)
         act = activation(self.nonlinearity)
 
-        def hook(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            w = weights.get(tuple(context.module.path)) if context.method_name == "__call__" \
-                else None
-            if w is None:
+        def adapted(path, out):
+            if path not in weights:  # a block without an adapter (AdapterDrop's lower blocks)
                 return out
             h = out[0] if isinstance(out, tuple) else out
-            h = h + bottleneck(h, w, act, self.layer_norm_epsilon)
+            h = h + bottleneck(h, weights[path], act, self.layer_norm_epsilon)
             return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        def hook(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            path = tuple(context.module.path)
+            if context.method_name != "__call__" or not any(
+                    p in weights for p in scan.block_paths(path) or (path,)):
+                return out
+            return scan.per_block(path, adapted, out)
 
         with nn.intercept_methods(hook):
             yield

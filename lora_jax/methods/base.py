@@ -32,16 +32,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import pathlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from lora_jax.models import scan
 from lora_jax.quant import kernels as quant
 
 Params = Mapping[str, Any]
@@ -219,38 +221,59 @@ def fold_into_kernels(params: Params, added: Params,
     return traverse_util.unflatten_dict(flat)
 
 
+class DenseCall(NamedTuple):
+    """The nn.Dense call a method's `output` adapts: the module's path, its variables (W0 and
+    the bias, read before the method runs) and whether it has a bias."""
+
+    path: Path
+    variables: Mapping[str, Any]
+    use_bias: bool
+
+
 @contextlib.contextmanager
 def intercept_dense(adapters: Mapping[Path, Any], rng: jax.Array | None, dropout: float,
                     output: Callable[..., jax.Array], what: str, strict: bool = True,
                     hint: str = "run the whole model") -> Iterator[None]:
     """A context in which every call of an `nn.Dense` whose path has an entry in `adapters`
-    returns output(module, entry, x, y, dropped) instead of y = W0 x + b.
+    returns output(call, entry, x, y, dropped) instead of y = W0 x + b.
 
     x is the call's input after `dropout` (one independent mask per module, folded from `rng`;
-    none when `rng` is None), `dropped` whether it was applied, `module` the bound nn.Dense.
+    none when `rng` is None), `dropped` whether it was applied, `call` the `DenseCall`. Inside
+    scanned blocks (`models.scan`) the call runs as the running block's module, with its entry.
 
     Raises:
       ValueError: with `strict`, an entry no call reached (an adapter silently doing nothing
         would be worse): its kernel is not an nn.Dense kernel that this call ran.
     """
-    order = {module: i for i, module in enumerate(adapters)}
+    # Arrays, not ints: in scanned blocks each block's number is then data, not a constant.
+    order = {module: jnp.uint32(i) for i, module in enumerate(adapters)}
     used: set[Path] = set()
+
+    def adapted(path, x, y, *, variables, use_bias):
+        entry = adapters.get(path)
+        if entry is None:
+            return y
+        dropped = rng is not None and dropout > 0
+        if dropped:
+            keep = jax.random.bernoulli(jax.random.fold_in(rng, order[path]), 1.0 - dropout,
+                                        x.shape)
+            x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+        return output(DenseCall(path, variables, use_bias), entry, x, y, dropped)
 
     def hook(next_fun, args, kwargs, context):
         module = context.module
-        entry = (adapters.get(tuple(module.path))
-                 if context.method_name == "__call__" and isinstance(module, nn.Dense) else None)
-        if entry is None:
+        if context.method_name != "__call__" or not isinstance(module, nn.Dense):
             return next_fun(*args, **kwargs)
-        used.add(tuple(module.path))
+        path = tuple(module.path)
+        reached = [p for p in scan.block_paths(path) or (path,) if p in adapters]
+        if not reached:
+            return next_fun(*args, **kwargs)
+        used.update(reached)
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
-        dropped = rng is not None and dropout > 0
-        if dropped:
-            keep = jax.random.bernoulli(jax.random.fold_in(rng, order[tuple(module.path)]),
-                                        1.0 - dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
-        return output(module, entry, x, y, dropped)
+        call = functools.partial(adapted, variables=dict(module.variables),
+                                 use_bias=module.use_bias)
+        return scan.per_block(path, call, x, y)
 
     with nn.intercept_methods(hook):
         yield

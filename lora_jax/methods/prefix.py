@@ -47,6 +47,7 @@ from lora_jax.interop import peft_adapters as pa
 from lora_jax.json_files import read_json_object
 from lora_jax.methods.base import Method, Params, PeftCodec, Registration
 from lora_jax.models import family as model_family
+from lora_jax.models import scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,13 +142,20 @@ class VirtualTokens(Method):
                 if not self.layers:
                     h = jnp.where(current["virtual"], added["embeddings"][index].astype(h.dtype), h)
                 return h
-            if self.layers and "virtual" in current and path:
-                match = re.fullmatch(self.family.block, path[-1])
-                if match:
-                    x = args[0]
-                    learned = added["activations"][int(match.group(1))][current["index"]]
-                    x = jnp.where(current["virtual"], learned.astype(x.dtype), x)
-                    return next_fun(x, *args[1:], **kwargs)
+            blocks = scan.block_paths(path) or (path,)
+            if self.layers and "virtual" in current and path and \
+                    re.fullmatch(self.family.block, blocks[0][-1]):
+                # Each block's row, read here: inside insert a constant index would make each
+                # scanned block a program of its own (`scan.per_block`).
+                rows = {p: added["activations"][int(re.fullmatch(self.family.block, p[-1])[1])]
+                        for p in blocks}
+
+                def insert(block, x):
+                    learned = rows[block][current["index"]]
+                    return jnp.where(current["virtual"], learned.astype(x.dtype), x)
+
+                x = scan.per_block(path, insert, args[0])
+                return next_fun(x, *args[1:], **kwargs)
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(hook):

@@ -33,7 +33,7 @@ import numpy as np
 
 from lora_jax.models.family import ModelFamily, PackagedCheckpoint
 from lora_jax.models.gpt2 import KVCache, positions_and_mask
-from lora_jax.models import layers
+from lora_jax.models import layers, scan
 from lora_jax.models.layers import RMSNorm, activation, dot_product_attention
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -71,6 +71,7 @@ class LlamaConfig:
     initializer_range: float = 0.02
     attention_implementation: str | None = None  # None (XLA) or 'cudnn' (GPU, bf16/fp16)
     remat: bool = False  # recompute each block in the backward pass (long rows, 7B models)
+    scan_layers: bool = False  # run the blocks by one nn.scan (compiled once; see scan.py)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -92,6 +93,10 @@ class LlamaConfig:
         if self.windows is not None and len(self.windows) != self.num_hidden_layers:
             raise ValueError(f"windows has {len(self.windows)} entries for "
                              f"{self.num_hidden_layers} layers")
+        if self.scan_layers and self.windows is not None and len(set(self.windows)) > 1:
+            raise ValueError(f"scan_layers runs one block for every layer, and this model's "
+                             f"layers have different sliding windows {sorted(set(self.windows), key=str)}: "
+                             "run it unrolled (scan_layers=False)")
 
     @property
     def kv_heads(self) -> int:
@@ -346,7 +351,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The decoder without its head: HF's `LlamaModel` (our `model/`)."""
+    """The decoder without its head: HF's `LlamaModel` (our `model/`).
+
+    With `scan_layers` the blocks run as one `nn.scan` over their stacked params (`_ScanStep`);
+    the params keep their unrolled paths (`model/layers_{i}`) through `scan.stack_blocks`, which
+    `LlamaForCausalLM` wraps around this module.
+    """
 
     config: LlamaConfig
 
@@ -355,10 +365,16 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             embedding_init=nn.initializers.normal(cfg.initializer_range))
-        # static_argnums counts `self`: argument 3 is `deterministic`, a Python bool.
-        layer = nn.remat(LlamaDecoderLayer, static_argnums=(3,)) if cfg.remat \
-            else LlamaDecoderLayer
-        self.layers = [layer(cfg, cfg.window(i)) for i in range(cfg.num_hidden_layers)]
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                _ScanStep, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_hidden_layers)(cfg, block_names(cfg), name=scan.SCANNED)
+        else:
+            # static_argnums counts `self`: argument 3 is `deterministic`, a Python bool.
+            layer = nn.remat(LlamaDecoderLayer, static_argnums=(3,)) if cfg.remat \
+                else LlamaDecoderLayer
+            self.layers = [layer(cfg, cfg.window(i)) for i in range(cfg.num_hidden_layers)]
         self.norm = _norm(cfg, "norm")
 
     def __call__(self, input_ids, mask, position_ids, deterministic: bool, cache=None):
@@ -366,12 +382,20 @@ class LlamaModel(nn.Module):
         h = self.embed_tokens(input_ids)
         rotary = rotary_tables(self.config, position_ids)
         index = None if cache is None else cache.index
-        hidden_states, new_kv = [h], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            h, kv = layer(h, mask, deterministic, kv, index, rotary)
-            hidden_states.append(h)
-            new_kv.append(kv)
+        if self.config.scan_layers:
+            kv = None if cache is None else (jnp.stack(cache.keys), jnp.stack(cache.values))
+            blocks = jnp.arange(self.config.num_hidden_layers)
+            last, (states, kv) = self.layers(h, (blocks, kv), mask, index, (rotary, deterministic))
+            hidden_states = [h, *states]
+            new_kv = [None] * len(blocks) if kv is None else list(zip(kv[0], kv[1]))
+            h = last
+        else:
+            hidden_states, new_kv = [h], []
+            for i, layer in enumerate(self.layers):
+                kv = None if cache is None else (cache.keys[i], cache.values[i])
+                h, kv = layer(h, mask, deterministic, kv, index, rotary)
+                hidden_states.append(h)
+                new_kv.append(kv)
         h = self.norm(h)
         hidden_states[-1] = h  # HF reports the last state after the final norm
         return h, hidden_states, new_kv
@@ -379,6 +403,33 @@ class LlamaModel(nn.Module):
     def attend(self, h: jax.Array) -> jax.Array:
         """Logits from the tied embedding."""
         return self.embed_tokens.attend(h)
+
+
+def block_names(cfg: LlamaConfig) -> tuple[str, ...]:
+    """The blocks' names under `model/`, in order."""
+    return tuple(f"layers_{i}" for i in range(cfg.num_hidden_layers))
+
+
+class _ScanStep(nn.Module):
+    """One step of the scanned blocks: the block (`scan.BLOCK`) run as block i of `names`, so that
+    the methods' interception finds that block's adapters (`scan.per_block`)."""
+
+    config: LlamaConfig
+    names: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, h, xs, mask, index, rotary_and_deterministic):
+        cfg = self.config
+        i, kv = xs
+        rotary, deterministic = rotary_and_deterministic
+        layer = nn.remat(LlamaDecoderLayer, static_argnums=(3,)) if cfg.remat \
+            else LlamaDecoderLayer
+        block = layer(cfg, cfg.window(0), name=scan.BLOCK)
+        parent = tuple(self.path[:-1])
+        with scan.running(tuple(self.path) + (scan.BLOCK,),
+                          tuple(parent + (name,) for name in self.names), i):
+            h, kv = block(h, mask, deterministic, kv, index, rotary)
+        return h, (h, kv)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -404,7 +455,14 @@ class LlamaForCausalLM(nn.Module):
             cache = init_cache(cfg, input_ids.shape[0], cache)
         position_ids, mask = positions_and_mask(input_ids, attention_mask, position_ids, cache,
                                                 segment_ids)
-        base = LlamaModel(cfg, name="model")
+        if cfg.scan_layers:  # the scanned blocks' params, stacked from (and to) layers_{i}
+            names = block_names(cfg)
+            base = nn.map_variables(
+                LlamaModel, "params", methods=["__call__", "attend"], init=True,
+                trans_in_fn=lambda v: scan.stack_blocks(v, names),
+                trans_out_fn=lambda v: scan.unstack_blocks(v, names))(cfg, name="model")
+        else:
+            base = LlamaModel(cfg, name="model")
         h, hidden_states, new_kv = base(input_ids, mask, position_ids, deterministic, cache)
         if cfg.tie_word_embeddings:
             logits = base.attend(h)

@@ -23,12 +23,13 @@ def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None,
     Fields: name (checkpoint: 'minilm', a directory or a hub id; empty for random init),
     random_init (HF config fields including model_type, used when name is empty), task (None for
     the LM, 'classification' otherwise), num_labels, tokenizer, dtype, param_dtype, remat,
-    attention_implementation, quantize, double_quant. `unquantized`: kernel patterns loaded as
+    attention_implementation, scan_layers, quantize, double_quant. `unquantized`: kernel patterns loaded as
     they are whatever quantize says (`hub.load_pretrained`).
     """
     # .get: a run's config.json from before the field existed has no remat.
     dtypes = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
                   remat=bool(cfg.get("remat", False)),
+                  scan_layers=bool(cfg.get("scan_layers", False)),
                   attention_implementation=cfg.get("attention_implementation"))
     num_labels = cfg.num_labels if cfg.task == "classification" else None
     if cfg.name:
@@ -42,7 +43,11 @@ def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None,
         fields = dict(cfg.random_init)
         hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
         model = hub.model_from_hf_config(hf_config, task=cfg.task, num_labels=num_labels, **dtypes)
-        params = jax.jit(model.init)(key, jnp.ones((1, 8), jnp.int32))["params"]
+        # Drawn by the unrolled model: a scan splits the key its own way, and the weights of a
+        # seed must not depend on how the blocks run.
+        unrolled = hub.model_from_hf_config(hf_config, task=cfg.task, num_labels=num_labels,
+                                            **(dtypes | {"scan_layers": False}))
+        params = jax.jit(unrolled.init)(key, jnp.ones((1, 8), jnp.int32))["params"]
     tokenizer = tokenizers.load(cfg.tokenizer, checkpoint, data_dir)
     info = {"model_type": hf_config.model_type, "task": cfg.task,
             "base_model_name_or_path": str(cfg.name) if cfg.name else None}

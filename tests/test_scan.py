@@ -1,0 +1,174 @@
+"""Scanned blocks (config.model.scan_layers, lora_jax/models/scan.py): the Llama family's blocks run
+as one nn.scan over the same params tree, with the same logits, gradients, decoding and trained
+adapters as the unrolled model, every method's interception working inside the scan; and what
+one scanned block cannot run is refused, named."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import transformers
+
+from lora_jax import methods
+from lora_jax.config import TINY_MODELS
+from lora_jax.interop import hub
+from lora_jax.methods import METHODS
+from lora_jax.models import family as model_family
+from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from lora_jax.train import train
+from test_instruct import instruct_config, records, write_jsonl
+from test_methods import model_of, tiny_section
+
+# Tiny Qwen2 (Llama's blocks with q/k/v biases) and three blocks, so that a scan has a middle.
+FIELDS = {k: v for k, v in TINY_MODELS["llama"].items() if k != "model_type"} | dict(
+    num_hidden_layers=3)
+
+
+def models(model_type="qwen2", **fields):
+    """(unrolled, scanned) models of one config, and the params (the unrolled model's init)."""
+    unrolled = model_of(model_type, **(FIELDS | fields))
+    scanned = unrolled.clone(config=dataclasses.replace(unrolled.config, scan_layers=True))
+    params = unrolled.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    return unrolled, scanned, params
+
+
+def close(a, b, atol=1e-5):
+    """Equal to `atol` relative to the larger's scale, leaf by leaf."""
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        np.testing.assert_allclose(x, y, rtol=0, atol=atol * max(1.0, float(np.abs(x).max())))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_scanned_blocks_compute_the_unrolled_model(tied, padded_batch):
+    """Logits, every hidden state, the params' gradients and cached decoding are the unrolled
+    model's; a scanned init comes out in the unrolled layout."""
+    unrolled, scanned, params = models(tie_word_embeddings=tied)
+    fresh = scanned.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    assert jax.tree_util.tree_map(jnp.shape, fresh) == jax.tree_util.tree_map(jnp.shape, params)
+    ids, mask = padded_batch(FIELDS["vocab_size"])
+    outs = [m.apply({"params": params}, ids, mask, output_hidden_states=True)
+            for m in (unrolled, scanned)]
+    close(outs[0].logits, outs[1].logits)
+    close(outs[0].hidden_states, outs[1].hidden_states)
+    weights = jax.random.normal(jax.random.key(1), outs[0].logits.shape)
+    grads = [jax.grad(lambda p, m=m: (m.apply({"params": p}, ids, mask).logits * weights).sum())(
+        params) for m in (unrolled, scanned)]
+    close(grads[0], grads[1])
+    # A prompt into a cache, then one token more: logits and the cache's keys and values.
+    slots = ids.shape[1] + 2
+    cache_mask = np.concatenate([mask, np.zeros((len(ids), 2), mask.dtype)], axis=1)
+    firsts = [m.apply({"params": params}, ids, cache_mask, cache=slots)
+              for m in (unrolled, scanned)]
+    close(firsts[0].cache.keys, firsts[1].cache.keys)
+    step_mask = cache_mask.copy()
+    step_mask[:, ids.shape[1]] = 1
+    nexts = [m.apply({"params": params}, ids[:, -1:], step_mask, cache=first.cache)
+             for m, first in zip((unrolled, scanned), firsts)]
+    close(nexts[0].logits, nexts[1].logits)
+    close(nexts[0].cache.values, nexts[1].cache.values)
+
+
+def _prompts(stack, vocab: int) -> jnp.ndarray:
+    """Two rows as the stack feeds them (PreEmbed and PreLayer insert their virtual tokens)."""
+    rows = [stack.prepare_prompt(list(range(start, start + 6)), vocab) for start in (5, 20)]
+    return jnp.asarray(rows)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_inside_the_scan(name):
+    """Each registered method, its trained values moved off the identity and its dropout on
+    where it has one, gives the unrolled model's logits and gradients over the scanned blocks."""
+    unrolled, scanned, params = models()
+    c = tiny_section("qwen2", name)
+    for section in ("lora", "dora", "pissa", "lora_plus", "vera", "adalora"):
+        if "dropout" in c[section]:
+            c[section].dropout = 0.1
+    if name == "loftq":
+        c.loftq.targets = model_family("qwen2").lora_targets
+    stack = methods.build(c, model_family("qwen2"))
+    frozen, trainable = stack.split(params, jax.random.key(1))
+    leaves, tree = jax.tree_util.tree_flatten(trainable)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    trainable = jax.tree_util.tree_unflatten(
+        tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    ids = _prompts(stack, FIELDS["vocab_size"])
+    weights = jax.random.normal(jax.random.key(3), ids.shape + (FIELDS["vocab_size"],))
+
+    def loss(trainable, model):
+        logits = stack.adapt(model.apply)(frozen, trainable, ids,
+                                          method_rng=jax.random.key(4)).logits
+        return (logits * weights).sum(), logits
+
+    results = [jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(trainable, m)
+               for m in (unrolled, scanned)]
+    (_, unrolled_logits), unrolled_grads = results[0]
+    (_, scanned_logits), scanned_grads = results[1]
+    base = unrolled.apply({"params": params}, ids[:, :1]).logits
+    assert base.shape[-1] == FIELDS["vocab_size"]
+    close(unrolled_logits, scanned_logits)
+    close(unrolled_grads, scanned_grads)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(scanned_grads))
+
+
+def _run(tmp_path, data_dir, scan_layers: bool) -> tuple[list[float], dict]:
+    """configs/instruct.py's tiny Llama (LoRA on q, k, v, o, dropout 0.05) for three steps:
+    (training losses, the exported adapter's tensors)."""
+    path = write_jsonl(tmp_path / "alpaca.jsonl", records(16))
+    c = instruct_config(path, data_dir, **{
+        "data.eval_fraction": 0.25, "data.batch_size": 4, "data.eval_batch_size": 4,
+        "data.max_len": 64, "optim.lr": 1e-2, "optim.warmup_steps": 1, "train.max_steps": 3,
+        "train.log_every": 1, "train.eval_every": 3, "train.checkpoint_every": 3,
+        "model.scan_layers": scan_layers})
+    workdir = tmp_path / ("scanned" if scan_layers else "unrolled")
+    train(c, workdir)
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if r["split"] in ("train", "eval")]
+    return losses, safetensors.numpy.load_file(workdir / "adapter" / "adapter_model.safetensors")
+
+
+def test_a_scanned_run_trains_the_unrolled_runs_adapters(tmp_path, data_dir):
+    """The trainer with model.scan_layers gives the unrolled run's losses and exported
+    adapters."""
+    (losses, adapters), (scanned_losses, scanned_adapters) = (
+        _run(tmp_path, data_dir, s) for s in (False, True))
+    assert len(losses) == 4
+    np.testing.assert_allclose(scanned_losses, losses, rtol=1e-5)
+    assert sorted(scanned_adapters) == sorted(adapters) and len(adapters) == 16
+    close([adapters[k] for k in sorted(adapters)],
+          [scanned_adapters[k] for k in sorted(adapters)])
+    # The steps moved the adapters (B starts at zero).
+    assert all(np.abs(v).max() > 0 for k, v in adapters.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("settings", [
+    {"targets": (r"layers_[02]/self_attn/q_proj/kernel",)},
+    {"targets": ("q_proj/kernel", "v_proj/kernel"), "rank_pattern": {"layers_1/": 2},
+     "alpha_pattern": {"layers_2/v_proj": 3.0}},
+], ids=["some_blocks", "ranks_by_block"])
+def test_blocks_that_compute_differently_run_in_the_scan(settings, padded_batch):
+    """Adapters on some blocks only, or ranks and scales that differ by block: each block runs
+    its own computation inside the scan, as unrolled."""
+    unrolled, scanned, params = models()
+    ids, mask = padded_batch(FIELDS["vocab_size"])
+    c = tiny_section("qwen2", "lora")
+    for field, value in settings.items():
+        c.lora[field] = value
+    stack = methods.build(c, model_family("qwen2"))
+    frozen, trainable = stack.split(params, jax.random.key(1))
+    trainable = jax.tree_util.tree_map(lambda x: x + 0.1, trainable)
+    close(*(stack.adapt(m.apply)(frozen, trainable, ids, mask).logits
+            for m in (unrolled, scanned)))
+
+
+def test_what_one_scanned_block_cannot_run_is_refused():
+    """Layers with different sliding windows, and a family that does not scan its blocks."""
+    with pytest.raises(ValueError, match="different sliding windows"):
+        LlamaConfig(num_hidden_layers=2, windows=(4, None), scan_layers=True)
+    with pytest.raises(ValueError, match="scan_layers is implemented for the Llama family"):
+        hub.model_from_hf_config(transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2),
+                                 scan_layers=True)
