@@ -29,9 +29,10 @@ import time
 import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# A case is model.quantize, optionally '+bf16': the rest of the frozen tree (embeddings, norms)
-# in bfloat16 (model.param_dtype), as QLoRA keeps what it does not quantize; compute stays fp32.
-CASES = ("none", "int8", "nf4", "gguf", "nf4+bf16", "peft-bnb")
+# A case is model.quantize, optionally with '+bf16': the rest of the frozen tree (embeddings,
+# norms) in bfloat16 (model.param_dtype), as QLoRA keeps what it does not quantize; compute stays
+# fp32; and '+scan': the blocks run as one nn.scan (model.scan_layers).
+CASES = ("none", "int8", "nf4", "gguf", "nf4+bf16", "nf4+scan", "peft-bnb")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -57,10 +58,11 @@ def ours(fmt: str, args) -> dict:
     from lora_jax.training import setup, sharding, steps
 
     config = load_config(f"{REPO}/configs/instruct.py:model=smollm2-135m")
-    fmt, _, rest = fmt.partition("+")
+    fmt, *options = fmt.split("+")
     config.model.quantize = fmt
-    if rest == "bf16":
+    if "bf16" in options:
         config.model.param_dtype = "bfloat16"
+    config.model.scan_layers = "scan" in options
     config.method.lora.targets = tuple(f"/{t}/kernel" for t in TARGETS)
     config.method.lora.dropout = 0.0  # as the PEFT case: no dropout masks in either
     run = setup.build(config)
@@ -207,12 +209,13 @@ def main() -> None:
         print(json.dumps(one(args) if one else ours(args.one, args)))
         return
     cases = args.cases.split(",")
-    unknown = [c for c in cases if c not in CASES]
+    unknown = [c for c in cases if c.removesuffix("+again") not in CASES]
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
     if "peft-bnb" in cases:
         spawn("convert", args)
-    report({case: spawn(case, args) for case in cases}, args)
+    # A case named twice runs twice ('nf4,nf4+scan,nf4+again,nf4+scan+again': interleaved).
+    report({case: spawn(case.removesuffix("+again"), args) for case in cases}, args)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.quantize = "none"
     c.model.double_quant = False  # nf4: QLoRA's double quantization of the block scales
     c.model.remat = False  # GPT-2: recompute blocks in the backward pass (long rows, deep models)
-    # Llama family: run the blocks as one nn.scan, compiled once (a 30-layer model's first step
-    # in a fraction of the time); the params keep one entry per block (lora_jax/models/scan.py).
-    c.model.scan_layers = False
+    c.model.scan_layers = False  # Llama family: blocks as one nn.scan, compiled once (scan.py)
     # None (XLA) or 'cudnn': jax.nn.dot_product_attention's fused GPU kernel (bf16 compute).
     c.model.attention_implementation = ml_collections.FieldReference(None, field_type=str)
 
