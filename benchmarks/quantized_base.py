@@ -9,7 +9,9 @@ Each case runs in its own process, so that its peak RSS is its own. Per case:
                  and arguments, which include the frozen tree);
   peak_rss       the process's peak resident memory, loading included;
   first_step_s   from the start of loading to the end of the first step (compilation included;
-                 PEFT's from a safetensors copy written once beforehand, `convert`);
+                 PEFT's from a safetensors copy written once beforehand, `convert`); of it
+                 build_s (loading, quantizing, the adapters' split: `setup.build`) and
+                 compile_s (tracing, lowering and compiling the train step);
   step_s         median seconds per step after warm-up; tokens_s = batch * seq / step_s.
 
     .venv/bin/python benchmarks/quantized_base.py                     # every case, 5 steps
@@ -65,7 +67,9 @@ def ours(fmt: str, args) -> dict:
     config.model.scan_layers = "scan" in options
     config.method.lora.targets = tuple(f"/{t}/kernel" for t in TARGETS)
     config.method.lora.dropout = 0.0  # as the PEFT case: no dropout masks in either
+    loading = time.perf_counter()
     run = setup.build(config)
+    build_s = time.perf_counter() - loading
     tx, _ = setup.optimizer(config.optim, 1000, run.stack.update_scales(run.trainable))
     opt = jax.jit(tx.init, out_shardings=sharding.replicated(run.mesh))(run.trainable)
     step = steps.build_train_step(run.forward, "lm", tx, run.mesh)
@@ -74,7 +78,9 @@ def ours(fmt: str, args) -> dict:
     placed = sharding.global_batch({"input_ids": ids, "attention_mask": ones, "loss_mask": ones},
                                    run.mesh)
     key = jax.random.key(0)
+    compiling = time.perf_counter()
     compiled = step.lower(run.frozen, run.trainable, opt, placed, key).compile()
+    compile_s = time.perf_counter() - compiling
     memory = compiled.memory_analysis()
     trainable, times, losses = run.trainable, [], []
     for i in range(args.warmup + args.steps):
@@ -88,6 +94,7 @@ def ours(fmt: str, args) -> dict:
     frozen_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(run.frozen))
     return {"frozen_bytes": int(frozen_bytes), "xla_temp": int(memory.temp_size_in_bytes),
             "xla_args": int(memory.argument_size_in_bytes), "first_step_s": first_step_s,
+            "build_s": build_s, "compile_s": compile_s,
             "step_s": statistics.median(times[args.warmup:]), "loss": losses[-1],
             "quantized_kernels": sum(quant.is_quantized(v) for v in jax.tree_util.tree_leaves(
                 run.frozen, is_leaf=quant.is_quantized)), "peak_rss": peak_rss()}
@@ -171,9 +178,9 @@ def spawn(case: str, args) -> dict | None:
 def report(results: dict, args) -> None:
     print(f"SmolLM2-135M-Instruct, LoRA r=8 on {', '.join(TARGETS)}, batch {args.batch} x "
           f"{args.seq}, {args.steps} timed steps after {args.warmup}; {versions()}")
-    print("| base | frozen bytes | vs fp32 | XLA temp | peak RSS | first step | s/step | "
-          "tokens/s | vs PEFT+bnb |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| base | frozen bytes | vs fp32 | XLA temp | peak RSS | first step | (load, compile) "
+          "| s/step | tokens/s | vs PEFT+bnb |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     fp32 = results["none"]["frozen_bytes"] if results.get("none") else None
     peft_tps = (args.batch * args.seq / results["peft-bnb"]["step_s"]
                 if results.get("peft-bnb") else None)
@@ -186,10 +193,18 @@ def report(results: dict, args) -> None:
                  f"{r['frozen_bytes'] / fp32:.3f}x" if fp32 else "-",
                  f"{r['xla_temp'] / 2**20:.0f} MiB" if "xla_temp" in r else "-",
                  f"{r['peak_rss'] / 2**30:.2f} GiB", f"{r['first_step_s']:.1f} s",
+                 f"{r['build_s']:.1f} s, {r['compile_s']:.1f} s" if "build_s" in r else "-",
                  f"{r['step_s']:.2f}", f"{tps:.0f}",
                  f"{tps / peft_tps:.2f}x" if peft_tps else "-"]
         print("| " + " | ".join(cells) + " |")
     print(json.dumps(results))
+
+
+def valid(case: str) -> bool:
+    """A listed case, or a quantize option with any of the options (+bf16, +scan, +again)."""
+    fmt, *options = case.split("+")
+    return case in CASES or (fmt in ("none", "int8", "nf4", "gguf")
+                             and set(options) <= {"bf16", "scan", "again"})
 
 
 def main() -> None:
@@ -209,13 +224,14 @@ def main() -> None:
         print(json.dumps(one(args) if one else ours(args.one, args)))
         return
     cases = args.cases.split(",")
-    unknown = [c for c in cases if c.removesuffix("+again") not in CASES]
+    unknown = [c for c in cases if not valid(c)]
     if unknown:
-        parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
+        parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}, or a quantize "
+                     "option with +bf16, +scan or +again")
     if "peft-bnb" in cases:
         spawn("convert", args)
-    # A case named twice runs twice ('nf4,nf4+scan,nf4+again,nf4+scan+again': interleaved).
-    report({case: spawn(case.removesuffix("+again"), args) for case in cases}, args)
+    # '+again' runs a case once more ('nf4,nf4+scan,nf4+again,nf4+scan+again': interleaved).
+    report({case: spawn(case.replace("+again", ""), args) for case in cases}, args)
 
 
 if __name__ == "__main__":

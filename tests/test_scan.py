@@ -13,14 +13,16 @@ import pytest
 import safetensors.numpy
 import transformers
 
-from lora_jax import methods
+from lora_jax import generate, methods
 from lora_jax.config import TINY_MODELS
 from lora_jax.interop import hub
 from lora_jax.methods import METHODS
 from lora_jax.models import family as model_family
-from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from lora_jax.models.llama import LlamaConfig
+from lora_jax.quant import kernels as quant
 from lora_jax.train import train
 from test_instruct import instruct_config, records, write_jsonl
+from test_llama import BASE, HF_CLASSES, save_hf
 from test_methods import model_of, tiny_section
 
 # Tiny Qwen2 (Llama's blocks with q/k/v biases) and three blocks, so that a scan has a middle.
@@ -71,6 +73,34 @@ def test_scanned_blocks_compute_the_unrolled_model(tied, padded_batch):
              for m, first in zip((unrolled, scanned), firsts)]
     close(nexts[0].logits, nexts[1].logits)
     close(nexts[0].cache.values, nexts[1].cache.values)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_a_quantized_base_runs_scanned(tmp_path, fmt, padded_batch):
+    """Quantized kernels stack into the scan as they are stored, and give the unrolled logits."""
+    save_hf(HF_CLASSES["llama"][0](**(BASE | dict(hidden_size=64, intermediate_size=128,
+                                                  num_attention_heads=4, num_key_value_heads=2))),
+            tmp_path)
+    unrolled, params, _ = hub.load_pretrained(tmp_path, quantize=fmt)
+    scanned, _, _ = hub.load_pretrained(tmp_path, quantize=fmt, scan_layers=True)
+    assert scanned.config.scan_layers and any(
+        quant.is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(
+            params, is_leaf=quant.is_quantized))
+    ids, mask = padded_batch(BASE["vocab_size"])
+    close(*(m.apply({"params": params}, ids, mask).logits for m in (unrolled, scanned)))
+
+
+def test_beam_search_with_lora_decodes_the_same_tokens_scanned():
+    """KV-cached beam search through LoRA over the scanned blocks: the unrolled tokens."""
+    unrolled, scanned, params = models()
+    stack = methods.build(tiny_section("qwen2", "lora"), model_family("qwen2"))
+    frozen, trainable = stack.split(params, jax.random.key(1))
+    trainable = jax.tree_util.tree_map(lambda x: x + 0.2, trainable)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    decoded = [generate.beam_search(
+        lambda both, *a, m=m, **k: stack.adapt(m.apply)(*both, *a, **k), (frozen, trainable),
+        prompts, num_beams=3, max_new_tokens=6, eos_ids=0) for m in (unrolled, scanned)]
+    assert decoded[0] == decoded[1] and all(decoded[0])
 
 
 def _prompts(stack, vocab: int) -> jnp.ndarray:

@@ -19,6 +19,14 @@ sharding rules and PEFT exports never see the difference:
 This is levanter's and qwix's answer to stacked layers (their adapters carry a layer axis), made
 to fit interception that looks adapters up by path: arrays fn closes over get the layer axis,
 code does not change.
+
+What differs from the unrolled model, by design:
+- a scanned `init` splits its key across the blocks, so it draws other random weights than the
+  unrolled model's init of the same key (`training.base_model` draws random weights unrolled);
+- the model's own dropout (attention dropout) draws other masks per block (the methods' dropout
+  is keyed by module, as unrolled, and draws the same);
+- a KV cache is stacked into the scan and unstacked out of it at every call (a copy of the
+  cache per decoded token).
 """
 
 from __future__ import annotations
