@@ -79,6 +79,7 @@ def get_config(arg=None):
     c.data.eval_batch_size = 16
     if args.model == "smollm2-135m":
         c.model.tokenizer = None  # the GGUF file's own, with its chat template
+        c.model.scan_layers = True  # 30 blocks compiled once (README "Quantized base and GGUF")
         c.method.lora.targets = (r"/q_proj/kernel", r"/v_proj/kernel")
     else:
         c.method.lora.targets = (r"attn/c_attn",)

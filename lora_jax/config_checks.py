@@ -163,6 +163,21 @@ def _quantize_problems(model: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
+def _scan_problems(model: ml_collections.ConfigDict) -> list[str]:
+    """model.scan_layers for random weights of a family that does not scan its blocks (a
+    checkpoint's family is known once it is read: loading refuses it then, before any step)."""
+    from lora_jax.interop import hub  # deferred: config checks stay light to import
+
+    model_type = dict(model.random_init).get("model_type")
+    if not model.get("scan_layers", False) or model.name or model_type is None:
+        return []
+    scanning = hub.scanning_families()
+    if model_type in scanning:
+        return []
+    return [f"config.model.scan_layers = True: it is implemented for {', '.join(scanning)}, "
+            f"and model.random_init's model_type is {model_type!r}"]
+
+
 def _names_gguf(name: str) -> bool:
     """Whether a model name is a GGUF file, directly or as a packaged short name."""
     from lora_jax.interop import hub  # deferred: config checks stay light to import
@@ -207,6 +222,7 @@ def _related(c: ml_collections.ConfigDict, device_count: int) -> list[str]:
         problems.append(f"config.data.max_len = {c.data.max_len}: must be <= the largest of "
                         f"data.buckets {tuple(c.data.buckets)}")
     problems += _quantize_problems(c.model)
+    problems += _scan_problems(c.model)
     if not c.model.name and c.model.tokenizer is None:
         problems.append("config.model.tokenizer = None: a randomly initialised model "
                         "(model.name '') needs a tokenizer name")

@@ -1,7 +1,8 @@
 """Scanned blocks (config.model.scan_layers, lora_jax/models/scan.py): the Llama family's blocks run
 as one nn.scan over the same params tree, with the same logits, gradients, decoding and trained
-adapters as the unrolled model, every method's interception working inside the scan; and what
-one scanned block cannot run is refused, named."""
+adapters as the unrolled model, every method's interception working inside the scan (blocks that
+compute differently too); what cannot scan (layers with different windows, a family without
+scanning) is refused, named."""
 
 import dataclasses
 import json
@@ -14,13 +15,16 @@ import safetensors.numpy
 import transformers
 
 from lora_jax import generate, methods
-from lora_jax.config import TINY_MODELS
+from lora_jax.config import TINY_MODELS, load_config
+from lora_jax.config_checks import check_config
+from lora_jax.errors import ConfigError
 from lora_jax.interop import hub
 from lora_jax.methods import METHODS
 from lora_jax.models import family as model_family
 from lora_jax.models.llama import LlamaConfig
 from lora_jax.quant import kernels as quant
 from lora_jax.train import train
+from conftest import REPO_ROOT, tiny_config
 from test_instruct import instruct_config, records, write_jsonl
 from test_llama import BASE, HF_CLASSES, save_hf
 from test_methods import model_of, tiny_section
@@ -199,6 +203,19 @@ def test_what_one_scanned_block_cannot_run_is_refused():
     """Layers with different sliding windows, and a family that does not scan its blocks."""
     with pytest.raises(ValueError, match="different sliding windows"):
         LlamaConfig(num_hidden_layers=2, windows=(4, None), scan_layers=True)
-    with pytest.raises(ValueError, match="scan_layers is implemented for the Llama family"):
+    with pytest.raises(ValueError, match="scan_layers is implemented for llama, mistral, "
+                                         "qwen2, not for gpt2"):
         hub.model_from_hf_config(transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2),
                                  scan_layers=True)
+    c = tiny_config(**{"model.scan_layers": True})  # a random BERT
+    with pytest.raises(ConfigError, match=r"model\.scan_layers = True.*'bert'"):
+        check_config(c, device_count=1)
+    check_config(tiny_config(), device_count=1)
+
+
+def test_the_smollm2_configs_scan_their_blocks():
+    """The real decoder's configs run its 30 blocks scanned (a third of the compile time)."""
+    for name in ("instruct", "e2e"):
+        c = load_config(str(REPO_ROOT / f"configs/{name}.py") + ":model=smollm2-135m")
+        assert c.model.scan_layers, name
+    assert not load_config(str(REPO_ROOT / "configs/instruct.py") + ":model=tiny").model.scan_layers

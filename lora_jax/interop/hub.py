@@ -324,9 +324,19 @@ def model_from_hf_config(
     family.check_task(task)
     if num_labels is not None and task != "classification":
         raise ValueError("num_labels applies only to task='classification'")
+    if scan_layers and not family.scans_layers:
+        raise ValueError(f"scan_layers is implemented for {', '.join(scanning_families())}, "
+                         f"not for {hf_config.model_type}")
+    scan = {"scan_layers": True} if scan_layers else {}  # only families that scan take it
     return family.build(hf_config, task, num_labels, dtype=dtype, param_dtype=param_dtype,
-                        remat=remat, scan_layers=scan_layers,
-                        attention_implementation=attention_implementation)
+                        remat=remat, attention_implementation=attention_implementation, **scan)
+
+
+def scanning_families() -> list[str]:
+    """The model types whose blocks can run as one nn.scan (`model.scan_layers`)."""
+    from lora_jax.models import FAMILIES
+
+    return [model_type for model_type, f in FAMILIES.items() if f.scans_layers]
 
 
 def load_pretrained(

@@ -171,7 +171,9 @@ class Method:
     def intercept(self, added: Params, rng: jax.Array | None,
                   buffers: Params | None = None) -> Iterator[None]:
         """A context in which the model's forward pass includes the method (none by default).
-        `rng` drives the method's own dropout; None in evaluation. `buffers`: from `buffers`."""
+        `rng` drives the method's own dropout; None in evaluation. `buffers`: from `buffers`.
+        A hook at a module inside the blocks computes through `models.scan.per_block`, so that
+        it runs in scanned blocks too (`intercept_dense` does, for nn.Dense outputs)."""
         yield
 
     def prepare_example(self, example: dict, max_len: int, vocab_size: int) -> dict:

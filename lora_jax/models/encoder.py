@@ -372,15 +372,12 @@ def sequence_classification_loss(
 
 
 def build(hf_config: Any, task: str | None = None, num_labels: int | None = None, *,
-          remat: bool = False, scan_layers: bool = False, **options: Any) -> nn.Module:
+          remat: bool = False, **options: Any) -> nn.Module:
     """Our BERT/RoBERTa for a transformers config: the bare encoder (task None) or with HF's
     sequence classification head; `options` are EncoderConfig fields (dtype, param_dtype,
     attention_implementation)."""
     if remat:
         raise ValueError(f"remat is implemented for GPT-2, not for {hf_config.model_type}")
-    if scan_layers:
-        raise ValueError(f"scan_layers is implemented for the Llama family, not for "
-                         f"{hf_config.model_type}")
     if task is None:
         return EncoderModel(EncoderConfig.from_hf(hf_config, **options))
     labels = {} if num_labels is None else {"num_labels": num_labels}

@@ -96,6 +96,7 @@ class ModelFamily:
         family (None: not read from GGUF files).
       gguf_permuted_rows: llama.cpp permutes the rows of q_proj and k_proj for its rotary layout
         (its LlamaModel.permute), which reading undoes.
+      scans_layers: its build takes scan_layers=True (the blocks as one nn.scan: models/scan.py).
     """
 
     model_type: str
@@ -123,6 +124,7 @@ class ModelFamily:
     fused_parts: Mapping[str, str] = dataclasses.field(default_factory=dict)
     gguf_architecture: str | None = None
     gguf_permuted_rows: bool = False
+    scans_layers: bool = False
 
     def check_task(self, task: str | None) -> None:
         if task not in self.tasks:

@@ -354,12 +354,10 @@ def lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> ja
 
 
 def build(hf_config: Any, task: str | None = None, num_labels: int | None = None, *,
-          remat: bool = False, scan_layers: bool = False, **options: Any) -> GPT2LMHeadModel:
+          remat: bool = False, **options: Any) -> GPT2LMHeadModel:
     """Our GPT-2 for a `transformers.GPT2Config`; `options` are GPT2Config fields (dtype,
     param_dtype, attention_implementation)."""
     del task, num_labels  # the family accepts only the LM (checked by `ModelFamily.check_task`)
-    if scan_layers:
-        raise ValueError("scan_layers is implemented for the Llama family, not for gpt2")
     return GPT2LMHeadModel(GPT2Config.from_hf(hf_config, remat=remat, **options))
 
 

@@ -516,6 +516,7 @@ def _family(model_type: str) -> ModelFamily:
         checkpoints=_PACKAGED.get(model_type, {}),
         gguf_architecture=_GGUF_ARCHITECTURES[model_type],
         gguf_permuted_rows=_GGUF_ARCHITECTURES[model_type] == "llama",
+        scans_layers=True,
     )
 
 
