@@ -9,6 +9,7 @@ import math
 import jax
 import numpy as np
 import pytest
+import torch
 from flax import traverse_util
 
 from lora_jax.config import base_config
@@ -58,6 +59,45 @@ def test_loftq_holds_its_alternations_quantized_base_and_adapters(llama_dir, ite
     untouched = [p for p in flat if p[-1] == "kernel" and "k_proj" in p]
     assert untouched and all(flat_frozen[p] is flat[p] or np.array_equal(flat_frozen[p], flat[p])
                              for p in untouched)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="PEFT's LoftQ runs on CUDA (or XPU) only: test_peft_loftq_needs_cuda")
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_loftq_equals_peft_loftq_config_on_a_tiny_llama(llama_dir, iterations):
+    """Model level, where PEFT runs: `get_peft_model` with `LoftQConfig` (4 bits, the same
+    iterations) on transformers' model of the checkpoint against our LoftQ from its config.
+    Each target's A and B (signs aligned to PEFT's), its base Q and the residual W - Q - B A
+    within 1e-4. Scale 1 (alpha = r): PEFT sets A and B unscaled, and at another scale its
+    start is Q + s B A, not LoftQ's Q + B A (ours divides by s, as the paper means)."""
+    peft = pytest.importorskip("peft")
+    from test_loftq_numerics import TOL, _sign_aligned
+
+    rank = 4
+    torch_model = HF_CLASSES["llama"][1].from_pretrained(llama_dir).to("cuda")
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(
+        init_lora_weights="loftq", r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"],
+        loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=iterations)))
+    _, params, _ = hub.load_pretrained(llama_dir)
+    frozen, trainable = _loftq(iterations, rank=rank, alpha=float(rank)).split(
+        params, jax.random.key(0))
+    flat_frozen, flat = traverse_util.flatten_dict(frozen), traverse_util.flatten_dict(params)
+    adapters = lora.adapter_modules({"lora": trainable["loftq"]})
+    theirs = dict(peft_model.named_modules())
+    for module, ab in adapters.items():
+        layer = theirs["base_model.model." + hub.hf_keys(module + ("kernel",), "llama")[0]
+                       .removesuffix(".weight")]
+        a_ref = layer.lora_A["default"].weight.detach().cpu().numpy()
+        b_ref = layer.lora_B["default"].weight.detach().cpu().numpy()
+        base_ref = layer.get_base_layer().weight.detach().cpu().numpy()
+        w = np.asarray(flat[module + ("kernel",)]).T
+        base = np.asarray(quant.value(flat_frozen[module + ("kernel",)])).T
+        a, b = _sign_aligned(np.asarray(ab["lora_a"]), np.asarray(ab["lora_b"]), a_ref)
+        np.testing.assert_allclose(base, base_ref, **TOL)
+        np.testing.assert_allclose(a, a_ref, **TOL)
+        np.testing.assert_allclose(b, b_ref, **TOL)
+        np.testing.assert_allclose(w - base - b @ a, w - base_ref - b_ref @ a_ref, **TOL)
+    assert len(adapters) == 4
 
 
 def test_loftq_starts_nearer_the_full_precision_model_than_qlora(llama_dir, padded_batch):
