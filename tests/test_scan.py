@@ -49,11 +49,14 @@ def close(a, b, atol=1e-5):
         np.testing.assert_allclose(x, y, rtol=0, atol=atol * max(1.0, float(np.abs(x).max())))
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_scanned_blocks_compute_the_unrolled_model(tied, padded_batch):
+@pytest.mark.parametrize("tied, remat", [(False, False), (True, True)])
+def test_scanned_blocks_compute_the_unrolled_model(tied, remat, padded_batch):
     """Logits, every hidden state, the params' gradients and cached decoding are the unrolled
-    model's; a scanned init comes out in the unrolled layout."""
+    model's (tied or not, blocks recomputed in the backward pass or not); a scanned init comes
+    out in the unrolled layout."""
     unrolled, scanned, params = models(tie_word_embeddings=tied)
+    unrolled, scanned = (m.clone(config=dataclasses.replace(m.config, remat=remat))
+                         for m in (unrolled, scanned))
     fresh = scanned.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
     assert jax.tree_util.tree_map(jnp.shape, fresh) == jax.tree_util.tree_map(jnp.shape, params)
     ids, mask = padded_batch(FIELDS["vocab_size"])

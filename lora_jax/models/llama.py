@@ -94,9 +94,10 @@ class LlamaConfig:
             raise ValueError(f"windows has {len(self.windows)} entries for "
                              f"{self.num_hidden_layers} layers")
         if self.scan_layers and self.windows is not None and len(set(self.windows)) > 1:
+            windows = sorted(set(self.windows), key=str)
             raise ValueError(f"scan_layers runs one block for every layer, and this model's "
-                             f"layers have different sliding windows {sorted(set(self.windows), key=str)}: "
-                             "run it unrolled (scan_layers=False)")
+                             f"layers have different sliding windows {windows}: run it unrolled "
+                             "(scan_layers=False)")
 
     @property
     def kv_heads(self) -> int:
@@ -367,14 +368,13 @@ class LlamaModel(nn.Module):
             embedding_init=nn.initializers.normal(cfg.initializer_range))
         if cfg.scan_layers:
             self.layers = nn.scan(
-                _ScanStep, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                _ScanStep, variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_hidden_layers)(cfg, block_names(cfg), name=scan.SCANNED)
         else:
-            # static_argnums counts `self`: argument 3 is `deterministic`, a Python bool.
-            layer = nn.remat(LlamaDecoderLayer, static_argnums=(3,)) if cfg.remat \
-                else LlamaDecoderLayer
-            self.layers = [layer(cfg, cfg.window(i)) for i in range(cfg.num_hidden_layers)]
+            self.layers = [_block_class(cfg)(cfg, cfg.window(i))
+                           for i in range(cfg.num_hidden_layers)]
         self.norm = _norm(cfg, "norm")
 
     def __call__(self, input_ids, mask, position_ids, deterministic: bool, cache=None):
@@ -405,6 +405,12 @@ class LlamaModel(nn.Module):
         return self.embed_tokens.attend(h)
 
 
+def _block_class(cfg: LlamaConfig) -> type[nn.Module]:
+    """The decoder layer, recomputed in the backward pass with `remat`."""
+    # static_argnums counts `self`: argument 3 is `deterministic`, a Python bool.
+    return nn.remat(LlamaDecoderLayer, static_argnums=(3,)) if cfg.remat else LlamaDecoderLayer
+
+
 def block_names(cfg: LlamaConfig) -> tuple[str, ...]:
     """The blocks' names under `model/`, in order."""
     return tuple(f"layers_{i}" for i in range(cfg.num_hidden_layers))
@@ -422,9 +428,8 @@ class _ScanStep(nn.Module):
         cfg = self.config
         i, kv = xs
         rotary, deterministic = rotary_and_deterministic
-        layer = nn.remat(LlamaDecoderLayer, static_argnums=(3,)) if cfg.remat \
-            else LlamaDecoderLayer
-        block = layer(cfg, cfg.window(0), name=scan.BLOCK)
+        # Every layer's window is one (LlamaConfig refuses scanning different windows).
+        block = _block_class(cfg)(cfg, cfg.window(0), name=scan.BLOCK)
         parent = tuple(self.path[:-1])
         with scan.running(tuple(self.path) + (scan.BLOCK,),
                           tuple(parent + (name,) for name in self.names), i):
