@@ -116,7 +116,16 @@ def _prompts(stack, vocab: int) -> jnp.ndarray:
     return jnp.asarray(rows)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+# One method per way of reaching the model runs by default: intercept_dense with dropout (LoRA),
+# reading W0 in the hook (DoRA), shared buffers (VeRA), blocks that differ (AdapterDrop), the
+# prefix hook (PreLayer), gradients through the stacked params (full fine-tuning). `-m slow`
+# runs every registered method.
+DEFAULT_METHODS = ("lora", "dora", "vera", "adapter_d", "prelayer", "full")
+
+
+@pytest.mark.parametrize("name", [
+    name if name in DEFAULT_METHODS else pytest.param(name, marks=pytest.mark.slow)
+    for name in METHODS])
 def test_every_method_runs_inside_the_scan(name):
     """Each registered method, its trained values moved off the identity and its dropout on
     where it has one, gives the unrolled model's logits and gradients over the scanned blocks."""
