@@ -26,7 +26,9 @@ What differs from the unrolled model, by design:
 - the model's own dropout (attention dropout) draws other masks per block (the methods' dropout
   is keyed by module, as unrolled, and draws the same);
 - a KV cache is stacked into the scan and unstacked out of it at every call (a copy of the
-  cache per decoded token).
+  cache per decoded token);
+- the stacked blocks' variables are a copy, for the call's duration, of the frozen block weights
+  as stored (SmolLM2-135M: 57 MiB at nf4, 405 MiB at fp32; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -137,13 +138,6 @@ def _select(column: tuple[Any, ...], row: jax.Array) -> Any:
 
 def _unrolled_name(path: Path) -> str:
     return "/".join(path)
-
-
-def block_names(tree: Mapping[str, Any], pattern: str) -> list[str]:
-    """The keys of `tree` naming blocks (`pattern`'s full match, group 1 the index), in block
-    order."""
-    found = {int(m.group(1)): k for k in tree if (m := re.fullmatch(pattern, k))}
-    return [found[i] for i in sorted(found)]
 
 
 def stack_blocks(variables: Mapping[str, Any], names: tuple[str, ...]) -> dict:
