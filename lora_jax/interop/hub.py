@@ -6,6 +6,7 @@ mapping serves loading here and adapter export later.
 """
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import logging
@@ -504,7 +505,12 @@ def params_from_state_dict(
 
 
 def init_params(model: nn.Module, rng: jax.Array) -> dict:
-    """`model`'s freshly initialised params (under `jax.eval_shape`: their shapes)."""
+    """`model`'s freshly initialised params (under `jax.eval_shape`: their shapes).
+
+    A model whose blocks are scanned is initialised unrolled: a scan splits the key its own way,
+    and the weights a key draws must not depend on how the blocks run."""
+    if getattr(model.config, "scan_layers", False):
+        model = model.clone(config=dataclasses.replace(model.config, scan_layers=False))
     return model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 

@@ -22,7 +22,7 @@ code does not change.
 
 What differs from the unrolled model, by design:
 - a scanned `init` splits its key across the blocks, so it draws other random weights than the
-  unrolled model's init of the same key (`training.base_model` draws random weights unrolled);
+  unrolled model's init of the same key (`interop.hub.init_params` draws them unrolled);
 - the model's own dropout (attention dropout) draws other masks per block (the methods' dropout
   is keyed by module, as unrolled, and draws the same);
 - a KV cache is stacked into the scan and unstacked out of it at every call (a copy of the

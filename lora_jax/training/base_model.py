@@ -3,6 +3,7 @@ id or a family's packaged short name) or random weights of given sizes; and a ru
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -43,11 +44,7 @@ def build_model(cfg: Any, key: jax.Array, data_dir: str | None = None,
         fields = dict(cfg.random_init)
         hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
         model = hub.model_from_hf_config(hf_config, task=cfg.task, num_labels=num_labels, **dtypes)
-        # Drawn by the unrolled model: a scan splits the key its own way, and the weights of a
-        # seed must not depend on how the blocks run.
-        unrolled = hub.model_from_hf_config(hf_config, task=cfg.task, num_labels=num_labels,
-                                            **(dtypes | {"scan_layers": False}))
-        params = jax.jit(unrolled.init)(key, jnp.ones((1, 8), jnp.int32))["params"]
+        params = jax.jit(functools.partial(hub.init_params, model))(key)
     tokenizer = tokenizers.load(cfg.tokenizer, checkpoint, data_dir)
     info = {"model_type": hf_config.model_type, "task": cfg.task,
             "base_model_name_or_path": str(cfg.name) if cfg.name else None}
