@@ -239,7 +239,7 @@ def encode_instructions(records: Sequence[Mapping[str, str]], tokenizer: Any, ma
         raise ValueError("the tokenizer has no EOS token, which ends every response")
     kind = resolve_template(template, tokenizer)
     pairs = _alpaca_ids(records, tokenizer) if kind == "alpaca" else _chat_ids(records, tokenizer)
-    bos = _bos_to_add(tokenizer)
+    bos = bos_to_add(tokenizer)
     rows, dropped = [], 0
     for prompt, response in pairs:
         if bos is not None and prompt[:1] != [bos]:
@@ -264,7 +264,7 @@ def prompt_ids(record: Mapping[str, str], tokenizer: Any, template: Template = "
     those rows is given to generate the response)."""
     kind = resolve_template(template, tokenizer)
     [(prompt, _)] = (_alpaca_ids if kind == "alpaca" else _chat_ids)([record], tokenizer)
-    bos = _bos_to_add(tokenizer)
+    bos = bos_to_add(tokenizer)
     return [bos, *prompt] if bos is not None and prompt[:1] != [bos] else prompt
 
 
@@ -422,7 +422,7 @@ def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _bos_to_add(tokenizer: Any) -> int | None:
+def bos_to_add(tokenizer: Any) -> int | None:
     """The BOS id when the tokenizer puts one before what it encodes, else None.
 
     Following the tokenizer's own habit keeps a row as the model saw text in pretraining:
