@@ -2,7 +2,7 @@
 
     python -m experiments.sweep --config configs/ablations.py:study=rank,task=sst2 --out DIR
 
-Arguments: study (rank | targets | seeds), task (a GLUE task, default sst2, or e2e), model
+Arguments: study (rank | targets | seeds | methods | grid), task (a GLUE task, default sst2, or e2e), model
 (GLUE: minilm, tiny, roberta-base, roberta-large, default minilm; e2e: gpt2-medium, gpt2-large,
 smollm2-135m, tiny, default gpt2-medium), seeds (runs per setting; default 1, and 3 for study=seeds), steps
 (> 0 sets train.max_steps; 0 keeps the experiment config's epochs).
@@ -17,6 +17,9 @@ Studies:
   rank:    r in {1, 2, 4, 8, 64} x {Wq}, {Wq, Wv}, {Wq, Wk, Wv, Wo}          (Table 6, 15 settings)
   targets: Wq, Wk, Wv, Wo at r=8; (Wq, Wk), (Wq, Wv) at r=4; all four at r=2 (Table 5, 7 settings)
   seeds:   (Wq, Wv) at r=8                                                     (1 setting)
+  grid:    r in {4, 8, 16, 32} x alpha in {16, 32, 64, 128} on (Wq, Wv): the grid practitioners
+           search (16 settings); every member differs only in rank and alpha, so `--together`
+           trains them as one program. Run names read 'rank=4,alpha=16,targets=qv,seed=0'.
   methods: LoRA and the paper's baselines with the experiment config's METHODS settings: on GLUE
            Table 2's (full, bitfit, adapter_h, adapter_p, adapter_d), on E2E Table 3's (full,
            top_layers, adapter_l, adapter_h, preembed, prelayer). Run names read
@@ -57,6 +60,7 @@ GPT2_QKV = r"attn/c_attn"
 GPT2_O = r"attn/c_proj"
 RANKS = (1, 2, 4, 8, 64)
 RANK_TARGETS = ("q", "qv", "qkvo")  # Table 6 rows
+GRID_RANKS, GRID_ALPHAS = (4, 8, 16, 32), (16.0, 32.0, 64.0, 128.0)
 TABLE_5 = (("q", 8), ("k", 8), ("v", 8), ("o", 8), ("qk", 4), ("qv", 4), ("qkvo", 2))
 MINILM = {"data.batch_size": 32, "optim.lr": 1e-3, "data.max_len": 64}
 PAIR_TASKS = ("mrpc", "rte", "stsb", "qnli", "qqp", "mnli")  # max_len 128 on MiniLM for pairs
@@ -78,7 +82,7 @@ MINILM_METHOD_LR = {name: 1e-3 for name in
 # for STS-B, it learns (Pearson 0.17 at 300 steps and rising). On that task every run at the
 # miniature's rate (LoRA, its successors but VeRA, the adapters, BitFit) takes 4e-4 instead.
 MINILM_TASK_LR = {"stsb": 4e-4}
-STUDIES = ("rank", "targets", "seeds", "methods")
+STUDIES = ("rank", "targets", "seeds", "methods", "grid")
 
 
 def settings(study: str) -> list[tuple[str, int]]:
@@ -89,6 +93,8 @@ def settings(study: str) -> list[tuple[str, int]]:
         return list(TABLE_5)
     if study == "seeds":
         return [("qv", 8)]
+    if study == "grid":
+        return [("qv", r) for r in GRID_RANKS]
     raise ValueError(f"study={study!r}: expected one of {STUDIES}")
 
 
@@ -104,13 +110,22 @@ def target_overrides(targets: str, gpt2: bool, llama: bool = False) -> dict:
     return {"method.lora.targets": patterns, "method.lora.split_outputs": parts}
 
 
-def run(targets: str, rank: int, seed: int, gpt2: bool = False, llama: bool = False) -> dict:
-    """One named LoRA run: its settings and the config overrides that make it."""
+def run(targets: str, rank: int, seed: int, gpt2: bool = False, llama: bool = False,
+        alpha: float | None = None) -> dict:
+    """One named LoRA run: its settings and the config overrides that make it; `alpha` (None:
+    the base config's) is named in the run and set."""
+    if alpha is None:
+        return {
+            "name": f"rank={rank},targets={targets},seed={seed}",
+            "method": "lora", "rank": rank, "targets": targets, "seed": seed,
+            "overrides": {"method.lora.rank": rank, **target_overrides(targets, gpt2, llama),
+                          "seed": seed},
+        }
     return {
-        "name": f"rank={rank},targets={targets},seed={seed}",
-        "method": "lora", "rank": rank, "targets": targets, "seed": seed,
-        "overrides": {"method.lora.rank": rank, **target_overrides(targets, gpt2, llama),
-                      "seed": seed},
+        "name": f"rank={rank},alpha={alpha:g},targets={targets},seed={seed}",
+        "method": "lora", "rank": rank, "alpha": alpha, "targets": targets, "seed": seed,
+        "overrides": {"method.lora.rank": rank, "method.lora.alpha": alpha,
+                      **target_overrides(targets, gpt2, llama), "seed": seed},
     }
 
 
@@ -164,6 +179,8 @@ def get_config(arg=None):
                                    method_lr if minilm else None))
     else:
         llama = model == "smollm2-135m"  # the real decoder on e2e: q, k, v, o are separate
-        c.runs = tuple(run(t, r, s, gpt2 and not llama, llama)
-                       for t, r in settings(args.study) for s in range(seeds))
+        alphas = GRID_ALPHAS if args.study == "grid" else (None,)
+        c.runs = tuple(run(t, r, s, gpt2 and not llama, llama, alpha)
+                       for t, r in settings(args.study) for alpha in alphas
+                       for s in range(seeds))
     return c

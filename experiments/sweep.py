@@ -115,7 +115,8 @@ def make_record(run: dict, result: dict, workdir: pathlib.Path, wall_s: float) -
     else:
         lora_params, trainable = count_adapter_params(workdir)
     return {"name": run["name"], "method": run.get("method", "lora"), "targets": run["targets"],
-            "rank": run["rank"], "seed": run["seed"], "trained_params": trainable,
+            "rank": run["rank"], **({"alpha": run["alpha"]} if "alpha" in run else {}),
+            "seed": run["seed"], "trained_params": trainable,
             "lora_params": lora_params,
             "metric": metric, "final": float(result[metric]), "best": float(best["value"]),
             "best_step": best["step"], "wall_s": round(wall_s, 3),
@@ -201,21 +202,23 @@ def train_groups(base: ml_collections.ConfigDict, runs: Sequence[dict], out: pat
 # --- Tables and plots ---------------------------------------------------------------------------
 
 def summarize(records: Sequence[dict]) -> list[dict]:
-    """Median / min / max of the best main metric per (method, targets, rank) setting, in
-    first-seen order, with the setting's trained-parameter count.
+    """Median / min / max of the best main metric per (method, targets, rank, alpha) setting
+    (alpha where runs name it: the grid study), in first-seen order, with the setting's
+    trained-parameter count.
 
     Example:
       >>> summarize([{"method": "lora", "targets": "qv", "rank": 8, "trained_params": 10,
       ...             "best": b, "final": b} for b in (0.9, 0.7, 0.8)])[0]["median"]
       0.8
     """
-    groups: dict[tuple[str, str, int], list[dict]] = {}
+    groups: dict[tuple[str, str, int, float | None], list[dict]] = {}
     for r in records:
-        groups.setdefault((r["method"], r["targets"], r["rank"]), []).append(r)
+        groups.setdefault((r["method"], r["targets"], r["rank"], r.get("alpha")), []).append(r)
     rows = []
-    for (method, targets, rank), group in groups.items():
+    for (method, targets, rank, alpha), group in groups.items():
         best = [r["best"] for r in group]
         rows.append({"method": method, "targets": targets, "rank": rank,
+                     **({} if alpha is None else {"alpha": alpha}),
                      "trained_params": group[0].get("trained_params"),
                      "runs": len(group), "median": statistics.median(best), "min": min(best),
                      "max": max(best),
@@ -232,18 +235,32 @@ def markdown_table(rows: Sequence[dict], fields: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def with_alpha(fields: Sequence[str], rows: Sequence[dict]) -> tuple[str, ...]:
+    """`fields` with 'alpha' after 'rank' when the rows name one (the grid study)."""
+    if not any("alpha" in r for r in rows):
+        return tuple(fields)
+    at = list(fields).index("rank") + 1
+    return (*fields[:at], "alpha", *fields[at:])
+
+
 def write_tables(records: Sequence[dict], out: pathlib.Path, title: str) -> None:
     """results.csv (one row per run) and results.md (per run, then per setting)."""
+    fields, summary = with_alpha(FIELDS, records), summarize(records)
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows({k: r[k] for k in FIELDS} for r in records)
+        writer.writerows({k: r.get(k) for k in fields} for r in records)
     metric = records[0]["metric"] if records else "metric"
+    best = ""
+    if any("alpha" in r for r in summary):
+        top = max(summary, key=lambda r: r["median"])
+        best = (f"Best setting: r={top['rank']}, alpha={top['alpha']:g} (alpha/r "
+                f"{top['alpha'] / top['rank']:g}), median {metric} {top['median']:.4f}.\n\n")
     (out / "results.md").write_text(
         f"# {title}\n\nMain metric: {metric} ('best' is the best evaluation of the run).\n\n"
-        f"## Runs\n\n{markdown_table(records, FIELDS)}\n\n"
+        f"{best}## Runs\n\n{markdown_table(records, fields)}\n\n"
         f"## Per setting (median over seeds, as in the paper; min / max the spread)\n\n"
-        f"{markdown_table(summarize(records), SUMMARY_FIELDS)}\n")
+        f"{markdown_table(summary, with_alpha(SUMMARY_FIELDS, summary))}\n")
 
 
 def matrices(targets: str) -> str:
@@ -260,6 +277,9 @@ def plot(study: str, summary: Sequence[dict], metric: str, path: pathlib.Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if study == "grid":
+        plot_grid(summary, metric, path, title)
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     if study == "methods":
         # Metric against trained parameters (log scale), a point per method, seeds' min-max as
@@ -305,6 +325,44 @@ def plot(study: str, summary: Sequence[dict], metric: str, path: pathlib.Path,
             ax.errorbar(labels, medians, yerr=spread, fmt="o", capsize=6)
     ax.set_ylabel(f"{metric} (median over seeds)")
     ax.set_title(f"Methods on {title}" if study == "methods" else f"LoRA {study} study")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_grid(summary: Sequence[dict], metric: str, path: pathlib.Path, title: str) -> None:
+    """The rank x alpha grid: a heatmap of the median metric (the best setting boxed), and the
+    metric against the scale alpha / r per rank (with Adam the step of dW grows with it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = sorted({r["rank"] for r in summary})
+    alphas = sorted({r["alpha"] for r in summary})
+    cell = {(r["rank"], r["alpha"]): r["median"] for r in summary}
+    grid = np.array([[cell.get((r, a), np.nan) for a in alphas] for r in ranks])
+    fig, (heat, scale) = plt.subplots(1, 2, figsize=(11, 4.2))
+    image = heat.imshow(grid, cmap="viridis", aspect="auto")
+    heat.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    heat.set_yticks(range(len(ranks)), [str(r) for r in ranks])
+    heat.set(xlabel="alpha", ylabel="rank r")
+    for i, j in np.ndindex(grid.shape):
+        if np.isfinite(grid[i, j]):
+            heat.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=8,
+                      color="white" if grid[i, j] < np.nanmean(grid) else "black")
+    i, j = np.unravel_index(np.nanargmax(grid), grid.shape)
+    heat.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
+    heat.set_title(f"{metric} (median over seeds); best r={ranks[i]}, alpha={alphas[j]:g}")
+    fig.colorbar(image, ax=heat)
+    for r in ranks:
+        rows = sorted((s for s in summary if s["rank"] == r), key=lambda s: s["alpha"])
+        scale.plot([s["alpha"] / r for s in rows], [s["median"] for s in rows], marker="o",
+                   label=f"r={r}")
+    scale.set_xscale("log", base=2)
+    scale.set(xlabel="alpha / r (LoRA's scale)", ylabel=metric)
+    scale.legend(fontsize=8)
+    scale.set_title(f"LoRA rank x alpha on {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -405,3 +405,46 @@ def test_backfill_names_where_an_unreproduced_record_and_its_rerun_ran():
         "resumed across environments: 2 then, 1 in the rerun")
     assert where_each_ran({}, {"environments": [here]}) == "the record does not say where it ran"
     assert where_each_ran({"environments": [here]}, {}) == "the rerun does not say where it ran"
+
+
+def test_grid_study_is_rank_by_alpha_on_wq_wv():
+    named = runs("study=grid")
+    assert len(named) == 16
+    assert {(r["rank"], r["alpha"]) for r in named.values()} == {
+        (r, a) for r in (4, 8, 16, 32) for a in (16.0, 32.0, 64.0, 128.0)}
+    run = named["rank=16,alpha=64,targets=qv,seed=0"]
+    assert run["overrides"] == {"method.lora.rank": 16, "method.lora.alpha": 64.0,
+                                "method.lora.targets": (Q, V), "seed": 0}
+    assert len(runs("study=grid,seeds=2")) == 32
+
+
+def test_grid_summary_keeps_alpha_apart_and_names_the_best_setting(tmp_path):
+    records = [{"name": f"rank={r},alpha={a:g},targets=qv,seed=0", "method": "lora",
+                "targets": "qv", "rank": r, "alpha": a, "seed": 0, "trained_params": 10 * r,
+                "lora_params": 10 * r, "metric": "accuracy", "best": 0.5 + r / 100 + a / 1000,
+                "final": 0.5, "best_step": 4, "wall_s": 1.0}
+               for r in (4, 8) for a in (16.0, 128.0)]
+    summary = sweep.summarize(records)
+    assert [(s["rank"], s["alpha"], s["runs"]) for s in summary] == [
+        (4, 16.0, 1), (4, 128.0, 1), (8, 16.0, 1), (8, 128.0, 1)]
+    sweep.write_tables(records, tmp_path, "LoRA grid study on sst2")
+    text = (tmp_path / "results.md").read_text()
+    assert "Best setting: r=8, alpha=128 (alpha/r 16)" in text
+    assert "| rank | alpha |" in text
+    with open(tmp_path / "results.csv") as f:
+        assert [row["alpha"] for row in csv.DictReader(f)] == ["16.0", "128.0", "16.0", "128.0"]
+    sweep.plot("grid", summary, "accuracy", tmp_path / "grid.png", title="sst2")
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tiny_grid_sweep_trains_rank_and_alpha_members_together(tmp_path, capsys):
+    only = r"^rank=(4|8),alpha=(16|128),"
+    argv = [*tiny_sweep("study=grid,model=tiny", tmp_path, only), "--together"]
+    records = sweep.main(argv)
+    assert capsys.readouterr().out.count("training together:") == 1
+    assert [(r["rank"], r["alpha"]) for r in records] == [(4, 16.0), (4, 128.0), (8, 16.0),
+                                                           (8, 128.0)]
+    # Tiny BERT, q and v: 2 * 2 * r * (32 + 32) LoRA scalars, whatever alpha.
+    assert [r["lora_params"] for r in records] == [1024, 1024, 2048, 2048]
+    assert len({r["metrics"]["loss"] for r in records}) == 4  # alpha changes what is learned
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
