@@ -317,6 +317,27 @@ def test_compare_writes_grids_heatmaps_and_amplification(r4_vs_r8):
         assert stats["dw_on_dw"] == pytest.approx(stats["dw_norm"], rel=1e-9)
         assert stats["amplification"] == pytest.approx(stats["dw_norm"] / stats["w_on_dw"])
 
+    counted = json.loads((out / "intruders.json").read_text())
+    assert (counted["k"], counted["epsilon"]) == (10, 0.5)
+    for run, counts in counted["runs"].items():
+        assert list(counts) == list(matrices)
+        assert all(isinstance(c, int) and 0 <= c <= 10 for c in counts.values())
+
+
+def test_intruder_counts_of_adapters_with_planted_intruders():
+    """W + s B A whose top directions are planted (tests/test_intruders.py's construction): the
+    count per adapted matrix is the number planted."""
+    from test_intruders import OWN, SPREAD, planted
+
+    made = {}
+    for name, intruders in (("q", 0), ("v", 3)):
+        w0, w = planted(SPREAD[:intruders] + OWN[:10 - intruders], seed=len(made))
+        # dW = (W - W0) as s B A with B = I, A = (W - W0) / s: a full-rank "adapter".
+        made[name] = compare.AdaptedMatrix(a=(w - w0) / 2.0, b=np.eye(w.shape[0]), scale=2.0,
+                                           w=w0)
+    assert compare.intruder_counts(made) == {"q": 0, "v": 3}
+    assert compare.intruder_counts(made, epsilon=0.2) == {"q": 0, "v": 0}
+
 
 def test_compare_one_module_between_seeds(runs, tmp_path):
     out = tmp_path / "seeds"

@@ -24,6 +24,9 @@ Writes into DIR:
   amplification.json  per matrix of RUN_1: Table 7's quantities (see `amplification`).
   init_similarity.json  with --against-init (run workdirs): per run and matrix, how far the final A
                     moved from its initial A (`movement_from_init`).
+  intruders.json    per run and matrix, its intruder dimensions (`analysis.intruders`: of the
+                    top-k singular vectors of W + dW, those no singular vector of W resembles;
+                    k = 10, epsilon = 0.5 unless --intruder-k / --intruder-epsilon say).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from matplotlib.ticker import MaxNLocator
 
 from lora_jax.interop import peft_adapters
 from lora_jax.methods import lora, lora_peft
+from lora_jax.analysis import intruders
 from lora_jax.analysis.amplification import amplification
 from lora_jax.analysis.subspace import Side, random_gaussian_like, similarity_grid
 from lora_jax.config import load_config
@@ -231,6 +235,13 @@ def movement_from_init(final: Mapping[str, AdaptedMatrix], initial: Mapping[str,
     return moved
 
 
+def intruder_counts(run: Mapping[str, AdaptedMatrix], k: int = intruders.TOP_K,
+                    epsilon: float = intruders.EPSILON) -> dict[str, int]:
+    """Per adapted matrix, the intruder dimensions of W + dW against W (`intruders.intruder_count`)."""
+    return {name: intruders.intruder_count(m.w, m.w + m.scale * (m.b @ m.a), k, epsilon)
+            for name, m in run.items()}
+
+
 def _summary(grid: np.ndarray) -> dict:
     return {"shape": list(grid.shape), "phi_11": float(grid[0, 0]), "mean": float(grid.mean()),
             "grid": grid.tolist()}
@@ -319,6 +330,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--against-init", action="store_true",
                         help="also compare each run's final A with its initial A (run workdirs "
                         "only): writes init_similarity.json")
+    parser.add_argument("--intruder-k", type=int, default=intruders.TOP_K,
+                        help="top singular vectors of W + dW examined for intruders")
+    parser.add_argument("--intruder-epsilon", type=float, default=intruders.EPSILON,
+                        help="a direction whose largest |cos| with W's is below this intrudes")
     args = parser.parse_args(argv)
 
     try:
@@ -357,6 +372,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             phis = [t["phi_rr"] for t in per_matrix.values()]
             print(f"{run}: phi(A, A_0, r, r) from {min(phis):.3f} to {max(phis):.3f} over "
                   f"{len(phis)} matrices")
+
+    try:
+        counted = {run: intruder_counts(adapters, args.intruder_k, args.intruder_epsilon)
+                   for run, adapters in zip(args.runs, (run1, run2))}
+    except ValueError as error:  # k or epsilon out of range for these matrices
+        parser.error(str(error))
+    (out / "intruders.json").write_text(json.dumps(
+        {"k": args.intruder_k, "epsilon": args.intruder_epsilon, "runs": counted}, indent=2)
+        + "\n")
+    for run, counts in counted.items():
+        print(f"{run}: {sum(counts.values())} intruder dimensions over {len(counts)} matrices "
+              f"(top {args.intruder_k}, epsilon {args.intruder_epsilon:g})")
 
     for name in names:
         r = results[name]
