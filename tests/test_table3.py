@@ -38,7 +38,7 @@ def test_rows_are_the_issues_with_three_seeds_of_ft_and_both_loras():
     assert len(qlora["method.lora.targets"]) == 7
     assert runs["method=qlora_gguf,seed=0"]["overrides"]["model.quantize"] == "gguf"
     # One beam and one split for every row; warmup a tenth of the steps.
-    assert c.base.generate.beam_size == 4 and c.scoring.split == "test"
+    assert c.base.generate.beam_size == 2 and c.scoring.split == "test"
     assert c.base.optim.warmup_steps == round(0.1 * c.base.train.max_steps)
     with pytest.raises(ValueError, match="model"):
         load_config("configs/table3.py:model=gpt2")
