@@ -21,6 +21,7 @@ record is in RECORDS is skipped, so the table resumes on a machine that lost OUT
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pathlib
 import re
@@ -43,6 +44,13 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def cpu_s() -> float:
+    """CPU seconds this process has used (user + system, all its threads). Unlike wall time it
+    does not grow while the process waits for cores another job holds, or is stopped."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def find_run(config: ml_collections.ConfigDict, name: str) -> dict:
     for run in config.runs:
         if run["name"] == name:
@@ -57,9 +65,13 @@ def train_phase(config: ml_collections.ConfigDict, run: dict, workdir: pathlib.P
     """Trains the run (resuming), returns what its record keeps of training."""
     from lora_jax.train import train
 
+    # A phase that resumes from a checkpoint times only its own part of the training.
+    checkpoints = workdir / "checkpoints"
+    resumed = checkpoints.is_dir() and any(checkpoints.iterdir())
     tick = time.perf_counter()
     result = train(sweep.run_config(config.base, run), workdir)
-    return {"wall_s": round(time.perf_counter() - tick, 3), "peak_rss_bytes": peak_rss_bytes(),
+    return {"wall_s": round(time.perf_counter() - tick, 3), "cpu_s": round(cpu_s(), 3),
+            "resumed": resumed, "peak_rss_bytes": peak_rss_bytes(),
             "trained_params": int(result.get("trained_params", 0)),
             "dev": {k: float(v) for k, v in result.items()
                     if k not in ("best", "trained_params", "lora_params", "environments")},
@@ -74,6 +86,26 @@ def untrained(run_config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return base
 
 
+def base_heldout_loss(run_cfg: ml_collections.ConfigDict, texts: Sequence[str],
+                      out: pathlib.Path) -> dict:
+    """The held-out loss of the run's untrained base, computed once per base model and texts
+    (rows share it: every row but the quantized ones starts from the same model) and kept in
+    OUT/heldout_base/<digest>.json."""
+    from lora_jax.analysis import forgetting
+    from lora_jax.training import setup
+
+    config = untrained(run_cfg)
+    key = json.dumps([config.model.to_dict(), config.data.max_len, list(texts)], sort_keys=True,
+                     default=str)
+    path = out / "heldout_base" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    loss = forgetting.heldout_loss(setup.build(config), texts, config.data.eval_batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(loss) + "\n")
+    return loss
+
+
 def score_phase(config: ml_collections.ConfigDict, run: dict, workdir: pathlib.Path) -> dict:
     """Decodes and scores the run (see the module docstring); returns what its record keeps."""
     import jax
@@ -85,21 +117,20 @@ def score_phase(config: ml_collections.ConfigDict, run: dict, workdir: pathlib.P
     scoring, run_cfg = config.scoring, sweep.run_config(config.base, run)
     built = (evaluate.load_run(workdir, scoring.split) if run["train"]
              else setup.build(run_cfg))
-    tick = time.perf_counter()
+    tick, cpu_tick = time.perf_counter(), cpu_s()
     lines, scores = evaluate.evaluate_generation(built, scoring.split, scoring.max_examples,
                                                  scoring.decode_batch_size)
-    decode_s = time.perf_counter() - tick
+    decode_s, decode_cpu_s = time.perf_counter() - tick, cpu_s() - cpu_tick
     (workdir / f"predictions-{scoring.split}.txt").write_text("".join(f"{x}\n" for x in lines))
     texts = forgetting.read_heldout(tuple(scoring.heldout), run_cfg.data.data_dir,
                                     scoring.max_heldout)
     tick = time.perf_counter()
     after = forgetting.heldout_loss(built, texts, run_cfg.data.eval_batch_size)
     heldout_s = time.perf_counter() - tick
-    before = (after if not run["train"] else
-              forgetting.heldout_loss(setup.build(untrained(run_cfg)), texts,
-                                      run_cfg.data.eval_batch_size))
+    before = after if not run["train"] else base_heldout_loss(run_cfg, texts, workdir.parent)
     record = {"scores": {k: float(v) for k, v in scores.items()},
-              "decode_s": round(decode_s, 3), "heldout_s": round(heldout_s, 3),
+              "decode_s": round(decode_s, 3), "decode_cpu_s": round(decode_cpu_s, 3),
+              "heldout_s": round(heldout_s, 3),
               "outputs": len(lines),
               "mean_output_words": sum(len(x.split()) for x in lines) / max(len(lines), 1),
               "heldout": after, "heldout_base": before,
@@ -149,6 +180,8 @@ def make_record(config: ml_collections.ConfigDict, run: dict, trained: dict | No
             "split": config.scoring.split,
             "trained_params": trained["trained_params"] if trained else 0,
             "train_wall_s": trained["wall_s"] if trained else 0.0,
+            "train_cpu_s": trained.get("cpu_s") if trained else 0.0,
+            "train_resumed": trained.get("resumed", False) if trained else False,
             "train_peak_rss_bytes": trained["peak_rss_bytes"] if trained else None,
             "dev": trained["dev"] if trained else {},
             **{k: v for k, v in scored.items() if k != "peak_rss_bytes"},

@@ -9,7 +9,8 @@ Writes into OUT:
                     median [min, max] over seeds (BLEU, METEOR, ROUGE-L x100, as the paper
                     prints them), forgetting (held-out loss after minus before, nats per token),
                     intruder dimensions (top-10, epsilon 0.5; summed over the block matrices),
-                    train and decode wall time, peak memory of each phase; then the settings.
+                    train and decode time (wall, and CPU on both cores), peak memory of each
+                    phase; then the settings.
   gain_vs_forgetting.png  BLEU against forgetting, a point per run (Biderman et al. 2024's
                     picture): up is better learning, right is more forgetting.
   intruders.png     intruder dimensions per block, per row that counts them (median over seeds).
@@ -54,6 +55,17 @@ def spread(values: Sequence[float], digits: int) -> str:
     return f"{median:.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
 
 
+def minutes(wall_s: Sequence[float], cpu_s: Sequence[float | None],
+            resumed: bool = False) -> str:
+    """'12.3 (CPU 23.9)': median wall and CPU minutes ('*': a run resumed, its wall time only
+    the resumed part's); CPU time, on both cores, does not grow while another job holds them."""
+    text = f"{statistics.median(wall_s) / 60:.1f}"
+    cpu = [c for c in cpu_s if c is not None]
+    if cpu:
+        text += f" (CPU {statistics.median(cpu) / 60:.1f})"
+    return text + ("*" if resumed else "")
+
+
 def intruder_total(record: dict) -> int | None:
     return sum(record["intruders"].values()) if "intruders" in record else None
 
@@ -61,7 +73,8 @@ def intruder_total(record: dict) -> int | None:
 def table(rows: dict[str, list[dict]]) -> str:
     """The table (see the module docstring)."""
     header = (["row", "trained params", "seeds"] + [name.replace("_", "-") for name, _ in METRICS]
-              + ["forgetting", "intruders", "train", "decode", "peak RSS train / decode"])
+              + ["forgetting", "intruders", "train min", "decode min",
+                 "peak RSS train / decode"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, records in rows.items():
         cells = [ROW_NAMES.get(row, row), f"{records[0]['trained_params']:,}", str(len(records))]
@@ -71,9 +84,12 @@ def table(rows: dict[str, list[dict]]) -> str:
         cells.append(spread([r["forgetting"] for r in records], 4))
         counts = [c for c in map(intruder_total, records) if c is not None]
         cells.append(spread(counts, 0) if counts else "-")
-        cells.append(f"{statistics.median(r['train_wall_s'] for r in records) / 60:.1f} min"
+        cells.append(minutes([r["train_wall_s"] for r in records],
+                             [r.get("train_cpu_s") for r in records],
+                             any(r.get("train_resumed") for r in records))
                      if records[0]["steps"] else "-")
-        cells.append(f"{statistics.median(r['decode_s'] for r in records) / 60:.1f} min")
+        cells.append(minutes([r["decode_s"] for r in records],
+                             [r.get("decode_cpu_s") for r in records]))
         train_rss = [r["train_peak_rss_bytes"] for r in records if r["train_peak_rss_bytes"]]
         cells.append((f"{max(train_rss) / GIB:.2f}" if train_rss else "-")
                      + f" / {max(r['score_peak_rss_bytes'] for r in records) / GIB:.2f} GiB")

@@ -123,3 +123,9 @@ def test_the_printed_command_reproduces_its_cell(tmp_path, data_dir):
         assert rerun[key] == committed[key], key
     assert rerun["scores"] == committed["scores"]  # the same outputs: decoding is exact
     assert rerun["heldout"] == committed["heldout"]
+
+
+def test_report_minutes_say_cpu_and_resumed():
+    assert table3_report.minutes([600.0, 720.0, 660.0], [1200.0, None, 1320.0]) == (
+        "11.0 (CPU 21.0)")
+    assert table3_report.minutes([60.0], [None], resumed=True) == "1.0*"
