@@ -148,3 +148,19 @@ def test_e2e_rows_and_prompts_go_through_the_chat_template(ours, data_dir):
     assert set(row["loss_mask"][n:]) == {1}
     assert mr in tokenizer.decode(prompt) and tokenizer.decode(prompt).endswith(
         "<|im_start|>assistant\n")
+
+
+def test_a_rank_study_on_the_gguf_file_trains_as_one_program(path):
+    """members.groups reads the base's dropout from the GGUF file's metadata (SmolLM2 has none),
+    so the rank study's members differing in rank share one program."""
+    from experiments import sweep
+    from lora_jax.config import load_config
+    from lora_jax.training import members
+
+    assert hub.checkpoint_config(path).model_type == "llama"
+    c = load_config("configs/ablations.py:study=rank,task=e2e,model=smollm2-135m,steps=100")
+    assert members.base_dropout(c.base.model) == 0.0
+    assert c.base.optim.warmup_steps == 10  # a tenth of the steps, not the recipe's 500
+    runs = [r for r in c.runs if "targets=qv," in r["name"]]
+    assert [r["rank"] for r in runs] == [1, 2, 4, 8, 64]
+    assert members.groups([sweep.run_config(c.base, r) for r in runs]) == [[0, 1, 2, 3, 4]]

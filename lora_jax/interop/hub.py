@@ -379,23 +379,7 @@ def load_pretrained(
     """
     directory = resolve_checkpoint(name_or_path)
     check_quantize(quantize, directory)
-    if is_gguf(directory):
-        state = tensors(directory)
-        model = model_from_hf_config(
-            state.checkpoint.hf_config, task=task, num_labels=num_labels, dtype=dtype,
-            param_dtype=param_dtype, remat=remat, scan_layers=scan_layers,
-            attention_implementation=attention_implementation)
-        params = params_from_state_dict(model, state, rng=rng, quantize=quantize,
-                                        unquantized=unquantized)
-        return model, params, state.checkpoint.hf_config
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory} has no config.json (and needs it with the weights)")
-    read_json_object(directory / "config.json", what="Hugging Face model config")
-    # Deferred: transformers costs half a second to import, and every method's PEFT mapping
-    # imports this module (for its names), so `import lora_jax.config` would pay it.
-    import transformers
-
-    hf_config = transformers.AutoConfig.from_pretrained(directory)
+    hf_config = checkpoint_config(directory)
     model = model_from_hf_config(
         hf_config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype,
         remat=remat, attention_implementation=attention_implementation,
@@ -404,6 +388,28 @@ def load_pretrained(
     params = params_from_state_dict(model, tensors(directory), rng=rng,
                                     quantize=quantize, unquantized=unquantized)
     return model, params, hf_config
+
+
+def checkpoint_config(name_or_path: str | os.PathLike) -> Any:
+    """The transformers config of a checkpoint: its config.json, or a GGUF file's metadata.
+
+    Raises:
+      FileNotFoundError: a checkpoint directory without config.json.
+      FileFormatError: a config.json that is not a JSON object; a damaged GGUF file.
+    """
+    directory = resolve_checkpoint(name_or_path)
+    if is_gguf(directory):
+        from lora_jax.interop import gguf_files  # deferred: it imports transformers' GGUF code
+
+        return gguf_files.open_gguf(directory).hf_config  # read once per file (cached)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json (and needs it with the weights)")
+    read_json_object(directory / "config.json", what="Hugging Face model config")
+    # Deferred: transformers costs half a second to import, and every method's PEFT mapping
+    # imports this module (for its names), so `import lora_jax.config` would pay it.
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(directory)
 
 
 def check_quantize(quantize: str, checkpoint: str | os.PathLike | None) -> None:

@@ -98,9 +98,8 @@ def base_dropout(model: ml_collections.ConfigDict) -> float:
 
     from lora_jax.interop import hub
 
-    if model.name:
-        hf_config = transformers.AutoConfig.from_pretrained(
-            hub.resolve_checkpoint(hub.checkpoint_path(model.name)))
+    if model.name:  # a checkpoint directory or a GGUF file
+        hf_config = hub.checkpoint_config(hub.checkpoint_path(model.name))
     else:
         fields = dict(model.random_init)
         hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
