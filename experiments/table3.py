@@ -14,7 +14,9 @@ that the peak memory recorded for it is its own (the process's resident high-wat
          in scoring.intruder_rows, the intruder dimensions of every block matrix
          (`analysis.intruders`). Writes OUT/<name>/score_phase.json.
 Then the run's record: OUT/<name>/record.json and RECORDS/<name>.json (committed; a run whose
-record is in RECORDS is skipped, so the table resumes on a machine that lost OUT).
+record is in RECORDS is skipped, so the table resumes on a machine that lost OUT). While the file
+OUT/PAUSE exists no new phase starts (the running one finishes): the cores can be lent to another
+job without stretching a recorded time.
 `python -m experiments.table3_report` builds the table and figures from the records.
 """
 
@@ -37,6 +39,7 @@ from experiments import sweep
 from lora_jax.config import load_config
 
 TRAIN_PHASE, SCORE_PHASE = "train_phase.json", "score_phase.json"
+PAUSE = "PAUSE"  # touch OUT/PAUSE: the next phase waits until it is removed
 
 
 def peak_rss_bytes() -> int:
@@ -156,10 +159,21 @@ def run_phase(config_arg: str, out: pathlib.Path, name: str, phase: str) -> None
 
 # --- The driver ---------------------------------------------------------------------------------
 
+def wait_while_paused(out: pathlib.Path) -> None:
+    """Holds the next phase while OUT/PAUSE exists, so that another heavy job (the test suite)
+    can have the cores without stretching a phase's recorded wall time."""
+    flag = out / PAUSE
+    if flag.exists():
+        print(f"paused: remove {flag} to go on", flush=True)
+    while flag.exists():
+        time.sleep(10)
+
+
 def spawn_phase(config_arg: str, out: pathlib.Path, name: str, phase: str) -> dict:
     """Runs one phase in a child process unless its file exists; returns its result."""
     path = out / name / (TRAIN_PHASE if phase == "train" else SCORE_PHASE)
     if not path.is_file():
+        wait_while_paused(out)
         print(f"{phase}: {name}", flush=True)
         command = [sys.executable, "-m", "experiments.table3", "--config", config_arg,
                    "--out", str(out), "--phase", phase, "--run", name]

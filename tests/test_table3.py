@@ -129,3 +129,18 @@ def test_report_minutes_say_cpu_and_resumed():
     assert table3_report.minutes([600.0, 720.0, 660.0], [1200.0, None, 1320.0]) == (
         "11.0 (CPU 21.0)")
     assert table3_report.minutes([60.0], [None], resumed=True) == "1.0*"
+
+
+def test_a_pause_file_holds_the_next_phase(tmp_path, monkeypatch):
+    (tmp_path / table3.PAUSE).touch()
+    slept = []
+
+    def sleep(seconds):  # the flag is removed while the driver waits
+        slept.append(seconds)
+        (tmp_path / table3.PAUSE).unlink()
+
+    monkeypatch.setattr(table3.time, "sleep", sleep)
+    table3.wait_while_paused(tmp_path)
+    assert slept == [10] and not (tmp_path / table3.PAUSE).exists()
+    table3.wait_while_paused(tmp_path)  # no flag: no wait
+    assert slept == [10]
