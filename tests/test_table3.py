@@ -144,3 +144,29 @@ def test_a_pause_file_holds_the_next_phase(tmp_path, monkeypatch):
     assert slept == [10] and not (tmp_path / table3.PAUSE).exists()
     table3.wait_while_paused(tmp_path)  # no flag: no wait
     assert slept == [10]
+
+
+def test_the_memory_and_cpu_columns_measure_this_process():
+    """Known answers for the peak-memory and CPU-time columns, in a fresh process: touching a
+    512 MiB array raises the resident high-water mark by about that much, and a busy loop of
+    0.3 CPU seconds adds that much CPU time."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np
+from experiments import table3
+before = table3.peak_rss_bytes()
+block = np.ones(512 * 2**20 // 8)
+grown = table3.peak_rss_bytes() - before
+start = table3.cpu_s()
+x = 0
+while table3.cpu_s() - start < 0.3:
+    x += 1
+print(grown / 2**20, table3.cpu_s() - start)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+    grown_mib, cpu = float(out[0]), float(out[1])
+    assert 500 <= grown_mib <= 530, grown_mib
+    assert 0.3 <= cpu < 0.4, cpu
