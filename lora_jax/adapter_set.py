@@ -30,7 +30,7 @@ from jax.experimental import checkify
 import numpy as np
 from flax import traverse_util
 
-from lora_jax import losses
+from lora_jax import losses, merging
 from lora_jax.errors import FileFormatError
 from lora_jax.methods import lora, stacked_lora
 from lora_jax.methods.base import MergedParams, MethodStack, combine, join, modules_of
@@ -172,28 +172,53 @@ class AdapterSet:
     # --- Weighted combinations -------------------------------------------------------------------
 
     def weighted(self, names: Sequence[str], weights: Sequence[float], new_name: str,
-                 combination: str = "svd", svd_rank: int | None = None) -> "AdapterSet":
-        """This set plus a new adapter `new_name` whose update is the weighted sum of the named
-        adapters' updates, sum_i w_i s_i B_i A_i, as PEFT's `add_weighted_adapter`:
+                 combination: str = "svd", svd_rank: int | None = None,
+                 density: float | None = None,
+                 majority_sign_method: merging.SignMethod = "total",
+                 key: jax.Array | None = None) -> "AdapterSet":
+        """This set plus a new adapter `new_name` combining the named adapters' updates
+        s_i B_i A_i with weights w_i, as PEFT's `add_weighted_adapter`:
 
           - 'cat': A = [w_i s_i A_i] stacked on the rank axis and B = [B_i] side by side, rank
             the sum of the ranks (modules that fewer adapters target keep zero rows): exact;
-          - 'svd': the top `svd_rank` (default: the largest rank) singular triplets of the sum,
-            B = U S and A = V^T: the best approximation of that rank.
-        Either way the new adapter's alpha equals its rank (scale 1), as PEFT sets it. It keeps
-        the one trained head among the named adapters; if more than one trains heads they could
-        not be combined, and PEFT refuses that too.
+          - 'svd': the top `svd_rank` (default: the largest rank) singular triplets of
+            sum_i w_i s_i B_i A_i, B = U S and A = V^T: the best approximation of that rank;
+          - 'ties_svd', 'dare_linear_svd', 'dare_ties_svd', 'magnitude_prune_svd': the papers'
+            merges (`lora_jax.merging`) of the task vectors dW_i = s_i B_i A_i with weights w_i,
+            then as 'svd';
+          - 'linear', 'ties', 'dare_linear', 'dare_ties', 'magnitude_prune': PEFT's cheaper
+            variants, which merge the factors instead (the A_i with weights sign(w_i) sqrt(|w_i
+            s_i|), the B_i with sqrt(|w_i s_i|)); they need adapters of one rank, and are not
+            the papers' merges of updates (B A of merged factors is not the merged B A).
+        `density` (the fraction each task tensor keeps) is for the pruning merges,
+        `majority_sign_method` ('total' or 'frequency') for TIES' sign election, `key` draws
+        DARE's masks: one per task tensor, from fold_in(key, module number), then of 0 (A), 1
+        (B) or 2 (dW), then of the adapter's number among those adapting the module.
+
+        The new adapter's alpha equals its rank (scale 1), as PEFT sets it. It keeps the one
+        trained head among the named adapters; if more than one trains heads they could not be
+        combined, and PEFT refuses that too.
 
         Raises:
           ValueError: an unknown combination, weights of another length, a new name in use,
-            heads trained by several of the adapters, or adapters on split outputs.
+            heads trained by several of the adapters, adapters on split outputs, a factor-wise
+            merge of adapters of different ranks, a pruning merge without density, DARE
+            without a key.
         """
-        if combination not in ("cat", "svd"):
-            raise ValueError(f"combination must be 'cat' or 'svd', got {combination!r}")
+        factorwise = ("linear",) + merging.DENSITY_METHODS
+        on_updates = ("svd",) + tuple(f"{m}_svd" for m in merging.DENSITY_METHODS)
+        if combination not in ("cat",) + on_updates + factorwise:
+            raise ValueError(f"combination must be one of {('cat',) + on_updates + factorwise},"
+                             f" got {combination!r}")
         if len(weights) != len(names):
             raise ValueError(f"{len(weights)} weights for {len(names)} adapters")
         if new_name in self.names:
             raise ValueError(f"an adapter {new_name!r} exists")
+        method = combination.removesuffix("_svd") if combination != "svd" else "linear"
+        if method in merging.DENSITY_METHODS:
+            merging.check_density(density)
+        if method.startswith("dare") and key is None:
+            raise ValueError(f"{combination} drops entries at random: give key")
         chosen = [self.index(n) for n in names]
         with_heads = [self.names[i] for i in chosen if self.trainables[i].get("params")]
         if len(with_heads) > 1:
@@ -208,24 +233,46 @@ class AdapterSet:
                 ranks.setdefault(module, []).append(i)
         own_rank = [max(ab[lora.LORA_A].shape[0] for ab in
                         lora.adapter_modules(self.trainables[i]).values()) for i in chosen]
-        rank = sum(own_rank) if combination == "cat" else (svd_rank or max(own_rank))
+        if combination in factorwise and len(set(own_rank)) > 1:
+            raise ValueError(f"{combination} merges the adapters' factors, which needs one rank; "
+                             f"these have ranks {own_rank}: use {combination}_svd (or 'cat')"
+                             if combination != "linear" else
+                             f"linear merges the adapters' factors, which needs one rank; these "
+                             f"have ranks {own_rank}: use 'svd' (or 'cat')")
+        rank = (sum(own_rank) if combination == "cat" else own_rank[0]
+                if combination in factorwise else (svd_rank or max(own_rank)))
         adapters = {}
-        for module, members in ranks.items():
+        for number, (module, members) in enumerate(ranks.items()):
             kernel = join(module + ("kernel",))
             terms = []
             for i in members:
                 ab = lora.adapter_modules(self.trainables[i])[module]
                 s = self.stacks[i].methods[0].spec.scale(kernel, ab[lora.LORA_A].shape[0])
                 w = weights[chosen.index(i)]
-                terms.append((w * s, np.asarray(ab[lora.LORA_A], np.float32),
+                terms.append((w, s, np.asarray(ab[lora.LORA_A], np.float32),
                               np.asarray(ab[lora.LORA_B], np.float32)))
+            keys = (None if key is None else
+                    [jax.random.fold_in(jax.random.fold_in(key, number), part)
+                     for part in range(3)])
+
+            def merge(tensors, part_weights, part):
+                return merging.combine(method, tensors, part_weights, density=density,
+                                       majority_sign_method=majority_sign_method,
+                                       key=None if keys is None else keys[part])
+
             if combination == "cat":
-                a = np.concatenate([c * a for c, a, _ in terms])
-                b = np.concatenate([b for _, _, b in terms], axis=1)
+                a = np.concatenate([w * s * a for w, s, a, _ in terms])
+                b = np.concatenate([b for *_, b in terms], axis=1)
                 a = np.pad(a, [(0, rank - a.shape[0]), (0, 0)])
                 b = np.pad(b, [(0, 0), (0, rank - b.shape[1])])
+            elif combination in factorwise:
+                roots = [np.sqrt(abs(w * s)) for w, s, _, _ in terms]
+                signs = [1.0 if w * s >= 0 else -1.0 for w, s, _, _ in terms]
+                a = merge([a for *_, a, _ in terms], [r * g for r, g in zip(roots, signs)], 0)
+                b = merge([b for *_, b in terms], roots, 1)
             else:
-                delta = sum(c * (b @ a) for c, a, b in terms)  # [d_out, d_in]
+                delta = merge([s * (b @ a) for _, s, a, b in terms],
+                              [w for w, *_ in terms], 2)  # [d_out, d_in]
                 u, sv, vh = np.linalg.svd(delta, full_matrices=False)
                 b, a = u[:, :rank] * sv[:rank], vh[:rank]
             adapters[module + (lora.LORA_A,)] = jnp.asarray(a)

@@ -186,11 +186,21 @@ def test_merge_switch_and_unmerge_round_trip_in_fp32_and_bf16(bert_set):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("combination", ["cat", "svd"])
-def test_weighted_adapters_match_peft_add_weighted_adapter(combination, roberta_dir, tmp_path,
-                                                          padded_batch):
-    """Two adapters of other ranks and targets combined with weights 0.7 and -0.4: our new
-    adapter gives the logits of PEFT's add_weighted_adapter (same combination) on torch."""
+ON_UPDATES = ["cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd",
+              "magnitude_prune_svd"]
+FACTORWISE = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+
+
+@pytest.mark.parametrize("combination,sign_method",
+                         [(c, "total") for c in ON_UPDATES + FACTORWISE]
+                         + [("ties_svd", "frequency"), ("dare_ties", "frequency")])
+def test_weighted_adapters_match_peft_add_weighted_adapter(combination, sign_method, roberta_dir,
+                                                          tmp_path, padded_batch, monkeypatch):
+    """Two adapters of other targets combined with weights 0.7 and -0.4 (density 0.5 where the
+    merge prunes): our new adapter gives the logits of PEFT's add_weighted_adapter (same
+    combination) on torch. The adapters' ranks differ (4 and 2) except for PEFT's factor-wise
+    merges, which need one rank (4 and 4). DARE's random masks are ours: PEFT's torch.bernoulli
+    is replaced by one that returns them, in the order PEFT asks for them."""
     import peft
     import torch
     import transformers
@@ -201,24 +211,52 @@ def test_weighted_adapters_match_peft_add_weighted_adapter(combination, roberta_
     from lora_jax.methods.base import MethodStack
 
     model, params, _ = load_pretrained(roberta_dir, task="classification", num_labels=3)
+    second_rank = 4 if combination in FACTORWISE else 2
     specs = [lora.LoraSpec(targets=(r"/query/kernel", r"/value/kernel"), rank=4, alpha=8.0),
-             lora.LoraSpec(targets=(r"/query/kernel",), rank=2, alpha=3.0)]
+             lora.LoraSpec(targets=(r"/query/kernel",), rank=second_rank, alpha=3.0)]
     trainables = [trained_like(lora.split(s, params, jax.random.key(i))[1], i + 1)
                   for i, s in enumerate(specs)]
     adapters = AdapterSet(("a", "b"), tuple(MethodStack((lora.LoRA(s),)) for s in specs),
                           tuple(trainables))
-    combined = adapters.weighted(["a", "b"], [0.7, -0.4], "w", combination)
+    density, key = 0.5, jax.random.key(7)
+    combined = adapters.weighted(["a", "b"], [0.7, -0.4], "w", combination, density=density,
+                                 majority_sign_method=sign_method, key=key)
     ids, mask = padded_batch(101, pad_id=1)
     ours = np.asarray(combined.apply(model.apply, combined.frozen(params), ids,
                                      attention_mask=mask, adapter_ids=[2] * len(ids)).logits)
 
+    # Our masks in PEFT's order: per module (a's, in model order, b's among them), per part
+    # (A then B for the factor-wise merges; dW for the others), per adapter adapting it.
+    queue = []
+    modules = list(lora.adapter_modules(trainables[0]))
+    for number, module in enumerate(modules):
+        members = [t for t in trainables if module in lora.adapter_modules(t)]
+        factors = [lora.adapter_modules(t)[module] for t in members]
+        shapes = ([[f[lora.LORA_A].shape for f in factors], [f[lora.LORA_B].shape for f in factors]]
+                  if combination in FACTORWISE else
+                  [[(f[lora.LORA_B].shape[0], f[lora.LORA_A].shape[1]) for f in factors]])
+        for part, part_shapes in zip((0, 1) if combination in FACTORWISE else (2,), shapes):
+            part_key = jax.random.fold_in(jax.random.fold_in(key, number), part)
+            queue += [np.asarray(jax.random.bernoulli(jax.random.fold_in(part_key, i), density,
+                                                      shape), np.float32)
+                      for i, shape in enumerate(part_shapes)]
+
+    def our_masks(probabilities):
+        drawn = queue.pop(0)
+        assert drawn.shape == tuple(probabilities.shape)
+        return torch.from_numpy(drawn)
+
+    monkeypatch.setattr(torch, "bernoulli", our_masks)
     for name, spec, trainable in zip("ab", specs, trainables):
         export_peft(tmp_path / name, spec, trainable, model_type="roberta", task=None)
     peft_model = peft.PeftModel.from_pretrained(
         transformers.RobertaForSequenceClassification.from_pretrained(roberta_dir),
         tmp_path / "a", adapter_name="a")
     peft_model.load_adapter(tmp_path / "b", adapter_name="b")
-    peft_model.add_weighted_adapter(["a", "b"], [0.7, -0.4], "w", combination_type=combination)
+    peft_model.add_weighted_adapter(["a", "b"], [0.7, -0.4], "w", combination_type=combination,
+                                    density=density, majority_sign_method=sign_method)
+    if combination.startswith("dare"):
+        assert queue == []  # PEFT drew exactly our masks
     peft_model.set_adapter("w")
     with torch.no_grad():
         theirs = peft_model.eval()(input_ids=torch.from_numpy(ids),
@@ -226,9 +264,32 @@ def test_weighted_adapters_match_peft_add_weighted_adapter(combination, roberta_
     base = np.asarray(model.apply({"params": params}, ids, attention_mask=mask).logits)
     assert np.abs(theirs - base).max() > 1e-2  # the combination matters
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
-    # The new adapter's rank: the sum for 'cat', the largest for 'svd', as PEFT's.
+    # The new adapter's rank: the sum for 'cat', the largest for the SVD ones, the common rank
+    # of the factor-wise ones, as PEFT's.
     assert combined.stacks[2].methods[0].spec.rank == (6 if combination == "cat" else 4)
     assert peft_model.peft_config["w"].r == combined.stacks[2].methods[0].spec.rank
+
+
+def test_weighted_refuses_what_it_cannot_merge(bert_set):
+    _, adapters = bert_set
+    names = list(adapters.names[:2])
+    ranks = {s.methods[0].spec.rank for s in adapters.stacks[:2]}
+    with pytest.raises(ValueError, match="combination must be one of"):
+        adapters.weighted(names, [1.0, 1.0], "x", "average")
+    with pytest.raises(ValueError, match="density"):
+        adapters.weighted(names, [1.0, 1.0], "x", "ties_svd")
+    with pytest.raises(ValueError, match="density must be >= 0"):
+        adapters.weighted(names, [1.0, 1.0], "x", "ties_svd", density=-0.1)
+    with pytest.raises(ValueError, match="give key"):
+        adapters.weighted(names, [1.0, 1.0], "x", "dare_linear_svd", density=0.5)
+    assert ranks == {4, 8}
+    headless = AdapterSet(adapters.names, adapters.stacks, tuple(
+        {k: v for k, v in t.items() if k != "params"} for t in adapters.trainables))
+    with pytest.raises(ValueError, match="needs one rank; these have ranks \\[4, 8\\]: use "
+                                         "ties_svd"):
+        headless.weighted(names, [1.0, 1.0], "x", "ties", density=0.5)
+    with pytest.raises(ValueError, match="linear merges the adapters' factors"):
+        headless.weighted(names, [1.0, 1.0], "x", "linear")
 
 
 def test_evaluate_all_gives_each_adapter_its_own_evaluation(bert_set):
