@@ -2,10 +2,11 @@
 
     python -m experiments.sweep --config configs/ablations.py:study=rank,task=sst2 --out DIR
 
-Arguments: study (rank | targets | seeds | methods | grid), task (a GLUE task, default sst2, or e2e), model
-(GLUE: minilm, tiny, roberta-base, roberta-large, default minilm; e2e: gpt2-medium, gpt2-large,
-smollm2-135m, tiny, default gpt2-medium), seeds (runs per setting; default 1, and 3 for study=seeds), steps
-(> 0 sets train.max_steps; 0 keeps the experiment config's epochs).
+Arguments: study (rank | targets | seeds | methods | grid), task (a GLUE task, default sst2, or
+e2e), model (GLUE: minilm, tiny, roberta-base, roberta-large, default minilm; e2e: gpt2-medium,
+gpt2-large, smollm2-135m, tiny, default gpt2-medium), seeds (runs per setting; default 1, and 3
+for study=seeds), steps (> 0 sets train.max_steps, and on e2e a warmup of a tenth of them; 0
+keeps the experiment config's epochs).
 
 Returns a ConfigDict with
   base: configs/glue.py's config for task/model, the starting point of every run;
@@ -114,17 +115,13 @@ def run(targets: str, rank: int, seed: int, gpt2: bool = False, llama: bool = Fa
         alpha: float | None = None) -> dict:
     """One named LoRA run: its settings and the config overrides that make it; `alpha` (None:
     the base config's) is named in the run and set."""
-    if alpha is None:
-        return {
-            "name": f"rank={rank},targets={targets},seed={seed}",
-            "method": "lora", "rank": rank, "targets": targets, "seed": seed,
-            "overrides": {"method.lora.rank": rank, **target_overrides(targets, gpt2, llama),
-                          "seed": seed},
-        }
+    own_alpha = {} if alpha is None else {"alpha": alpha}
     return {
-        "name": f"rank={rank},alpha={alpha:g},targets={targets},seed={seed}",
-        "method": "lora", "rank": rank, "alpha": alpha, "targets": targets, "seed": seed,
-        "overrides": {"method.lora.rank": rank, "method.lora.alpha": alpha,
+        "name": f"rank={rank},{'' if alpha is None else f'alpha={alpha:g},'}targets={targets},"
+                f"seed={seed}",
+        "method": "lora", "rank": rank, **own_alpha, "targets": targets, "seed": seed,
+        "overrides": {"method.lora.rank": rank,
+                      **{f"method.lora.{k}": v for k, v in own_alpha.items()},
                       **target_overrides(targets, gpt2, llama), "seed": seed},
     }
 
