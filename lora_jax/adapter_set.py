@@ -173,8 +173,7 @@ class AdapterSet:
 
     def weighted(self, names: Sequence[str], weights: Sequence[float], new_name: str,
                  combination: str = "svd", svd_rank: int | None = None,
-                 density: float | None = None,
-                 majority_sign_method: merging.SignMethod = "total",
+                 density: float | None = None, majority_sign_method: merging.SignMethod = "total",
                  key: jax.Array | None = None) -> "AdapterSet":
         """This set plus a new adapter `new_name` combining the named adapters' updates
         s_i B_i A_i with weights w_i, as PEFT's `add_weighted_adapter`:
@@ -190,57 +189,35 @@ class AdapterSet:
             variants, which merge the factors instead (the A_i with weights sign(w_i) sqrt(|w_i
             s_i|), the B_i with sqrt(|w_i s_i|)); they need adapters of one rank, and are not
             the papers' merges of updates (B A of merged factors is not the merged B A).
-        `density` (the fraction each task tensor keeps) is for the pruning merges,
-        `majority_sign_method` ('total' or 'frequency') for TIES' sign election, `key` draws
-        DARE's masks: one per task tensor, from fold_in(key, module number), then of 0 (A), 1
-        (B) or 2 (dW), then of the adapter's number among those adapting the module.
+        `density`: the fraction each task tensor keeps; `majority_sign_method`: 'total' or
+        'frequency', TIES' sign election; `key`: DARE's masks, folded with the module's number,
+        0 (A), 1 (B) or 2 (dW), then the adapter's number among those adapting the module.
 
-        The new adapter's alpha equals its rank (scale 1), as PEFT sets it. It keeps the one
-        trained head among the named adapters; if more than one trains heads they could not be
-        combined, and PEFT refuses that too.
+        The new adapter's alpha is its rank (scale 1), as PEFT sets it. It keeps the one trained
+        head among the named adapters (PEFT too refuses to combine heads of several).
 
         Raises:
-          ValueError: an unknown combination, weights of another length, a new name in use,
-            heads trained by several of the adapters, adapters on split outputs, a factor-wise
-            merge of adapters of different ranks, a pruning merge without density, DARE
-            without a key.
+          ValueError: an unknown combination or bad settings, weights of another length, a new
+            name in use, heads trained by several adapters, split outputs, a factor-wise merge
+            of several ranks.
         """
-        factorwise = ("linear",) + merging.DENSITY_METHODS
-        on_updates = ("svd",) + tuple(f"{m}_svd" for m in merging.DENSITY_METHODS)
-        if combination not in ("cat",) + on_updates + factorwise:
-            raise ValueError(f"combination must be one of {('cat',) + on_updates + factorwise},"
-                             f" got {combination!r}")
         if len(weights) != len(names):
             raise ValueError(f"{len(weights)} weights for {len(names)} adapters")
         if new_name in self.names:
             raise ValueError(f"an adapter {new_name!r} exists")
-        method = combination.removesuffix("_svd") if combination != "svd" else "linear"
-        if method in merging.DENSITY_METHODS:
-            merging.check_density(density)
-        if method.startswith("dare") and key is None:
-            raise ValueError(f"{combination} drops entries at random: give key")
+        method, factorwise = _merge_method(combination, density, key)
         chosen = [self.index(n) for n in names]
         with_heads = [self.names[i] for i in chosen if self.trainables[i].get("params")]
         if len(with_heads) > 1:
             raise ValueError(f"adapters {with_heads} each train heads in full: heads cannot be "
                              "combined (PEFT refuses the same)")
-        ranks = {}
-        for i in chosen:
-            for module, ab in lora.adapter_modules(self.trainables[i]).items():
-                if ab[lora.LORA_A].ndim != 2:
-                    raise ValueError(f"{join(module)} is adapted in split output parts: weighted "
-                                     "combinations take adapters of whole kernels")
-                ranks.setdefault(module, []).append(i)
-        own_rank = [max(ab[lora.LORA_A].shape[0] for ab in
-                        lora.adapter_modules(self.trainables[i]).values()) for i in chosen]
-        if combination in factorwise and len(set(own_rank)) > 1:
+        ranks, own_rank = _adapting(self.trainables, chosen)
+        if factorwise and len(set(own_rank)) > 1:
             raise ValueError(f"{combination} merges the adapters' factors, which needs one rank; "
-                             f"these have ranks {own_rank}: use {combination}_svd (or 'cat')"
-                             if combination != "linear" else
-                             f"linear merges the adapters' factors, which needs one rank; these "
-                             f"have ranks {own_rank}: use 'svd' (or 'cat')")
+                             f"these have ranks {own_rank}: use "
+                             f"{'svd' if combination == 'linear' else combination + '_svd'}")
         rank = (sum(own_rank) if combination == "cat" else own_rank[0]
-                if combination in factorwise else (svd_rank or max(own_rank)))
+                if factorwise else (svd_rank or max(own_rank)))
         adapters = {}
         for number, (module, members) in enumerate(ranks.items()):
             kernel = join(module + ("kernel",))
@@ -254,27 +231,8 @@ class AdapterSet:
             keys = (None if key is None else
                     [jax.random.fold_in(jax.random.fold_in(key, number), part)
                      for part in range(3)])
-
-            def merge(tensors, part_weights, part):
-                return merging.combine(method, tensors, part_weights, density=density,
-                                       majority_sign_method=majority_sign_method,
-                                       key=None if keys is None else keys[part])
-
-            if combination == "cat":
-                a = np.concatenate([w * s * a for w, s, a, _ in terms])
-                b = np.concatenate([b for *_, b in terms], axis=1)
-                a = np.pad(a, [(0, rank - a.shape[0]), (0, 0)])
-                b = np.pad(b, [(0, 0), (0, rank - b.shape[1])])
-            elif combination in factorwise:
-                roots = [np.sqrt(abs(w * s)) for w, s, _, _ in terms]
-                signs = [1.0 if w * s >= 0 else -1.0 for w, s, _, _ in terms]
-                a = merge([a for *_, a, _ in terms], [r * g for r, g in zip(roots, signs)], 0)
-                b = merge([b for *_, b in terms], roots, 1)
-            else:
-                delta = merge([s * (b @ a) for _, s, a, b in terms],
-                              [w for w, *_ in terms], 2)  # [d_out, d_in]
-                u, sv, vh = np.linalg.svd(delta, full_matrices=False)
-                b, a = u[:, :rank] * sv[:rank], vh[:rank]
+            a, b = _combined_factors(combination, method, terms, rank, keys, density,
+                                     majority_sign_method)
             adapters[module + (lora.LORA_A,)] = jnp.asarray(a)
             adapters[module + (lora.LORA_B,)] = jnp.asarray(b)
         targets = tuple(dict.fromkeys(
@@ -458,3 +416,63 @@ def _mixed_eval_step(adapters: AdapterSet, apply_fn: Callable, kind: str) -> Cal
 
         adapters._eval_steps[key] = (apply_fn, run)  # apply_fn kept: its id stays its own
     return adapters._eval_steps[key][1]
+
+
+def _combined_factors(combination: str, method: str, terms: list, rank: int,
+                      keys: list | None, density: float | None,
+                      majority_sign_method: merging.SignMethod) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) of one module of `AdapterSet.weighted`'s new adapter; `terms`: (w_i, s_i, A_i,
+    B_i) of the adapters adapting it, `keys`: DARE's keys for A, B and dW (None: no DARE)."""
+
+    def merge(tensors, part_weights, part):
+        return merging.combine(method, tensors, part_weights, density=density,
+                               majority_sign_method=majority_sign_method,
+                               key=None if keys is None else keys[part])
+
+    if combination == "cat":
+        a = np.concatenate([w * s * a for w, s, a, _ in terms])
+        b = np.concatenate([b for *_, b in terms], axis=1)
+        return (np.pad(a, [(0, rank - a.shape[0]), (0, 0)]),
+                np.pad(b, [(0, 0), (0, rank - b.shape[1])]))
+    if not combination.endswith("svd"):  # PEFT's factor-wise merges
+        roots = [np.sqrt(abs(w * s)) for w, s, _, _ in terms]
+        signs = [1.0 if w * s >= 0 else -1.0 for w, s, _, _ in terms]
+        return (merge([a for *_, a, _ in terms], [r * g for r, g in zip(roots, signs)], 0),
+                merge([b for *_, b in terms], roots, 1))
+    delta = merge([s * (b @ a) for _, s, a, b in terms], [w for w, *_ in terms], 2)
+    u, sv, vh = np.linalg.svd(delta, full_matrices=False)  # delta: [d_out, d_in]
+    return vh[:rank], u[:, :rank] * sv[:rank]
+
+
+def _merge_method(combination: str, density: float | None,
+                  key: jax.Array | None) -> tuple[str, bool]:
+    """(the `merging` method a combination of `AdapterSet.weighted` applies, whether it merges
+    factors), its settings checked."""
+    factorwise = ("linear",) + merging.DENSITY_METHODS
+    known = ("cat", "svd") + tuple(f"{m}_svd" for m in merging.DENSITY_METHODS) + factorwise
+    if combination not in known:
+        raise ValueError(f"combination must be one of {known}, got {combination!r}")
+    method = combination.removesuffix("_svd") if combination != "svd" else "linear"
+    if method in merging.DENSITY_METHODS:
+        merging.check_density(density)
+    if method.startswith("dare") and key is None:
+        raise ValueError(f"{combination} drops entries at random: give key")
+    return method, combination in factorwise
+
+
+def _adapting(trainables: Sequence[dict], chosen: Sequence[int]) -> tuple[dict, list[int]]:
+    """({module: the chosen adapters adapting it}, each chosen adapter's largest rank).
+
+    Raises:
+      ValueError: an adapter on split outputs (weighted combinations take whole kernels).
+    """
+    ranks: dict = {}
+    for i in chosen:
+        for module, ab in lora.adapter_modules(trainables[i]).items():
+            if ab[lora.LORA_A].ndim != 2:
+                raise ValueError(f"{join(module)} is adapted in split output parts: weighted "
+                                 "combinations take adapters of whole kernels")
+            ranks.setdefault(module, []).append(i)
+    own_rank = [max(ab[lora.LORA_A].shape[0] for ab in
+                    lora.adapter_modules(trainables[i]).values()) for i in chosen]
+    return ranks, own_rank

@@ -20,7 +20,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lora_jax"
 
 # Bottom to top. A module may import its own layer and those below it.
 LAYERS = [
-    ("foundation", ["errors", "json_files", "config_rules", "losses", "quant"]),
+    ("foundation", ["errors", "json_files", "config_rules", "losses", "quant", "merging"]),
     ("models", ["models"]),
     ("interop", ["interop"]),  # other libraries' files: HF checkpoints, PEFT adapter directories
     ("methods", ["methods", "exports"]),  # each method's PEFT mapping builds on interop
