@@ -38,7 +38,8 @@ TOP_K = 10  # the paper's k: the tuned matrix's top singular vectors examined
 EPSILON = 0.5  # the paper's threshold on the largest |cos| with any of W0's singular vectors
 # The projections inside the blocks of every family (Llama's q, k, v, o, gate, up, down; GPT-2's
 # c_attn, c_proj, c_fc; BERT's query .. output): where LoRA and full fine-tuning both act.
-BLOCK_KERNELS = r"(layers|h|layer)_\d+/.*/kernel$"
+BLOCK = r"(?:layers|h|layer)_(\d+)"  # a block's module: Llama's, GPT-2's, BERT's
+BLOCK_KERNELS = BLOCK + r"/.*/kernel$"
 
 
 def _left_singular_vectors(m: np.ndarray) -> np.ndarray:
@@ -133,7 +134,7 @@ def per_layer(counts: Mapping[str, int]) -> dict[int, int]:
     """
     layers: dict[int, int] = {}
     for name, count in counts.items():
-        match = re.search(r"(?:layers|h|layer)_(\d+)(?:/|$)", name)
+        match = re.search(BLOCK + r"(?:/|$)", name)
         if match is None:
             raise ValueError(f"{name!r} names no block (layers_<i>, h_<i> or layer_<i>)")
         layers[int(match.group(1))] = layers.get(int(match.group(1)), 0) + count
