@@ -235,6 +235,11 @@ def markdown_table(rows: Sequence[dict], fields: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def higher_is_better(metric: str) -> bool:
+    """A main metric's direction, as the trainer's: a language model's loss falls, GLUE's rise."""
+    return metric != "loss"
+
+
 def with_alpha(fields: Sequence[str], rows: Sequence[dict]) -> tuple[str, ...]:
     """`fields` with 'alpha' after 'rank' when the rows name one (the grid study)."""
     if not any("alpha" in r for r in rows):
@@ -253,7 +258,7 @@ def write_tables(records: Sequence[dict], out: pathlib.Path, title: str) -> None
     metric = records[0]["metric"] if records else "metric"
     best = ""
     if any("alpha" in r for r in summary):
-        top = max(summary, key=lambda r: r["median"])
+        top = (max if higher_is_better(metric) else min)(summary, key=lambda r: r["median"])
         best = (f"Best setting: r={top['rank']}, alpha={top['alpha']:g} (alpha/r "
                 f"{top['alpha'] / top['rank']:g}), median {metric} {top['median']:.4f}.\n\n")
     (out / "results.md").write_text(
@@ -351,7 +356,8 @@ def plot_grid(summary: Sequence[dict], metric: str, path: pathlib.Path, title: s
         if np.isfinite(grid[i, j]):
             heat.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=8,
                       color="white" if grid[i, j] < np.nanmean(grid) else "black")
-    i, j = np.unravel_index(np.nanargmax(grid), grid.shape)
+    i, j = np.unravel_index((np.nanargmax if higher_is_better(metric) else np.nanargmin)(grid),
+                            grid.shape)
     heat.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
     heat.set_title(f"{metric} (median over seeds); best r={ranks[i]}, alpha={alphas[j]:g}")
     fig.colorbar(image, ax=heat)

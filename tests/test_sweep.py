@@ -433,6 +433,10 @@ def test_grid_summary_keeps_alpha_apart_and_names_the_best_setting(tmp_path):
     assert "| rank | alpha |" in text
     with open(tmp_path / "results.csv") as f:
         assert [row["alpha"] for row in csv.DictReader(f)] == ["16.0", "128.0", "16.0", "128.0"]
+    # A loss (the decoder's dev metric) is best where it is lowest.
+    losses = [dict(r, metric="loss") for r in records]
+    sweep.write_tables(losses, tmp_path, "LoRA grid study on e2e")
+    assert "Best setting: r=4, alpha=16 (alpha/r 4)" in (tmp_path / "results.md").read_text()
     sweep.plot("grid", summary, "accuracy", tmp_path / "grid.png", title="sst2")
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
