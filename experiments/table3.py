@@ -43,8 +43,19 @@ PAUSE = "PAUSE"  # touch OUT/PAUSE: the next phase waits until it is removed
 
 
 def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark (Linux reports kibibytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's resident-set high-water mark, in bytes.
+
+    Read from /proc/self/status (VmHWM: this address space's own mark) where Linux has it:
+    getrusage's ru_maxrss carries the parent's mark across fork and exec, so a phase started by
+    a large process (a test worker) would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kibibytes on Linux
 
 
 def cpu_s() -> float:

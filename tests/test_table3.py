@@ -147,9 +147,9 @@ def test_a_pause_file_holds_the_next_phase(tmp_path, monkeypatch):
 
 
 def test_the_memory_and_cpu_columns_measure_this_process():
-    """Known answers for the peak-memory and CPU-time columns, in a fresh process: touching a
-    1 GiB array raises the resident high-water mark by about that much, and a busy loop of
-    0.3 CPU seconds adds that much CPU time."""
+    """Known answers for the peak-memory and CPU-time columns, in a fresh process started by a
+    larger one: touching a 1 GiB array raises the resident high-water mark by about that much
+    (not the parent's 2 GiB), and a busy loop of 0.3 CPU seconds adds that much CPU time."""
     import subprocess
     import sys
 
@@ -167,7 +167,16 @@ while table3.cpu_s() - start < 0.3:
     x += 1
 print(grown / 2**20, table3.cpu_s() - start)
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+    # Started by a parent larger than the 1 GiB (a test worker or the driver can be): the
+    # column must not report the parent's high-water mark, which Linux's ru_maxrss carries over.
+    parent = f"""
+import subprocess, sys
+import numpy as np
+held = np.ones(2 * 2**30 // 8)
+print(subprocess.run([sys.executable, "-c", {code!r}], capture_output=True, text=True,
+                     check=True).stdout)
+"""
+    out = subprocess.run([sys.executable, "-c", parent], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout.split()
     grown_mib, cpu = float(out[0]), float(out[1])
     assert 1020 <= grown_mib <= 1100, grown_mib
