@@ -45,6 +45,8 @@ LARGE = {
 #   dora       Liu et al. 2024 use LoRA's ranks and learning rates: on RoBERTa-base LoRA's
 #              294,912 plus 18,432 magnitudes.
 #   pissa      Meng et al. 2024 set alpha = r (scale 1); LoRA's lr; LoRA's 294,912.
+#   olora      Büyükakyüz 2024 (QR start): LoRA's setting; LoRA's 294,912.
+#   milora     Wang et al. 2024 (minor singular start): LoRA's setting; LoRA's 294,912.
 #   lora_plus  Hayou et al. 2024's ratio eta_B / eta_A = 2^4; LoRA's lr as eta_A.
 #   vera       Kopiczko et al. 2024, Table 8 (RoBERTa-base, SST-2): r=1024 on Wq, Wv,
 #              d_initial 0.1, lr 4e-3 (they give the head the same lr): 43,008 vectors on
@@ -58,6 +60,8 @@ METHODS = {
     "adapter_d": method_overrides("adapter_d", 3e-4, bottleneck=16, drop_lowest=1),
     "dora": method_overrides("dora"),
     "pissa": method_overrides("pissa"),  # alpha = r: set in get_config
+    "olora": method_overrides("olora"),
+    "milora": method_overrides("milora"),
     "lora_plus": method_overrides("lora_plus", lr_ratio=16.0),
     "vera": method_overrides("vera", 4e-3, rank=1024, d_initial=0.1),
 }

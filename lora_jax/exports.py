@@ -168,6 +168,7 @@ def load(directory: str | os.PathLike, params: dict, family: Any, task: str | No
     if config is not None:
         peft_type = config.get("peft_type")
         readers = [c for c in peft_codecs().get(peft_type, []) if c.claims(config)]
+        readers = [c for c in readers if not c.fallback] or readers
         if not readers:
             raise ValueError(f"{directory} holds a {peft_type!r} adapter; here only peft_type "
                              f"{' or '.join(map(repr, peft_codecs()))} can be loaded")

@@ -58,7 +58,7 @@ def tiny_section(model_type: str, *use, **settings):
     return c
 
 
-LORA_LIKE = ("lora", "dora", "pissa", "lora_plus")  # LoRA's config section, LoRA's targets
+LORA_LIKE = ("lora", "dora", "pissa", "olora", "milora", "lora_plus")  # LoRA's config section, LoRA's targets
 
 
 def trained_count(model_type, params, method_section) -> int:
@@ -143,7 +143,7 @@ def tiny(request):
 # Every method whose adapted model equals the base at step 0 (PreEmbed and PreLayer add tokens:
 # tests/test_prefix.py).
 ALL = ("lora", "full", "top_layers", "bitfit", "adapter_h", "adapter_l", "adapter_p", "adapter_d",
-       "dora", "pissa", "lora_plus", "vera", "adalora")
+       "dora", "pissa", "olora", "milora", "lora_plus", "vera", "adalora")
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -266,8 +266,8 @@ def test_every_composable_pair_merges_into_the_function_it_trains(tiny_bert, fir
     np.testing.assert_allclose(merged, adapted, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["adapter_h", "bitfit", "lora", "dora", "pissa", "vera",
-                                  "adalora"])
+@pytest.mark.parametrize("name", ["adapter_h", "bitfit", "lora", "dora", "pissa", "olora",
+                                  "milora", "vera", "adalora"])
 def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
     model_type, model, params = tiny
     task = "classification" if model_type == "bert" else None
@@ -281,7 +281,7 @@ def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
         tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     exports.save(tmp_path / "out", stack, c, trainable, model_type=model_type, task=task,
                  frozen=frozen)
-    peft_format = name in ("lora", "dora", "pissa", "vera", "adalora")
+    peft_format = name in ("lora", "dora", "pissa", "olora", "milora", "vera", "adalora")
     assert (tmp_path / "out" / ("adapter_config.json" if peft_format
                                 else exports.CONFIG_NAME)).is_file()
     loaded_stack, loaded = exports.load(tmp_path / "out", params, fam, task)

@@ -16,8 +16,8 @@ from typing import Any
 
 import ml_collections
 
-from lora_jax.methods import (adalora, adapters, dora, full, loftq, lora, lora_plus, pissa,
-                              prefix, vera)
+from lora_jax.methods import (adalora, adapters, dora, full, loftq, lora, lora_plus, milora,
+                              olora, pissa, prefix, vera)
 from lora_jax.methods.base import (Method, MethodStack, NotMergeable, Registration, combine,
                                    count_params)
 
@@ -25,6 +25,8 @@ METHODS: dict[str, Registration] = {
     "lora": lora.REGISTRATION,
     "dora": dora.REGISTRATION,
     "pissa": pissa.REGISTRATION,
+    "olora": olora.REGISTRATION,
+    "milora": milora.REGISTRATION,
     "loftq": loftq.REGISTRATION,
     "lora_plus": lora_plus.REGISTRATION,
     "vera": vera.REGISTRATION,

@@ -467,10 +467,13 @@ class PeftCodec:
     Class attributes:
       peft_types: the `peft_type`s of adapter_config.json it reads ('LORA', 'VERA', ...).
       needs_frozen: `save` needs the stack's frozen tree (base norms, buffers).
+      fallback: it reads what it claims only where no other codec of the type claims it (LoRA's
+        reads every LoRA config; a start of PiSSA's kind claims its own among them).
     """
 
     peft_types: ClassVar[tuple[str, ...]] = ()
     needs_frozen: ClassVar[bool] = False
+    fallback: ClassVar[bool] = False
 
     def claims(self, config: Mapping[str, Any]) -> bool:
         """Whether it reads an adapter config of one of its `peft_types` (several methods may

@@ -152,6 +152,7 @@ class DoraPeft(lora_peft.LoraPeft):
     """DoRA as PEFT keeps it: a LoRA adapter with `use_dora` and each module's magnitude."""
 
     needs_frozen = True  # the base norms of split outputs' un-adapted parts
+    fallback = False
 
     def claims(self, config: dict) -> bool:
         return bool(config.get("use_dora"))

@@ -296,15 +296,17 @@ def _olora_as_lora(adapters: dict, ranks: dict, alphas: dict, flat: dict, model_
 
 
 def read_lora(directory: pathlib.Path, params: dict, model_type: str, task: str | None,
-              magnitude: str | None = None) -> tuple[dict, lora.LoraSpec, dict, dict]:
+              magnitude: str | None = None,
+              convert_olora: bool = True) -> tuple[dict, lora.LoraSpec, dict, dict]:
     """(config, spec, adapters {module: {'lora_a', 'lora_b'}}, leaves trained in full) of a PEFT
     LoRA directory, float32. `magnitude`: the leaf to hold DoRA's magnitudes (`use_dora`
     allowed); None refuses them.
 
     Its `init_lora_weights` is checked (`checked_init`). An OLoRA adapter, trained against the
     base PEFT moved at its start, comes back as PEFT's conversion of it: a LoRA of rank 2r on
-    `params` itself giving the same function (`_olora_as_lora`); a PiSSA adapter as it is in the
-    file (`methods.pissa` re-derives its base).
+    `params` itself giving the same function (`_olora_as_lora`), unless `convert_olora` is False
+    (`methods.olora` reads it as it is in the file and re-derives its base, as `methods.pissa`
+    does a PiSSA adapter).
     """
     root = pa.hf_root(model_type, task)
     config, tensors = pa.read_adapter(directory, allowed=("use_dora",) if magnitude else ())
@@ -319,7 +321,7 @@ def read_lora(directory: pathlib.Path, params: dict, model_type: str, task: str 
         lora.check_adapters(spec, params, traverse_util.unflatten_dict(adapters))
     except ValueError as error:
         raise ValueError(f"PEFT adapter {directory} does not fit these params: {error}") from None
-    if init == "olora":
+    if init == "olora" and convert_olora:
         adapters, ranks, alphas = _olora_as_lora(adapters, ranks, alphas, flat, model_type,
                                                  spec.rslora)
         spec = _spec(config, ranks, alphas, owners)
@@ -376,6 +378,7 @@ class LoraPeft(PeftCodec):
     """LoRA (and LoRA+) as a PEFT LoRA adapter, biases frozen; DoRA and PiSSA refine it."""
 
     peft_types = ("LORA",)
+    fallback = True  # a LoRA config another codec claims (OLoRA's start) is that codec's
 
     def claims(self, config: dict) -> bool:
         return not config.get("use_dora") and not init_weights(config).startswith("pissa")

@@ -58,6 +58,11 @@ class PiSSA(lora.LoRA):
     name = "pissa"
     mergeable = True
 
+    def factors(self, kernel: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
+        """(A0, B0) of one (d_in, d_out) kernel: its principal part (`principal_factors`).
+        Starts of the same kind (OLoRA, MiLoRA) subclass PiSSA and override this alone."""
+        return principal_factors(kernel, rank, scale)
+
     def init(self, params: Params, key: jax.Array) -> dict:
         flat = traverse_util.flatten_dict(params)
         adapters = {}
@@ -69,7 +74,7 @@ class PiSSA(lora.LoRA):
             rank, parts = a_shape[-2], self.spec.parts_for(path)
             scale = self.spec.scale(path, rank)
             columns = jnp.split(kernel, len(parts), axis=1)
-            factors = [principal_factors(columns[p], rank, scale)
+            factors = [self.factors(columns[p], rank, scale)
                        for p, _ in lora.adapted_slots(parts)]
             module = tuple(path.split("/")[:-1])
             if len(parts) == 1:
@@ -91,8 +96,8 @@ class PiSSA(lora.LoRA):
                    if m + ("kernel",) not in flat]
         if trained:
             raise SettingError("targets", f"{', '.join(trained)} are trained in full (by "
-                               "method.also_train or another method), but PiSSA's residual "
-                               "base needs them frozen")
+                               f"method.also_train or another method), but {self.name}'s "
+                               "residual base needs them frozen")
         return lora.fold_adapters(self.spec, params, buffers["initial"], -1.0)
 
     def buffers(self, params: Params) -> dict:
@@ -101,7 +106,7 @@ class PiSSA(lora.LoRA):
         return {"initial": self.init(params, jax.random.key(0))}  # the key is unused
 
     def describe(self) -> str:
-        return "pissa" + super().describe().removeprefix("lora")
+        return self.name + super().describe().removeprefix("lora")
 
 
 def as_lora(spec: lora.LoraSpec, initial: Params, adapters: Params) -> tuple[lora.LoraSpec, dict]:
@@ -138,15 +143,10 @@ def _defaults() -> ml_collections.ConfigDict:
     return c
 
 
-def _build(c: Any, family: Any) -> PiSSA:
-    # The SVD sets A and B, so the section has no `init`; the spec's is never used.
-    return PiSSA(lora.spec_from_config(c, init="kaiming"), bias=c.bias)
-
-
 def _related(c: Any) -> list[str]:
     """What `as_lora` would refuse when the trained run is exported, said before it starts."""
     if c.rslora and (c.rank_pattern or c.alpha_pattern):
-        return ["rslora = True: PiSSA is exported as a rank-2r LoRA, whose scale under rslora "
+        return ["rslora = True: the run is exported as a rank-2r LoRA, whose scale under rslora "
                 "cannot follow rank_pattern or alpha_pattern; set rslora False or clear them"]
     return []
 
@@ -154,12 +154,18 @@ def _related(c: Any) -> list[str]:
 class PissaPeft(lora_peft.LoraPeft):
     """PiSSA in PEFT's LoRA format: saved converted (`as_lora`), so the export is a plain LoRA on
     the original base; read from an adapter saved unconverted (init_lora_weights 'pissa'), its
-    residual base re-derived from the params by `MethodStack.frozen`."""
+    residual base re-derived from the params by `MethodStack.frozen`. A start of the same kind
+    subclasses it with its own `method_type` and `init_name` (None: PEFT has no such start, so
+    no file is read as it)."""
 
     needs_frozen = True  # the initial adapters, for the conversion
+    fallback = False
+    method_type: type[PiSSA] = PiSSA
+    init_name: str | None = "pissa"
 
     def claims(self, config: dict) -> bool:
-        return lora_peft.init_weights(config).startswith("pissa") and not config.get("use_dora")
+        return (self.init_name is not None and not config.get("use_dora")
+                and lora_peft.init_weights(config).startswith(self.init_name))
 
     def save(self, directory: pathlib.Path, method: Method, trainable: Params,
              frozen: Params | None, **info: Any) -> pathlib.Path:
@@ -172,12 +178,23 @@ class PissaPeft(lora_peft.LoraPeft):
              task: str | None) -> tuple[Method, dict]:
         """(`read_lora` refuses PEFT's randomised SVD, 'pissa_niter_k', whose residual cannot
         be re-derived here.)"""
-        _, spec, adapters, full = lora_peft.read_lora(directory, params, family.model_type, task)
-        method = PiSSA(spec)
+        _, spec, adapters, full = lora_peft.read_lora(directory, params, family.model_type, task,
+                                                      convert_olora=False)
+        method = self.method_type(spec)
         return method, {"params": full, method.name: adapters}
 
 
+def registration(codec: PissaPeft) -> Registration:
+    """The registry entry of PiSSA or a start of its kind (`codec.method_type`): LoRA's section
+    without `init` (the start sets A and B), trained against a residual base."""
+
+    def build(c: Any, family: Any) -> PiSSA:
+        return codec.method_type(lora.spec_from_config(c, init="kaiming"), bias=c.bias)
+
+    return Registration(
+        _defaults, {k: v for k, v in lora.REGISTRATION.rules.items() if k != "init"}, build,
+        peft=lambda: codec, extends=lora.LoRA.name, kernels=RESIDUAL, related=_related)
+
+
 PEFT = PissaPeft()
-REGISTRATION = Registration(
-    _defaults, {k: v for k, v in lora.REGISTRATION.rules.items() if k != "init"}, _build,
-    peft=lambda: PEFT, extends=lora.LoRA.name, kernels=RESIDUAL, related=_related)
+REGISTRATION = registration(PEFT)
