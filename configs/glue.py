@@ -47,6 +47,7 @@ LARGE = {
 #   pissa      Meng et al. 2024 set alpha = r (scale 1); LoRA's lr; LoRA's 294,912.
 #   olora      Büyükakyüz 2024 (QR start): LoRA's setting; LoRA's 294,912.
 #   milora     Wang et al. 2024 (minor singular start): LoRA's setting; LoRA's 294,912.
+#   lora_fa    Zhang et al. (A frozen, B's gradient corrected): LoRA's setting; B alone, 147,456.
 #   lora_plus  Hayou et al. 2024's ratio eta_B / eta_A = 2^4; LoRA's lr as eta_A.
 #   vera       Kopiczko et al. 2024, Table 8 (RoBERTa-base, SST-2): r=1024 on Wq, Wv,
 #              d_initial 0.1, lr 4e-3 (they give the head the same lr): 43,008 vectors on
@@ -62,6 +63,7 @@ METHODS = {
     "pissa": method_overrides("pissa"),  # alpha = r: set in get_config
     "olora": method_overrides("olora"),
     "milora": method_overrides("milora"),
+    "lora_fa": method_overrides("lora_fa"),
     "lora_plus": method_overrides("lora_plus", lr_ratio=16.0),
     "vera": method_overrides("vera", 4e-3, rank=1024, d_initial=0.1),
 }

@@ -69,3 +69,31 @@ def save_tiny_roberta(directory):
     torch.manual_seed(0)
     transformers.RobertaForSequenceClassification(config).save_pretrained(directory)
     return config
+
+
+def transformers_adamw(lr: float = LR, b1: float = 0.9, b2: float = 0.999,
+                       eps: float = 1e-6) -> "optax.GradientTransformation":
+    """transformers' AdamW form without weight decay, which PEFT's LoRA-FA optimizer takes: eps
+    is added to the square root of the uncorrected second moment, and the step size carries
+    both bias corrections (optax adds eps to the corrected one, which differs where a gradient
+    is near eps)."""
+    import jax.numpy as jnp
+    import optax
+
+    def init(params):
+        def zeros():  # two trees of their own: the train step donates the state's buffers
+            return jax.tree_util.tree_map(jnp.zeros_like, params)
+
+        return (jnp.zeros([], jnp.int32), zeros(), zeros())
+
+    def update(grads, state, params=None):
+        count, mu, nu = state
+        count = count + 1
+        mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, mu, grads)
+        nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, nu, grads)
+        t = count.astype(jnp.float32)
+        step = lr * jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        updates = jax.tree_util.tree_map(lambda m, v: -step * m / (jnp.sqrt(v) + eps), mu, nu)
+        return updates, (count, mu, nu)
+
+    return optax.GradientTransformation(init, update)

@@ -16,8 +16,8 @@ from typing import Any
 
 import ml_collections
 
-from lora_jax.methods import (adalora, adapters, dora, full, loftq, lora, lora_plus, milora,
-                              olora, pissa, prefix, vera)
+from lora_jax.methods import (adalora, adapters, dora, full, loftq, lora, lora_fa, lora_plus,
+                              milora, olora, pissa, prefix, vera)
 from lora_jax.methods.base import (Method, MethodStack, NotMergeable, Registration, combine,
                                    count_params)
 
@@ -29,6 +29,7 @@ METHODS: dict[str, Registration] = {
     "milora": milora.REGISTRATION,
     "loftq": loftq.REGISTRATION,
     "lora_plus": lora_plus.REGISTRATION,
+    "lora_fa": lora_fa.REGISTRATION,
     "vera": vera.REGISTRATION,
     "adalora": adalora.REGISTRATION,
     "full": full.FULL,
