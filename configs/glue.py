@@ -48,6 +48,10 @@ LARGE = {
 #   olora      Büyükakyüz 2024 (QR start): LoRA's setting; LoRA's 294,912.
 #   milora     Wang et al. 2024 (minor singular start): LoRA's setting; LoRA's 294,912.
 #   lora_fa    Zhang et al. (A frozen, B's gradient corrected): LoRA's setting; B alone, 147,456.
+#   loha       LyCORIS's Hadamard product on Wq, Wv at r=4, 2r (d_in + d_out) per matrix: LoRA's
+#              294,912; PEFT's default alpha 8; LoRA's lr.
+#   lokr       LyCORIS's Kronecker product on Wq, Wv (768 = 24 x 32; W1 24 x 24 whole, W2 a rank-8
+#              product): 26,112; PEFT's default r = alpha = 8; LoRA's lr.
 #   lora_plus  Hayou et al. 2024's ratio eta_B / eta_A = 2^4; LoRA's lr as eta_A.
 #   vera       Kopiczko et al. 2024, Table 8 (RoBERTa-base, SST-2): r=1024 on Wq, Wv,
 #              d_initial 0.1, lr 4e-3 (they give the head the same lr): 43,008 vectors on
@@ -64,6 +68,8 @@ METHODS = {
     "olora": method_overrides("olora"),
     "milora": method_overrides("milora"),
     "lora_fa": method_overrides("lora_fa"),
+    "loha": method_overrides("loha", rank=4),
+    "lokr": method_overrides("lokr"),
     "lora_plus": method_overrides("lora_plus", lr_ratio=16.0),
     "vera": method_overrides("vera", 4e-3, rank=1024, d_initial=0.1),
 }

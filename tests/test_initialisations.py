@@ -170,10 +170,10 @@ def test_a_rank_over_a_kernels_components_is_refused(tmp_path, method_type):
         stack.split(case.params, jax.random.key(0))
 
 
-@pytest.mark.parametrize("method", ["olora", "milora", "lora_fa"])
+@pytest.mark.parametrize("method", ["olora", "milora", "lora_fa", "loha", "lokr"])
 def test_each_variant_trains_and_exports_from_the_command_line(tmp_path, method):
-    """configs/glue.py's entry for the method (these starts, and LoRA-FA: tests/test_lora_fa.py),
-    through the trainer's command line, to a PEFT export."""
+    """configs/glue.py's entry for the method (these starts, LoRA-FA: tests/test_lora_fa.py, LoHa
+    and LoKr: tests/test_lycoris.py), through the trainer's command line, to a PEFT export."""
     import subprocess
     import sys
 

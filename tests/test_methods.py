@@ -55,6 +55,8 @@ def tiny_section(model_type: str, *use, **settings):
         c[name].targets, c[name].split_outputs = fam.lora_targets, dict(fam.lora_split_outputs)
     c.vera.targets, c.vera.rank = fam.lora_targets, 4  # fused outputs adapted whole
     c.adalora.targets, c.adalora.init_rank, c.adalora.target_rank = fam.lora_targets, 4, 2
+    for name in ("loha", "lokr"):  # fused outputs adapted whole, as PEFT's
+        c[name].targets, c[name].rank = fam.lora_targets, 2
     return c
 
 
@@ -143,7 +145,8 @@ def tiny(request):
 # Every method whose adapted model equals the base at step 0 (PreEmbed and PreLayer add tokens:
 # tests/test_prefix.py).
 ALL = ("lora", "full", "top_layers", "bitfit", "adapter_h", "adapter_l", "adapter_p", "adapter_d",
-       "dora", "pissa", "olora", "milora", "lora_plus", "lora_fa", "vera", "adalora")
+       "dora", "pissa", "olora", "milora", "lora_plus", "lora_fa", "vera", "adalora", "loha",
+       "lokr")
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -267,7 +270,7 @@ def test_every_composable_pair_merges_into_the_function_it_trains(tiny_bert, fir
 
 
 @pytest.mark.parametrize("name", ["adapter_h", "bitfit", "lora", "dora", "pissa", "olora",
-                                  "milora", "lora_fa", "vera", "adalora"])
+                                  "milora", "lora_fa", "vera", "adalora", "loha", "lokr"])
 def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
     model_type, model, params = tiny
     task = "classification" if model_type == "bert" else None
@@ -282,7 +285,7 @@ def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
     exports.save(tmp_path / "out", stack, c, trainable, model_type=model_type, task=task,
                  frozen=frozen)
     peft_format = name in ("lora", "dora", "pissa", "olora", "milora", "lora_fa", "vera",
-                           "adalora")
+                           "adalora", "loha", "lokr")
     assert (tmp_path / "out" / ("adapter_config.json" if peft_format
                                 else exports.CONFIG_NAME)).is_file()
     loaded_stack, loaded = exports.load(tmp_path / "out", params, fam, task)
@@ -320,7 +323,8 @@ def test_loading_a_method_export_checks_every_tensor(tmp_path, tiny):
     ("glue", "pissa", 294_912 + 592_130), ("glue", "lora_plus", 294_912 + 592_130),
     ("glue", "vera", 43_008 + 592_130), ("e2e", "dora", 393_216 + 49_152),
     ("glue", "olora", 294_912 + 592_130), ("glue", "milora", 294_912 + 592_130),
-    ("glue", "lora_fa", 147_456 + 592_130),
+    ("glue", "lora_fa", 147_456 + 592_130), ("glue", "loha", 294_912 + 592_130),
+    ("glue", "lokr", 26_112 + 592_130),
     ("e2e", "lora_plus", 393_216)])
 def test_the_configs_method_settings_train_the_counts_their_comments_give(gpt2, config_file,
                                                                            method, expected):

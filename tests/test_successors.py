@@ -140,7 +140,7 @@ def _torch_kernel(case: Case, layer) -> np.ndarray:
 
 def check_against_peft(case: Case, tmp_path, peft_config, method_type, *, rename=None,
                        torch_optimizer=None, tx_of=None, merges=True, peft_base=False,
-                       after_step=None, compare=None):
+                       after_step=None, compare=None, peft_dtype=None):
     """The whole parity protocol (module docstring) for one method on one case.
 
     rename: (stack, trainable) -> (stack, trainable): turns what PEFT's file reads as into the
@@ -153,10 +153,15 @@ def check_against_peft(case: Case, tmp_path, peft_config, method_type, *, rename
     peft_base: train against PEFT's base kernels (PiSSA's residual: two SVDs agree to float32
       rounding only, `test_pissa_matches_peft` checks how closely; Adam's normalised steps would
       magnify the difference where a gradient is near zero).
+    peft_dtype: PEFT trains in this dtype (torch.float64: the exact answer to the float32 steps,
+      from the same float32 start), where two float32 runs round apart by about the tolerance
+      (LoHa: `test_lycoris`).
     """
     torch.manual_seed(1)
     peft_model = peft.get_peft_model(case.torch_model(), peft_config)
     peft_model.save_pretrained(tmp_path / "peft_initial")
+    if peft_dtype is not None:
+        peft_model.to(peft_dtype)
     stack, trainable = exports.load(tmp_path / "peft_initial", case.params, case.family, case.task)
     if rename:
         stack, trainable = rename(stack, trainable)

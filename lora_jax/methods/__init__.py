@@ -16,8 +16,8 @@ from typing import Any
 
 import ml_collections
 
-from lora_jax.methods import (adalora, adapters, dora, full, loftq, lora, lora_fa, lora_plus,
-                              milora, olora, pissa, prefix, vera)
+from lora_jax.methods import (adalora, adapters, dora, full, loftq, loha, lokr, lora, lora_fa,
+                              lora_plus, milora, olora, pissa, prefix, vera)
 from lora_jax.methods.base import (Method, MethodStack, NotMergeable, Registration, combine,
                                    count_params)
 
@@ -32,6 +32,8 @@ METHODS: dict[str, Registration] = {
     "lora_fa": lora_fa.REGISTRATION,
     "vera": vera.REGISTRATION,
     "adalora": adalora.REGISTRATION,
+    "loha": loha.REGISTRATION,
+    "lokr": lokr.REGISTRATION,
     "full": full.FULL,
     "top_layers": full.TOP_LAYERS,
     "bitfit": full.BITFIT,
