@@ -1,7 +1,9 @@
 """Shared by the PEFT parity tests: token batches, and the same AdamW steps in torch and in JAX."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import torch
 
 from lora_jax.training import optim
@@ -72,13 +74,11 @@ def save_tiny_roberta(directory):
 
 
 def transformers_adamw(lr: float = LR, b1: float = 0.9, b2: float = 0.999,
-                       eps: float = 1e-6) -> "optax.GradientTransformation":
+                       eps: float = 1e-6) -> optax.GradientTransformation:
     """transformers' AdamW form without weight decay, which PEFT's LoRA-FA optimizer takes: eps
     is added to the square root of the uncorrected second moment, and the step size carries
     both bias corrections (optax adds eps to the corrected one, which differs where a gradient
     is near eps)."""
-    import jax.numpy as jnp
-    import optax
 
     def init(params):
         def zeros():  # two trees of their own: the train step donates the state's buffers

@@ -14,14 +14,8 @@ import torch
 from lora_jax import exports, methods
 from lora_jax.methods import loha, lokr
 from lora_jax.methods.base import SettingError
-from test_initialisations import llama_case
+from test_initialisations import linear_case  # noqa: F401 (a fixture: RoBERTa, Llama)
 from test_successors import check_against_peft, gpt2_case, roberta_case
-
-
-@pytest.fixture(params=["roberta", "llama"])
-def linear_case(request, tmp_path_factory):
-    directory = tmp_path_factory.mktemp(request.param)
-    return roberta_case(directory) if request.param == "roberta" else llama_case(directory)
 
 
 def _config(case, config_type, **fields):

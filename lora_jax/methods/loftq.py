@@ -57,7 +57,7 @@ from flax import traverse_util
 
 from lora_jax import config_rules as rules
 from lora_jax.methods import lora
-from lora_jax.methods.base import RESIDUAL, Params, Registration, SettingError, join
+from lora_jax.methods.base import RESIDUAL, Params, Registration, SettingError
 from lora_jax.quant import kernels as quant
 
 Quantize = Callable[[np.ndarray], dict[str, np.ndarray]]

@@ -498,6 +498,25 @@ def peft_codec() -> PeftCodec:
     return lora_peft.PEFT
 
 
+def variant_registration(method_type: type[LoRA], fields: Mapping[str, tuple[Any, Any]],
+                         peft: Callable[[], PeftCodec] | None = None) -> Registration:
+    """The registry entry of a LoRA variant whose section is LoRA's plus `fields` (name ->
+    (default, rule)), each handed to `method_type` by name (LoRA+'s lr_ratio, LoRA-FA's
+    a_seed); saved as `peft` says (default: as LoRA)."""
+
+    def defaults() -> ml_collections.ConfigDict:
+        c = _defaults()
+        for name, (default, _) in fields.items():
+            c[name] = default
+        return c
+
+    def build(c: Any, family: Any) -> LoRA:
+        return method_type(spec_from_config(c), bias=c.bias, **{k: c[k] for k in fields})
+
+    return Registration(defaults, {**REGISTRATION.rules, **{k: r for k, (_, r) in fields.items()}},
+                        build, peft=peft or peft_codec, extends=LoRA.name, kernels=ADDS)
+
+
 REGISTRATION = Registration(
     _defaults,
     {"targets": rules.regexes, "rank": rules.integer(1), "alpha": rules.number(0, low_open=True),

@@ -29,12 +29,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import traverse_util
 
 from lora_jax import config_rules as rules
 from lora_jax.methods import lora, lora_peft
-from lora_jax.methods.base import Method, Params, Registration, modules_of
+from lora_jax.methods.base import Method, Params, modules_of
 
 FROZEN_A = "a"  # the buffers' key of the frozen A tree
 DELTA = 1e-8  # PEFT's damping of A A^T before its pseudo-inverse
@@ -130,20 +129,7 @@ class LoraFaPeft(lora_peft.LoraPeft):
                                     trainable.get("params", {}), **info)
 
 
-def _defaults() -> ml_collections.ConfigDict:
-    c = lora.REGISTRATION.defaults()
-    c.a_seed = 0
-    c.gradient_correction = True
-    return c
-
-
-def _build(c: Any, family: Any) -> LoraFA:
-    return LoraFA(lora.spec_from_config(c), bias=c.bias, a_seed=c.a_seed,
-                  gradient_correction=c.gradient_correction)
-
-
 PEFT = LoraFaPeft()
-REGISTRATION = Registration(
-    _defaults, {**lora.REGISTRATION.rules, "a_seed": rules.integer(0),
-                "gradient_correction": rules.boolean},
-    _build, peft=lambda: PEFT, extends=lora.LoRA.name, kernels=lora.REGISTRATION.kernels)
+REGISTRATION = lora.variant_registration(
+    LoraFA, {"a_seed": (0, rules.integer(0)), "gradient_correction": (True, rules.boolean)},
+    peft=lambda: PEFT)

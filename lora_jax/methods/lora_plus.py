@@ -21,7 +21,7 @@ import jax
 
 from lora_jax import config_rules as rules
 from lora_jax.methods import lora
-from lora_jax.methods.base import Params, Registration
+from lora_jax.methods.base import Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,20 +47,7 @@ class LoraPlus(lora.LoRA):
         return f"lora_plus(r={self.spec.rank}, ratio={self.lr_ratio:g})"
 
 
-def _defaults():
-    c = lora.REGISTRATION.defaults()
-    c.lr_ratio = 16.0
-    c.peft_groups = False
-    return c
-
-
-def _build(c: Any, family: Any) -> LoraPlus:
-    return LoraPlus(lora.spec_from_config(c), bias=c.bias, lr_ratio=c.lr_ratio,
-                    peft_groups=c.peft_groups)
-
-
 # Saved as LoRA (in PEFT's format): what was trained is a LoRA.
-REGISTRATION = Registration(
-    _defaults, {**lora.REGISTRATION.rules, "lr_ratio": rules.number(0, low_open=True),
-                "peft_groups": rules.boolean}, _build, peft=lora.REGISTRATION.peft,
-    extends=lora.LoRA.name, kernels=lora.REGISTRATION.kernels)
+REGISTRATION = lora.variant_registration(
+    LoraPlus, {"lr_ratio": (16.0, rules.number(0, low_open=True)),
+               "peft_groups": (False, rules.boolean)})
