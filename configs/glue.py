@@ -47,6 +47,8 @@ LARGE = {
 #   pissa      Meng et al. 2024 set alpha = r (scale 1); LoRA's lr; LoRA's 294,912.
 #   olora      Büyükakyüz 2024 (QR start): LoRA's setting; LoRA's 294,912.
 #   milora     Wang et al. 2024 (minor singular start): LoRA's setting; LoRA's 294,912.
+#   corda      Yang et al. 2024 (the SVD of W0 C, C the inputs' covariance over the run's first 8
+#              batches; 'ipm'): LoRA's setting; LoRA's 294,912.
 #   lora_fa    Zhang et al. (A frozen, B's gradient corrected): LoRA's setting; B alone, 147,456.
 #   loha       LyCORIS's Hadamard product on Wq, Wv at r=4, 2r (d_in + d_out) per matrix: LoRA's
 #              294,912; PEFT's default alpha 8; LoRA's lr.
@@ -67,6 +69,7 @@ METHODS = {
     "pissa": method_overrides("pissa"),  # alpha = r: set in get_config
     "olora": method_overrides("olora"),
     "milora": method_overrides("milora"),
+    "corda": method_overrides("corda"),
     "lora_fa": method_overrides("lora_fa"),
     "loha": method_overrides("loha", rank=4),
     "lokr": method_overrides("lokr"),

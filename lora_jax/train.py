@@ -86,7 +86,7 @@ def train_members(configs: Sequence[ml_collections.ConfigDict],
             inputs.append(run_inputs(config))
             run_dir.check_inputs(inputs[-1])
         clock = stack.enter_context(CompileClock())
-        program = (OneRun.build(configs[0]) if len(configs) == 1
+        program = (OneRun.build(configs[0], dirs[0].path) if len(configs) == 1
                    else MemberGroup.build(configs))
         return loop.run(program, dirs, inputs, clock)
 

@@ -109,6 +109,19 @@ def dense_calls(model, params, *args) -> tuple[set[str], set[str]]:
     return seen, kernels
 
 
+def calibrated(stack, apply_fn, params, vocab_size: int = 50):
+    """`stack` as the trainer holds it before step 1: a data-driven start (CorDA) calibrated,
+    here on two random batches."""
+    import jax
+    import numpy as np
+
+    count = stack.calibration()
+    if not count:
+        return stack
+    ids = np.asarray(jax.random.randint(jax.random.key(9), (count, 2, 8), 3, vocab_size))
+    return stack.calibrated(apply_fn, params, [(i, np.ones_like(i)) for i in ids])
+
+
 def tiny_config(**overrides):
     """configs/glue.py's SST-2 with a random 2-layer BERT on 256 real rows: a run in seconds.
 

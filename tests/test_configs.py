@@ -104,7 +104,8 @@ TABLES = {path.stem: list(module.METHODS) for path in sorted(CONFIGS.glob("*.py"
 
 @functools.cache
 def tiny_base(config_file: str):
-    """(params as shapes, family) of the config file's model=tiny, a random-weight model."""
+    """(params as shapes, family, model) of the config file's model=tiny, a random-weight
+    model."""
     import jax
     import jax.numpy as jnp
     import transformers
@@ -119,7 +120,7 @@ def tiny_base(config_file: str):
                                      num_labels=c.model.num_labels if c.model.task else None)
     params = jax.eval_shape(lambda k: model.init(k, jnp.ones((1, 8), jnp.int32))["params"],
                             jax.random.key(0))
-    return params, model_family(hf_config.model_type)
+    return params, model_family(hf_config.model_type), model
 
 
 def build_as_the_trainer(config_file: str, config) -> None:
@@ -137,9 +138,16 @@ def build_as_the_trainer(config_file: str, config) -> None:
     config.lock()
     before = config.to_json_best_effort()
     check_config(config, device_count=1)
-    params, family = tiny_base(config_file)
+    params, family, model = tiny_base(config_file)
     check_against_base(config, params, family)
     stack = methods.build(config.method, family)
+    if stack.calibration():  # a data-driven start takes its batches first, on real weights
+        import jax.numpy as jnp
+
+        from conftest import calibrated
+
+        real = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+        stack = calibrated(stack, model.apply, real)
     jax.eval_shape(stack.split, params, jax.random.key(0))
     assert config.to_json_best_effort() == before
 

@@ -60,8 +60,7 @@ def _peft_start(case, mode, batches, covariance_file=None):
 def _ours(case, mode, batches):
     spec = lora.LoraSpec(targets=tuple(t + "/kernel" for t in case.targets), rank=RANK,
                          alpha=ALPHA)
-    method = corda.calibrated(corda.CorDA(spec, mode=mode), case.model.apply, case.params,
-                              batches)
+    method = corda.CorDA(spec, mode=mode).calibrated(case.model.apply, case.params, batches)
     return methods.MethodStack((method,), also_train=(r"^classifier/",) if case.task else ())
 
 
@@ -168,3 +167,53 @@ def test_corda_without_calibration_is_refused(tmp_path):
     with pytest.raises(SettingError, match=r"CorDA has no input covariance for "
                                            r"h_0/attn/c_attn/kernel: calibrate it"):
         stack.split(case.params, jax.random.key(0))
+
+
+def _train(workdir, *flags):
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+    from test_train import CLI_TINY
+
+    return subprocess.run(
+        [sys.executable, "-m", "lora_jax.train", "--config",
+         str(REPO_ROOT / "configs/glue.py") + ":task=sst2,model=tiny,method=corda",
+         "--workdir", str(workdir), *CLI_TINY, "--config.train.checkpoint_every=2", *flags],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_the_trainer_calibrates_on_the_runs_first_batches_once(tmp_path):
+    """configs/glue.py:method=corda through the trainer: the covariances are taken over the
+    run's first 8 training batches and kept in the workdir with a record of them; a resumed run
+    reads them back (the file is not written again) and the export is PEFT's LoRA."""
+    import safetensors.numpy
+
+    from lora_jax.training import calibration
+
+    run = tmp_path / "run"
+    proc = _train(run, "--config.train.max_steps=4")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((run / calibration.RECORD).read_text())
+    assert {k: record[k] for k in ("batches", "epoch", "seed", "batch_size", "steps")} == {
+        "batches": 8, "epoch": 0, "seed": 0, "batch_size": 16, "steps": [1, 8]}
+    assert record["methods"]["corda"]["mode"] == "ipm" and record["data"]["task"] == "sst2"
+    state = safetensors.numpy.load_file(str(run / calibration.STATE))
+    assert sorted(state) == [f"corda/bert/encoder/layer_{i}/attention/self/{m}/kernel"
+                             for i in range(2) for m in ("query", "value")]
+    written = (run / calibration.STATE).stat().st_mtime_ns
+    proc = _train(run, "--config.train.max_steps=4")  # resumes from the last checkpoint
+    assert proc.returncode == 0, proc.stderr
+    assert (run / calibration.STATE).stat().st_mtime_ns == written
+    assert (run / "adapter" / "adapter_config.json").is_file()
+
+
+def test_too_little_data_for_the_calibration_is_refused_before_anything_is_written(tmp_path):
+    run = tmp_path / "run"
+    proc = _train(run, "--config.train.max_steps=2", "--config.method.corda.calibration_batches=17")
+    assert proc.returncode != 0
+    assert ("config.method.corda needs 17 calibration batches of config.data.batch_size = 16, "
+            "but the training data (256 examples) make 16") in proc.stderr
+    from lora_jax.training import calibration
+
+    assert not (run / calibration.STATE).exists() and not (run / "checkpoints").exists()

@@ -16,7 +16,7 @@ from lora_jax.config import TINY_MODELS, base_config
 from lora_jax.methods import NotMergeable
 from lora_jax import exports
 from lora_jax.models import family as model_family
-from conftest import tiny_config
+from conftest import calibrated, tiny_config
 
 GPT2_SIZES = {"medium": dict(n_layer=24, n_embd=1024, n_head=16),
               "large": dict(n_layer=36, n_embd=1280, n_head=20)}
@@ -60,7 +60,7 @@ def tiny_section(model_type: str, *use, **settings):
     return c
 
 
-LORA_LIKE = ("lora", "dora", "pissa", "olora", "milora", "lora_plus", "lora_fa")  # LoRA's config section, LoRA's targets
+LORA_LIKE = ("lora", "dora", "pissa", "olora", "milora", "corda", "lora_plus", "lora_fa")  # LoRA's config section, LoRA's targets
 
 
 def trained_count(model_type, params, method_section) -> int:
@@ -145,14 +145,15 @@ def tiny(request):
 # Every method whose adapted model equals the base at step 0 (PreEmbed and PreLayer add tokens:
 # tests/test_prefix.py).
 ALL = ("lora", "full", "top_layers", "bitfit", "adapter_h", "adapter_l", "adapter_p", "adapter_d",
-       "dora", "pissa", "olora", "milora", "lora_plus", "lora_fa", "vera", "adalora", "loha",
-       "lokr")
+       "dora", "pissa", "olora", "milora", "corda", "lora_plus", "lora_fa", "vera", "adalora",
+       "loha", "lokr")
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_each_method_starts_as_the_base_model_and_moves_when_trained(tiny, name):
     model_type, model, params = tiny
-    stack = methods.build(tiny_section(model_type, name), model_family(model_type))
+    stack = calibrated(methods.build(tiny_section(model_type, name), model_family(model_type)),
+                       model.apply, params)
     frozen, trainable = stack.split(params, jax.random.key(1))
     ids = jnp.array([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
     base = model.apply({"params": params}, ids).logits
@@ -257,7 +258,7 @@ def test_every_composable_pair_merges_into_the_function_it_trains(tiny_bert, fir
             f"{second} and {first} cannot run together" in str(error), str(error)
         return
     model, params = tiny_bert
-    stack = methods.build(config.method, model_family("bert"))
+    stack = calibrated(methods.build(config.method, model_family("bert")), model.apply, params)
     frozen, trainable = stack.split(params, jax.random.key(1))
     leaves, tree = jax.tree_util.tree_flatten(trainable)
     keys = jax.random.split(jax.random.key(2), len(leaves))
@@ -270,13 +271,13 @@ def test_every_composable_pair_merges_into_the_function_it_trains(tiny_bert, fir
 
 
 @pytest.mark.parametrize("name", ["adapter_h", "bitfit", "lora", "dora", "pissa", "olora",
-                                  "milora", "lora_fa", "vera", "adalora", "loha", "lokr"])
+                                  "milora", "corda", "lora_fa", "vera", "adalora", "loha", "lokr"])
 def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
     model_type, model, params = tiny
     task = "classification" if model_type == "bert" else None
     c = tiny_section(model_type, name)
     fam = model_family(model_type)
-    stack = methods.build(c, fam)
+    stack = calibrated(methods.build(c, fam), model.apply, params)
     frozen, trainable = stack.split(params, jax.random.key(1))
     leaves, tree = jax.tree_util.tree_flatten(trainable)
     keys = jax.random.split(jax.random.key(3), len(leaves))
@@ -284,8 +285,8 @@ def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
         tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     exports.save(tmp_path / "out", stack, c, trainable, model_type=model_type, task=task,
                  frozen=frozen)
-    peft_format = name in ("lora", "dora", "pissa", "olora", "milora", "lora_fa", "vera",
-                           "adalora", "loha", "lokr")
+    peft_format = name in ("lora", "dora", "pissa", "olora", "milora", "corda", "lora_fa",
+                           "vera", "adalora", "loha", "lokr")
     assert (tmp_path / "out" / ("adapter_config.json" if peft_format
                                 else exports.CONFIG_NAME)).is_file()
     loaded_stack, loaded = exports.load(tmp_path / "out", params, fam, task)
@@ -323,7 +324,7 @@ def test_loading_a_method_export_checks_every_tensor(tmp_path, tiny):
     ("glue", "pissa", 294_912 + 592_130), ("glue", "lora_plus", 294_912 + 592_130),
     ("glue", "vera", 43_008 + 592_130), ("e2e", "dora", 393_216 + 49_152),
     ("glue", "olora", 294_912 + 592_130), ("glue", "milora", 294_912 + 592_130),
-    ("glue", "lora_fa", 147_456 + 592_130), ("glue", "loha", 294_912 + 592_130),
+    ("glue", "lora_fa", 147_456 + 592_130), ("glue", "corda", 294_912 + 592_130), ("glue", "loha", 294_912 + 592_130),
     ("glue", "lokr", 26_112 + 592_130),
     ("e2e", "lora_plus", 393_216)])
 def test_the_configs_method_settings_train_the_counts_their_comments_give(gpt2, config_file,

@@ -24,7 +24,7 @@ from lora_jax.models import family as model_family
 from lora_jax.models.llama import LlamaConfig
 from lora_jax.quant import kernels as quant
 from lora_jax.train import train
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, calibrated, tiny_config
 from test_instruct import instruct_config, records, write_jsonl
 from test_llama import BASE, HF_CLASSES, save_hf
 from test_methods import model_of, tiny_section
@@ -139,7 +139,8 @@ def test_every_method_runs_inside_the_scan(name):
             c[section].dropout = 0.1
     if name == "loftq":
         c.loftq.targets = model_family("qwen2").lora_targets
-    stack = methods.build(c, model_family("qwen2"))
+    stack = calibrated(methods.build(c, model_family("qwen2")), unrolled.apply, params,
+                       FIELDS["vocab_size"])
     frozen, trainable = stack.split(params, jax.random.key(1))
     leaves, tree = jax.tree_util.tree_flatten(trainable)
     keys = jax.random.split(jax.random.key(2), len(leaves))
@@ -205,7 +206,8 @@ def test_blocks_that_compute_differently_run_in_the_scan(settings, padded_batch)
     c = tiny_section("qwen2", "lora")
     for field, value in settings.items():
         c.lora[field] = value
-    stack = methods.build(c, model_family("qwen2"))
+    stack = calibrated(methods.build(c, model_family("qwen2")), unrolled.apply, params,
+                       FIELDS["vocab_size"])
     frozen, trainable = stack.split(params, jax.random.key(1))
     trainable = jax.tree_util.tree_map(lambda x: x + 0.1, trainable)
     close(*(stack.adapt(m.apply)(frozen, trainable, ids, mask).logits

@@ -16,8 +16,8 @@ from typing import Any
 
 import ml_collections
 
-from lora_jax.methods import (adalora, adapters, dora, full, loftq, loha, lokr, lora, lora_fa,
-                              lora_plus, milora, olora, pissa, prefix, vera)
+from lora_jax.methods import (adalora, adapters, corda, dora, full, loftq, loha, lokr, lora,
+                              lora_fa, lora_plus, milora, olora, pissa, prefix, vera)
 from lora_jax.methods.base import (Method, MethodStack, NotMergeable, Registration, combine,
                                    count_params)
 
@@ -27,6 +27,7 @@ METHODS: dict[str, Registration] = {
     "pissa": pissa.REGISTRATION,
     "olora": olora.REGISTRATION,
     "milora": milora.REGISTRATION,
+    "corda": corda.REGISTRATION,
     "loftq": loftq.REGISTRATION,
     "lora_plus": lora_plus.REGISTRATION,
     "lora_fa": lora_fa.REGISTRATION,

@@ -158,6 +158,26 @@ class Method:
         (None: all 1). A method may scale leaves beyond its own (LoRA+'s PEFT grouping)."""
         return None
 
+    def calibration(self) -> int:
+        """Training batches the method's start still needs before step 1 (0: none, or taken):
+        the data-driven starts (CorDA)."""
+        return 0
+
+    def calibrated(self, apply_fn: Callable, params: Params,
+                   batches: Sequence[tuple[Any, Any]]) -> "Method":
+        """The method with what it takes from `batches` ((ids, mask) of the run's first
+        training batches), the base model run as `apply_fn` with `params`."""
+        return self
+
+    def calibration_state(self) -> dict[str, Any]:
+        """What `calibrated` took, as named arrays (kept in the run's workdir, so that a resumed
+        run does not take it again)."""
+        return {}
+
+    def with_calibration(self, state: Mapping[str, Any]) -> "Method":
+        """The method with a `calibration_state` it took before."""
+        return self
+
     def regularizer(self, added: Params) -> jax.Array | float:
         """A term added to the training loss (0 by default; AdaLoRA's orthogonality)."""
         return 0.0
@@ -359,6 +379,29 @@ class MethodStack:
                 scales = own if scales is None else jax.tree_util.tree_map(
                     lambda a, b: a * b, scales, own)
         return scales
+
+    def calibration(self) -> int:
+        """Training batches the stack's starts need before step 1 (`Method.calibration`)."""
+        return max((m.calibration() for m in self.methods), default=0)
+
+    def calibrated(self, apply_fn: Callable, params: Params,
+                   batches: Sequence[tuple[Any, Any]]) -> "MethodStack":
+        """The stack with every method that needs batches calibrated on (its first) `batches`."""
+        return dataclasses.replace(self, methods=tuple(
+            m.calibrated(apply_fn, params, batches[:m.calibration()]) if m.calibration() else m
+            for m in self.methods))
+
+    def calibration_state(self) -> dict[str, Any]:
+        """Every method's `calibration_state`, its keys prefixed by '<method>/'."""
+        return {f"{m.name}/{k}": v for m in self.methods
+                for k, v in m.calibration_state().items()}
+
+    def with_calibration(self, state: Mapping[str, Any]) -> "MethodStack":
+        """The stack with a `calibration_state` it took before."""
+        return dataclasses.replace(self, methods=tuple(
+            m.with_calibration({k.removeprefix(m.name + "/"): v for k, v in state.items()
+                                if k.startswith(m.name + "/")}) if m.calibration() else m
+            for m in self.methods))
 
     def low_rank_params(self, trainable: Params) -> int:
         """Scalars of `trainable` in the methods' low-rank factors (`Method.low_rank_leaves`:

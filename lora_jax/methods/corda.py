@@ -22,14 +22,15 @@ depends on data the file lacks: `lora_peft.REFUSED_INITS`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.methods import calibration, pissa
+from lora_jax import config_rules as rules
+from lora_jax.methods import calibration, lora, pissa
 from lora_jax.methods.base import Params, SettingError
 
 MODES = ("ipm", "kpm")
@@ -81,12 +82,14 @@ class CorDA(pissa.PiSSA):
 
     Attributes:
       mode: 'ipm' (the r largest triplets) or 'kpm' (the r smallest).
+      calibration_batches: the run's first training batches its covariances are taken over.
       covariances: kernel path -> the covariance of its inputs (`calibrated` sets them).
     """
 
     name = "corda"
 
     mode: str = "ipm"
+    calibration_batches: int = 8
     covariances: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False,
                                                                repr=False)
 
@@ -97,24 +100,35 @@ class CorDA(pissa.PiSSA):
 
     def factors(self, kernel: jax.Array, rank: int, scale: float,
                 path: str) -> tuple[jax.Array, jax.Array]:
+        if self.covariances is None and isinstance(kernel, jax.core.Tracer):
+            # The split evaluated in shapes (the config checks, before any batch is read): the
+            # start's shapes do not depend on the data.
+            d_in, d_out = kernel.shape
+            return jnp.zeros((rank, d_in), jnp.float32), jnp.zeros((d_out, rank), jnp.float32)
         if self.covariances is None or path not in self.covariances:
             raise SettingError("targets", f"CorDA has no input covariance for {path}: calibrate "
-                               "it on batches of the task first (corda.calibrated)", self.name)
+                               "it on batches of the task first (`calibrated`)", self.name)
         return context_factors(kernel, self.covariances[path], rank, scale, self.mode)
+
+    def calibration(self) -> int:
+        return 0 if self.covariances is not None else self.calibration_batches
+
+    def calibrated(self, apply_fn: Callable, params: Params,
+                   batches: Sequence[tuple[Any, Any]]) -> CorDA:
+        """With the input covariances of its targets over `batches` ((ids, mask) of the task's
+        training data), the model run as `apply_fn` with the base `params`."""
+        paths = lora.target_kernels(self.spec, params)
+        return dataclasses.replace(self, covariances=calibration.input_covariances(
+            apply_fn, params, paths, batches))
+
+    def calibration_state(self) -> dict[str, Any]:
+        return dict(self.covariances or {})
+
+    def with_calibration(self, state: Mapping[str, Any]) -> CorDA:
+        return dataclasses.replace(self, covariances=dict(state))
 
     def describe(self) -> str:
         return super().describe()[:-1] + f", {self.mode})"
-
-
-def calibrated(method: CorDA, apply_fn: Callable, params: Params,
-               batches: Iterable[tuple[Any, Any]]) -> CorDA:
-    """`method` with the input covariances of its targets over `batches` ((ids, mask) pairs of
-    the task's training data), the model run as `apply_fn` with the base `params`."""
-    from lora_jax.methods import lora
-
-    paths = lora.target_kernels(method.spec, params)
-    return dataclasses.replace(method, covariances=calibration.input_covariances(
-        apply_fn, params, paths, batches))
 
 
 class CordaPeft(pissa.PissaPeft):
@@ -126,3 +140,5 @@ class CordaPeft(pissa.PissaPeft):
 
 
 PEFT = CordaPeft()
+REGISTRATION = pissa.registration(PEFT, {"mode": ("ipm", rules.one_of(*MODES)),
+                                         "calibration_batches": (8, rules.integer(1))})

@@ -499,22 +499,31 @@ def peft_codec() -> PeftCodec:
 
 
 def variant_registration(method_type: type[LoRA], fields: Mapping[str, tuple[Any, Any]],
-                         peft: Callable[[], PeftCodec] | None = None) -> Registration:
-    """The registry entry of a LoRA variant whose section is LoRA's plus `fields` (name ->
-    (default, rule)), each handed to `method_type` by name (LoRA+'s lr_ratio, LoRA-FA's
-    a_seed); saved as `peft` says (default: as LoRA)."""
+                         peft: Callable[[], PeftCodec] | None = None, *, kernels: str = ADDS,
+                         without: tuple[str, ...] = (),
+                         related: Callable[[Any], list[str]] | None = None) -> Registration:
+    """The registry entry of a LoRA variant whose section is LoRA's, less the fields `without`
+    (a start that sets A itself has no `init`), plus `fields` (name -> (default, rule)), each
+    handed to `method_type` by name (LoRA+'s lr_ratio, LoRA-FA's a_seed); saved as `peft` says
+    (default: as LoRA)."""
 
     def defaults() -> ml_collections.ConfigDict:
         c = _defaults()
+        for name in without:
+            del c[name]
         for name, (default, _) in fields.items():
             c[name] = default
         return c
 
     def build(c: Any, family: Any) -> LoRA:
-        return method_type(spec_from_config(c), bias=c.bias, **{k: c[k] for k in fields})
+        # A section without `init` never uses the spec's (the start sets A and B).
+        spec = spec_from_config(c, init=None if "init" in c else "kaiming")
+        return method_type(spec, bias=c.bias, **{k: c[k] for k in fields})
 
-    return Registration(defaults, {**REGISTRATION.rules, **{k: r for k, (_, r) in fields.items()}},
-                        build, peft=peft or peft_codec, extends=LoRA.name, kernels=ADDS)
+    rules_ = {k: v for k, v in REGISTRATION.rules.items() if k not in without}
+    return Registration(defaults, {**rules_, **{k: r for k, (_, r) in fields.items()}}, build,
+                        peft=peft or peft_codec, extends=LoRA.name, kernels=kernels,
+                        related=related)
 
 
 REGISTRATION = Registration(

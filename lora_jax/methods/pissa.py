@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import traverse_util
 
@@ -139,12 +139,6 @@ def as_lora(spec: lora.LoraSpec, initial: Params, adapters: Params) -> tuple[lor
     return converted, traverse_util.unflatten_dict(flat)
 
 
-def _defaults() -> ml_collections.ConfigDict:
-    c = lora.REGISTRATION.defaults()
-    del c["init"]  # the SVD initialises A and B
-    return c
-
-
 def _related(c: Any) -> list[str]:
     """What `as_lora` would refuse when the trained run is exported, said before it starts."""
     if c.rslora and (c.rank_pattern or c.alpha_pattern):
@@ -186,16 +180,13 @@ class PissaPeft(lora_peft.LoraPeft):
         return method, {"params": full, method.name: adapters}
 
 
-def registration(codec: PissaPeft) -> Registration:
+def registration(codec: PissaPeft,
+                 fields: Mapping[str, tuple[Any, Any]] | None = None) -> Registration:
     """The registry entry of PiSSA or a start of its kind (`codec.method_type`): LoRA's section
-    without `init` (the start sets A and B), trained against a residual base."""
-
-    def build(c: Any, family: Any) -> PiSSA:
-        return codec.method_type(lora.spec_from_config(c, init="kaiming"), bias=c.bias)
-
-    return Registration(
-        _defaults, {k: v for k, v in lora.REGISTRATION.rules.items() if k != "init"}, build,
-        peft=lambda: codec, extends=lora.LoRA.name, kernels=RESIDUAL, related=_related)
+    without `init` (the start sets A and B) plus its own `fields` (name -> (default, rule)),
+    trained against a residual base."""
+    return lora.variant_registration(codec.method_type, fields or {}, lambda: codec,
+                                     kernels=RESIDUAL, without=("init",), related=_related)
 
 
 PEFT = PissaPeft()

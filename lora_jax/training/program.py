@@ -88,8 +88,8 @@ class OneRun:
     _epochs: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def build(cls, config: ml_collections.ConfigDict) -> "OneRun":
-        run = setup.build(config)
+    def build(cls, config: ml_collections.ConfigDict, workdir: Any = None) -> "OneRun":
+        run = setup.build(config, workdir=workdir)
         return cls(run, setup.for_training(run), setup.run_keys(config.seed)[2])
 
     # The loop reads these as it reads a group's.

@@ -21,7 +21,7 @@ import optax
 from flax import traverse_util
 
 from lora_jax import methods
-from lora_jax.training import optim, sharding, steps
+from lora_jax.training import calibration, optim, sharding, steps
 from lora_jax.data import tasks
 from lora_jax.config_checks import check_against_base, refusal
 from lora_jax.errors import ConfigError
@@ -113,7 +113,8 @@ def reseeded(base_model: Base, config: ml_collections.ConfigDict) -> Base:
 
 
 def build(config: ml_collections.ConfigDict, *, base_model: Base | None = None,
-          export: str | os.PathLike | None = None, base_record: dict | None = None) -> Run:
+          export: str | os.PathLike | None = None, base_record: dict | None = None,
+          workdir: str | os.PathLike | None = None) -> Run:
     """The run a config describes, on a ('data', 'fsdp') mesh.
 
     Args:
@@ -123,11 +124,13 @@ def build(config: ml_collections.ConfigDict, *, base_model: Base | None = None,
         fresh split (see `lora_jax.exports.load`).
       base_record: with `export`, the fingerprint of this base (`fingerprints.base_inputs`):
         an export that records another base is refused (`OtherBase`).
+      workdir: the run's directory, where a data-driven start keeps its calibration
+        (`calibration.calibrate`; None: taken, not kept).
     """
     b = base(config) if base_model is None else base_model
     if export is None:
         check_against_base(config, b.params, b.family)  # targets, ranks: named, not a traceback
-        stack = methods.build(config.method, b.family)
+        stack = calibration.calibrate(methods.build(config.method, b.family), config, b, workdir)
         frozen, trainable = stack.split(b.params, run_keys(config.seed)[1])
     else:
         stack, trainable = exports.load(export, b.params, b.family, b.info["task"],

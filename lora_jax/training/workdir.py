@@ -32,6 +32,7 @@ from typing import Any
 
 import ml_collections
 
+from lora_jax.training import calibration
 from lora_jax.training import fingerprints as run_inputs
 from lora_jax.errors import WorkdirError
 from lora_jax.json_files import read_json_object
@@ -211,7 +212,10 @@ class Workdir:
 
     def earlier_records(self) -> list[pathlib.Path]:
         """What an earlier run left that a run starting at step 0 must not mix with its own."""
-        keep = {CONFIG_NAME, run_inputs.FILE_NAME, CHECKPOINTS, EARLIER}
+        # A data-driven start's calibration is the run's own (its config and inputs are this
+        # workdir's, which the checks require), taken before this commit: it stays.
+        keep = {CONFIG_NAME, run_inputs.FILE_NAME, CHECKPOINTS, EARLIER, calibration.STATE,
+                calibration.RECORD}
         return sorted(p for p in self.path.iterdir()
                       if p.name not in keep and not p.name.startswith(".trainer"))
 
