@@ -110,16 +110,22 @@ def dense_calls(model, params, *args) -> tuple[set[str], set[str]]:
 
 
 def calibrated(stack, apply_fn, params, vocab_size: int = 50):
-    """`stack` as the trainer holds it before step 1: a data-driven start (CorDA) calibrated,
-    here on two random batches."""
+    """`stack` as the trainer holds it before step 1: a data-driven start (CorDA, LoRA-GA)
+    calibrated, here on random batches with the mean squared logit as loss."""
     import jax
-    import numpy as np
+
+    from lora_jax.methods import calibration
 
     count = stack.calibration()
     if not count:
         return stack
-    ids = np.asarray(jax.random.randint(jax.random.key(9), (count, 2, 8), 3, vocab_size))
-    return stack.calibrated(apply_fn, params, [(i, np.ones_like(i)) for i in ids])
+
+    def forward(params, batch):
+        return apply_fn({"params": params}, batch["input_ids"],
+                        attention_mask=batch["attention_mask"]).logits
+
+    return stack.calibrated(calibration.random_batches(forward, params, count, vocab_size,
+                                                       jax.random.key(9)))
 
 
 def tiny_config(**overrides):

@@ -18,7 +18,7 @@ from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 
 from lora_jax import exports, methods
-from lora_jax.methods import corda, lora
+from lora_jax.methods import calibration, corda, lora
 from lora_jax.methods.base import SettingError
 from parity import jax_steps, token_batches, torch_steps
 from test_initialisations import linear_case  # noqa: F401 (a fixture: RoBERTa, Llama)
@@ -32,6 +32,16 @@ def _calibration_batches(case, n=4, seq=10):
     flat = traverse_util.flatten_dict(case.params)
     vocab = min(v.shape[0] for k, v in flat.items() if k[-1] == "embedding" and v.shape[0] > 64)
     return [(ids[:1], mask[:1]) for ids, mask in token_batches(vocab, n, 1, seq, seed=7)]
+
+
+def calibration_data(case, batches, loss=None) -> calibration.Batches:
+    """The (ids, mask) `batches` as the trainer hands them to a data-driven start."""
+    def forward(params, batch):
+        return case.model.apply({"params": params}, batch["input_ids"],
+                                attention_mask=batch["attention_mask"]).logits
+
+    return calibration.Batches(forward, case.params, tuple(
+        {"input_ids": ids, "attention_mask": mask} for ids, mask in batches), loss)
 
 
 def _node(tree, module):
@@ -60,7 +70,7 @@ def _peft_start(case, mode, batches, covariance_file=None):
 def _ours(case, mode, batches):
     spec = lora.LoraSpec(targets=tuple(t + "/kernel" for t in case.targets), rank=RANK,
                          alpha=ALPHA)
-    method = corda.CorDA(spec, mode=mode).calibrated(case.model.apply, case.params, batches)
+    method = corda.CorDA(spec, mode=mode).calibrated(calibration_data(case, batches))
     return methods.MethodStack((method,), also_train=(r"^classifier/",) if case.task else ())
 
 

@@ -163,10 +163,9 @@ class Method:
         the data-driven starts (CorDA)."""
         return 0
 
-    def calibrated(self, apply_fn: Callable, params: Params,
-                   batches: Sequence[tuple[Any, Any]]) -> "Method":
-        """The method with what it takes from `batches` ((ids, mask) of the run's first
-        training batches), the base model run as `apply_fn` with `params`."""
+    def calibrated(self, data: Any) -> "Method":
+        """The method with what it takes from the run's first training batches
+        (`methods.calibration.Batches`: the base model, its params, the batches, the loss)."""
         return self
 
     def calibration_state(self) -> dict[str, Any]:
@@ -384,11 +383,11 @@ class MethodStack:
         """Training batches the stack's starts need before step 1 (`Method.calibration`)."""
         return max((m.calibration() for m in self.methods), default=0)
 
-    def calibrated(self, apply_fn: Callable, params: Params,
-                   batches: Sequence[tuple[Any, Any]]) -> "MethodStack":
-        """The stack with every method that needs batches calibrated on (its first) `batches`."""
+    def calibrated(self, data: Any) -> "MethodStack":
+        """The stack with every method that needs batches calibrated on (its first) batches of
+        `data` (`methods.calibration.Batches`)."""
         return dataclasses.replace(self, methods=tuple(
-            m.calibrated(apply_fn, params, batches[:m.calibration()]) if m.calibration() else m
+            m.calibrated(data.first(m.calibration())) if m.calibration() else m
             for m in self.methods))
 
     def calibration_state(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ depends on data the file lacks: `lora_peft.REFUSED_INITS`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -31,7 +31,7 @@ import numpy as np
 
 from lora_jax import config_rules as rules
 from lora_jax.methods import calibration, lora, pissa
-from lora_jax.methods.base import Params, SettingError
+from lora_jax.methods.base import SettingError
 
 MODES = ("ipm", "kpm")
 
@@ -113,13 +113,10 @@ class CorDA(pissa.PiSSA):
     def calibration(self) -> int:
         return 0 if self.covariances is not None else self.calibration_batches
 
-    def calibrated(self, apply_fn: Callable, params: Params,
-                   batches: Sequence[tuple[Any, Any]]) -> CorDA:
-        """With the input covariances of its targets over `batches` ((ids, mask) of the task's
-        training data), the model run as `apply_fn` with the base `params`."""
-        paths = lora.target_kernels(self.spec, params)
-        return dataclasses.replace(self, covariances=calibration.input_covariances(
-            apply_fn, params, paths, batches))
+    def calibrated(self, data: calibration.Batches) -> CorDA:
+        """With the input covariances of its targets over the batches of `data`."""
+        paths = lora.target_kernels(self.spec, data.params)
+        return dataclasses.replace(self, covariances=calibration.input_covariances(data, paths))
 
     def calibration_state(self) -> dict[str, Any]:
         return dict(self.covariances or {})

@@ -18,16 +18,19 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
+from lora_jax import losses
 from lora_jax.data import tasks
 from lora_jax.errors import ConfigError
 from lora_jax.methods import MethodStack
+from lora_jax.methods import calibration as method_calibration
+from lora_jax.training import steps
 
 STATE, RECORD = "calibration.safetensors", "calibration.json"
 
 
 def first_batches(config: ml_collections.ConfigDict, tokenizer: Any, stack: MethodStack,
-                  vocab_size: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The run's first `count` training batches as (ids, mask).
+                  vocab_size: int, count: int) -> tuple[str, list[dict]]:
+    """(the task's kind, the run's first `count` training batches).
 
     Raises:
       ConfigError: the training data make fewer batches than that.
@@ -41,7 +44,7 @@ def first_batches(config: ml_collections.ConfigDict, tokenizer: Any, stack: Meth
         raise ConfigError(f"{needs} needs {count} calibration batches of "
                           f"config.data.batch_size = {data.batch_size}, but the training data "
                           f"({len(task.train)} examples) make {len(batches)}")
-    return [(b["input_ids"], b["attention_mask"]) for b in batches[:count]]
+    return task.kind, batches[:count]
 
 
 def calibrate(stack: MethodStack, config: ml_collections.ConfigDict, base: Any,
@@ -73,9 +76,17 @@ def calibrate(stack: MethodStack, config: ml_collections.ConfigDict, base: Any,
     if config.model.scan_layers:
         raise ConfigError("config.model.scan_layers = True: a data-driven start reads each "
                           "layer's inputs, which scanned blocks do not expose; set it False")
-    batches = first_batches(config, base.tokenizer, stack, base.family.vocab_size(base.params),
-                            count)
-    stack = stack.calibrated(base.model.apply, base.params, batches)
+    kind, batches = first_batches(config, base.tokenizer, stack,
+                                  base.family.vocab_size(base.params), count)
+
+    def forward(params, batch):
+        return base.model.apply({"params": params}, batch["input_ids"],
+                                **steps.model_inputs(batch), deterministic=True).logits
+
+    def loss(logits, batch):
+        return losses.mean_loss(kind, logits, batch, config.optim.label_smoothing)
+
+    stack = stack.calibrated(method_calibration.Batches(forward, base.params, batches, loss))
     if directory is not None and jax.process_index() == 0:
         state = {k: np.ascontiguousarray(v, np.float32)
                  for k, v in stack.calibration_state().items()}
