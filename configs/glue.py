@@ -49,6 +49,8 @@ LARGE = {
 #   milora     Wang et al. 2024 (minor singular start): LoRA's setting; LoRA's 294,912.
 #   corda      Yang et al. 2024 (the SVD of W0 C, C the inputs' covariance over the run's first 8
 #              batches; 'ipm'): LoRA's setting; LoRA's 294,912.
+#   lora_ga    Wang et al. 2024 (the SVD of the gradient over the run's first 8 batches; the
+#              paper's 'ArB2r', 'stable'): LoRA's setting; LoRA's 294,912.
 #   lora_fa    Zhang et al. (A frozen, B's gradient corrected): LoRA's setting; B alone, 147,456.
 #   loha       LyCORIS's Hadamard product on Wq, Wv at r=4, 2r (d_in + d_out) per matrix: LoRA's
 #              294,912; PEFT's default alpha 8; LoRA's lr.
@@ -70,6 +72,7 @@ METHODS = {
     "olora": method_overrides("olora"),
     "milora": method_overrides("milora"),
     "corda": method_overrides("corda"),
+    "lora_ga": method_overrides("lora_ga"),
     "lora_fa": method_overrides("lora_fa"),
     "loha": method_overrides("loha", rank=4),
     "lokr": method_overrides("lokr"),

@@ -88,14 +88,14 @@ def test_corda_start_is_pefts(linear_case, mode, tmp_path):
     peft_model = _peft_start(case, mode, batches, str(tmp_path / "covariance.pt"))
     theirs = torch.load(tmp_path / "covariance.pt")
     stack = _ours(case, mode, batches)
-    ours = stack.methods[0].covariances
+    ours = stack.methods[0].statistics
     given = {}
     for module, name in case.modules:
         c_peft = theirs[name].numpy()
         np.testing.assert_allclose(ours[module + "/kernel"], c_peft, rtol=0,
                                    atol=1e-5 * np.abs(c_peft).max(), err_msg=module)
         given[module + "/kernel"] = c_peft
-    method = dataclasses.replace(stack.methods[0], covariances=given)
+    method = dataclasses.replace(stack.methods[0], statistics=given)
     frozen, trainable = methods.MethodStack((method,), also_train=stack.also_train).split(
         case.params, jax.random.key(0))
     named = dict(peft_model.named_modules())
@@ -174,7 +174,7 @@ def test_corda_trains_as_peft_from_its_start(linear_case, tmp_path):
 def test_corda_without_calibration_is_refused(tmp_path):
     case = gpt2_case(tmp_path / "base")
     stack = methods.MethodStack((corda.CorDA(lora.LoraSpec(targets=(r"attn/c_attn",), rank=2)),))
-    with pytest.raises(SettingError, match=r"CorDA has no input covariance for "
+    with pytest.raises(SettingError, match=r"corda has no input covariance for "
                                            r"h_0/attn/c_attn/kernel: calibrate it"):
         stack.split(case.params, jax.random.key(0))
 

@@ -60,7 +60,9 @@ def tiny_section(model_type: str, *use, **settings):
     return c
 
 
-LORA_LIKE = ("lora", "dora", "pissa", "olora", "milora", "corda", "lora_plus", "lora_fa")  # LoRA's config section, LoRA's targets
+# LoRA's config section, LoRA's targets.
+LORA_LIKE = ("lora", "dora", "pissa", "olora", "milora", "corda", "lora_ga", "lora_plus",
+             "lora_fa")
 
 
 def trained_count(model_type, params, method_section) -> int:
@@ -145,8 +147,8 @@ def tiny(request):
 # Every method whose adapted model equals the base at step 0 (PreEmbed and PreLayer add tokens:
 # tests/test_prefix.py).
 ALL = ("lora", "full", "top_layers", "bitfit", "adapter_h", "adapter_l", "adapter_p", "adapter_d",
-       "dora", "pissa", "olora", "milora", "corda", "lora_plus", "lora_fa", "vera", "adalora",
-       "loha", "lokr")
+       "dora", "pissa", "olora", "milora", "corda", "lora_ga", "lora_plus", "lora_fa", "vera",
+       "adalora", "loha", "lokr")
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -271,7 +273,8 @@ def test_every_composable_pair_merges_into_the_function_it_trains(tiny_bert, fir
 
 
 @pytest.mark.parametrize("name", ["adapter_h", "bitfit", "lora", "dora", "pissa", "olora",
-                                  "milora", "corda", "lora_fa", "vera", "adalora", "loha", "lokr"])
+                                  "milora", "corda", "lora_ga", "lora_fa", "vera", "adalora", "loha",
+                                  "lokr"])
 def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
     model_type, model, params = tiny
     task = "classification" if model_type == "bert" else None
@@ -285,8 +288,8 @@ def test_a_saved_method_loads_back_to_the_same_function(tmp_path, tiny, name):
         tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     exports.save(tmp_path / "out", stack, c, trainable, model_type=model_type, task=task,
                  frozen=frozen)
-    peft_format = name in ("lora", "dora", "pissa", "olora", "milora", "corda", "lora_fa",
-                           "vera", "adalora", "loha", "lokr")
+    peft_format = name in ("lora", "dora", "pissa", "olora", "milora", "corda", "lora_ga",
+                           "lora_fa", "vera", "adalora", "loha", "lokr")
     assert (tmp_path / "out" / ("adapter_config.json" if peft_format
                                 else exports.CONFIG_NAME)).is_file()
     loaded_stack, loaded = exports.load(tmp_path / "out", params, fam, task)
@@ -324,7 +327,8 @@ def test_loading_a_method_export_checks_every_tensor(tmp_path, tiny):
     ("glue", "pissa", 294_912 + 592_130), ("glue", "lora_plus", 294_912 + 592_130),
     ("glue", "vera", 43_008 + 592_130), ("e2e", "dora", 393_216 + 49_152),
     ("glue", "olora", 294_912 + 592_130), ("glue", "milora", 294_912 + 592_130),
-    ("glue", "lora_fa", 147_456 + 592_130), ("glue", "corda", 294_912 + 592_130), ("glue", "loha", 294_912 + 592_130),
+    ("glue", "lora_fa", 147_456 + 592_130), ("glue", "corda", 294_912 + 592_130),
+    ("glue", "lora_ga", 294_912 + 592_130), ("glue", "loha", 294_912 + 592_130),
     ("glue", "lokr", 26_112 + 592_130),
     ("e2e", "lora_plus", 393_216)])
 def test_the_configs_method_settings_train_the_counts_their_comments_give(gpt2, config_file,

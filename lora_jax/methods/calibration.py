@@ -1,5 +1,6 @@
-"""Statistics of a few batches that data-driven starts of LoRA take before step 1: CorDA's
-covariances of the targets' inputs, LoRA-GA's gradients of the targets' full weights.
+"""Data-driven starts of LoRA (`CalibratedStart`: CorDA, LoRA-GA) and the statistics of a few
+batches they take before step 1: CorDA's covariances of the targets' inputs, LoRA-GA's
+gradients of the targets' full weights.
 
 The model runs on each batch as the run would, without adapters or dropout. A statistic is kept
 per kernel path, in float32 on the host.
@@ -8,14 +9,16 @@ per kernel path, in float32 on the host.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lora_jax.methods.base import Params, intercept_dense
+from lora_jax.methods import lora, pissa
+from lora_jax.methods.base import Params, SettingError, intercept_dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,3 +124,61 @@ def random_batches(forward: Callable[[Params, dict], jax.Array], params: Params,
     return Batches(forward, params, batches,
                    loss or (lambda logits, batch: jnp.mean(jnp.square(logits))))
 
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibratedStart(pissa.PiSSA):
+    """A start of PiSSA's kind made from statistics of the run's first batches (CorDA's input
+    covariances, LoRA-GA's gradients): `take` takes them per target kernel, `start` makes one
+    kernel's (A0, B0) from its statistic. The rest (the residual base, the export) is PiSSA's.
+
+    Attributes:
+      calibration_batches: the run's first training batches the statistics are taken over.
+      statistics: kernel path -> its statistic (`calibrated` sets them; the trainer keeps them
+        in the workdir, `lora_jax.training.calibration`).
+    """
+
+    # Names the statistic in messages ('input covariance', 'gradient').
+    statistic: ClassVar[str] = "statistic"
+
+    calibration_batches: int = 8
+    statistics: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False,
+                                                             repr=False)
+
+    def take(self, data: Batches, kernel_paths: Sequence[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def start(self, kernel: jax.Array, statistic: Any, rank: int, scale: float,
+              part: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+        raise NotImplementedError
+
+    def check(self, kernel_shape: tuple[int, int], rank: int, path: str) -> None:
+        """Raises a `SettingError` for a rank or shape the start cannot take (none here)."""
+
+    def factors(self, kernel: jax.Array, rank: int, scale: float, path: str,
+                part: tuple[int, int] = (0, 1)) -> tuple[jax.Array, jax.Array]:
+        self.check(kernel.shape, rank, path)
+        if self.statistics is None and isinstance(kernel, jax.core.Tracer):
+            # The split evaluated in shapes (the config checks, before any batch is read): the
+            # start's shapes do not depend on the data.
+            d_in, d_out = kernel.shape
+            return jnp.zeros((rank, d_in), jnp.float32), jnp.zeros((d_out, rank), jnp.float32)
+        if self.statistics is None or path not in self.statistics:
+            raise SettingError("targets", f"{self.name} has no {self.statistic} for {path}: "
+                               "calibrate it on batches of the task first (`calibrated`)",
+                               self.name)
+        return self.start(kernel, self.statistics[path], rank, scale, part)
+
+    def calibration(self) -> int:
+        return 0 if self.statistics is not None else self.calibration_batches
+
+    def calibrated(self, data: Batches) -> "CalibratedStart":
+        """With the statistics of its targets over the batches of `data`."""
+        paths = lora.target_kernels(self.spec, data.params)
+        return dataclasses.replace(self, statistics=self.take(data, paths))
+
+    def calibration_state(self) -> dict[str, Any]:
+        return dict(self.statistics or {})
+
+    def with_calibration(self, state: Mapping[str, Any]) -> "CalibratedStart":
+        return dataclasses.replace(self, statistics=dict(state))

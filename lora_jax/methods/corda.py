@@ -22,7 +22,6 @@ depends on data the file lacks: `lora_peft.REFUSED_INITS`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -30,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import config_rules as rules
-from lora_jax.methods import calibration, lora, pissa
-from lora_jax.methods.base import SettingError
+from lora_jax.methods import calibration, pissa
 
 MODES = ("ipm", "kpm")
 
@@ -77,52 +75,31 @@ def context_factors(kernel: jax.Array, covariance: Any, rank: int, scale: float,
 
 
 @dataclasses.dataclass(frozen=True)
-class CorDA(pissa.PiSSA):
+class CorDA(calibration.CalibratedStart):
     """LoRA started from the covariance-oriented SVD of W0 (see the module docstring).
 
     Attributes:
       mode: 'ipm' (the r largest triplets) or 'kpm' (the r smallest).
-      calibration_batches: the run's first training batches its covariances are taken over.
-      covariances: kernel path -> the covariance of its inputs (`calibrated` sets them).
+      statistics: kernel path -> the covariance of its inputs.
     """
 
     name = "corda"
+    statistic = "input covariance"
 
     mode: str = "ipm"
-    calibration_batches: int = 8
-    covariances: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False,
-                                                               repr=False)
 
     def __post_init__(self):
         super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"CorDA mode must be one of {MODES}, got {self.mode!r}")
 
-    def factors(self, kernel: jax.Array, rank: int, scale: float,
-                path: str) -> tuple[jax.Array, jax.Array]:
-        if self.covariances is None and isinstance(kernel, jax.core.Tracer):
-            # The split evaluated in shapes (the config checks, before any batch is read): the
-            # start's shapes do not depend on the data.
-            d_in, d_out = kernel.shape
-            return jnp.zeros((rank, d_in), jnp.float32), jnp.zeros((d_out, rank), jnp.float32)
-        if self.covariances is None or path not in self.covariances:
-            raise SettingError("targets", f"CorDA has no input covariance for {path}: calibrate "
-                               "it on batches of the task first (`calibrated`)", self.name)
-        return context_factors(kernel, self.covariances[path], rank, scale, self.mode)
+    def take(self, data: calibration.Batches, kernel_paths) -> dict[str, np.ndarray]:
+        return calibration.input_covariances(data, kernel_paths)
 
-    def calibration(self) -> int:
-        return 0 if self.covariances is not None else self.calibration_batches
-
-    def calibrated(self, data: calibration.Batches) -> CorDA:
-        """With the input covariances of its targets over the batches of `data`."""
-        paths = lora.target_kernels(self.spec, data.params)
-        return dataclasses.replace(self, covariances=calibration.input_covariances(data, paths))
-
-    def calibration_state(self) -> dict[str, Any]:
-        return dict(self.covariances or {})
-
-    def with_calibration(self, state: Mapping[str, Any]) -> CorDA:
-        return dataclasses.replace(self, covariances=dict(state))
+    def start(self, kernel: jax.Array, statistic: Any, rank: int, scale: float,
+              part: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+        # One input for every part of a split output: its covariance serves them all.
+        return context_factors(kernel, statistic, rank, scale, self.mode)
 
     def describe(self) -> str:
         return super().describe()[:-1] + f", {self.mode})"

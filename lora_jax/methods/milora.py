@@ -39,8 +39,8 @@ class MiLoRA(pissa.PiSSA):
 
     name = "milora"
 
-    def factors(self, kernel: jax.Array, rank: int, scale: float,
-                path: str) -> tuple[jax.Array, jax.Array]:
+    def factors(self, kernel: jax.Array, rank: int, scale: float, path: str,
+                part: tuple[int, int] = (0, 1)) -> tuple[jax.Array, jax.Array]:
         return minor_factors(kernel, rank, scale)
 
 

@@ -33,8 +33,8 @@ class OLoRA(pissa.PiSSA):
 
     name = "olora"
 
-    def factors(self, kernel: jax.Array, rank: int, scale: float,
-                path: str) -> tuple[jax.Array, jax.Array]:
+    def factors(self, kernel: jax.Array, rank: int, scale: float, path: str,
+                part: tuple[int, int] = (0, 1)) -> tuple[jax.Array, jax.Array]:
         q, r = jnp.linalg.qr(jnp.asarray(kernel, jnp.float32).T)  # reduced: (d_out, k), (k, d_in)
         return r[:rank], q[:, :rank]
 

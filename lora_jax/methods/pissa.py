@@ -58,11 +58,11 @@ class PiSSA(lora.LoRA):
     name = "pissa"
     mergeable = True
 
-    def factors(self, kernel: jax.Array, rank: int, scale: float,
-                path: str) -> tuple[jax.Array, jax.Array]:
-        """(A0, B0) of one (d_in, d_out) kernel (a part of it, for split outputs) at `path`:
-        its principal part (`principal_factors`). Starts of the same kind (OLoRA, MiLoRA, CorDA)
-        subclass PiSSA and override this alone."""
+    def factors(self, kernel: jax.Array, rank: int, scale: float, path: str,
+                part: tuple[int, int] = (0, 1)) -> tuple[jax.Array, jax.Array]:
+        """(A0, B0) of one (d_in, d_out) kernel at `path` (for split outputs, part `part` =
+        (index, count) of it): its principal part (`principal_factors`). Starts of the same
+        kind (OLoRA, MiLoRA, CorDA, LoRA-GA) subclass PiSSA and override this alone."""
         return principal_factors(kernel, rank, scale)
 
     def init(self, params: Params, key: jax.Array) -> dict:
@@ -76,7 +76,7 @@ class PiSSA(lora.LoRA):
             rank, parts = a_shape[-2], self.spec.parts_for(path)
             scale = self.spec.scale(path, rank)
             columns = jnp.split(kernel, len(parts), axis=1)
-            factors = [self.factors(columns[p], rank, scale, path)
+            factors = [self.factors(columns[p], rank, scale, path, (p, len(parts)))
                        for p, _ in lora.adapted_slots(parts)]
             module = tuple(path.split("/")[:-1])
             if len(parts) == 1:
