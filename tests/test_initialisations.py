@@ -171,8 +171,15 @@ def test_a_rank_over_a_kernels_components_is_refused(tmp_path, method_type):
         stack.split(case.params, jax.random.key(0))
 
 
-@pytest.mark.parametrize("method", ["olora", "milora", "corda", "lora_ga", "lora_fa", "loha",
-                                    "lokr"])
+# By default the runs that reach the trainer through a path of their own: LoRA-GA's gradient
+# calibration and LoRA-FA's frozen A (CorDA's calibration: tests/test_corda.py); `-m slow` runs
+# the starts and factorings whose training is their stack's (PiSSA's, the LyCORIS base).
+DEFAULT_CLI = ("lora_ga", "lora_fa")
+
+
+@pytest.mark.parametrize("method", [
+    m if m in DEFAULT_CLI else pytest.param(m, marks=pytest.mark.slow)
+    for m in ("olora", "milora", "corda", "lora_ga", "lora_fa", "loha", "lokr")])
 def test_each_variant_trains_and_exports_from_the_command_line(tmp_path, method):
     """configs/glue.py's entry for the method (these starts, LoRA-FA: tests/test_lora_fa.py, LoHa
     and LoKr: tests/test_lycoris.py), through the trainer's command line, to a PEFT export."""
