@@ -201,3 +201,22 @@ def test_a_rank_over_half_the_gradients_vectors_is_refused(tmp_path):
     with pytest.raises(SettingError, match=r"LoRA-GA takes 2r = 34 singular vectors of "
                                            r"h_0/attn/c_proj/kernel's gradient, which has 32"):
         jax.eval_shape(stack.split, case.params, jax.random.key(0))
+
+
+def test_a_start_from_gradients_of_a_quantized_kernel_is_refused(tmp_path):
+    """PEFT refuses LoRA-GA over a quantized model too: the gradients need full precision."""
+    from lora_jax.quant import kernels as quant
+
+    case = gpt2_case(tmp_path / "base")
+    flat = traverse_util.flatten_dict(case.params)
+    key = ("h_0", "attn", "c_proj", "kernel")
+    flat[key] = quant.quantize(np.asarray(flat[key]), "nf4")
+    params = traverse_util.unflatten_dict(flat)
+    stack = methods.MethodStack((lora_ga.LoraGA(lora.LoraSpec(targets=(r"attn/c_proj",),
+                                                              rank=2)),))
+    data = calibration.random_batches(
+        lambda p, b: case.model.apply({"params": p}, b["input_ids"]).logits, params, 1, 97,
+        jax.random.key(0))
+    with pytest.raises(SettingError, match=r"h_0/attn/c_proj/kernel are held quantized: a start "
+                                           r"from their gradients needs them in full precision"):
+        stack.calibrated(data)

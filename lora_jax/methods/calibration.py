@@ -19,6 +19,7 @@ from flax import traverse_util
 
 from lora_jax.methods import lora, pissa
 from lora_jax.methods.base import Params, SettingError, intercept_dense
+from lora_jax.quant import kernels as quant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,10 @@ def kernel_gradients(data: Batches, kernel_paths: Sequence[str]) -> dict[str, np
     """
     flat = traverse_util.flatten_dict(data.params)
     keys = [tuple(p.split("/")) for p in kernel_paths]
+    held = [p for p, k in zip(kernel_paths, keys) if quant.is_quantized(flat[k])]
+    if held:  # PEFT refuses this too: the start needs full-precision gradients
+        raise SettingError("targets", f"{', '.join(held)} are held quantized: a start from their "
+                           "gradients needs them in full precision (model.quantize = 'none')")
 
     @jax.jit
     def gradients(kernels, params, batch):

@@ -61,7 +61,8 @@ def calibrate(stack: MethodStack, config: ml_collections.ConfigDict, base: Any,
         return stack
     record = {"batches": count, "epoch": 0, "seed": config.seed,
               "batch_size": config.data.batch_size, "steps": [1, count],
-              "data": json.loads(config.data.to_json_best_effort()),
+              # What decides the batches besides the seed and size.
+              "data": {k: config.data.get(k) for k in ("task", "max_len", "max_train_examples")},
               "methods": {m.name: json.loads(config.method[m.name].to_json_best_effort())
                           for m in stack.methods if m.calibration()}}
     directory = pathlib.Path(directory) if directory is not None else None
