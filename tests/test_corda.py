@@ -8,7 +8,6 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -20,9 +19,9 @@ from peft.tuners.lora.corda import preprocess_corda
 from lora_jax import exports, methods
 from lora_jax.methods import calibration, corda, lora
 from lora_jax.methods.base import SettingError
-from parity import jax_steps, token_batches, torch_steps
+from parity import token_batches
 from test_initialisations import linear_case  # noqa: F401 (a fixture: RoBERTa, Llama)
-from test_successors import _our_kernel, _torch_kernel, gpt2_case
+from test_successors import _our_kernel, _torch_kernel, gpt2_case, steps_from_pefts_start
 
 RANK, ALPHA = 4, 8.0
 
@@ -129,44 +128,12 @@ def test_corda_start_is_pefts(linear_case, mode, tmp_path):
 def test_corda_trains_as_peft_from_its_start(linear_case, tmp_path):
     case = linear_case
     batches = _calibration_batches(case)
-    peft_model = _peft_start(case, "ipm", batches)
-    peft_model.save_pretrained(tmp_path / "start")
-    # PEFT's start, read as the plain LoRA tensors it holds (a CorDA file is refused: its moved
-    # base needs the calibration data), taken as our CorDA's trainable start.
-    config_path = tmp_path / "start" / "adapter_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
-                                       "init_lora_weights": True}))
-    _, start = exports.load(tmp_path / "start", case.params, case.family, case.task)
     stack = _ours(case, "ipm", batches)
-    trainable = {"params": start["params"], "corda": start["lora"]}
-    frozen = stack.frozen(case.params, trainable)
-    # Train against PEFT's residual (two SVDs agree to float32 rounding: the test above).
-    flat = traverse_util.flatten_dict(frozen)
-    named = dict(peft_model.named_modules())
-    for module, name in case.modules:
-        flat[tuple(module.split("/")) + ("kernel",)] = jnp.asarray(
-            _torch_kernel(case, named[f"base_model.model.{name}"].base_layer))
-    frozen = traverse_util.unflatten_dict(flat)
-    apply = stack.adapt(case.model.apply)
-
-    torch_losses = torch_steps(peft_model, lambda b: case.torch_loss(peft_model, b), case.batches)
-    jax_losses, trained = jax_steps(case.jax_loss(apply), frozen, trainable,
-                                    [tuple(map(jnp.asarray, b)) for b in case.batches])
-    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
-    assert torch_losses[-1] < torch_losses[0]
-    for module, name in case.modules:
-        layer = named[f"base_model.model.{name}"]
-        ours = _node(trained["corda"], module)
-        np.testing.assert_allclose(ours["lora_a"], layer.lora_A["default"].weight.detach(),
-                                   atol=1e-5)
-        np.testing.assert_allclose(ours["lora_b"], layer.lora_B["default"].weight.detach(),
-                                   atol=1e-5)
-
+    apply, frozen, trained = steps_from_pefts_start(
+        case, tmp_path, _peft_start(case, "ipm", batches), stack, "corda")
     ours = case.jax_logits(apply, frozen, trained)
-    # Not registered yet (the trainer does not calibrate yet): its codec writes the export.
-    corda.PEFT.save(tmp_path / "ours", stack.methods[0], trained,
-                    stack.frozen(case.params, trained), model_type=case.model_type,
-                    task=case.task, base_model_name_or_path=None)
+    exports.save(tmp_path / "ours", stack, {}, trained, frozen=stack.frozen(case.params, trained),
+                 model_type=case.model_type, task=case.task)
     loaded = peft.PeftModel.from_pretrained(case.torch_model(), tmp_path / "ours")
     np.testing.assert_allclose(case.torch_logits(loaded), ours, atol=1e-4)
 

@@ -5,24 +5,20 @@ base) within 1e-5 for every direction and scale; then from PEFT's start the same
 and PEFT loading our export. The paper's form (the reference code) is checked against its
 definition."""
 
-import json
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
 import torch
 from flax import traverse_util
 
-from lora_jax import exports, methods
+from lora_jax import methods
 from lora_jax.methods import calibration, lora, lora_ga
 from lora_jax.methods.base import SettingError
 from lora_jax.models.encoder import sequence_classification_loss
 from lora_jax.models.gpt2 import lm_loss
-from parity import jax_steps, torch_steps
 from test_initialisations import linear_case, llama_case  # noqa: F401 (a fixture: RoBERTa, Llama)
-from test_successors import _our_kernel, _torch_kernel, gpt2_case
+from test_successors import _our_kernel, _torch_kernel, gpt2_case, steps_from_pefts_start
 
 RANK, ALPHA, BATCHES = 8, 16.0, 3
 
@@ -163,35 +159,11 @@ def test_the_papers_form_is_its_definition(tmp_path):
 
 
 def test_lora_ga_trains_as_peft_from_its_start(linear_case, tmp_path):
+    """From the start PEFT drew (its SVD's signs are its generator's)."""
     case = linear_case
     peft_model, _ = _peft(case, tmp_path)
-    peft_model.save_pretrained(tmp_path / "start")
-    config_path = tmp_path / "start" / "adapter_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
-                                       "init_lora_weights": True}))
-    _, start = exports.load(tmp_path / "start", case.params, case.family, case.task)
-    stack = _stack(case, form="peft")
-    trainable = {"params": start["params"], "lora_ga": start["lora"]}
-    # The start PEFT drew (its SVD's signs are its generator's): the residual from its A0, B0.
-    stack = stack.calibrated(_data(case))
-    flat = traverse_util.flatten_dict(stack.frozen(case.params, trainable))
-    named = dict(peft_model.named_modules())
-    for module, name in case.modules:
-        flat[tuple(module.split("/")) + ("kernel",)] = jnp.asarray(
-            _torch_kernel(case, named[f"base_model.model.{name}"].base_layer))
-    frozen = traverse_util.unflatten_dict(flat)
-    apply = stack.adapt(case.model.apply)
-    torch_losses = torch_steps(peft_model, lambda b: case.torch_loss(peft_model, b), case.batches)
-    jax_losses, trained = jax_steps(case.jax_loss(apply), frozen, trainable,
-                                    [tuple(map(jnp.asarray, b)) for b in case.batches])
-    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
-    for module, name in case.modules:
-        layer = named[f"base_model.model.{name}"]
-        own = _node(trained["lora_ga"], module)
-        np.testing.assert_allclose(own["lora_a"], layer.lora_A["default"].weight.detach(),
-                                   atol=1e-5)
-        np.testing.assert_allclose(own["lora_b"], layer.lora_B["default"].weight.detach(),
-                                   atol=1e-5)
+    steps_from_pefts_start(case, tmp_path, peft_model,
+                           _stack(case, form="peft").calibrated(_data(case)), "lora_ga")
 
 
 def test_a_rank_over_half_the_gradients_vectors_is_refused(tmp_path):

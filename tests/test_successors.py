@@ -128,6 +128,17 @@ def _assert_trees_close(got, expected, atol=1e-5):
                                    atol=atol, err_msg="/".join(path))
 
 
+def with_pefts_bases(case: Case, frozen, peft_model) -> dict:
+    """`frozen` with each adapted kernel replaced by PEFT's base kernel (the residual PEFT's
+    start left there)."""
+    flat = traverse_util.flatten_dict(frozen)
+    named = dict(peft_model.named_modules())
+    for module, name in case.modules:
+        flat[tuple(module.split("/")) + ("kernel",)] = jnp.asarray(
+            _torch_kernel(case, named[f"base_model.model.{name}"].base_layer))
+    return traverse_util.unflatten_dict(flat)
+
+
 def _our_kernel(params, module: str) -> np.ndarray:
     flat = traverse_util.flatten_dict(params)
     return np.asarray(flat[tuple(module.split("/")) + ("kernel",)])
@@ -168,12 +179,7 @@ def check_against_peft(case: Case, tmp_path, peft_config, method_type, *, rename
     assert type(stack.methods[0]) is method_type
     frozen = stack.frozen(case.params, trainable)
     if peft_base:
-        flat = traverse_util.flatten_dict(frozen)
-        named = dict(peft_model.named_modules())
-        for module, name in case.modules:
-            flat[tuple(module.split("/")) + ("kernel",)] = jnp.asarray(
-                _torch_kernel(case, named[f"base_model.model.{name}"].base_layer))
-        frozen = traverse_util.unflatten_dict(flat)
+        frozen = with_pefts_bases(case, frozen, peft_model)
     apply = stack.adapt(case.model.apply)
     # At step 0 the adapted model is the base, on both sides (PiSSA: W_res + s B0 A0 = W0).
     base_logits = case.jax_logits(lambda f, t, *a, **k: case.model.apply({"params": f}, *a, **k),
@@ -501,3 +507,38 @@ def test_adalora_orthogonality_penalty_forms(form, expected):
     added = {"m": {"lora_a": jnp.array([[2.0, 0.0]]), "lora_e": jnp.zeros(1),
                    "lora_b": jnp.array([[0.0], [2.0]])}}
     assert float(method.regularizer(added)) == pytest.approx(expected)
+
+
+def steps_from_pefts_start(case: Case, tmp_path, peft_model, stack, name: str):
+    """For a data-driven start, whose PEFT file cannot be read back (its moved base needs the
+    calibration data): PEFT's start, read as the plain LoRA tensors it holds, becomes method
+    `name`'s trainable start in `stack` (calibrated), trained against PEFT's moved base; both
+    sides take 5 AdamW steps, losses within 1e-5 relative and A, B within 1e-5.
+
+    Returns:
+      (the adapted apply, the frozen tree trained against, the trained tree).
+    """
+    import json
+
+    peft_model.save_pretrained(tmp_path / "start")
+    config_path = tmp_path / "start" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                       "init_lora_weights": True}))
+    _, start = exports.load(tmp_path / "start", case.params, case.family, case.task)
+    trainable = {"params": start["params"], name: start["lora"]}
+    frozen = with_pefts_bases(case, stack.frozen(case.params, trainable), peft_model)
+    named = dict(peft_model.named_modules())
+    apply = stack.adapt(case.model.apply)
+    torch_losses = torch_steps(peft_model, lambda b: case.torch_loss(peft_model, b), case.batches)
+    jax_losses, trained = jax_steps(case.jax_loss(apply), frozen, trainable,
+                                    [tuple(map(jnp.asarray, b)) for b in case.batches])
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
+    assert torch_losses[-1] < torch_losses[0]
+    flat = traverse_util.flatten_dict(trained[name])
+    for module, torch_name in case.modules:
+        layer = named[f"base_model.model.{torch_name}"]
+        for leaf, torch_leaf in (("lora_a", layer.lora_A), ("lora_b", layer.lora_B)):
+            np.testing.assert_allclose(flat[tuple(module.split("/")) + (leaf,)],
+                                       torch_leaf["default"].weight.detach(), atol=1e-5,
+                                       err_msg=module)
+    return apply, frozen, trained
