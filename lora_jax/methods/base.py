@@ -160,7 +160,7 @@ class Method:
 
     def calibration(self) -> int:
         """Training batches the method's start still needs before step 1 (0: none, or taken):
-        the data-driven starts (CorDA)."""
+        the data-driven starts (CorDA, LoRA-GA)."""
         return 0
 
     def calibrated(self, data: Any) -> "Method":
