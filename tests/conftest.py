@@ -37,6 +37,41 @@ else:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
+def _bitsandbytes_generic_dequantize() -> bool:
+    """On an AVX512 CPU, bitsandbytes (0.50.1 and 0.50.2 measured) dequantizes 4-bit weights with
+    a native kernel that misreads blocks running across rows (a last dimension under the block
+    size, e.g. (64, 48)): its result disagrees with its own codes and absmax, on which every
+    other bitsandbytes path agrees. The references of the tests (bitsandbytes, and PEFT's LoftQ
+    through it) take bitsandbytes' generic kernel there, the one it uses itself for odd shapes:
+    its format's definition (`tests/test_quant_numerics.py` checks it against codes x absmax).
+    Returns whether the kernel was replaced."""
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    try:
+        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+        from bitsandbytes.backends.utils import _get_4bit_code
+    except ImportError:
+        return False
+
+    def generic(A, absmax, blocksize, quant_type, shape, dtype):
+        codes = A.view(torch.uint8) if A.dtype != torch.uint8 else A
+        return _dequantize_4bit_compute(codes.reshape(-1), absmax,
+                                        _get_4bit_code(quant_type, codes.device), blocksize,
+                                        shape, dtype)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that it overrides the native kernel
+        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", generic)
+    return True
+
+
+BITSANDBYTES_GENERIC_DEQUANTIZE = _bitsandbytes_generic_dequantize()
+
+
 def pytest_sessionfinish(session, exitstatus):
     if SESSION_CACHE:
         shutil.rmtree(SESSION_CACHE, ignore_errors=True)
