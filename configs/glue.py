@@ -51,6 +51,9 @@ LARGE = {
 #              batches; 'ipm'): LoRA's setting; LoRA's 294,912.
 #   lora_ga    Wang et al. 2024 (the SVD of the gradient over the run's first 8 batches; the
 #              paper's 'ArB2r', 'stable'): LoRA's setting; LoRA's 294,912.
+#   eva        Paischer et al. 2024 (A0 the inputs' principal directions over the run's first 8
+#              batches, ranks redistributed up to rho r = 16): LoRA's setting; LoRA's 294,912
+#              (query and value read one input, so their ranks stay within each layer's 2r).
 #   lora_fa    Zhang et al. (A frozen, B's gradient corrected): LoRA's setting; B alone, 147,456.
 #   loha       LyCORIS's Hadamard product on Wq, Wv at r=4, 2r (d_in + d_out) per matrix: LoRA's
 #              294,912; PEFT's default alpha 8; LoRA's lr.
@@ -73,6 +76,7 @@ METHODS = {
     "milora": method_overrides("milora"),
     "corda": method_overrides("corda"),
     "lora_ga": method_overrides("lora_ga"),
+    "eva": method_overrides("eva"),
     "lora_fa": method_overrides("lora_fa"),
     "loha": method_overrides("loha", rank=4),
     "lokr": method_overrides("lokr"),

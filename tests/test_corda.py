@@ -21,7 +21,8 @@ from lora_jax.methods import calibration, corda, lora
 from lora_jax.methods.base import SettingError
 from parity import token_batches
 from test_initialisations import linear_case  # noqa: F401 (a fixture: RoBERTa, Llama)
-from test_successors import _our_kernel, _torch_kernel, gpt2_case, steps_from_pefts_start
+from test_successors import (_our_kernel, _torch_kernel, gpt2_case, module_node,
+                             steps_from_pefts_start)
 
 RANK, ALPHA = 4, 8.0
 
@@ -41,12 +42,6 @@ def calibration_data(case, batches, loss=None) -> calibration.Batches:
 
     return calibration.Batches(forward, case.params, tuple(
         {"input_ids": ids, "attention_mask": mask} for ids, mask in batches), loss)
-
-
-def _node(tree, module):
-    for part in module.split("/"):
-        tree = tree[part]
-    return tree
 
 
 def _peft_start(case, mode, batches, covariance_file=None):
@@ -105,7 +100,7 @@ def test_corda_start_is_pefts(linear_case, mode, tmp_path):
         u, sv, vt = np.linalg.svd(w0.T @ fixed, full_matrices=False)
         part = slice(None, RANK) if mode == "ipm" else slice(-RANK, None)
         expected = (u[:, part] * sv[part]) @ vt[part]
-        ours = _node(trainable["corda"], module)
+        ours = module_node(trainable["corda"], module)
         a, b = np.asarray(ours["lora_a"], np.float64), np.asarray(ours["lora_b"], np.float64)
         np.testing.assert_allclose(scale * b @ a @ fixed, expected, rtol=0,
                                    atol=1e-5 * np.abs(expected).max(), err_msg=module)

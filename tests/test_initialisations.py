@@ -22,7 +22,7 @@ from lora_jax.methods.base import SettingError
 from parity import STEPS, token_batches
 from test_llama import BASE, save_hf
 from test_successors import (Case, _our_kernel, _peft_config, _torch_kernel, check_against_peft,
-                             gpt2_case, roberta_case)
+                             gpt2_case, module_node, roberta_case)
 
 
 def llama_case(directory) -> Case:
@@ -44,13 +44,6 @@ def linear_case(request, tmp_path_factory) -> Case:
     return roberta_case(directory) if request.param == "roberta" else llama_case(directory)
 
 
-def _adapter(tree, module: str) -> dict:
-    node = tree
-    for part in module.split("/"):
-        node = node[part]
-    return node
-
-
 def _stack(method_type, targets, rank=3, alpha=6.0, also_train=()):
     return methods.MethodStack((method_type(lora.LoraSpec(targets=targets, rank=rank,
                                                           alpha=alpha)),), also_train=also_train)
@@ -69,7 +62,7 @@ def test_olora_matches_peft(linear_case, tmp_path):
     named = dict(peft_model.named_modules())
     for module, name in case.modules:
         layer = named[f"base_model.model.{name}"]
-        ours = _adapter(fresh["olora"], module)
+        ours = module_node(fresh["olora"], module)
         np.testing.assert_allclose(ours["lora_a"], layer.lora_A["default"].weight.detach(),
                                    atol=1e-5)
         np.testing.assert_allclose(ours["lora_b"], layer.lora_B["default"].weight.detach(),
@@ -118,7 +111,7 @@ def test_milora_starts_from_the_minor_singular_part(tmp_path):
     for module, parts in (("h_0/attn/c_proj", 1), ("h_1/attn/c_attn", 3)):
         kernel = _our_kernel(case.params, module).astype(np.float64)
         residual = _our_kernel(frozen, module)
-        adapter = _adapter(trainable["milora"], module)
+        adapter = module_node(trainable["milora"], module)
         a, b = np.asarray(adapter["lora_a"]), np.asarray(adapter["lora_b"])
         if parts == 1:
             a, b = a[None], b[None]
@@ -172,14 +165,15 @@ def test_a_rank_over_a_kernels_components_is_refused(tmp_path, method_type):
 
 
 # By default the runs that reach the trainer through a path of their own: LoRA-GA's gradient
-# calibration and LoRA-FA's frozen A (CorDA's calibration: tests/test_corda.py); `-m slow` runs
-# the starts and factorings whose training is their stack's (PiSSA's, the LyCORIS base).
-DEFAULT_CLI = ("lora_ga", "lora_fa")
+# calibration, EVA's ranks set by its calibration and LoRA-FA's frozen A (CorDA's calibration:
+# tests/test_corda.py); `-m slow` runs the starts and factorings whose training is their
+# stack's (PiSSA's, the LyCORIS base).
+DEFAULT_CLI = ("lora_ga", "lora_fa", "eva")
 
 
 @pytest.mark.parametrize("method", [
     m if m in DEFAULT_CLI else pytest.param(m, marks=pytest.mark.slow)
-    for m in ("olora", "milora", "corda", "lora_ga", "lora_fa", "loha", "lokr")])
+    for m in ("olora", "milora", "corda", "lora_ga", "eva", "lora_fa", "loha", "lokr")])
 def test_each_variant_trains_and_exports_from_the_command_line(tmp_path, method):
     """configs/glue.py's entry for the method (these starts, LoRA-FA: tests/test_lora_fa.py, LoHa
     and LoKr: tests/test_lycoris.py), through the trainer's command line, to a PEFT export."""

@@ -24,7 +24,7 @@ from lora_jax import exports, methods
 from lora_jax.methods import lora, lora_fa
 from parity import LR, jax_steps, torch_steps, transformers_adamw
 from test_initialisations import llama_case
-from test_successors import _peft_config, gpt2_case, roberta_case
+from test_successors import _peft_config, gpt2_case, module_node, roberta_case
 
 RANK, ALPHA = 4, 8.0  # `_peft_config`'s
 
@@ -34,12 +34,6 @@ def case(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     return {"gpt2": gpt2_case, "roberta": roberta_case, "llama": llama_case}[request.param](
         directory)
-
-
-def _node(tree, module: str) -> dict:
-    for part in module.split("/"):
-        tree = tree[part]
-    return tree
 
 
 def _stack(case, **settings) -> methods.MethodStack:
@@ -63,7 +57,7 @@ def test_lora_fa_matches_peft(case, tmp_path, monkeypatch):
     named = dict(peft_model.named_modules())
     with torch.no_grad():
         for module, name in case.modules:
-            a = np.asarray(_node(frozen["lora_fa"]["a"], module)["lora_a"])
+            a = np.asarray(module_node(frozen["lora_fa"]["a"], module)["lora_a"])
             named[f"base_model.model.{name}"].lora_A["default"].weight.copy_(torch.from_numpy(a))
     if case.task:  # PEFT's fresh head, trained in full on both sides
         peft_model.save_pretrained(tmp_path / "peft_initial")
@@ -86,16 +80,16 @@ def test_lora_fa_matches_peft(case, tmp_path, monkeypatch):
 
     for module, name in case.modules:
         layer = named[f"base_model.model.{name}"]
-        np.testing.assert_allclose(_node(trained["lora_fa"], module)["lora_b"], layer_b(name),
+        np.testing.assert_allclose(module_node(trained["lora_fa"], module)["lora_b"], layer_b(name),
                                    atol=1e-5)
-        np.testing.assert_allclose(_node(frozen["lora_fa"]["a"], module)["lora_a"],
+        np.testing.assert_allclose(module_node(frozen["lora_fa"]["a"], module)["lora_a"],
                                    layer.lora_A["default"].weight.detach(), atol=0)  # frozen
 
     # Without the correction the steps are another method's: the comparison above can fail.
     plain = _stack(case, gradient_correction=False)
     _, uncorrected = jax_steps(case.jax_loss(plain.adapt(case.model.apply)), frozen,
                                jax.tree_util.tree_map(jax.numpy.asarray, start), batches, tx=tx)
-    gap = max(float(np.abs(np.asarray(_node(uncorrected["lora_fa"], m)["lora_b"])
+    gap = max(float(np.abs(np.asarray(module_node(uncorrected["lora_fa"], m)["lora_b"])
                            - layer_b(n)).max()) for m, n in case.modules)
     assert gap > 100 * 1e-5, gap  # a hundred times the tolerance the corrected B meets
 

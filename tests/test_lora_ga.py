@@ -18,7 +18,8 @@ from lora_jax.methods.base import SettingError
 from lora_jax.models.encoder import sequence_classification_loss
 from lora_jax.models.gpt2 import lm_loss
 from test_initialisations import linear_case, llama_case  # noqa: F401 (a fixture: RoBERTa, Llama)
-from test_successors import _our_kernel, _torch_kernel, gpt2_case, steps_from_pefts_start
+from test_successors import (_our_kernel, _torch_kernel, gpt2_case, module_node,
+                             steps_from_pefts_start)
 
 RANK, ALPHA, BATCHES = 8, 16.0, 3
 
@@ -54,12 +55,6 @@ def _peft(case, tmp_path, **ga):
     peft.preprocess_loraga(model, config, train_step, cache_file=str(cache))
     gradients = torch.load(cache)
     return peft.get_peft_model(model, config), gradients
-
-
-def _node(tree, module):
-    for part in module.split("/"):
-        tree = tree[part]
-    return tree
 
 
 def _stack(case, **settings):
@@ -107,7 +102,7 @@ def test_lora_ga_start_is_pefts(tmp_path, direction, scale):
         layer = named[f"base_model.model.{name}"]
         a_peft = layer.lora_A["default"].weight.detach().numpy()
         b_peft = layer.lora_B["default"].weight.detach().numpy()
-        own = _node(trainable["lora_ga"], module)
+        own = module_node(trainable["lora_ga"], module)
         a, b = np.asarray(own["lora_a"]), np.asarray(own["lora_b"])
         a_sign = np.sign(np.sum(a * a_peft, axis=1))[:, None]
         b_sign = np.sign(np.sum(b * b_peft, axis=0))[None, :]

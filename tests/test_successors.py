@@ -139,6 +139,13 @@ def with_pefts_bases(case: Case, frozen, peft_model) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def module_node(tree: dict, module: str) -> Any:
+    """The node of a nested params tree at a module path such as 'h/0/attn/c_attn'."""
+    for part in module.split("/"):
+        tree = tree[part]
+    return tree
+
+
 def _our_kernel(params, module: str) -> np.ndarray:
     flat = traverse_util.flatten_dict(params)
     return np.asarray(flat[tuple(module.split("/")) + ("kernel",)])

@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from lora_jax.methods import (adalora, adapters, corda, dora, full, loftq, loha, lokr, lora,
+from lora_jax.methods import (adalora, adapters, corda, dora, eva, full, loftq, loha, lokr, lora,
                               lora_fa, lora_ga, lora_plus, milora, olora, pissa, prefix, vera)
 from lora_jax.methods.base import (Method, MethodStack, NotMergeable, Registration, combine,
                                    count_params)
@@ -29,6 +29,7 @@ METHODS: dict[str, Registration] = {
     "milora": milora.REGISTRATION,
     "corda": corda.REGISTRATION,
     "lora_ga": lora_ga.REGISTRATION,
+    "eva": eva.REGISTRATION,
     "loftq": loftq.REGISTRATION,
     "lora_plus": lora_plus.REGISTRATION,
     "lora_fa": lora_fa.REGISTRATION,

@@ -1,6 +1,6 @@
-"""Data-driven starts of LoRA (`CalibratedStart`: CorDA, LoRA-GA) and the statistics of a few
-batches they take before step 1: CorDA's covariances of the targets' inputs, LoRA-GA's
-gradients of the targets' full weights.
+"""Data-driven starts of LoRA (`CalibratedStart`: CorDA, LoRA-GA; and EVA) and the statistics of
+a few batches they take before step 1: CorDA's covariances of the targets' inputs, LoRA-GA's
+gradients of the targets' full weights, EVA's rows of the targets' inputs.
 
 The model runs on each batch as the run would, without adapters or dropout. A statistic is kept
 per kernel path, in float32 on the host.
@@ -9,6 +9,7 @@ per kernel path, in float32 on the host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -78,6 +79,42 @@ def input_covariances(data: Batches, kernel_paths: Sequence[str]) -> dict[str, n
         return found
 
     return _mean(covariances(data.params, b) for b in data.batches)
+
+
+def token_positions(batch: Mapping[str, Any], use_label_mask: bool) -> np.ndarray:
+    """The flat (batch x length) positions of a batch's real tokens in real rows and, with
+    `use_label_mask` where the batch marks tokens for the loss (`loss_mask`), of those only."""
+    keep = np.asarray(batch["attention_mask"]) > 0
+    if "example_mask" in batch:
+        keep &= np.asarray(batch["example_mask"])[:, None] > 0
+    if use_label_mask and "loss_mask" in batch:
+        keep &= np.asarray(batch["loss_mask"]) > 0
+    return np.flatnonzero(keep.reshape(-1))
+
+
+@functools.partial(jax.jit, static_argnames=("forward", "modules"))
+def _dense_inputs(params, batch, *, forward, modules):
+    found = {}
+
+    def output(call, _, x, y, dropped):
+        found[call.path] = x.reshape(-1, x.shape[-1])
+        return y
+
+    with intercept_dense({m: True for m in modules}, None, 0.0, output, "calibration"):
+        forward(params, batch)
+    return found
+
+
+def input_rows(data: Batches, kernel_paths: Sequence[str], index: int,
+               use_label_mask: bool = False) -> dict[str, np.ndarray]:
+    """kernel path -> the rows (tokens, d_in) its layer reads in batch `index` of `data`, at
+    the batch's `token_positions`, in float32 on the host (EVA's PCA input)."""
+    batch = data.batches[index]
+    modules = tuple(tuple(p.split("/")[:-1]) for p in kernel_paths)
+    found = _dense_inputs(data.params, batch, forward=data.forward, modules=modules)
+    keep = token_positions(batch, use_label_mask)
+    return {path: np.asarray(found[module], np.float32)[keep]
+            for path, module in zip(kernel_paths, modules)}
 
 
 def kernel_gradients(data: Batches, kernel_paths: Sequence[str]) -> dict[str, np.ndarray]:

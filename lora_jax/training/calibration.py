@@ -1,5 +1,5 @@
-"""The data-driven starts' calibration in a run: the batches a start needs (CorDA's and LoRA-GA's
-`calibration_batches`) are the run's own first training batches (epoch 0 at the run's seed:
+"""The data-driven starts' calibration in a run: the batches a start needs (CorDA's, LoRA-GA's and
+EVA's `calibration_batches`) are the run's own first training batches (epoch 0 at the run's seed:
 the ones steps 1..n then train on), taken before step 1 with the base model.
 
 What a start takes from them (`MethodStack.calibration_state`) is kept in the workdir with a
