@@ -516,11 +516,13 @@ def test_adalora_orthogonality_penalty_forms(form, expected):
     assert float(method.regularizer(added)) == pytest.approx(expected)
 
 
-def steps_from_pefts_start(case: Case, tmp_path, peft_model, stack, name: str):
+def steps_from_pefts_start(case: Case, tmp_path, peft_model, stack, name: str,
+                           peft_dtype=None):
     """For a data-driven start, whose PEFT file cannot be read back (its moved base needs the
     calibration data): PEFT's start, read as the plain LoRA tensors it holds, becomes method
     `name`'s trainable start in `stack` (calibrated), trained against PEFT's moved base; both
-    sides take 5 AdamW steps, losses within 1e-5 relative and A, B within 1e-5.
+    sides take 5 AdamW steps, losses within 1e-5 relative and A, B within 1e-5. `peft_dtype`:
+    PEFT takes its steps in this dtype, after its start is read (as `check_against_peft`).
 
     Returns:
       (the adapted apply, the frozen tree trained against, the trained tree).
@@ -536,6 +538,8 @@ def steps_from_pefts_start(case: Case, tmp_path, peft_model, stack, name: str):
     frozen = with_pefts_bases(case, stack.frozen(case.params, trainable), peft_model)
     named = dict(peft_model.named_modules())
     apply = stack.adapt(case.model.apply)
+    if peft_dtype is not None:
+        peft_model.to(peft_dtype)
     torch_losses = torch_steps(peft_model, lambda b: case.torch_loss(peft_model, b), case.batches)
     jax_losses, trained = jax_steps(case.jax_loss(apply), frozen, trainable,
                                     [tuple(map(jnp.asarray, b)) for b in case.batches])
