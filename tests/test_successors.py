@@ -516,6 +516,26 @@ def test_adalora_orthogonality_penalty_forms(form, expected):
     assert float(method.regularizer(added)) == pytest.approx(expected)
 
 
+def exports_both_ways(case: Case, tmp_path, stack, apply, frozen, trained, peft_model):
+    """PEFT loads our export of the trained `stack` and gives our logits; we load PEFT's trained
+    `peft_model` (its file) and give our logits too (both within 1e-4).
+
+    Returns:
+      (our logits, the stack read from PEFT's file).
+    """
+    ours = case.jax_logits(apply, frozen, trained)
+    exports.save(tmp_path / "ours", stack, {}, trained, frozen=frozen,
+                 model_type=case.model_type, task=case.task)
+    loaded = peft.PeftModel.from_pretrained(case.torch_model(), tmp_path / "ours")
+    np.testing.assert_allclose(case.torch_logits(loaded), ours, atol=1e-4)
+    peft_model.save_pretrained(tmp_path / "peft_trained")
+    back, tree = exports.load(tmp_path / "peft_trained", case.params, case.family, case.task)
+    np.testing.assert_allclose(
+        case.jax_logits(back.adapt(case.model.apply), back.frozen(case.params, tree), tree),
+        ours, atol=1e-4)
+    return ours, back
+
+
 def steps_from_pefts_start(case: Case, tmp_path, peft_model, stack, name: str,
                            peft_dtype=None):
     """For a data-driven start, whose PEFT file cannot be read back (its moved base needs the
