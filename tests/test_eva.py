@@ -151,21 +151,22 @@ def test_eva_start_is_pefts(exact_pca, tmp_path, kind, settings):
         np.testing.assert_array_equal(leaf, base[key], err_msg=str(key))
 
 
-@pytest.mark.parametrize("kind,targets", [("llama", DISTINCT["llama"]),
-                                          ("roberta", ["query", "intermediate.dense"])])
+@pytest.mark.parametrize("kind,eps", [("llama", 1e-8), ("gpt2", 1e-6), ("roberta", 1e-6)])
 def test_eva_trains_as_peft_from_its_start_and_peft_loads_its_export(exact_pca, tmp_path, kind,
-                                                                    targets):
-    """(RoBERTa's output.dense layers are left out here: with them, one entry of a trained B
-    lands 1.2e-5 from PEFT's float32 steps and 4.8e-5 from its float64 ones, all others within
-    1e-5: an entry whose gradient is near 0, where Adam's normalised step amplifies rounding.
-    Their start is PEFT's, test_eva_start_is_pefts.)"""
-    case = _case(kind, tmp_path / "base", targets)
+                                                                    eps):
+    """5 AdamW steps from PEFT's start. A's gradient is exactly 0 at step 1 (B0 = 0) and scaled
+    by B's first step at step 2, so an entry of A whose gradient is then of the order of Adam's
+    epsilon takes an update whose size rounding decides: with torch's default eps 1e-8, one entry
+    of one matrix ends 2.3e-5 (GPT-2, an A) and 1.2e-5 (RoBERTa, a B) from PEFT's, every other
+    within 1e-5, and stepping PEFT in float64 does not bring it closer (4.8e-5). With eps 1e-6 on
+    both sides every value is within 1e-5; the Llama passes at 1e-8."""
+    case = _case(kind, tmp_path / "base", DISTINCT[kind])
     batches = _calibration(case)
     peft_model = _peft_eva(case, batches)
     stack = _stack(case, _ours(case, batches))
     adapted = [(m, n) for m, n in case.modules if m + "/kernel" in stack.methods[0].components]
     apply, frozen, trained = steps_from_pefts_start(
-        dataclasses.replace(case, modules=adapted), tmp_path, peft_model, stack, "eva")
+        dataclasses.replace(case, modules=adapted), tmp_path, peft_model, stack, "eva", eps=eps)
     # PEFT's file says init_lora_weights 'eva', with its rank and alpha patterns: a LoRA.
     _, back = exports_both_ways(case, tmp_path, stack, apply, frozen, trained, peft_model)
     assert '"eva"' in (tmp_path / "peft_trained" / "adapter_config.json").read_text()

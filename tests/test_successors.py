@@ -29,7 +29,7 @@ from lora_jax.models.encoder import sequence_classification_loss
 from lora_jax.models.gpt2 import lm_loss
 from lora_jax.training import optim
 from conftest import save_tiny_hf_gpt2
-from parity import (LR, STEPS, WEIGHT_DECAY, jax_steps, save_tiny_roberta, token_batches,
+from parity import (ADAM_EPS, LR, STEPS, WEIGHT_DECAY, jax_steps, save_tiny_roberta, token_batches,
                     torch_steps)
 
 
@@ -537,12 +537,13 @@ def exports_both_ways(case: Case, tmp_path, stack, apply, frozen, trained, peft_
 
 
 def steps_from_pefts_start(case: Case, tmp_path, peft_model, stack, name: str,
-                           peft_dtype=None):
+                           peft_dtype=None, eps: float = ADAM_EPS):
     """For a data-driven start, whose PEFT file cannot be read back (its moved base needs the
     calibration data): PEFT's start, read as the plain LoRA tensors it holds, becomes method
     `name`'s trainable start in `stack` (calibrated), trained against PEFT's moved base; both
     sides take 5 AdamW steps, losses within 1e-5 relative and A, B within 1e-5. `peft_dtype`:
-    PEFT takes its steps in this dtype, after its start is read (as `check_against_peft`).
+    PEFT takes its steps in this dtype, after its start is read (as `check_against_peft`);
+    `eps`: both sides' AdamW epsilon.
 
     Returns:
       (the adapted apply, the frozen tree trained against, the trained tree).
@@ -560,9 +561,10 @@ def steps_from_pefts_start(case: Case, tmp_path, peft_model, stack, name: str,
     apply = stack.adapt(case.model.apply)
     if peft_dtype is not None:
         peft_model.to(peft_dtype)
-    torch_losses = torch_steps(peft_model, lambda b: case.torch_loss(peft_model, b), case.batches)
+    torch_losses = torch_steps(peft_model, lambda b: case.torch_loss(peft_model, b), case.batches,
+                               eps=eps)
     jax_losses, trained = jax_steps(case.jax_loss(apply), frozen, trainable,
-                                    [tuple(map(jnp.asarray, b)) for b in case.batches])
+                                    [tuple(map(jnp.asarray, b)) for b in case.batches], eps=eps)
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
     assert torch_losses[-1] < torch_losses[0]
     flat = traverse_util.flatten_dict(trained[name])
