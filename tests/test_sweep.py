@@ -175,8 +175,9 @@ def test_methods_study_is_every_baseline_of_the_experiment_config():
     # matched budgets (configs/ablations.py MATCHED_BUDGET, on MiniLM).
     assert list(named) == [f"method={m},seed=0" for m in
                            ("lora", "full", "bitfit", "adapter_h", "adapter_p", "adapter_d",
-                            "dora", "pissa", "olora", "milora", "corda", "lora_ga", "lora_fa",
-                            "loha", "lokr", "lora_plus", "vera", "lora_r64", "adapter_p_r15")]
+                            "dora", "pissa", "olora", "milora", "corda", "lora_ga", "eva",
+                            "lora_fa", "loha", "lokr", "lora_plus", "vera", "lora_r64",
+                            "adapter_p_r15")]
     # On MiniLM the adapter and bias methods take the miniature's lr 1e-3 (configs/glue.py's own
     # rate, BitFit's 4e-4, is for RoBERTa-base); FT and VeRA keep theirs.
     assert named["method=bitfit,seed=0"]["overrides"] == {
