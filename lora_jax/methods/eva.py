@@ -26,7 +26,7 @@ differences: (1) PEFT's IncrementalPCA takes torch's randomised `svd_lowrank` (q
 iterations, seed 42); we take the exact SVD in float64, which that approximates (the tests
 compare with PEFT's algorithm run with the exact SVD); (2) where explained-variance ratios tie
 (targets sharing an input), PEFT's order is torch's unstable argsort; ours is the targets' order
-in the model, so a shared input's first target gets at least the others' rank, which PEFT then
+in the params tree, so a shared input's first target gets at least the others' rank, which PEFT then
 enforces by a swap. PEFT cycles the batches without bound; we cycle them at most MAX_PASSES
 times and say which targets did not converge.
 
@@ -154,12 +154,18 @@ class EVA(lora.LoRA):
                                f"inputs, more than its kernel {tuple(kernel_shape)} allows; "
                                "lower rank or rho", self.name)
 
+    def checked_targets(self, params: Params) -> list[str]:
+        """The target kernel paths, each `check`ed against its kernel's shape."""
+        flat = traverse_util.flatten_dict(params)
+        paths = lora.target_kernels(self.spec, params)
+        for path in paths:
+            self.check(path, flat[tuple(path.split("/"))].shape)
+        return paths
+
     def init(self, params: Params, key: jax.Array) -> dict:
         if self.components is None:
             flat = traverse_util.flatten_dict(params)
-            paths = lora.target_kernels(self.spec, params)
-            for path in paths:
-                self.check(path, flat[tuple(path.split("/"))].shape)
+            paths = self.checked_targets(params)
             if paths and not isinstance(flat[tuple(paths[0].split("/"))], jax.core.Tracer):
                 raise SettingError("targets", f"eva has no input components for {paths[0]}: "
                                    "calibrate it on batches of the task first (`calibrated`)",
@@ -186,10 +192,7 @@ class EVA(lora.LoRA):
           SettingError: a target EVA cannot start (`check`), or one whose components did not
             converge in MAX_PASSES passes over the batches.
         """
-        flat = traverse_util.flatten_dict(data.params)
-        paths = lora.target_kernels(self.spec, data.params)
-        for path in paths:
-            self.check(path, flat[tuple(path.split("/"))].shape)
+        paths = self.checked_targets(data.params)
         return self.with_calibration(self.fit(data, paths))
 
     def fit(self, data: calibration.Batches, paths: Sequence[str]) -> dict[str, np.ndarray]:
@@ -205,23 +208,19 @@ class EVA(lora.LoRA):
         budget = sum(self.spec.rank_for(p) for p in paths)
         pcas = {p: Pca(k[p]) for p in fitted}
         converged = {p: np.zeros(k[p], bool) for p in fitted}
-        done, active = dict.fromkeys(fitted, False), dict.fromkeys(fitted, True)
+        done = dict.fromkeys(fitted, False)  # converged and not fitting
         ranks = {p: k[shared[p]] for p in paths}
         batches = cycle(range(len(data.batches)))
         for step in range(MAX_PASSES * len(data.batches)):
             for p in fitted:  # PEFT's order: convergence is checked before each batch
-                ready = bool(converged[p][:ranks[p]].all())
-                if not done[p] and ready and active[p]:
-                    active[p], done[p] = False, True
-                elif done[p] and not ready:
-                    active[p], done[p] = True, False
+                done[p] = bool(converged[p][:ranks[p]].all())
             if all(done.values()):
                 break
             index = next(batches)
             inputs = first if step == 0 else calibration.input_rows(
-                data, [p for p in fitted if active[p]], index, self.use_label_mask)
+                data, [p for p in fitted if not done[p]], index, self.use_label_mask)
             for p in fitted:
-                if not active[p] or inputs[p].shape[0] < k[p]:
+                if done[p] or inputs[p].shape[0] < k[p]:
                     continue  # too few tokens for k components: PEFT skips the batch too
                 previous = pcas[p].components
                 pcas[p] = pca_step(pcas[p], inputs[p])
