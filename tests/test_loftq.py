@@ -61,8 +61,6 @@ def test_loftq_holds_its_alternations_quantized_base_and_adapters(llama_dir, ite
                              for p in untouched)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="PEFT's LoftQ runs on CUDA (or XPU) only: test_peft_loftq_needs_cuda")
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_loftq_equals_peft_loftq_config_on_a_tiny_llama(llama_dir, iterations):
     """Model level, where PEFT runs: `get_peft_model` with `LoftQConfig` (4 bits, the same
@@ -74,7 +72,7 @@ def test_loftq_equals_peft_loftq_config_on_a_tiny_llama(llama_dir, iterations):
     from test_loftq_numerics import TOL, _sign_aligned
 
     rank = 4
-    torch_model = HF_CLASSES["llama"][1].from_pretrained(llama_dir).to("cuda")
+    torch_model = HF_CLASSES["llama"][1].from_pretrained(llama_dir)
     peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(
         init_lora_weights="loftq", r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"],
         loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=iterations)))

@@ -1,10 +1,8 @@
 """`lora_jax.methods.loftq.loftq_factors` against PEFT's LoftQ (`peft.utils.loftq_utils`).
 
-PEFT 0.21's `loftq_init` moves the weight to "cuda" unconditionally, so on a CPU-only machine it
-(and `get_peft_model` with init_lora_weights="loftq") raises "Torch not compiled with CUDA
-enabled"; `test_peft_loftq_needs_cuda` pins that. The comparisons therefore run PEFT's loop on
-the CPU (`_peft_loftq_on_cpu`: loftq_init line for line, with PEFT's own SVD split and
-bitsandbytes' own quantizer), patching nothing.
+Since PEFT 0.22, `loftq_init` (and `get_peft_model` with init_lora_weights="loftq") runs on the
+CPU (its device is `infer_device()`; before, it was "cuda" unconditionally), so the comparisons call
+PEFT itself, with bitsandbytes' own quantizer, patching nothing.
 
 SVD factors are unique only up to the sign of each rank component (row k of A and column k of B
 flip together), and numpy and torch may choose differently: A and B are compared after aligning
@@ -12,8 +10,6 @@ each component's sign to PEFT's. The dequantized base and the residual W - Q - B
 on signs.
 """
 
-import copy
-import inspect
 
 import numpy as np
 import pytest
@@ -28,27 +24,12 @@ loftq_utils = pytest.importorskip("peft.utils.loftq_utils")
 TOL = dict(rtol=0, atol=1e-4)
 
 
-@torch.no_grad()
-def _peft_loftq_on_cpu(weight: np.ndarray, num_bits: int, reduced_rank: int, num_iter: int):
-    """PEFT's `loftq_init(weight, num_bits, reduced_rank, num_iter)` with compute device "cpu":
-    (dequantized base, lora_A, lora_B) as numpy."""
-    weight = torch.from_numpy(weight).to(dtype=torch.float32)
-    res = weight.clone()
-    for i in range(num_iter):
-        if num_bits == 4:
-            qweight = bnb.nn.Params4bit(res.to("cpu"), requires_grad=False,
-                                        compress_statistics=False, quant_type="nf4").to("cpu")
-            dequantized = bnb.functional.dequantize_4bit(qweight.data, qweight.quant_state)
-        else:
-            qweight = bnb.nn.Int8Params(res.to("cpu"), requires_grad=False).to("cpu")
-            dequantized = bnb.functional.int8_vectorwise_dequant(qweight.data, qweight.SCB)
-        res = weight - dequantized
-        output = loftq_utils._low_rank_decomposition(res, reduced_rank=reduced_rank)
-        L, R = output["L"], output["R"]
-        if i + 1 == num_iter:
-            break
-        res = weight - torch.mm(L, R)
-    return dequantized.numpy(), R.numpy(), L.numpy()
+def _peft_loftq(weight: np.ndarray, num_bits: int, reduced_rank: int, num_iter: int):
+    """PEFT's `loftq_init(weight, num_bits, reduced_rank, num_iter)`: (dequantized base, lora_A,
+    lora_B) as numpy."""
+    base, a, b = loftq_utils.loftq_init(torch.from_numpy(weight), num_bits=num_bits,
+                                        reduced_rank=reduced_rank, num_iter=num_iter)
+    return base.numpy(), a.numpy(), b.numpy()
 
 
 def _sign_aligned(a: np.ndarray, b: np.ndarray, a_ref: np.ndarray):
@@ -73,29 +54,13 @@ def _normal(shape, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def test_peft_loftq_needs_cuda():
-    """Why the comparisons run PEFT's loop themselves: on a machine without CUDA PEFT refuses.
-    The source checks catch a PEFT whose loop no longer matches `_peft_loftq_on_cpu`."""
-    source = inspect.getsource(loftq_utils.loftq_init)
-    for line in ('compute_device = "xpu" if is_xpu_available() else "cuda"',
-                 'compress_statistics=False, quant_type="nf4"',
-                 "res = weight - dequantized_weight",
-                 "res = weight - torch.mm(L, R)",
-                 "lora_A, lora_B = R, L"):
-        assert line in source, f"PEFT's loftq_init changed: {line!r} is gone"
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is available: PEFT's loftq_init runs here")
-    with pytest.raises(AssertionError, match="Torch not compiled with CUDA enabled"):
-        loftq_utils.loftq_init(torch.from_numpy(_normal((64, 48))), num_bits=4, reduced_rank=4)
-
-
 @pytest.mark.parametrize("rank", [4, 8])
 @pytest.mark.parametrize("iterations", [1, 5])
 @pytest.mark.parametrize("shape", [(64, 48), (96, 64)])
 def test_loftq_matches_peft_nf4(shape, iterations, rank):
     w = _normal(shape, seed=shape[0] + iterations + rank)
     parts, a, b = loftq_factors(w, rank, iterations, nf4.quantize, nf4.dequantize)
-    peft_result = _peft_loftq_on_cpu(w, 4, rank, iterations)
+    peft_result = _peft_loftq(w, 4, rank, iterations)
     assert a.shape == (rank, shape[1]) and b.shape == (shape[0], rank)
     _assert_matches_peft(w, parts, a, b, nf4.dequantize, peft_result)
     if iterations == 1:  # the first step quantizes W itself: bit for bit
@@ -108,7 +73,7 @@ def test_loftq_matches_peft_int8():
     w = _normal((64, 48), seed=3)
     parts, a, b = loftq_factors(w, 8, 5, lambda x: int8.quantize(x.astype(np.float16)),
                                 int8.dequantize)
-    _assert_matches_peft(w, parts, a, b, int8.dequantize, _peft_loftq_on_cpu(w, 8, 8, 5))
+    _assert_matches_peft(w, parts, a, b, int8.dequantize, _peft_loftq(w, 8, 8, 5))
 
 
 def test_loftq_scale_divides_the_factors():
@@ -157,34 +122,3 @@ def test_loftq_refuses_bad_arguments():
                           scale=args["scale"])
     with pytest.raises(ValueError, match="not a"):
         loftq_factors(w.reshape(-1), 4, 1, nf4.quantize, nf4.dequantize)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    """A tiny LlamaForCausalLM (hidden 64, 2 layers, 4 heads, intermediate 96, vocab 97)."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=96, vocab_size=97)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
-
-
-@pytest.mark.parametrize("iterations", [1, 5])
-def test_loftq_on_tiny_llama(tiny_llama, iterations):
-    """Model level: PEFT's LoftQ config on q_proj and v_proj (r 8, alpha 16). On CPU PEFT
-    refuses (the CUDA error); each targeted module's weight then goes through PEFT's loop and
-    ours, compared as above. PEFT would set lora_A = A, lora_B = B unscaled (scale 1 here) and the
-    base weight to the dequantized Q."""
-    peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(init_lora_weights="loftq", r=8, lora_alpha=16,
-                             target_modules=["q_proj", "v_proj"],
-                             loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=iterations))
-    if not torch.cuda.is_available():
-        with pytest.raises(AssertionError, match="Torch not compiled with CUDA enabled"):
-            peft.get_peft_model(copy.deepcopy(tiny_llama), config)
-    attention = tiny_llama.model.layers[1].self_attn
-    for module in (attention.q_proj, attention.v_proj):
-        w = module.weight.detach().numpy().copy()
-        parts, a, b = loftq_factors(w, 8, iterations, nf4.quantize, nf4.dequantize)
-        _assert_matches_peft(w, parts, a, b, nf4.dequantize,
-                             _peft_loftq_on_cpu(w, 4, 8, iterations))

@@ -7,6 +7,7 @@ tensor changes the logits; tolerances are fixed (1e-4 on whole-model logits).
 import json
 import pathlib
 import pickle
+import shutil
 import typing
 
 import jax
@@ -377,12 +378,13 @@ def test_export_refuses_gpt2_tied_embedding(gpt2_export, tmp_path):
 # PEFT's logits on the same base) or 'refused' (names the config file, the value and a remedy).
 INIT_VALUES = {
     True: "loads", False: "loads", "gaussian": "loads", "eva": "loads", "orthogonal": "loads",
-    "mica": "loads", "olora": "loads", "pissa": "loads",
-    "pissa_niter_4": "refused", "corda": "refused", "loftq": "refused", "lora_ga": "refused",
+    "mica": "loads", "nora": "loads", "olora": "loads", "pissa": "loads",
+    "pissa_niter_4": "refused", "corda": "refused", "astra": "refused", "loftq": "refused",
+    "lora_ga": "refused",
 }
 # PEFT cannot start these without calibration data or a quantisation setup: their configs are
 # written by hand (a plain save with the value set).
-_HAND_WRITTEN = ("corda", "loftq")
+_HAND_WRITTEN = ("corda", "astra", "loftq")
 
 
 def test_init_values_cover_peft():
@@ -452,10 +454,9 @@ def test_every_init_lora_weights_loads_as_peft_or_is_refused(init, roberta_dir, 
 
 @pytest.mark.parametrize("family", ["roberta", "gpt2"])
 def test_olora_adapter_gives_peft_logits(family, roberta_dir, gpt2_dir, tmp_path, padded_batch):
-    """OLoRA trains against W0 - s Q_r R_r (QR of the weight as torch stores it): read as PEFT's
-    conversion, a rank-2r LoRA on W0, it gives PEFT's logits, by `exports.load` and `load_peft`
-    alike. GPT-2's Conv1D stores (d_in, d_out), which PEFT factors as is; only its square c_proj
-    fits A's shape there."""
+    """OLoRA trains against W0 - s Q_r R_r (QR of W0^T): read as PEFT's conversion, a rank-2r
+    LoRA on W0, it gives PEFT's logits, by `exports.load` and `load_peft` alike; on GPT-2's
+    Conv1D (fan_in_fan_out) too, which PEFT factors as W0^T since 0.22."""
     out = tmp_path / "adapter"
     if family == "roberta":
         peft_model = _save_peft_lora(
@@ -466,7 +467,8 @@ def test_olora_adapter_gives_peft_logits(family, roberta_dir, gpt2_dir, tmp_path
         task, ids, mask = "classification", *padded_batch(101, pad_id=1)
     else:
         peft_model = _save_peft_lora(transformers.GPT2LMHeadModel, gpt2_dir, out, "olora",
-                                     target_modules=["attn.c_proj"], fan_in_fan_out=True)
+                                     target_modules=["attn.c_attn", "attn.c_proj"],
+                                     fan_in_fan_out=True)
         model, params, _ = load_pretrained(gpt2_dir)
         task, ids, mask = None, *padded_batch(97)
     theirs = _torch_logits(peft_model, ids, mask)
@@ -481,6 +483,55 @@ def test_olora_adapter_gives_peft_logits(family, roberta_dir, gpt2_dir, tmp_path
     assert np.abs(plain - theirs)[real].max() > 100 * ATOL
 
 
+OLORA_PEFT_0212 = pathlib.Path(__file__).parent / "data" / "olora_gpt2_peft0212"
+
+
+def _olora_0212(tmp_path, peft_version=...):
+    """A copy of PEFT 0.21.2's GPT-2 OLoRA adapter (`data/olora_gpt2_peft0212/make.py`), its
+    peft_version replaced (... keeps it; None removes it); (adapter, base params, model,
+    reference npz)."""
+    out = tmp_path / "adapter"
+    shutil.copytree(OLORA_PEFT_0212 / "adapter", out)
+    if peft_version is not ...:
+        config = json.loads((out / "adapter_config.json").read_text())
+        config.pop("peft_version")
+        if peft_version is not None:
+            config["peft_version"] = peft_version
+        (out / "adapter_config.json").write_text(json.dumps(config))
+    model, params, _ = load_pretrained(OLORA_PEFT_0212 / "base")
+    return out, params, model, np.load(OLORA_PEFT_0212 / "reference.npz")
+
+
+@pytest.mark.parametrize("peft_version", [..., None, "0.21.3.dev0@1a2b3c"],
+                         ids=["as_saved", "before_0.18_no_field", "a_dev_build"])
+def test_olora_gpt2_file_of_peft_before_022_keeps_its_function(tmp_path, peft_version):
+    """PEFT before 0.22 factored GPT-2's stored Conv1D kernel, not W0^T; a file it saved (its
+    `peft_version` says so; configs before PEFT 0.18 have none) is read as the function it was
+    trained on: PEFT 0.21.2's own logits, recorded by `make.py`. PEFT 0.22 itself reads such a
+    file as if it had factored W0^T, which is another function."""
+    out, params, model, reference = _olora_0212(tmp_path, peft_version)
+    ids, mask, theirs = reference["input_ids"], reference["attention_mask"], reference["logits"]
+    real = mask == 1
+    ours = _exported_logits(out, params, model, "gpt2", None, ids, mask)
+    np.testing.assert_allclose(ours[real], theirs[real], rtol=0, atol=ATOL)
+    spec, trainable = load_peft(out, params, model_type="gpt2", task=None)
+    as_lora = lora.adapt(model.apply, spec)(params, trainable, ids, attention_mask=mask).logits
+    np.testing.assert_allclose(np.asarray(as_lora)[real], theirs[real], rtol=0, atol=ATOL)
+    peft_022 = _torch_logits(_peft_model(transformers.GPT2LMHeadModel, OLORA_PEFT_0212 / "base",
+                                         out), ids, mask)
+    assert np.abs(peft_022 - theirs)[real].max() > 100 * ATOL
+
+
+def test_olora_gpt2_file_with_an_unreadable_peft_version_is_refused(tmp_path):
+    out, params, _, _ = _olora_0212(tmp_path, "nightly")
+    message = (rf"^{out}/adapter_config.json: peft_version 'nightly' is not a version, and PEFT's "
+               "OLoRA start")
+    with pytest.raises(FileFormatError, match=message):
+        load_peft(out, params, model_type="gpt2", task=None)
+    with pytest.raises(FileFormatError, match=message):
+        exports.load(out, params, model_family("gpt2"), None)
+
+
 def test_dora_olora_adapter_gives_peft_logits(roberta_dir, tmp_path, padded_batch):
     """DoRA normalises W_res + s B A = W0 + s' B' A', so the conversion carries over."""
     out = tmp_path / "adapter"
@@ -493,16 +544,17 @@ def test_dora_olora_adapter_gives_peft_logits(roberta_dir, tmp_path, padded_batc
 
 
 def test_a_module_to_save_without_tensors_is_refused(roberta_dir, tmp_path):
-    """PEFT's SEQ_CLS save lists 'classifier' and 'score' in modules_to_save; a copy that lost the
-    classifier's tensors would run on the base's untrained head (PEFT raises as well). 'score',
-    which names no module of RoBERTa, stays ignored."""
+    """PEFT's SEQ_CLS save lists every task head name it knows in modules_to_save ('classifier',
+    'score', from 0.22 'pre_classifier'); a copy that lost the classifier's tensors would run on
+    the base's untrained head (PEFT raises as well). The others, which name no module of RoBERTa,
+    stay ignored."""
     out = tmp_path / "adapter"
     _save_peft_lora(transformers.RobertaForSequenceClassification, roberta_dir, out, True,
                     **ROBERTA_LORA)
-    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == [
-        "classifier", "score"]
+    saved = json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+    assert "classifier" in saved and {"score", "pre_classifier"} <= set(saved)
     _, params, _ = load_pretrained(roberta_dir, task="classification", num_labels=3)
-    load_peft(out, params, model_type="roberta", task="classification")  # 'score' is ignored
+    load_peft(out, params, model_type="roberta", task="classification")  # the others: ignored
     weights = out / "adapter_model.safetensors"
     tensors = safetensors.numpy.load_file(weights)
     safetensors.numpy.save_file({k: v for k, v in tensors.items() if ".classifier." not in k},

@@ -16,15 +16,15 @@ With W - Q_t = U S V^T, the factors share the singular values evenly:
 the paper's split and PEFT's `_low_rank_decomposition`. Everything is in torch layout (W is
 (d_out, d_in)); a Flax kernel is W^T.
 
-Parity target is PEFT's `peft.utils.loftq_utils.loftq_init` (0.21): 4 bits is bitsandbytes' NF4
+Parity target is PEFT's `peft.utils.loftq_utils.loftq_init` (0.22): 4 bits is bitsandbytes' NF4
 in blocks of 64 without double quantization (`Params4bit(..., compress_statistics=False,
 quant_type="nf4")`; `lora_jax.quant.nf4` reproduces it bit for bit), 8 bits is
 bitsandbytes' row-wise int8 of the weight cast to float16 (`int8.quantize(W.astype(float16))`
 here). The alternation is the paper's Algorithm 1 exactly. PEFT sets lora_A = A, lora_B = B and
 replaces the base layer's weight by the dequantized Q_T (still a float tensor: the quantized
 model is meant to be saved and reloaded in 4 bits; NF4 re-quantizes its own dequantized values to
-the same codes, so nothing is lost). PEFT 0.21 runs it on "cuda" (or "xpu") unconditionally, so it
-cannot run on a CPU-only machine; tests/test_loftq_numerics.py compares with its loop run on CPU.
+the same codes, so nothing is lost). Since 0.22 PEFT runs it on the CPU too (before, on "cuda"
+unconditionally), so tests/test_loftq_numerics.py and tests/test_loftq.py call it as it is.
 
 Where this differs from PEFT: `scale`. The LoRA layer adds scale * B A (scale = alpha / r), but
 the paper's algorithm has no scale and PEFT applies none (huggingface/peft#1982), so with alpha != r PEFT's model starts from

@@ -23,6 +23,7 @@ import re
 from typing import Any
 
 import numpy as np
+import packaging.version
 from flax import traverse_util
 
 from lora_jax.errors import FileFormatError
@@ -34,8 +35,8 @@ from lora_jax.models import family as model_family
 
 # PEFT's `init_lora_weights` values (lower-cased) that choose only A's and B's starting values:
 # PEFT's load leaves the base as it is, so the adapter is a plain LoRA on W0. (MiCA also freezes B
-# in training; its forward is LoRA's.)
-PLAIN_INITS = ("true", "false", "none", "gaussian", "eva", "orthogonal", "mica")  # None: as False
+# in training; its forward is LoRA's. None reads as False.)
+PLAIN_INITS = ("true", "false", "none", "gaussian", "eva", "orthogonal", "mica", "nora")
 # Values whose start moved the base weight, and that are re-derived from it on load: OLoRA here
 # (`olora_start`), PiSSA by its own codec (`methods.pissa`).
 REDERIVED_INITS = ("olora", "pissa")
@@ -47,6 +48,8 @@ REFUSED_INITS = {
     "pissa_niter_": ("PiSSA's randomised SVD draws from torch's generator", _CONVERT),
     "corda": ("CorDA's start depends on the covariance of calibration data, not in the file",
               _CONVERT),
+    "astra": ("Astra's start depends on the output activations of calibration data, not in the "
+              "file", _CONVERT),
     "lora_ga": ("LoRA-GA's start depends on gradients of training data, not in the file",
                 _CONVERT),
     "loftq": ("LoftQ trained against the quantised base, not the base given here",
@@ -56,6 +59,9 @@ REFUSED_INITS = {
 _LEAVES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "M"}
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<leaf>lora_[AB]\.weight|lora_magnitude_vector)$")
 MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's magnitude, one per output unit
+# PEFT's OLoRA start factors W0^T (the Linear layout) for every module since this release; before
+# it, a module storing the kernel itself (GPT-2's Conv1D) had that stored kernel factored.
+OLORA_AS_LINEAR_SINCE = (0, 22)
 
 
 def _fused(a: np.ndarray, b: np.ndarray, parts: tuple[bool, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -259,16 +265,40 @@ def checked_init(directory: pathlib.Path, config: dict) -> str:
         f"a base PEFT moved at its start, which cannot be re-derived here ({why}); {remedy}")
 
 
+def peft_version(config: dict) -> tuple[int, int] | None:
+    """(major, minor) of the PEFT release that wrote `config` (its `peft_version`, written since
+    PEFT 0.18; a dev build, '0.22.0.dev0@abc', counts as its release); (0, 17) where the field is
+    missing; None where it is not a version."""
+    if "peft_version" not in config:
+        return (0, 17)
+    try:
+        release = packaging.version.Version(str(config["peft_version"]).split("@")[0]).release
+    except packaging.version.InvalidVersion:
+        return None
+    return (release + (0,))[:2]
+
+
+def olora_as_linear(config: dict, transposed_kernels: bool) -> bool | None:
+    """Whether PEFT's OLoRA start of an adapter saved with `config` factored W0^T: always for a
+    model whose torch modules store W0^T (`transposed_kernels`); for GPT-2's Conv1D, which stores
+    the kernel itself, only from PEFT 0.22 (`OLORA_AS_LINEAR_SINCE`). None: `peft_version` is not
+    a version, so it cannot be told."""
+    if transposed_kernels:
+        return True
+    version = peft_version(config)
+    return None if version is None else version >= OLORA_AS_LINEAR_SINCE
+
+
 def olora_start(kernel: Any, rank: int, transposed: bool) -> tuple[np.ndarray, np.ndarray]:
     """PEFT's OLoRA start of one kernel (d_in, d_out), as float32 (A0 (r, d_in), B0 (d_out, r)):
-    the start moved the kernel by -s (B0 A0)^T, where PEFT subtracts s Q_r R_r from the weight
-    as torch stores it (QR in float32 there, float64 here).
+    the start moved the kernel by -s (B0 A0)^T, where PEFT subtracts s Q_r R_r from W0^T, the
+    paper's factorisation (QR in float32 there, float64 here).
 
     Args:
-      transposed: torch stores the weight as the kernel's transpose (a Linear). Otherwise (GPT-2's
-        Conv1D) it stores the kernel itself, and PEFT factors that: its Q_r R_r then lies in the
-        kernel's orientation, so PEFT's model differs from the base at step 0 and only square
-        kernels fit A's shape. The adapter was trained on that function, so it is reproduced.
+      transposed: PEFT factored W0^T (`olora_as_linear`). Otherwise (GPT-2's Conv1D before PEFT
+        0.22) it factored the kernel as stored: its Q_r R_r then lies in the kernel's
+        orientation, so PEFT's model differs from the base at step 0 and only square kernels fit
+        A's shape. The adapter was trained on that function, so it is reproduced.
     """
     stored = np.asarray(kernel, np.float64)
     q, r = np.linalg.qr(stored.T if transposed else stored)
@@ -277,13 +307,19 @@ def olora_start(kernel: Any, rank: int, transposed: bool) -> tuple[np.ndarray, n
     return (r, q) if transposed else (q.T, r.T)
 
 
-def _olora_as_lora(adapters: dict, ranks: dict, alphas: dict, flat: dict, model_type: str,
+def _olora_as_lora(directory: pathlib.Path, config: dict, adapters: dict, ranks: dict,
+                   alphas: dict, flat: dict, model_type: str,
                    rslora: bool) -> tuple[dict, dict, dict]:
     """(adapters, ranks, alphas) of PEFT's conversion of OLoRA adapters (module path + leaf ->
     tensor) to LoRA on the original base: W_res + s B A = W0 + s' B' A' with A' = [A; A0],
     B' = [B, -B0] (`olora_start`), rank 2r and alpha doubled so that s' = s (rslora: times
     sqrt(2))."""
-    transposed = model_family(model_type).transposed_kernels
+    transposed = olora_as_linear(config, model_family(model_type).transposed_kernels)
+    if transposed is None:
+        raise FileFormatError(
+            f"{directory / pa.CONFIG_NAME}: peft_version {config['peft_version']!r} is not a "
+            "version, and PEFT's OLoRA start on this model's modules depends on it (PEFT 0.22 "
+            "changed it): write the PEFT version that saved the adapter there")
     factor = math.sqrt(2.0) if rslora else 2.0
     converted = dict(adapters)
     for module, rank in ranks.items():
@@ -322,8 +358,8 @@ def read_lora(directory: pathlib.Path, params: dict, model_type: str, task: str 
     except ValueError as error:
         raise ValueError(f"PEFT adapter {directory} does not fit these params: {error}") from None
     if init == "olora" and convert_olora:
-        adapters, ranks, alphas = _olora_as_lora(adapters, ranks, alphas, flat, model_type,
-                                                 spec.rslora)
+        adapters, ranks, alphas = _olora_as_lora(directory, config, adapters, ranks, alphas, flat,
+                                                 model_type, spec.rslora)
         spec = _spec(config, ranks, alphas, owners)
     return config, spec, pa.float32_tree(adapters), pa.float32_tree(full)
 

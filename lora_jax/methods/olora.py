@@ -10,11 +10,11 @@ factors are not divided by s (the paper's and PEFT's `olora_init`). Everything e
 base, its re-derivation on resume, the export as a rank-2r LoRA on the original base) is PiSSA's:
 OLoRA is `pissa.PiSSA` with another `factors`.
 
-PEFT factors the weight as torch stores it. For a Linear that is W0^T, as here, and PEFT's
-adapters load as OLoRA (`OLoraPeft`). GPT-2's Conv1D stores the kernel itself, which PEFT factors
-as is: its model then differs from the base at step 0 (and only square kernels fit A's shape).
-We follow the paper there; such a PEFT file is read by LoRA's codec as the rank-2r LoRA that
-reproduces PEFT's function (`lora_peft.olora_start`).
+PEFT factors W0^T too, and its adapters load as OLoRA (`OLoraPeft`). Before PEFT 0.22 it factored
+the weight as torch stores it: W0^T for a Linear, but the kernel itself for GPT-2's Conv1D, where
+its model then differed from the base at step 0 (and only square kernels fit A's shape). Such a
+file (told by its `peft_version`) is read by LoRA's codec as the rank-2r LoRA that reproduces the
+function it was trained on (`lora_peft.olora_start`).
 """
 
 from __future__ import annotations
@@ -40,15 +40,18 @@ class OLoRA(pissa.PiSSA):
 
 
 class OLoraPeft(pissa.PissaPeft):
-    """OLoRA's adapters in PEFT's LoRA format (init_lora_weights 'olora'), for Linear layers."""
+    """OLoRA's adapters in PEFT's LoRA format (init_lora_weights 'olora'), where PEFT factored
+    W0^T: Linear layers, and GPT-2's Conv1D from PEFT 0.22."""
 
     method_type = OLoRA
     init_name = "olora"
 
     def claims(self, config: dict) -> bool:
-        # fan_in_fan_out (GPT-2's Conv1D): PEFT factored the stored kernel, not W0^T (docstring).
+        # fan_in_fan_out (GPT-2's Conv1D): before PEFT 0.22, the stored kernel was factored, not
+        # W0^T (docstring); LoRA's codec reads those.
+        as_linear = lora_peft.olora_as_linear(config, not config.get("fan_in_fan_out"))
         return (lora_peft.init_weights(config) == self.init_name and not config.get("use_dora")
-                and not config.get("fan_in_fan_out"))
+                and bool(as_linear))
 
 
 PEFT = OLoraPeft()
