@@ -1,7 +1,7 @@
 """LoftQ as a method (methods/loftq.py) and a quantized base through the trainer: LoftQ's adapters
 and quantized base are its alternation's on each target (whose numerics match PEFT's loop:
-tests/test_loftq_numerics.py), it starts nearer the full-precision model than QLoRA, and QLoRA
-and LoftQ runs train over an nf4 base with `train`."""
+tests/test_loftq_numerics.py) and PEFT's own LoftQ config's on a model, it starts nearer the
+full-precision model than QLoRA, and QLoRA and LoftQ runs train over an nf4 base with `train`."""
 
 import json
 import math
@@ -9,7 +9,6 @@ import math
 import jax
 import numpy as np
 import pytest
-import torch
 from flax import traverse_util
 
 from lora_jax.config import base_config
