@@ -27,8 +27,8 @@ the same codes, so nothing is lost). Since 0.22 PEFT runs it on the CPU too (bef
 unconditionally), so tests/test_loftq_numerics.py and tests/test_loftq.py call it as it is.
 
 Where this differs from PEFT: `scale`. The LoRA layer adds scale * B A (scale = alpha / r), but
-the paper's algorithm has no scale and PEFT applies none (huggingface/peft#1982), so with alpha != r PEFT's model starts from
-Q + scale * B A, not from ~W. Here the factors are divided by sqrt(scale) each (as PEFT's PiSSA
+the paper's algorithm has no scale and PEFT applies none (huggingface/peft#1982), so with
+alpha != r PEFT's model starts from Q + scale * B A, not from ~W. Here the factors are divided by sqrt(scale) each (as PEFT's PiSSA
 divides S by the scale), so Q + scale * B A ~ W for any alpha; scale = 1 is PEFT's behaviour
 exactly, and the alternation itself is unchanged by the scale.
 
