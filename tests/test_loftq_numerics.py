@@ -10,7 +10,6 @@ each component's sign to PEFT's. The dequantized base and the residual W - Q - B
 on signs.
 """
 
-
 import numpy as np
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch
 from lora_jax.methods.loftq import loftq_factors
 from lora_jax.quant import int8, nf4
 
-bnb = pytest.importorskip("bitsandbytes")
+pytest.importorskip("bitsandbytes")  # PEFT's LoftQ quantizes with it
 loftq_utils = pytest.importorskip("peft.utils.loftq_utils")
 
 TOL = dict(rtol=0, atol=1e-4)
