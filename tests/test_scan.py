@@ -63,23 +63,25 @@ def test_scanned_blocks_compute_the_unrolled_model(tied, remat, padded_batch):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(drawn),
                                                     jax.tree_util.tree_leaves(params), strict=True))
     ids, mask = padded_batch(FIELDS["vocab_size"])
-    outs = [m.apply({"params": params}, ids, mask, output_hidden_states=True)
-            for m in (unrolled, scanned)]
+    # Jitted: run op by op, the two models cost hundreds of one-primitive compiles.
+    forward = [jax.jit(m.apply, static_argnames=("output_hidden_states", "cache"))
+               for m in (unrolled, scanned)]
+    outs = [f({"params": params}, ids, mask, output_hidden_states=True) for f in forward]
     close(outs[0].logits, outs[1].logits)
     close(outs[0].hidden_states, outs[1].hidden_states)
     weights = jax.random.normal(jax.random.key(1), outs[0].logits.shape)
-    grads = [jax.grad(lambda p, m=m: (m.apply({"params": p}, ids, mask).logits * weights).sum())(
-        params) for m in (unrolled, scanned)]
+    grads = [jax.jit(jax.grad(lambda p, m=m: (m.apply({"params": p}, ids, mask).logits
+                                              * weights).sum()))(params)
+             for m in (unrolled, scanned)]
     close(grads[0], grads[1])
     # A prompt into a cache, then one token more: logits and the cache's keys and values.
     slots = ids.shape[1] + 2
     cache_mask = np.concatenate([mask, np.zeros((len(ids), 2), mask.dtype)], axis=1)
-    firsts = [m.apply({"params": params}, ids, cache_mask, cache=slots)
-              for m in (unrolled, scanned)]
+    firsts = [f({"params": params}, ids, cache_mask, cache=slots) for f in forward]
     close(firsts[0].cache.keys, firsts[1].cache.keys)
     step_mask = cache_mask.copy()
     step_mask[:, ids.shape[1]] = 1
-    nexts = [m.apply({"params": params}, ids[:, -1:], step_mask, cache=first.cache)
+    nexts = [jax.jit(m.apply)({"params": params}, ids[:, -1:], step_mask, cache=first.cache)
              for m, first in zip((unrolled, scanned), firsts)]
     close(nexts[0].logits, nexts[1].logits)
     close(nexts[0].cache.values, nexts[1].cache.values)
