@@ -91,6 +91,35 @@ def test_report_medians_and_spreads():
     assert table3_report.spread([0.5], 1) == "0.5"
 
 
+def test_the_paper_rows_are_paper_mds(data_dir):
+    """PAPER_GPT2_M is ../shared/PAPER.md's Table 3 (GPT-2 M): trained and every metric."""
+    section = (data_dir.parent / "PAPER.md").read_text().split("## Table 3")[1].split("\n## ")[0]
+    labels = {"FT": "full", "LoRA": "lora", "Adapter^L": "adapter_l", "Adapter^H": "adapter_h",
+              "PreLayer": "prelayer"}
+    paper = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in labels:
+            row = labels[cells[0]]
+            if row == "adapter_l" and cells[1] != "0.37M":
+                continue  # the paper's larger Adapter^L; ours matches LoRA's budget
+            paper[row] = (cells[1], tuple(float(c.split("+-")[0]) for c in cells[2:7]))
+    assert paper == table3_report.PAPER_GPT2_M
+
+
+def test_beside_the_paper_puts_each_rows_median_by_the_papers():
+    def record(seed, bleu):
+        scores = {"BLEU": bleu, "NIST": 5.0, "METEOR": 0.3, "ROUGE_L": 0.6, "CIDEr": 1.5}
+        return {"seed": seed, "trained_params": 230_400, "scores": scores}
+
+    rows = {"zero_shot": [record(0, 0.1)], "lora": [record(0, 0.40), record(1, 0.44),
+                                                    record(2, 0.41)]}
+    lines = table3_report.beside_the_paper(rows).splitlines()
+    assert len(lines) == 3  # header, rule, LoRA: the paper has no zero-shot row
+    assert lines[2] == ("| LoRA (Wq, Wv, r=4) | 0.23M / 0.35M | 41.0 / 70.4 | 5.00 / 8.85 "
+                        "| 30.0 / 46.8 | 60.0 / 71.8 | 1.50 / 2.53 |")
+
+
 def printed_command() -> list[str]:
     """The command after "One cell of Table 3 can be rerun" in experiments/README.md."""
     text = (REPO / "experiments" / "README.md").read_text()
