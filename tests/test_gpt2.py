@@ -193,3 +193,12 @@ def test_remat_keeps_params_outputs_and_lora_gradients():
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda t: remat.apply(
         {"params": params}, ids).logits.sum()))(params))
     assert "remat" in jaxpr or "checkpoint" in jaxpr  # the blocks are really rematerialised
+
+
+def test_options_it_does_not_reproduce_are_refused_by_name():
+    hf = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4)
+    assert GPT2Config.from_hf(hf).n_embd == 32
+    for option, value in (("scale_attn_by_inverse_layer_idx", True),
+                          ("scale_attn_weights", False), ("add_cross_attention", True)):
+        with pytest.raises(ValueError, match=f"GPT-2 with {option}={value!r} is not supported"):
+            GPT2Config.from_hf(transformers.GPT2Config(**{option: value}))

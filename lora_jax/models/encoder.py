@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.losses import mean_loss
-from lora_jax.models.family import ModelFamily, PackagedCheckpoint
+from lora_jax.models.family import ModelFamily, PackagedCheckpoint, hf_values
 from lora_jax.models import layers
 from lora_jax.models.layers import activation, dot_product_attention, layer_norm
 
@@ -100,13 +100,9 @@ class EncoderConfig:
         Returns:
           The config.
         """
-        for name, required in _REQUIRED_HF_VALUES.items():
-            if getattr(hf_config, name, required) != required:
-                value = getattr(hf_config, name)
-                raise ValueError(f"an encoder with {name}={value!r} is not supported")
+        values = hf_values(hf_config, _HF_FIELDS, _REQUIRED_HF_VALUES, "an encoder")
         if getattr(hf_config, "problem_type", None) == "multi_label_classification":
             raise ValueError("problem_type 'multi_label_classification' is not supported")
-        values = {name: getattr(hf_config, name) for name in _HF_FIELDS}
         return cls(**(values | overrides))
 
 

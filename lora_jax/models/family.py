@@ -17,6 +17,20 @@ import flax.linen as nn
 from flax import traverse_util
 
 
+def hf_values(hf_config: Any, fields: tuple[str, ...], required: Mapping[str, Any],
+              model: str) -> dict[str, Any]:
+    """The Hugging Face config's `fields`, to take over unchanged into a family's config.
+
+    Raises:
+      ValueError: an option in `required` holds another value, one this implementation (of
+        `model`, named in the message) does not reproduce.
+    """
+    for name, value in required.items():
+        if getattr(hf_config, name, value) != value:
+            raise ValueError(f"{model} with {name}={getattr(hf_config, name)!r} is not supported")
+    return {name: getattr(hf_config, name) for name in fields}
+
+
 @dataclasses.dataclass(frozen=True)
 class PackagedCheckpoint:
     """A checkpoint that a Python package ships, named by a short alias in configs.

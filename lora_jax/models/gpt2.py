@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.losses import mean_loss
-from lora_jax.models.family import DataDirTokenizer, ModelFamily
+from lora_jax.models.family import DataDirTokenizer, ModelFamily, hf_values
 from lora_jax.models import layers
 from lora_jax.models.layers import activation, dot_product_attention, layer_norm
 
@@ -87,10 +87,7 @@ class GPT2Config:
         Returns:
           The config.
         """
-        for name, required in _REQUIRED_HF_VALUES.items():
-            if getattr(hf_config, name, required) != required:
-                raise ValueError(f"GPT-2 with {name}={getattr(hf_config, name)!r} is not supported")
-        values = {name: getattr(hf_config, name) for name in _HF_FIELDS}
+        values = hf_values(hf_config, _HF_FIELDS, _REQUIRED_HF_VALUES, "GPT-2")
         return cls(**(values | overrides))
 
 
