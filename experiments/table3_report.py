@@ -25,6 +25,7 @@ import pathlib
 import statistics
 from collections.abc import Sequence
 
+from experiments import sweep
 from lora_jax.analysis.intruders import per_layer
 
 ROW_ORDER = ("zero_shot", "full", "lora", "lora_all", "qlora", "qlora_gguf", "dora", "adapter_l",
@@ -35,6 +36,7 @@ ROW_NAMES = {"zero_shot": "zero-shot (chat template)", "full": "FT", "lora": "Lo
              "adapter_l": "Adapter^L", "adapter_h": "Adapter^H", "prelayer": "PreLayer",
              "preembed": "PreEmbed"}
 METRICS = (("BLEU", 100.0), ("NIST", 1.0), ("METEOR", 100.0), ("ROUGE_L", 100.0), ("CIDEr", 1.0))
+METRIC_HEADER = [name.replace("_", "-") for name, _ in METRICS]
 GIB = 2.0 ** 30
 # The paper's Table 3 on GPT-2 M (5 epochs of E2E, beam 10; the mean where it gives 3 seeds), for
 # the rows it shares with ours: trained parameters, then the METRICS as it prints them. Its
@@ -81,17 +83,26 @@ def intruder_total(record: dict) -> int | None:
     return sum(record["intruders"].values()) if "intruders" in record else None
 
 
+def markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """The sweep's Markdown table, of rows given as cells under `header`."""
+    return sweep.markdown_table([dict(zip(header, cells, strict=True)) for cells in body], header)
+
+
+def digits(scale: float) -> int:
+    """Decimals a metric is printed with: 2 for NIST and CIDEr, 1 for the x100 ones."""
+    return 2 if scale == 1.0 else 1
+
+
 def table(rows: dict[str, list[dict]]) -> str:
     """The table (see the module docstring)."""
-    header = (["row", "trained params", "seeds"] + [name.replace("_", "-") for name, _ in METRICS]
+    header = (["row", "trained params", "seeds"] + METRIC_HEADER
               + ["forgetting", "intruders", "train min", "decode min",
                  "peak RSS train / decode"])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for row, records in rows.items():
         cells = [ROW_NAMES.get(row, row), f"{records[0]['trained_params']:,}", str(len(records))]
         for name, scale in METRICS:
-            cells.append(spread([r["scores"][name] * scale for r in records],
-                                2 if scale == 1.0 else 1))
+            cells.append(spread([r["scores"][name] * scale for r in records], digits(scale)))
         cells.append(spread([r["forgetting"] for r in records], 4))
         counts = [c for c in map(intruder_total, records) if c is not None]
         cells.append(spread(counts, 0) if counts else "-")
@@ -104,25 +115,23 @@ def table(rows: dict[str, list[dict]]) -> str:
         train_rss = [r["train_peak_rss_bytes"] for r in records if r["train_peak_rss_bytes"]]
         cells.append((f"{max(train_rss) / GIB:.2f}" if train_rss else "-")
                      + f" / {max(r['score_peak_rss_bytes'] for r in records) / GIB:.2f} GiB")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown(header, body)
 
 
 def beside_the_paper(rows: dict[str, list[dict]]) -> str:
     """The rows the paper's Table 3 has: each metric's median over our seeds / the paper's."""
-    header = ["row", "trained params"] + [name.replace("_", "-") for name, _ in METRICS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for row, records in rows.items():
         if row not in PAPER_GPT2_M:
             continue
         trained, paper = PAPER_GPT2_M[row]
         cells = [ROW_NAMES.get(row, row), f"{records[0]['trained_params'] / 1e6:.2f}M / {trained}"]
         for (name, scale), theirs in zip(METRICS, paper, strict=True):
-            digits = 2 if scale == 1.0 else 1
             ours = statistics.median(r["scores"][name] * scale for r in records)
-            cells.append(f"{ours:.{digits}f} / {theirs:.{digits}f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cells.append(f"{ours:.{digits(scale)}f} / {theirs:.{digits(scale)}f}")
+        body.append(cells)
+    return markdown(["row", "trained params"] + METRIC_HEADER, body)
 
 
 def settings(rows: dict[str, list[dict]]) -> str:

@@ -28,8 +28,9 @@ unconditionally), so tests/test_loftq_numerics.py and tests/test_loftq.py call i
 
 Where this differs from PEFT: `scale`. The LoRA layer adds scale * B A (scale = alpha / r), but
 the paper's algorithm has no scale and PEFT applies none (huggingface/peft#1982), so with
-alpha != r PEFT's model starts from Q + scale * B A, not from ~W. Here the factors are divided by sqrt(scale) each (as PEFT's PiSSA
-divides S by the scale), so Q + scale * B A ~ W for any alpha; scale = 1 is PEFT's behaviour
+alpha != r PEFT's model starts from Q + scale * B A, not from ~W. Here the factors are divided
+by sqrt(scale) each (as PEFT's PiSSA divides S by the scale), so Q + scale * B A ~ W for any
+alpha; scale = 1 is PEFT's behaviour
 exactly, and the alternation itself is unchanged by the scale.
 
 As a method (`LoftQ`, next to PiSSA): LoRA whose targeted kernels are replaced in the frozen tree
