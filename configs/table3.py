@@ -32,7 +32,8 @@ they are a fraction of the model):
   adapter_l  Adapter^L at about LoRA's budget (bottleneck 6; the paper's 0.37M row)
   adapter_h  Adapter^H at the paper's 3.1% of the model (11.09M of GPT-2 M's 354.92M;
              bottleneck 56 on SmolLM2: about 3.9M, 2.9%), lr 1e-4 as configs/e2e.py
-  prelayer   PreLayer (prefix tuning) with l_p=10, l_i=4, lr 8e-5 as configs/e2e.py
+  prelayer   PreLayer (prefix tuning) with l_p=10, l_i=4, lr 8e-5 as configs/e2e.py, started
+             from the base model's activations of the first training row (its default)
   preembed   PreEmbed with l_p=10, l_i=4, lr 8e-5
 """
 

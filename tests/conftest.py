@@ -144,9 +144,10 @@ def dense_calls(model, params, *args) -> tuple[set[str], set[str]]:
     return seen, kernels
 
 
-def calibrated(stack, apply_fn, params, vocab_size: int = 50):
-    """`stack` as the trainer holds it before step 1: a data-driven start (CorDA, LoRA-GA)
-    calibrated, here on random batches with the mean squared logit as loss."""
+def calibrated(stack, apply_fn, params, vocab_size: int = 50, length: int = 8):
+    """`stack` as the trainer holds it before step 1: a data-driven start (CorDA, LoRA-GA, EVA,
+    PreLayer's) calibrated, here on random batches (rows of `length` tokens) with the mean
+    squared logit as loss."""
     import jax
 
     from lora_jax.methods import calibration
@@ -159,8 +160,15 @@ def calibrated(stack, apply_fn, params, vocab_size: int = 50):
         return apply_fn({"params": params}, batch["input_ids"],
                         attention_mask=batch["attention_mask"]).logits
 
+    def hidden_states(params, batch):
+        return apply_fn({"params": params}, batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        output_hidden_states=True).hidden_states
+
     return stack.calibrated(calibration.random_batches(forward, params, count, vocab_size,
-                                                       jax.random.key(9)))
+                                                       jax.random.key(9),
+                                                       hidden_states=hidden_states,
+                                                       length=length))
 
 
 def tiny_config(**overrides):

@@ -147,7 +147,7 @@ def build_as_the_trainer(config_file: str, config) -> None:
         from conftest import calibrated
 
         real = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
-        stack = calibrated(stack, model.apply, real)
+        stack = calibrated(stack, model.apply, real, length=16)  # prompts of >= l_p = 10
     jax.eval_shape(stack.split, params, jax.random.key(0))
     assert config.to_json_best_effort() == before
 

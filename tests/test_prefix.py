@@ -16,6 +16,8 @@ from lora_jax.data import batching
 from lora_jax.data.packing import pack_examples, packed_batches
 from lora_jax import exports
 from lora_jax.interop.hub import load_pretrained
+from lora_jax.methods import calibration
+from lora_jax.methods.base import SettingError
 from lora_jax.models import family as model_family
 from lora_jax.models.gpt2 import lm_loss
 from conftest import save_tiny_hf_gpt2
@@ -25,11 +27,45 @@ from parity import STEPS, jax_steps, token_batches, torch_steps
 GPT2 = model_family("gpt2")
 
 
-def stack_of(name: str, prefix: int, infix: int = 0) -> methods.MethodStack:
+def stack_of(name: str, prefix: int, infix: int = 0, start: str = "embeddings"
+             ) -> methods.MethodStack:
+    """PreEmbed or PreLayer; PreLayer from embeddings unless `start` says otherwise (where the
+    start does not matter: an 'activations' start needs a calibration batch first)."""
     c = base_config().method
     c.use, c.also_train = (name,), ()
     c[name].prefix, c[name].infix = prefix, infix
+    if name == "prelayer":
+        c.prelayer.start = start
     return methods.build(c, GPT2)
+
+
+def calibration_data(model, params, rows):
+    """`methods.calibration.Batches` of one batch: `rows` as prepared (ids, attention, loss
+    masks), padded right."""
+    def forward(params, batch):
+        return model.apply({"params": params}, batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+
+    def hidden_states(params, batch):
+        return model.apply({"params": params}, batch["input_ids"],
+                           attention_mask=batch["attention_mask"],
+                           output_hidden_states=True).hidden_states
+
+    ids, attention, loss = rows
+    batch = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+    return calibration.Batches(forward, params, [batch], lambda logits, batch: 0.0, hidden_states)
+
+
+def one_row(stack, example: dict, vocab: int, padding: int = 0):
+    """(ids, attention, loss mask) of `example` as `stack` prepares it, a row of `padding` pad
+    tokens after it and a padding row below."""
+    out = stack.prepare_example(example, 512, vocab)
+    width = len(out["input_ids"]) + padding
+    ids, loss, attention = (np.zeros((2, width), np.int64) for _ in range(3))
+    ids[0, :len(out["input_ids"])] = out["input_ids"]
+    loss[0, :len(out["loss_mask"])] = out["loss_mask"]
+    attention[0, :len(out["input_ids"])] = 1
+    return ids, attention, loss
 
 
 def prepared_batch(stack, rows, vocab: int, pad_id: int):
@@ -120,6 +156,70 @@ def test_prelayer_with_preembeds_own_activations_is_preembed(gpt2):
     other = {"prelayer": {"activations": jnp.stack(inputs) + noise}, "params": {}}
     assert float(jnp.abs(layer.adapt(model.apply)(frozen, other, ids).logits
                          - out.logits).max()) > 1e-2
+
+
+def test_prelayers_activation_start_is_the_model_reading_the_rows_first_tokens_twice(gpt2):
+    """PreLayer's default start: each block's input at the run's first row's first l_p tokens.
+    With it, the model over [prefix] + row computes exactly what the base model computes over
+    row[:l_p] + row; the infix's vectors are the block inputs at the prompt's last l_i tokens."""
+    model, params, _ = gpt2
+    vocab = GPT2.vocab_size(params)
+    row = [11, 12, 13, 14, 15, 16, 17]
+    example = {"input_ids": row, "loss_mask": [0, 0, 0, 0, 1, 1, 1]}  # a prompt of 4 tokens
+    for prefix, infix in ((3, 0), (1, 2)):
+        stack = stack_of("prelayer", prefix=prefix, infix=infix, start="activations")
+        assert stack.calibration() == 1
+        # The start reads the prepared batch's first row (virtual tokens out, padding out).
+        stack = stack.calibrated(calibration_data(model, params,
+                                                  one_row(stack, example, vocab, padding=3)))
+        assert stack.calibration() == 0
+        frozen, trainable = stack.split(params, jax.random.key(0))
+        start = np.asarray(trainable["prelayer"]["activations"])
+        assert start.shape == (2, prefix + infix, 32)
+        states = model.apply({"params": params}, jnp.asarray([row]),
+                             output_hidden_states=True).hidden_states
+        for block in range(2):
+            np.testing.assert_allclose(start[block, :prefix], states[block][0, :prefix],
+                                       atol=1e-6)
+            np.testing.assert_allclose(start[block, prefix:], states[block][0, 4 - infix:4],
+                                       atol=1e-6)
+    ids = jnp.asarray([stack_of("prelayer", prefix=3).prepare_example(example, 512, vocab)
+                       ["input_ids"]])
+    stack = stack_of("prelayer", prefix=3, start="activations")
+    stack = stack.calibrated(calibration_data(model, params, one_row(stack, example, vocab)))
+    frozen, trainable = stack.split(params, jax.random.key(0))
+    ours = stack.adapt(model.apply)(frozen, trainable, ids).logits
+    twice = model.apply({"params": params}, jnp.asarray([row[:3] + row])).logits
+    np.testing.assert_allclose(ours, twice, atol=1e-5)
+    # From embeddings the same row gives other logits (the check can fail).
+    embedded = stack_of("prelayer", prefix=3)
+    frozen, from_embeddings = embedded.split(params, jax.random.key(0))
+    assert float(jnp.abs(embedded.adapt(model.apply)(frozen, from_embeddings, ids).logits
+                         - twice).max()) > 1e-2
+
+
+def test_prelayers_activation_start_refuses_what_it_cannot_start_from(gpt2):
+    model, params, _ = gpt2
+    vocab = GPT2.vocab_size(params)
+    stack = stack_of("prelayer", prefix=3, start="activations")
+    with pytest.raises(SettingError, match=r"start 'activations' is the base model's block "
+                                           r"inputs at real tokens: calibrate it"):
+        stack.split(params, jax.random.key(0))
+    # Shapes alone (the config checks before any batch is read) need no calibration.
+    _, shapes = jax.eval_shape(lambda p: stack.split(p, jax.random.key(0)), params)
+    assert shapes["prelayer"]["activations"].shape == (2, 3, 32)
+    short = one_row(stack, {"input_ids": [11, 12, 13, 14], "loss_mask": [0, 1, 1, 1]}, vocab)
+    with pytest.raises(SettingError, match=r"first training row has a prompt of 1 tokens"):
+        stack.calibrated(calibration_data(model, params, short))
+    wide = stack.with_calibration({"prelayer/activations": np.zeros((2, 3, 16), np.float32)})
+    with pytest.raises(SettingError, match=r"activations of shape \(2, 3, 16\) for a model "
+                                           r"that needs \(2, 3, 32\)"):
+        wide.split(params, jax.random.key(0))
+    c = base_config().method
+    c.use, c.also_train = ("prelayer",), ()
+    c.prelayer.start = "tokens"
+    with pytest.raises(ValueError, match=r"start"):
+        methods.build(c, GPT2)
 
 
 @pytest.mark.parametrize("name", ["preembed", "prelayer"])

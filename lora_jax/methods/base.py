@@ -133,6 +133,10 @@ class Method:
     # The leaves of its added tree that are low-rank factors (LoRA's A and B), which results
     # tables count apart from everything trained (`MethodStack.low_rank_params`).
     low_rank_leaves: ClassVar[tuple[str, ...]] = ()
+    # Its calibration reads the layers inside the blocks (their inputs or weight gradients by
+    # unrolled path), which scanned blocks do not expose; False where it reads the model's
+    # hidden states only (PreLayer's start), which a scanned model returns too.
+    calibration_reads_inside_blocks: ClassVar[bool] = True
 
     def trains(self, params: Params) -> set[Path]:
         """Base leaves trained in full (they leave the frozen tree)."""
@@ -160,7 +164,7 @@ class Method:
 
     def calibration(self) -> int:
         """Training batches the method's start still needs before step 1 (0: none, or taken):
-        the data-driven starts (CorDA, LoRA-GA)."""
+        the data-driven starts (CorDA, LoRA-GA, EVA, PreLayer's)."""
         return 0
 
     def calibrated(self, data: Any) -> "Method":

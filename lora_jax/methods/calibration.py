@@ -1,6 +1,7 @@
-"""Data-driven starts of LoRA (`CalibratedStart`: CorDA, LoRA-GA; and EVA) and the statistics of
+"""Data-driven starts (`CalibratedStart`: CorDA, LoRA-GA; EVA; PreLayer's) and the statistics of
 a few batches they take before step 1: CorDA's covariances of the targets' inputs, LoRA-GA's
-gradients of the targets' full weights, EVA's rows of the targets' inputs.
+gradients of the targets' full weights, EVA's rows of the targets' inputs, PreLayer's block
+inputs (the model's hidden states, `Batches.hidden_states`).
 
 The model runs on each batch as the run would, without adapters or dropout. A statistic is kept
 per kernel path, in float32 on the host.
@@ -34,12 +35,16 @@ class Batches:
       batches: the run's first training batches (dicts of arrays: input_ids, attention_mask,
         the task's labels or loss mask).
       loss: (logits, batch) -> the run's mean training loss of the batch.
+      hidden_states: (params, batch) -> the base model's hidden states as transformers gives
+        them (the embeddings' output, then each block's output), in evaluation; None where the
+        caller has none to give (a start that reads them says so).
     """
 
     forward: Callable[[Params, dict], jax.Array]
     params: Params
     batches: Sequence[dict]
     loss: Callable[[jax.Array, dict], jax.Array]
+    hidden_states: Callable[[Params, dict], Sequence[jax.Array]] | None = None
 
     def first(self, count: int) -> "Batches":
         return dataclasses.replace(self, batches=tuple(self.batches[:count]))
@@ -157,14 +162,15 @@ def _mean(per_batch) -> dict[str, np.ndarray]:
 
 
 def random_batches(forward: Callable[[Params, dict], jax.Array], params: Params, count: int,
-                   vocab_size: int, key: jax.Array, loss: Callable | None = None) -> Batches:
-    """`count` batches of random token ids (2 rows of 8, no padding) for the base `params`:
-    what shape-level checks and tests calibrate on where a run's data are not at hand. The
-    loss is the mean squared logit unless given."""
-    ids = np.asarray(jax.random.randint(key, (count, 2, 8), 3, vocab_size))
+                   vocab_size: int, key: jax.Array, loss: Callable | None = None,
+                   hidden_states: Callable | None = None, length: int = 8) -> Batches:
+    """`count` batches of random token ids (2 rows of `length`, no padding) for the base
+    `params`: what shape-level checks and tests calibrate on where a run's data are not at
+    hand. The loss is the mean squared logit unless given."""
+    ids = np.asarray(jax.random.randint(key, (count, 2, length), 3, vocab_size))
     batches = tuple({"input_ids": i, "attention_mask": np.ones_like(i)} for i in ids)
     return Batches(forward, params, batches,
-                   loss or (lambda logits, batch: jnp.mean(jnp.square(logits))))
+                   loss or (lambda logits, batch: jnp.mean(jnp.square(logits))), hidden_states)
 
 
 

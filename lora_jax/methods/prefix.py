@@ -16,9 +16,21 @@ as they would for real tokens.
                scalar in use and the count as the paper's formula.
 
 The paper uses them on GPT-2 and GPT-3 only; here too: they change language-model examples
-(prompt, then completion), and an encoder example is refused. The virtual tokens start as the
-embeddings of randomly drawn vocabulary tokens (prelayer: the same vectors at every layer), a
-choice Li & Liang found better than random vectors; they cannot be merged into weights.
+(prompt, then completion), and an encoder example is refused. They cannot be merged into
+weights.
+
+Where they start. PreEmbed's vectors start as the embeddings of randomly drawn vocabulary
+tokens, as prompt tuning's do. PreLayer's start (`start`) is, by default, Li & Liang's
+"activations of real words": each block's input at real tokens as the base model computes it,
+read from the run's first training row before step 1 (`calibrated`, kept in the workdir like
+the other data-driven starts): the prefix's j-th vector is the row's j-th token's, the infix's
+are those of the prompt's last l_i tokens, the ones before the completion. A pretrained
+decoder needs this: its block inputs grow with depth (SmolLM2-135M: median norm 46 at block 1,
+632 at block 29, against 3 for an embedding) and position 0 carries a massive activation (an
+attention sink, norm ~25,000) that a prefix replaces; started from embeddings at every block
+(`start = 'embeddings'`, kept to show it), PreLayer's first loss there is 16.9 against the
+base's 4.1. With the row's activations the prefix is the model reading the row's first l_p
+tokens twice (`tests/test_prefix.py` checks that exactly).
 
 PEFT's prompt tuning is PreEmbed with l_i = 0; tests/test_prefix.py trains both from the same
 start and compares them step by step.
@@ -30,7 +42,7 @@ import contextlib
 import dataclasses
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -45,7 +57,7 @@ from lora_jax.errors import FileFormatError
 from lora_jax.interop import hub
 from lora_jax.interop import peft_adapters as pa
 from lora_jax.json_files import read_json_object
-from lora_jax.methods.base import Method, Params, PeftCodec, Registration
+from lora_jax.methods.base import Method, Params, PeftCodec, Registration, SettingError
 from lora_jax.models import family as model_family
 from lora_jax.models import scan
 
@@ -60,6 +72,10 @@ class VirtualTokens(Method):
       infix: l_i, tokens after the prompt.
       layers: train each block's input at the virtual positions (PreLayer).
       family: the model family (its word embedding and blocks).
+      start: PreLayer's start, one of `STARTS` (see the module docstring); PreEmbed's is
+        'embeddings'.
+      activations: PreLayer's 'activations' start, (blocks, l_p + l_i, d), set by
+        `calibrated` (or `with_calibration` from a run's workdir).
     """
 
     name: str = "preembed"
@@ -67,11 +83,19 @@ class VirtualTokens(Method):
     infix: int = 0
     layers: bool = False
     family: Any = None
+    start: str = "embeddings"
+    activations: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    # The start reads hidden states, which a scanned model returns too.
+    calibration_reads_inside_blocks = False
 
     def __post_init__(self):
         if self.prefix < 0 or self.infix < 0 or self.prefix + self.infix == 0:
             raise ValueError(f"{self.name}: prefix={self.prefix} and infix={self.infix} must be "
                              ">= 0 and insert at least one token")
+        if self.start not in (STARTS if self.layers else ("embeddings",)):
+            raise ValueError(f"{self.name}: start {self.start!r} is not one of "
+                             f"{STARTS if self.layers else ('embeddings',)}")
 
     @property
     def count(self) -> int:
@@ -86,13 +110,83 @@ class VirtualTokens(Method):
         return flat[hits[0]]
 
     def init(self, params: Params, key: jax.Array) -> dict:
+        """Raises a `SettingError` for an 'activations' start not calibrated, or calibrated on
+        another model (other blocks or width)."""
         table = self._embedding(params)
+        if self.start == "activations":
+            shape = (len(self.family.blocks(params)), self.count, table.shape[1])
+            if self.activations is None and isinstance(table, jax.core.Tracer):
+                # Evaluated in shapes (the config checks, before any batch is read).
+                return {"activations": jnp.zeros(shape, jnp.float32)}
+            if self.activations is None:
+                raise SettingError("start", f"{self.name}: start 'activations' is the base "
+                                   "model's block inputs at real tokens: calibrate it on a "
+                                   "batch of the task first (`calibrated`; the trainer does), "
+                                   "or set start = 'embeddings'", self.name)
+            if tuple(np.shape(self.activations)) != shape:
+                raise SettingError("start", f"{self.name}: activations of shape "
+                                   f"{tuple(np.shape(self.activations))} for a model that needs "
+                                   f"{shape} (blocks, l_p + l_i, width)", self.name)
+            return {"activations": jnp.asarray(self.activations, jnp.float32)}
         tokens = jax.random.randint(key, (self.count,), 0, table.shape[0])
         start = jnp.asarray(table[tokens], jnp.float32)
         if not self.layers:
             return {"embeddings": start}
         blocks = len(self.family.blocks(params))
         return {"activations": jnp.broadcast_to(start, (blocks, *start.shape))}
+
+    # --- PreLayer's start from real tokens ----------------------------------------------------
+
+    def calibration(self) -> int:
+        return 1 if self.start == "activations" and self.activations is None else 0
+
+    def calibrated(self, data: Any) -> "VirtualTokens":
+        """With the block inputs of the first row of `data`'s first batch
+        (`methods.calibration.Batches`) at real tokens: the row's first l_p tokens for the
+        prefix, its prompt's last l_i for the infix.
+
+        Raises:
+          ValueError: `data` gives no hidden states.
+          SettingError: the row's prompt is shorter than l_p or l_i.
+        """
+        if data.hidden_states is None:
+            raise ValueError(f"{self.name}: start 'activations' reads the base model's hidden "
+                             "states, which these calibration batches do not give")
+        ids, prompt = self._first_row(data.batches[0], self.family.vocab_size(data.params))
+        if prompt < max(self.prefix, self.infix):
+            raise SettingError("start", f"{self.name}: the run's first training row has a "
+                               f"prompt of {prompt} tokens; start 'activations' takes the "
+                               f"prefix's {self.prefix} and the infix's {self.infix} vectors "
+                               "from it (start = 'embeddings' does not)", self.name)
+        row = {"input_ids": ids[None], "attention_mask": np.ones_like(ids)[None]}
+        states = jax.jit(data.hidden_states)(data.params, row)
+        positions = [*range(self.prefix), *range(prompt - self.infix, prompt)]
+        blocks = len(self.family.blocks(data.params))  # block b reads hidden state b
+        return self.with_calibration({"activations": np.stack(
+            [np.asarray(states[b][0, positions], np.float32) for b in range(blocks)])})
+
+    @staticmethod
+    def _first_row(batch: dict, vocab_size: int) -> tuple[np.ndarray, int]:
+        """(the real token ids of the batch's first example, its prompt's length): the virtual
+        tokens the batch was prepared with taken out, the prompt ending at the first token
+        with a loss (the whole row where the batch marks none)."""
+        keep = np.asarray(batch["attention_mask"][0]) > 0
+        if "segment_ids" in batch:  # a packed row: its first example
+            segments = np.asarray(batch["segment_ids"][0])
+            keep &= segments == segments[0]
+        ids = np.asarray(batch["input_ids"][0])[keep]
+        loss = np.asarray(batch["loss_mask"][0])[keep] if "loss_mask" in batch else \
+            np.zeros_like(ids)
+        real = ids < vocab_size
+        ids, loss = ids[real], loss[real]
+        return ids, int(np.argmax(loss > 0)) if loss.any() else len(ids)
+
+    def calibration_state(self) -> dict[str, Any]:
+        return {} if self.activations is None else {"activations": self.activations}
+
+    def with_calibration(self, state: Mapping[str, Any]) -> "VirtualTokens":
+        return dataclasses.replace(self, activations=np.asarray(state["activations"],
+                                                                np.float32))
 
     # --- The input ---------------------------------------------------------------------------
 
@@ -162,16 +256,21 @@ class VirtualTokens(Method):
             yield
 
     def describe(self) -> str:
-        return f"{self.name}(l_p={self.prefix}, l_i={self.infix})"
+        start = f", start={self.start}" if self.layers else ""
+        return f"{self.name}(l_p={self.prefix}, l_i={self.infix}{start})"
+
+
+STARTS = ("activations", "embeddings")  # PreLayer's; see the module docstring
 
 
 def _registration(name: str, layers: bool) -> Registration:
     def defaults() -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({"prefix": 8, "infix": 0})
+        section = {"prefix": 8, "infix": 0}
+        return ml_collections.ConfigDict({**section, "start": STARTS[0]} if layers else section)
 
     def build(c: Any, family: Any) -> VirtualTokens:
         return VirtualTokens(name=name, prefix=c.prefix, infix=c.infix, layers=layers,
-                             family=family)
+                             family=family, start=c.start if layers else "embeddings")
 
     def related(c: Any) -> list[str]:
         if c.prefix + c.infix == 0:
@@ -180,7 +279,10 @@ def _registration(name: str, layers: bool) -> Registration:
 
     # PEFT's prompt tuning is PreEmbed's special case; PreLayer has no PEFT twin.
     codec = None if layers else PromptTuning(name)
-    return Registration(defaults, {"prefix": rules.integer(0), "infix": rules.integer(0)}, build,
+    settings = {"prefix": rules.integer(0), "infix": rules.integer(0)}
+    if layers:
+        settings["start"] = rules.one_of(*STARTS)
+    return Registration(defaults, settings, build,
                         peft=None if codec is None else lambda: codec, inserts_tokens=True,
                         related=related)
 

@@ -1,6 +1,6 @@
 """The data-driven starts' calibration in a run: the batches a start needs (CorDA's, LoRA-GA's and
-EVA's `calibration_batches`) are the run's own first training batches (epoch 0 at the run's seed:
-the ones steps 1..n then train on), taken before step 1 with the base model.
+EVA's `calibration_batches`, PreLayer's one) are the run's own first training batches (epoch 0
+at the run's seed: the ones steps 1..n then train on), taken before step 1 with the base model.
 
 What a start takes from them (`MethodStack.calibration_state`) is kept in the workdir with a
 record of which batches they were, written once: a resumed run reads it back and never takes
@@ -53,7 +53,7 @@ def calibrate(stack: MethodStack, config: ml_collections.ConfigDict, base: Any,
     else taken from the run's first batches (and written there, by the first process).
 
     Raises:
-      ConfigError: scanned blocks (the statistics are read per layer, unrolled), too little
+      ConfigError: scanned blocks where a start reads the layers inside them, too little
         training data, or a kept calibration of other batches than this run's.
     """
     count = stack.calibration()
@@ -74,9 +74,12 @@ def calibrate(stack: MethodStack, config: ml_collections.ConfigDict, base: Any,
                               f"(its {', '.join(differ)} differ from this run's); use a new "
                               "--workdir")
         return stack.with_calibration(safetensors.numpy.load_file(str(directory / STATE)))
-    if config.model.scan_layers:
-        raise ConfigError("config.model.scan_layers = True: a data-driven start reads each "
-                          "layer's inputs, which scanned blocks do not expose; set it False")
+    inside = [m.name for m in stack.methods
+              if m.calibration() and m.calibration_reads_inside_blocks]
+    if config.model.scan_layers and inside:
+        raise ConfigError(f"config.model.scan_layers = True: {', '.join(inside)}'s data-driven "
+                          "start reads each layer's inputs, which scanned blocks do not expose; "
+                          "set it False")
     kind, batches = first_batches(config, base.tokenizer, stack,
                                   base.family.vocab_size(base.params), count)
 
@@ -87,7 +90,13 @@ def calibrate(stack: MethodStack, config: ml_collections.ConfigDict, base: Any,
     def loss(logits, batch):
         return losses.mean_loss(kind, logits, batch, config.optim.label_smoothing)
 
-    stack = stack.calibrated(method_calibration.Batches(forward, base.params, batches, loss))
+    def hidden_states(params, batch):
+        return base.model.apply({"params": params}, batch["input_ids"],
+                                **steps.model_inputs(batch), deterministic=True,
+                                output_hidden_states=True).hidden_states
+
+    stack = stack.calibrated(method_calibration.Batches(forward, base.params, batches, loss,
+                                                        hidden_states))
     if directory is not None and jax.process_index() == 0:
         state = {k: np.ascontiguousarray(v, np.float32)
                  for k, v in stack.calibration_state().items()}
