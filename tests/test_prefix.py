@@ -158,7 +158,8 @@ def test_prelayer_with_preembeds_own_activations_is_preembed(gpt2):
                          - out.logits).max()) > 1e-2
 
 
-def test_prelayers_activation_start_is_the_model_reading_the_rows_first_tokens_twice(gpt2):
+def test_prelayers_activation_start_is_the_model_reading_the_rows_first_tokens_twice(gpt2,
+                                                                                   tmp_path):
     """PreLayer's default start: each block's input at the run's first row's first l_p tokens.
     With it, the model over [prefix] + row computes exactly what the base model computes over
     row[:l_p] + row; the infix's vectors are the block inputs at the prompt's last l_i tokens."""
@@ -191,6 +192,16 @@ def test_prelayers_activation_start_is_the_model_reading_the_rows_first_tokens_t
     ours = stack.adapt(model.apply)(frozen, trainable, ids).logits
     twice = model.apply({"params": params}, jnp.asarray([row[:3] + row])).logits
     np.testing.assert_allclose(ours, twice, atol=1e-5)
+    # Exported and loaded back (the loader checks tensors against the method's shapes, with no
+    # calibration at hand), the start gives the same logits.
+    section = base_config().method
+    section.use, section.also_train = ("prelayer",), ()
+    section.prelayer.prefix, section.prelayer.infix = 3, 0  # start: 'activations', the default
+    exported = exports.save(tmp_path / "prelayer", stack, section, trainable, model_type="gpt2",
+                            task=None)
+    loaded_stack, loaded = exports.load(exported, params, GPT2, None)
+    np.testing.assert_allclose(loaded_stack.adapt(model.apply)(frozen, loaded, ids).logits,
+                               ours, atol=1e-6)
     # From embeddings the same row gives other logits (the check can fail).
     embedded = stack_of("prelayer", prefix=3)
     frozen, from_embeddings = embedded.split(params, jax.random.key(0))

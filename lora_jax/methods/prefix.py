@@ -115,8 +115,10 @@ class VirtualTokens(Method):
         table = self._embedding(params)
         if self.start == "activations":
             shape = (len(self.family.blocks(params)), self.count, table.shape[1])
-            if self.activations is None and isinstance(table, jax.core.Tracer):
-                # Evaluated in shapes (the config checks, before any batch is read).
+            if self.activations is None and (isinstance(table, jax.core.Tracer)
+                                             or isinstance(key, jax.core.Tracer)):
+                # Evaluated in shapes: the config checks before any batch is read, an export's
+                # check of its tensors (`exports.load`, whose params are concrete).
                 return {"activations": jnp.zeros(shape, jnp.float32)}
             if self.activations is None:
                 raise SettingError("start", f"{self.name}: start 'activations' is the base "
