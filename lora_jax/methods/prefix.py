@@ -93,9 +93,9 @@ class VirtualTokens(Method):
         if self.prefix < 0 or self.infix < 0 or self.prefix + self.infix == 0:
             raise ValueError(f"{self.name}: prefix={self.prefix} and infix={self.infix} must be "
                              ">= 0 and insert at least one token")
-        if self.start not in (STARTS if self.layers else ("embeddings",)):
-            raise ValueError(f"{self.name}: start {self.start!r} is not one of "
-                             f"{STARTS if self.layers else ('embeddings',)}")
+        allowed = STARTS if self.layers else ("embeddings",)
+        if self.start not in allowed:
+            raise ValueError(f"{self.name}: start {self.start!r} is not one of {allowed}")
 
     @property
     def count(self) -> int:
